@@ -1,0 +1,219 @@
+"""The command line: parse arguments, call the library, render the result with rich.
+
+One function per subcommand; its signature is the CLI spec. Computation lives
+in the library; this module converts options at the boundary and renders.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from transferkit.errors import TransferkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Adapt a pretrained model to your labelled images: transfer learning (feature extraction) "
+                       "or fine-tuning, measured on your data.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+
+def handles_errors(fn):
+    """Turn transferkit's own errors into a clear message and exit status (2 = usage, 1 = other)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TransferkitError as e:
+            err.print(f"[bold red]Error:[/] {e}", highlight=False)
+            raise typer.Exit(e.exit_code) from e
+        except KeyboardInterrupt:
+            err.print("[yellow]Interrupted.[/]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def parse_split(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"'{text}' is not three comma-separated fractions, e.g. 0.7,0.15,0.15") from e
+
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Built-in name (efficientnet_lite0, offline) or any timm model.")]
+Seed = Annotated[int, typer.Option(help="Random seed for the split, initialisation and data order.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Precision = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")]
+
+
+@app.command()
+@handles_errors
+def fit(
+    data: Annotated[str, typer.Argument(help="Image folder (one subfolder per class; train/ val/ test/ used if "
+                                             "present), a CSV of path,label, 'digits', or a torchvision name (cifar10).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")] = Path("runs/latest"),
+    model: Model = "efficientnet_lite0",
+    strategy: Annotated[str, typer.Option("--strategy", "-s", help="feature-extraction, finetune:last=N, "
+                                          "finetune:all, lp-ft or gradual.")] = "feature-extraction",
+    weights: Annotated[str | None, typer.Option(help="Local .safetensors/.pth weights, or 'none' for random init.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs (image phases).")] = None,
+    head_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of the head on cached features.")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Head learning rate (backbone blocks get less).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    image_size: Annotated[int | None, typer.Option(min=16, help="Input size in pixels (default: the backbone's).")] = None,
+    split: Annotated[str, typer.Option(help="train,val,test fractions when the data gives no split.")] = "0.7,0.15,0.15",
+    seed: Seed = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train a classifier on DATA and write a run directory (model.safetensors, transferkit.json, metrics)."""
+    from transferkit.classifier import ImageClassifier
+
+    clf = ImageClassifier(model, strategy=strategy, weights=weights, image_size=image_size, split=parse_split(split),
+                          strict=strict, cache=not no_cache, progress=not quiet, epochs=epochs,
+                          head_epochs=head_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                          precision=precision)
+    clf.fit(data)
+    clf.save(out_dir)
+    render_fit(clf, out_dir)
+
+
+def render_fit(clf, out_dir: Path) -> None:
+    summary = clf.data_summary_
+    if summary.line():
+        err.print(f"[yellow]{summary.line()}[/]", highlight=False)
+    sizes = clf.metrics_["split_sizes"]
+    out.print(f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test images, "
+              f"{len(clf.classes_)} classes")
+    out.print(f"Backbone: {clf.backbone_.spec.name} ({clf.backbone_.load_report})")
+    if clf.feature_cache_:
+        out.print("Feature cache: " + ", ".join(f"{k} {v}" for k, v in clf.feature_cache_.items()))
+    test = clf.metrics_["test"]
+    out.print(f"Strategy {clf.strategy_.spec}: test accuracy [bold]{test['accuracy']:.4f}[/], "
+              f"macro-F1 {test['macro_f1']:.4f}, val accuracy {clf.metrics_['val_accuracy']:.4f}, "
+              f"{clf.metrics_['train_seconds']:.1f} s")
+    out.print(f"Run saved to {out_dir}. Predict with: transferkit predict {out_dir} IMAGE...")
+
+
+@app.command()
+@handles_errors
+def predict(
+    run: Annotated[Path, typer.Argument(help="A run directory written by fit.")],
+    files: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    device: Device = "auto",
+) -> None:
+    """Classify image files with a trained run; prints labels and probabilities."""
+    from transferkit.classifier import ImageClassifier
+    from transferkit.data import check_image
+    from transferkit.errors import DataError
+
+    clf = ImageClassifier.load(run, progress=False, device=device)
+    bad = [(f, r) for f in files if (r := check_image(f))]
+    if bad:
+        raise DataError(f"Cannot read {len(bad)} file(s): " + ", ".join(f"{f} ({r})" for f, r in bad[:5]))
+    proba = clf.predict_proba(files)
+    rows = predictions(files, proba, clf.classes_, top_k)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table("file", "label", "probability", *(["other classes"] if top_k > 1 else []))
+    for r in rows:
+        first, rest = r["predictions"][0], r["predictions"][1:]
+        extra = [", ".join(f"{p['label']} {p['probability']:.3f}" for p in rest)] if top_k > 1 else []
+        table.add_row(r["file"], first["label"], f"{first['probability']:.3f}", *extra)
+    out.print(table)
+
+
+def predictions(files: list[Path], proba, classes: list[str], top_k: int) -> list[dict]:
+    """Top-k labels with probabilities per file, as plain data."""
+    rows = []
+    for f, p in zip(files, proba):
+        order = p.argsort()[::-1][:top_k]
+        rows.append({"file": str(f), "predictions": [{"label": classes[i], "probability": float(p[i])} for i in order]})
+    return rows
+
+
+@app.command()
+@handles_errors
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run directory written by fit.")],
+    data: Annotated[str, typer.Argument(help="Labelled data (folder, CSV, digits, dataset name); all of it is used.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    device: Device = "auto",
+) -> None:
+    """Measure a trained run on labelled data: accuracy, top-5, macro-F1, per-class scores."""
+    from transferkit.classifier import ImageClassifier
+    from transferkit.data import load_eval_images
+    from transferkit.evaluate import metrics
+
+    clf = ImageClassifier.load(run, progress=False, device=device)
+    images, summary = load_eval_images(data, clf.classes_)
+    if summary.line():
+        err.print(f"[yellow]{summary.line()}[/]", highlight=False)
+    result = metrics(clf.decision_function(images), images.labels, clf.classes_)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    out.print(f"{result['n']} images: accuracy [bold]{result['accuracy']:.4f}[/], top-5 {result['top5_accuracy']:.4f}, "
+              f"macro-F1 {result['macro_f1']:.4f}")
+    table = Table("class", "precision", "recall", "f1", "support")
+    for name, m in result["per_class"].items():
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    out.print(table)
+
+
+@app.command()
+@handles_errors
+def models(filter: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 'resnet*' or 'vit'.")] = "") -> None:
+    """List built-in (offline) backbones and timm architectures matching FILTER."""
+    from transferkit.backbones import BUILTIN_BACKBONES, list_models
+
+    found = list_models(filter)
+    out.print("[bold]Built-in (offline weights):[/]")
+    for name in found["builtin"]:
+        out.print(f"  {name}  {BUILTIN_BACKBONES[name].description}")
+    names = found["timm"]
+    out.print(f"[bold]timm architectures ({len(names)}; weights download from the hub):[/]")
+    out.print("  " + "  ".join(names[:200]) + (" ..." if len(names) > 200 else ""), soft_wrap=False)
+
+
+@app.command()
+@handles_errors
+def inspect(
+    model: Annotated[str, typer.Argument(help="Backbone name (built-in or timm).")] = "efficientnet_lite0",
+    weights: Annotated[str | None, typer.Option(help="Local weights file, or 'none' for random init.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a backbone's blocks in order with parameter counts, feature size and input config."""
+    from transferkit.backbones import describe, load_backbone
+
+    info = describe(load_backbone(model, weights=weights))
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    out.print(f"[bold]{info['name']}[/] (timm {info['arch']}, weights: {info['weights']}): "
+              f"{info['total_params']:,} parameters, {info['feature_dim']} features")
+    table = Table("#", "block", "parameters", "tensors")
+    for b in info["blocks"]:
+        table.add_row(str(b["index"]), b["name"], f"{b['params']:,}", str(b["tensors"]))
+    table.add_row("", f"head ({info['head']['name']})", f"{info['head']['params']:,}", "")
+    out.print(table)
+    i = info["input"]
+    out.print(f"Input: {i['size']}, mean {i['mean']}, std {i['std']}, {i['interpolation']}, crop {i['crop_pct']}")
+    out.print("finetune:last=N trains the head plus the last N blocks above.")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,294 @@
+"""One training loop that runs any strategy's phases.
+
+Devices, mixed precision, the optimizer with per-group learning-rate scales,
+warmup + cosine schedule, early stopping with best-weights restore, progress.
+A phase on cached features and a phase on images go through the same loop:
+only the module and the data loader differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from transferkit.errors import UsageError
+
+console = Console(stderr=True)
+
+# --------------------------------------------------------------------------- devices and precision
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU; an unavailable device is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} was asked for but CUDA is not available here. Use --device cpu or auto.")
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N; got '{device}'.")
+    return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype to use, or None for plain fp32.
+
+    'auto' is bf16 on CUDA cards and CPUs with native bf16 (about 4x faster
+    for EfficientNet-Lite0 on an AMX CPU), fp16 on older CUDA cards, else fp32.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got '{precision}'.")
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for `dtype`, or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch, numpy and Python; returns a generator for data order."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def make_progress(enabled: bool = True) -> Progress:
+    """A rich progress bar on stderr; disabled (silent) when `enabled` is False."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True, disable=not enabled)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Training settings shared by every strategy. None means 'the strategy's default'."""
+
+    epochs: int | None = None  # fine-tuning epochs (image phases)
+    head_epochs: int | None = None  # epochs of the head on cached features
+    lr: float | None = None  # head learning rate
+    backbone_lr_scale: float = 0.1  # top trainable block's lr relative to the head's
+    layer_decay: float = 0.8  # each block further down: lr * layer_decay
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    grad_clip: float | None = 1.0  # max global grad norm; None disables
+    accumulate: int = 1  # gradient accumulation steps
+    patience: int | None = None  # early stopping on val accuracy; None = run all epochs
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None  # data loader processes; None = automatic
+    augment: str = "none"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+HEAD_LR = 3e-3  # AdamW on pooled features: converges within 30 epochs on every backbone tried
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class PhaseResult:
+    """What a phase did: per-epoch history, best epoch and its validation accuracy."""
+
+    name: str
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val_acc: float = -1.0
+    seconds: float = 0.0
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warmup, then cosine decay to zero."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_optimizer(groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over param groups; each group's 'lr' is already scaled for its block."""
+    for g in groups:
+        g.setdefault("weight_decay", weight_decay)
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"])
+
+
+def batch_stats(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> tuple[float, int]:
+    return float(loss) * len(y), int((logits.argmax(1) == y).sum())
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for every batch of (inputs, labels, ...) in `loader`, in order."""
+    was_training = model.training
+    model.eval()
+    out, labels = [], []
+    for batch in loader:
+        x, y = batch[0].to(device), batch[1]
+        with autocast(device, dtype):
+            out.append(model(to_channels_last(x)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    model.train(was_training)
+    return torch.cat(out).numpy(), torch.cat(labels).numpy()
+
+
+def run_phase(model: nn.Module, groups: list[dict], train_loader, val_loader, *, epochs: int, cfg: TrainConfig,
+              device: torch.device, dtype: torch.dtype | None, name: str, warmup_epochs: float = 0.0,
+              on_epoch_start: Callable[[int], None] | None = None, progress: bool = True) -> PhaseResult:
+    """Train `model` for `epochs`, keep the weights with the best validation accuracy.
+
+    `groups` are optimizer param groups with their own 'lr' (layer-wise decay
+    already applied). `on_epoch_start(epoch)` lets a strategy change what is
+    trainable (gradual unfreezing) or set BatchNorm modes before each epoch.
+    """
+    result = PhaseResult(name)
+    optimizer = make_optimizer(groups, cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.accumulate))
+    schedule = warmup_cosine(epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    best_state, since_best, start = None, 0, time.perf_counter()
+    with make_progress(progress) as bar:
+        task = bar.add_task(f"{name}", total=epochs, info="")
+        for epoch in range(epochs):
+            if on_epoch_start:
+                on_epoch_start(epoch)
+            t0 = time.perf_counter()
+            train_loss, train_acc = train_epoch(model, train_loader, optimizer, scheduler, loss_fn, cfg, device, dtype)
+            val_logits, val_y = predict_logits(model, val_loader, device, dtype)
+            val_acc = float((val_logits.argmax(1) == val_y).mean())
+            row = {"phase": name, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+                   "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            result.history.append(row)
+            if val_acc > result.best_val_acc:
+                result.best_val_acc, result.best_epoch, since_best = val_acc, epoch + 1, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                since_best += 1
+            bar.update(task, advance=1, info=f"loss {train_loss:.3f} val {val_acc:.3f}")
+            if cfg.patience is not None and since_best >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, cfg: TrainConfig, device: torch.device,
+                dtype: torch.dtype | None) -> tuple[float, float]:
+    """One pass over `loader` with gradient accumulation and clipping; returns (loss, accuracy)."""
+    model.train()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    total_loss, correct, seen = 0.0, 0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader):
+        x, y = to_channels_last(batch[0].to(device, non_blocking=True)), batch[1].to(device)
+        with autocast(device, dtype):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        (loss / cfg.accumulate).backward()
+        if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        batch_loss, batch_correct = batch_stats(logits.detach(), y, loss.detach())
+        total_loss, correct, seen = total_loss + batch_loss, correct + batch_correct, seen + len(y)
+    return total_loss / max(1, seen), correct / max(1, seen)
+
+
+# --------------------------------------------------------------------------- the linear probe
+
+# L2 strengths tried for the probe, as sklearn's C = 1 / (lambda * n): 1e-3 .. 1e3 in 13 steps.
+PROBE_C_GRID = tuple(float(c) for c in np.logspace(-3, 3, 13))
+
+
+def fit_linear_probe(head: nn.Linear, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                     *, c_grid: Iterable[float] = PROBE_C_GRID, max_iter: int = 300, progress: bool = True,
+                     name: str = "head") -> PhaseResult:
+    """Fit `head` as L2-regularised multinomial logistic regression on features, C chosen on validation.
+
+    The Kornblith et al. (2019) / CLIP linear-probe protocol: full-batch L-BFGS
+    per C, warm-started from the previous C, keep the C with the best
+    validation accuracy. Same objective as scikit-learn's LogisticRegression,
+    so the probe matches it (the test checks within 0.5 point).
+    """
+    x, y = train[0].float(), train[1].long()
+    xv, yv = val[0].float(), val[1].long()
+    weight = torch.zeros(head.out_features, head.in_features, requires_grad=True)
+    bias = torch.zeros(head.out_features, requires_grad=True)
+    result, best, start = PhaseResult(name), None, time.perf_counter()
+    grid = sorted(c_grid)
+    with make_progress(progress) as bar:
+        task = bar.add_task(name, total=len(grid), info="")
+        for c in grid:
+            lam = 1.0 / (c * len(y))  # sklearn: C * sum(loss) + 0.5 ||w||^2  ==  mean(loss) + lam/2 ||w||^2
+            opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
+                                    tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+            def closure(opt=opt, lam=lam):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(x @ weight.T + bias, y) + 0.5 * lam * weight.pow(2).sum()
+                loss.backward()
+                return loss
+
+            loss = float(opt.step(closure).detach())
+            with torch.no_grad():
+                train_acc = float(((x @ weight.T + bias).argmax(1) == y).float().mean())
+                val_acc = float(((xv @ weight.T + bias).argmax(1) == yv).float().mean())
+            result.history.append({"phase": name, "epoch": len(result.history) + 1, "train_loss": loss,
+                                   "train_acc": train_acc, "val_acc": val_acc, "C": c})
+            if val_acc > result.best_val_acc:
+                result.best_val_acc, result.best_epoch = val_acc, len(result.history)
+                best = (weight.detach().clone(), bias.detach().clone())
+            bar.update(task, advance=1, info=f"C={c:g} val {val_acc:.3f}")
+    with torch.no_grad():
+        head.weight.copy_(best[0])
+        head.bias.copy_(best[1])
+    result.seconds = time.perf_counter() - start
+    return result

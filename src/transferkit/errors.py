@@ -1,0 +1,45 @@
+"""Exception types of transferkit.
+
+Every error a user can cause is one of these, and its message says what was
+wrong, the value received, the valid choices and the fix. The CLI turns them
+into a one-paragraph message and exit status 2 (usage) or 1 (everything else).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class TransferkitError(Exception):
+    """Base class of every error transferkit raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(TransferkitError, ValueError):
+    """A parameter or option has a value transferkit cannot use."""
+
+    exit_code = 2
+
+
+class DataError(TransferkitError):
+    """The labelled data cannot be read or cannot be used as given."""
+
+
+class ModelError(TransferkitError):
+    """A backbone or weights file cannot be loaded."""
+
+
+class RunError(TransferkitError):
+    """A run directory is missing, incomplete or of an unknown format."""
+
+
+class NotFittedError(TransferkitError, AttributeError):
+    """A method that needs a fitted model was called before `fit`."""
+
+
+def did_you_mean(value: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return ' Did you mean: a, b?' for the closest choices, or ''."""
+    close = difflib.get_close_matches(value, list(choices), n=n, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""

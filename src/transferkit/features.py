@@ -1,0 +1,170 @@
+"""The feature cache: frozen computations done once, stored on disk, keyed by what determines them.
+
+The key covers the backbone identity and weights digest, the cut point, the
+preprocessing, the compute precision and every input's identity. Features are
+stored as float16 ``.npy`` with a manifest holding the file's sha256, written
+to a temporary folder and renamed into place (atomic), verified on read and
+rebuilt when stale or corrupt. Extraction streams batches into a memory-mapped
+file, so memory stays flat however many images there are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferkit.backbones import Backbone
+from transferkit.data import ArrayImages, ImageSet, TransformedImages, cache_dir
+from transferkit.engine import autocast, make_progress, to_channels_last
+
+FORMAT = 1
+CUT_POINT = "pre_logits"  # pooled features, what the classifier head sees
+
+
+def feature_key(backbone: Backbone, data_config: dict, precision: str, identities: list[str],
+                cut: str = CUT_POINT) -> str:
+    """A hex key that changes when anything that determines the features changes."""
+    ident = hashlib.sha256("\n".join(identities).encode()).hexdigest()
+    payload = {"format": FORMAT, "backbone": backbone.spec.to_dict(), "cut": cut,
+               "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(data_config.items())},
+               "precision": precision, "inputs": ident, "n": len(identities)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class FeatureCache:
+    """Feature arrays on disk under `root`, one folder per key."""
+
+    root: Path
+    enabled: bool = True
+
+    @classmethod
+    def default(cls, enabled: bool = True) -> FeatureCache:
+        return cls(cache_dir() / "features", enabled)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def load(self, key: str) -> np.ndarray | None:
+        """The cached array for `key`, or None when absent, stale or corrupt (which is removed)."""
+        if not self.enabled:
+            return None
+        folder = self.path(key)
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            data = folder / "features.npy"
+            if manifest.get("key") != key or manifest.get("sha256") != _sha256(data):
+                raise ValueError("manifest does not match the data")
+            arr = np.load(data, mmap_mode="r")
+            if list(arr.shape) != manifest["shape"]:
+                raise ValueError("shape mismatch")
+            return arr
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            shutil.rmtree(folder, ignore_errors=True)  # corrupt: rebuild
+            return None
+
+    def writer(self, key: str, n: int, dim: int) -> FeatureWriter:
+        return FeatureWriter(self, key, n, dim)
+
+
+class FeatureWriter:
+    """Streams rows into a memory-mapped float16 file in a temporary folder; `commit` renames it in."""
+
+    def __init__(self, cache: FeatureCache, key: str, n: int, dim: int):
+        self.cache, self.key = cache, key
+        cache.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = cache.root / f".tmp-{key}-{os.getpid()}-{time.time_ns()}"
+        self.tmp.mkdir()
+        self.array = np.lib.format.open_memmap(self.tmp / "features.npy", mode="w+", dtype=np.float16, shape=(n, dim))
+
+    def commit(self, meta: dict) -> np.ndarray:
+        self.array.flush()
+        del self.array
+        data = self.tmp / "features.npy"
+        manifest = {"format": FORMAT, "key": self.key, "sha256": _sha256(data), "created": time.time(), **meta}
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        final = self.cache.path(self.key)
+        try:
+            os.replace(self.tmp, final)
+        except OSError:  # another process committed the same key first: keep theirs
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return np.load(final / "features.npy", mmap_mode="r")
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def default_workers(images: ImageSet) -> int:
+    """Decoding processes: none for in-memory arrays (decoding is free), else up to 4."""
+    if isinstance(images, ArrayImages) or len(images) < 256:
+        return 0
+    return min(4, os.cpu_count() or 1)
+
+
+@torch.inference_mode()
+def extract_features(backbone: Backbone, images: ImageSet, transform, *, device: torch.device,
+                     dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
+                     out: np.ndarray | None = None, progress: bool = True, label: str = "features") -> np.ndarray:
+    """Pooled features of every image, in order, written into `out` (float16) batch by batch."""
+    model = backbone.model.to(device).eval()
+    if device.type == "cpu" or dtype is not None:
+        model = model.to(memory_format=torch.channels_last)
+    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=batch_size,
+                                         num_workers=default_workers(images) if workers is None else workers)
+    out = np.zeros((len(images), backbone.num_features), np.float16) if out is None else out
+    start = 0
+    with make_progress(progress) as bar:
+        task = bar.add_task(f"extract {label}", total=len(images), info="")
+        for x, _, _ in loader:
+            with autocast(device, dtype):
+                f = backbone.features(to_channels_last(x.to(device)))
+            out[start:start + len(x)] = f.float().cpu().numpy().astype(np.float16)
+            start += len(x)
+            bar.update(task, advance=len(x))
+    return out
+
+
+def cached_features(backbone: Backbone, images: ImageSet, transform, data_config: dict, *, cache: FeatureCache,
+                    device: torch.device, dtype: torch.dtype | None, batch_size: int = 128,
+                    workers: int | None = None, progress: bool = True, label: str = "features") -> tuple[np.ndarray, bool]:
+    """Features of `images` from the cache, computing and storing them on a miss.
+
+    Returns:
+        (features float16 array of shape (N, D), True when they came from the cache).
+    """
+    precision = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    key = feature_key(backbone, data_config, precision, images.identities())
+    hit = cache.load(key)
+    if hit is not None:
+        return hit, True
+    if not cache.enabled:
+        return extract_features(backbone, images, transform, device=device, dtype=dtype, batch_size=batch_size,
+                                workers=workers, progress=progress, label=label), False
+    writer = cache.writer(key, len(images), backbone.num_features)
+    try:
+        extract_features(backbone, images, transform, device=device, dtype=dtype, batch_size=batch_size,
+                         workers=workers, out=writer.array, progress=progress, label=label)
+    except BaseException:
+        writer.abort()
+        raise
+    meta = {"backbone": backbone.spec.to_dict(), "cut": CUT_POINT, "precision": precision,
+            "shape": [len(images), backbone.num_features], "images": images.name}
+    return writer.commit(meta), False

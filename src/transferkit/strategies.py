@@ -1,0 +1,137 @@
+"""Strategies as data: each is a list of phases the one engine runs.
+
+A phase says which blocks train (counted from the top), at what learning
+rates (head lr, a lower backbone lr, decaying per block going down), for how
+many epochs, what BatchNorm does, and whether it can train on cached features
+(nothing before the head changes). No strategy writes its own loop.
+
+Spec strings:
+
+=====================  ==========================================================
+``feature-extraction``  backbone frozen, head trained on cached features
+                        (aliases ``linear-probe``, ``transfer``)
+``finetune:last=N``     head + the last N blocks train
+``finetune:all``        head + every block trains (plain ``finetune`` is this)
+``lp-ft``               probe on cached features, then fine-tune all from it
+``gradual``             one more block unfrozen from the top each epoch (ULMFiT)
+``auto``                chosen from the data; the reasons are recorded
+=====================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transferkit.errors import UsageError, did_you_mean
+
+KINDS = ("feature-extraction", "finetune", "lp-ft", "gradual", "auto")
+ALIASES = {"linear-probe": "feature-extraction", "transfer": "feature-extraction", "probe": "feature-extraction",
+           "fine-tune": "finetune", "lpft": "lp-ft"}
+BN_POLICIES = ("frozen-blocks", "all-frozen")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A parsed strategy spec. `last` is the number of top blocks that train (None = all)."""
+
+    kind: str
+    last: int | None = None
+
+    @property
+    def spec(self) -> str:
+        if self.kind == "finetune":
+            return "finetune:all" if self.last is None else f"finetune:last={self.last}"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of training with a fixed set of trainable blocks.
+
+    Attributes:
+        name: shown in progress and history ("head", "finetune", ...).
+        train_blocks: how many blocks from the top train; 0 = head only, None = all.
+        epochs: length of the phase.
+        on_features: train the head on cached pooled features instead of images.
+        gradual: unfreeze one more block from the top each epoch (train_blocks is the cap).
+        warmup_epochs: linear learning-rate warmup before the cosine decay.
+        solver: for a head on features, "lbfgs" (logistic regression, C chosen on
+            validation; epochs unused) or "adamw" (epochs of minibatch AdamW).
+    """
+
+    name: str
+    train_blocks: int | None
+    epochs: int
+    on_features: bool = False
+    gradual: bool = False
+    warmup_epochs: float = 0.0
+    solver: str = "adamw"
+
+    def trainable_count(self, n_blocks: int, epoch: int = 0) -> int:
+        """Number of top blocks trainable at `epoch` of this phase."""
+        cap = n_blocks if self.train_blocks is None else min(self.train_blocks, n_blocks)
+        return min(cap, epoch + 1) if self.gradual else cap
+
+
+def parse_strategy(spec: str) -> Strategy:
+    """Parse a strategy spec string.
+
+    Example:
+        >>> parse_strategy("finetune:last=2")
+        Strategy(kind='finetune', last=2)
+
+    Raises:
+        UsageError: the spec names no strategy or has a bad argument; says the valid forms.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"strategy must be a non-empty string; got {spec!r}. Valid: {', '.join(KINDS)}.")
+    text = spec.strip().lower()
+    head, _, arg = text.partition(":")
+    kind = ALIASES.get(head, head)
+    if kind not in KINDS:
+        names = list(KINDS) + list(ALIASES)
+        raise UsageError(f"Unknown strategy '{spec}'.{did_you_mean(head, names)} Valid: feature-extraction, "
+                         "finetune:last=N, finetune:all, lp-ft, gradual, auto.")
+    if kind != "finetune":
+        if arg:
+            raise UsageError(f"Strategy '{kind}' takes no argument; got '{spec}'.")
+        return Strategy(kind)
+    if arg in ("", "all"):
+        return Strategy("finetune", None)
+    key, _, value = arg.partition("=")
+    if key != "last" or not value.isdigit() or int(value) < 1:
+        raise UsageError(f"Bad fine-tuning spec '{spec}': write finetune:last=N with N >= 1, or finetune:all.")
+    return Strategy("finetune", int(value))
+
+
+def plan_phases(strategy: Strategy, epochs: int | None, head_epochs: int | None, n_blocks: int) -> list[Phase]:
+    """The phases a strategy runs.
+
+    Args:
+        strategy: a parsed, non-auto strategy.
+        epochs: epochs of the image phase (fine-tuning); None takes the default.
+        head_epochs: epochs of the cached-features head phase; None takes the default.
+        n_blocks: number of backbone blocks, to validate `last`.
+    """
+    if strategy.kind == "auto":
+        raise UsageError("'auto' must be resolved to a concrete strategy before planning (see transferkit.auto).")
+    if strategy.last is not None and strategy.last > n_blocks:
+        raise UsageError(f"finetune:last={strategy.last} asks for more blocks than the backbone has ({n_blocks}). "
+                         f"Use finetune:last=N with N <= {n_blocks}, or finetune:all.")
+    # Head on cached features: each epoch costs milliseconds, so train it to convergence.
+    head = Phase("head", 0, head_epochs or DEFAULT_HEAD_EPOCHS, on_features=True,
+                 solver="adamw" if head_epochs else "lbfgs")
+    ft_epochs = epochs or DEFAULT_FINETUNE_EPOCHS
+    if strategy.kind == "feature-extraction":
+        return [head]
+    if strategy.kind == "finetune":
+        # Warm-start the new head on frozen features first, so fine-tuning does not
+        # push random-head gradients into the pretrained blocks (Kumar et al. 2022).
+        return [head, Phase("finetune", strategy.last, ft_epochs, warmup_epochs=1)]
+    if strategy.kind == "lp-ft":
+        return [head, Phase("finetune", None, ft_epochs, warmup_epochs=1)]
+    return [head, Phase("gradual", None, max(ft_epochs, 1), gradual=True)]
+
+
+DEFAULT_HEAD_EPOCHS = 30
+DEFAULT_FINETUNE_EPOCHS = 5

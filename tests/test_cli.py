@@ -1,0 +1,117 @@
+"""End-to-end through the real `transferkit` command in a subprocess."""
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
+
+from conftest import run_cli
+from transferkit import ImageClassifier
+from transferkit.data import load_data
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "d"
+    first = run_cli("fit", "digits", "--strategy", "feature-extraction", "--out", str(out), "-q")
+    return out, first
+
+
+def sklearn_reference(run_dir) -> float:
+    """LogisticRegression on the run's own cached features, C chosen on validation (Kornblith protocol)."""
+    clf = ImageClassifier.load(run_dir)
+    from transferkit.classifier import _Trainer
+    from transferkit.engine import TrainConfig, resolve_device, resolve_precision
+
+    splits = load_data("digits", seed=0)
+    device = resolve_device("cpu")
+    from transferkit.backbones import load_backbone
+
+    trainer = _Trainer(load_backbone("efficientnet_lite0", 10), splits, clf.data_config_, TrainConfig(), device,
+                       resolve_precision("auto", device), "frozen-blocks", True, False)
+    f = {s: trainer.features(s) for s in ("train", "val", "test")}
+    assert set(trainer.cache_hits.values()) == {"hit"}  # the reference reads the very same cached features
+    best = max((LogisticRegression(C=c, max_iter=3000).fit(f["train"], splits.train.labels) for c in np.logspace(-3, 3, 13)),
+               key=lambda m: m.score(f["val"], splits.val.labels))
+    return best.score(f["test"], splits.test.labels)
+
+
+def test_fit_digits_feature_extraction_matches_sklearn_probe(digits_run):
+    out, proc = digits_run
+    meta = json.loads((out / "transferkit.json").read_text())
+    acc = meta["metrics"]["test"]["accuracy"]
+    reference = sklearn_reference(out)
+    print(f"transferkit probe {acc:.4f}, sklearn LogisticRegression {reference:.4f}")
+    assert acc >= 0.94
+    assert acc >= reference - 0.005
+    assert meta["strategy"]["spec"] == "feature-extraction"
+    assert meta["feature_cache"] == {"train": "miss", "val": "miss", "test": "miss"}
+    assert "test accuracy" in proc.stdout
+    for name in ("model.safetensors", "metrics.json", "history.csv"):
+        assert (out / name).is_file()
+
+
+def test_second_fit_reuses_the_feature_cache(digits_run, tmp_path):
+    out, _ = digits_run
+    again = run_cli("fit", "digits", "--strategy", "feature-extraction", "--out", str(tmp_path / "d2"), "-q")
+    meta = json.loads((tmp_path / "d2" / "transferkit.json").read_text())
+    assert meta["feature_cache"] == {"train": "hit", "val": "hit", "test": "hit"}
+    assert "Feature cache: train hit, val hit, test hit" in again.stdout
+    first = json.loads((out / "transferkit.json").read_text())["metrics"]["test"]["accuracy"]
+    assert meta["metrics"]["test"]["accuracy"] == first
+
+
+def test_run_directory_loads_in_plain_timm_with_same_logits(digits_run):
+    out, _ = digits_run
+    meta = json.loads((out / "transferkit.json").read_text())
+    model = timm.create_model(meta["backbone"]["arch"], num_classes=len(meta["classes"]))
+    model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    model.eval()
+    clf = ImageClassifier.load(out, precision="fp32")
+    images = load_data("digits", seed=0).test.subset(range(16))
+    ours = clf.decision_function(images)
+    transform = timm.data.create_transform(**{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in meta["data_config"].items()})
+    x = torch.stack([transform(images.load(i)) for i in range(len(images))])
+    with torch.no_grad():
+        plain = model(x).numpy()
+    np.testing.assert_allclose(ours, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_predict_and_evaluate_on_generated_folder(image_folder, tmp_path):
+    out = tmp_path / "colours"
+    run_cli("fit", str(image_folder), "--out", str(out), "--image-size", "64", "-q")
+    files = sorted(str(p) for p in (image_folder / "red").iterdir())[:3]
+    table = run_cli("predict", str(out), *files)
+    assert "red" in table.stdout and "probability" in table.stdout
+    proc = run_cli("predict", str(out), *files, "--json", "--top-k", "2")
+    rows = json.loads(proc.stdout)
+    assert [r["file"] for r in rows] == files
+    assert all(len(r["predictions"]) == 2 for r in rows)
+    assert sum(r["predictions"][0]["label"] == "red" for r in rows) >= 2
+    assert all(0 <= p["probability"] <= 1 for r in rows for p in r["predictions"])
+    result = json.loads(run_cli("evaluate", str(out), str(image_folder), "--json").stdout)
+    assert result["n"] == 36 and result["accuracy"] > 0.8
+
+
+def test_usage_errors_exit_2_and_name_the_fix(tmp_path):
+    proc = run_cli("fit", "digits", "--strategy", "finetune:lst=2", "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and "finetune:last=N" in proc.stderr
+    proc = run_cli("fit", "digits", "--model", "resnet5O", "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and "Did you mean" in proc.stderr
+    proc = run_cli("fit", "no/such/folder", "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 1 and "neither a folder" in proc.stderr
+    proc = run_cli("predict", str(tmp_path / "nothing"), "a.png", check=False)
+    assert proc.returncode == 1 and "not a finished transferkit run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_and_inspect():
+    assert "feature-extraction" in run_cli("fit", "--help").stdout
+    info = json.loads(run_cli("inspect", "efficientnet_lite0", "--json").stdout)
+    assert info["feature_dim"] == 1280 and len(info["blocks"]) == 8
+    assert "efficientnet_lite0" in run_cli("models", "lite0").stdout

@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from transferkit.errors import RunError
+from transferkit.runs import FORMAT_VERSION, load_run, validate_meta, write_atomic
+
+
+def good_meta():
+    return {"format_version": FORMAT_VERSION, "backbone": {"arch": "tf_efficientnet_lite0"}, "classes": ["a", "b"],
+            "data_config": {"input_size": [3, 64, 64]}, "strategy": {"spec": "feature-extraction"}}
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m.pop("classes"), "lacks field 'classes'"),
+    (lambda m: m.update(format_version=99), "Upgrade transferkit"),
+    (lambda m: m.update(format_version="1"), "no integer format_version"),
+    (lambda m: m.update(classes=[1, 2]), "list of strings"),
+])
+def test_invalid_manifests_are_explained(tmp_path, edit, message):
+    meta = good_meta()
+    edit(meta)
+    with pytest.raises(RunError, match=message):
+        validate_meta(meta, tmp_path / "transferkit.json")
+
+
+def test_incomplete_run_directory(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(RunError, match="--resume"):
+        load_run(tmp_path)
+    write_atomic(tmp_path / "transferkit.json", json.dumps(good_meta()))
+    with pytest.raises(RunError, match="model.safetensors"):
+        load_run(tmp_path)
+
+
+def test_write_atomic_leaves_no_temporary_files(tmp_path):
+    write_atomic(tmp_path / "a.json", "{}")
+    write_atomic(tmp_path / "a.json", '{"x": 1}')
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
