@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +35,7 @@ from transferkit.data import (
     split_stratified,
 )
 from transferkit.engine import (
+    FINETUNE_LR,
     HEAD_LR,
     PhaseResult,
     TrainConfig,
@@ -43,11 +46,11 @@ from transferkit.engine import (
     run_phase,
     seed_everything,
 )
-from transferkit.errors import NotFittedError, UsageError
+from transferkit.errors import NotFittedError, RunError, UsageError, did_you_mean
 from transferkit.evaluate import metrics
 from transferkit.features import FeatureCache, cached_features, default_workers
-from transferkit.runs import LoadedRun, load_run, save_run
-from transferkit.strategies import BN_POLICIES, Phase, parse_strategy, plan_phases
+from transferkit.runs import LoadedRun, load_run, save_run, write_atomic, write_json
+from transferkit.strategies import BN_POLICIES, Phase, Strategy, parse_strategy, plan_phases
 
 
 class ImageClassifier:
@@ -60,6 +63,8 @@ class ImageClassifier:
         image_size: input size in pixels; None takes the backbone's (or a built-in dataset's) default.
         bn: BatchNorm policy: ``frozen-blocks`` (frozen blocks keep stored statistics) or ``all-frozen``.
         cache: use the on-disk feature cache.
+        checkpoint_dir: where to write a checkpoint after every epoch (None: no checkpoints).
+        resume: continue from the checkpoint in `checkpoint_dir` (same data, strategy and settings).
         progress: show progress bars on stderr.
         Other keyword arguments are :class:`transferkit.engine.TrainConfig` fields.
     """
@@ -67,7 +72,7 @@ class ImageClassifier:
     def __init__(self, model: str = bbs.DEFAULT_BACKBONE, *, strategy: str = "feature-extraction",
                  weights: str | Path | None = None, image_size: int | None = None, bn: str = "frozen-blocks",
                  split: Sequence[float] = DEFAULT_SPLIT, strict: bool = False, cache: bool = True,
-                 progress: bool = True, **train):
+                 checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True, **train):
         self.model = model
         self.strategy = strategy
         self.weights = weights
@@ -76,6 +81,8 @@ class ImageClassifier:
         self.split = split
         self.strict = strict
         self.cache = cache
+        self.checkpoint_dir = checkpoint_dir
+        self.resume = resume
         self.progress = progress
         self.train = train
 
@@ -86,7 +93,9 @@ class ImageClassifier:
         cfg = self._config()
         strategy = parse_strategy(self.strategy)
         if self.bn not in BN_POLICIES:
-            raise UsageError(f"bn must be one of {', '.join(BN_POLICIES)}; got '{self.bn}'.")
+            raise UsageError(f"bn must be one of {', '.join(BN_POLICIES)}; got '{self.bn}'.{did_you_mean(self.bn, BN_POLICIES)}")
+        if self.resume and self.checkpoint_dir is None:
+            raise UsageError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoints).")
         splits = self._splits(X, y, cfg.seed)
         self.data_summary_ = splits.summary
         started = time.perf_counter()
@@ -98,8 +107,10 @@ class ImageClassifier:
         if strategy.kind == "auto":
             raise UsageError("strategy 'auto' is not available yet; choose feature-extraction.")
         phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(bb.blocks))
-        trainer = _Trainer(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress)
-        results = [trainer.run(phase) for phase in phases]
+        checkpoints = Checkpoints(Path(self.checkpoint_dir), self._fingerprint(strategy, cfg, splits)) \
+            if self.checkpoint_dir is not None else None
+        trainer = _Trainer(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress, checkpoints)
+        results = trainer.run_all(phases, resume=self.resume)
         test_logits = trainer.test_logits(phases[-1])
 
         self.backbone_ = bb
@@ -115,6 +126,13 @@ class ImageClassifier:
                          "val_accuracy": results[-1].best_val_acc, "train_seconds": time.perf_counter() - started,
                          "split_sizes": splits.sizes()}
         return self
+
+    def _fingerprint(self, strategy: Strategy, cfg: TrainConfig, splits: DataSplits) -> dict:
+        """What a checkpoint must match to be resumed: data, model, strategy and every setting that changes training."""
+        settings = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "workers")}
+        data = hashlib.sha256("\n".join(splits.train.identities() + splits.val.identities()).encode()).hexdigest()[:16]
+        return {"model": self.model, "weights": str(self.weights), "strategy": strategy.spec, "bn": self.bn,
+                "image_size": self.image_size, "data": data, "settings": settings}
 
     def _config(self) -> TrainConfig:
         try:
@@ -194,6 +212,10 @@ class ImageClassifier:
             "data": self.data_summary_.to_dict() if hasattr(self, "data_summary_") else {},
             "metrics": getattr(self, "metrics_", {}),
         }
+        if "test" in meta["metrics"]:
+            from transferkit.report import write_fit_report
+
+            write_fit_report(out, meta, getattr(self, "history_", []))
         save_run(out, self.model_, meta, getattr(self, "history_", None))
         return out
 
@@ -226,18 +248,55 @@ def _phase_record(phase: Phase, result: PhaseResult, trainer: _Trainer) -> dict:
             **trainer.phase_notes.get(phase.name, {})}
 
 
+class Checkpoints:
+    """`checkpoints/last.pt`: everything needed to continue a fit exactly, written atomically each epoch.
+
+    Loaded with weights_only=True: a checkpoint holds tensors and plain values only.
+    """
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder, self.fingerprint = folder, fingerprint
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "last.pt"
+
+    def write(self, state: dict) -> None:
+        buf = io.BytesIO()
+        torch.save({"fingerprint": self.fingerprint, **state}, buf)
+        write_atomic(self.path, buf.getvalue())
+        write_json(self.folder / "last.json", {k: state[k] for k in ("phase_index", "phase", "epoch", "trainable_blocks")})
+
+    def read(self) -> dict:
+        if not self.path.is_file():
+            raise UsageError(f"--resume found no checkpoint at {self.path}. Run fit without --resume to start.")
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling, truncated file
+            raise RunError(f"Checkpoint {self.path} cannot be read ({e}); delete it and fit without --resume.") from e
+        if state.get("fingerprint") != self.fingerprint:
+            diff = [k for k in self.fingerprint if state.get("fingerprint", {}).get(k) != self.fingerprint[k]]
+            raise UsageError(f"Checkpoint {self.path} was written for a different run (differs in: {', '.join(diff)}). "
+                             "Resume with the same data and options, or fit into another --out without --resume.")
+        return state
+
+
 class _Trainer:
-    """Runs phases for one fit: builds loaders, applies freezing and BN policy, calls the engine."""
+    """Runs the phases of one fit: loaders, freezing and BatchNorm policy, checkpoints; the engine does the loop."""
 
     def __init__(self, bb: bbs.Backbone, splits: DataSplits, data_config: dict, cfg: TrainConfig,
-                 device: torch.device, dtype: torch.dtype | None, bn: str, cache: bool, progress: bool):
+                 device: torch.device, dtype: torch.dtype | None, bn: str, cache: bool, progress: bool,
+                 checkpoints: Checkpoints | None = None):
         self.bb, self.splits, self.data_config, self.cfg = bb, splits, data_config, cfg
         self.device, self.dtype, self.bn, self.progress = device, dtype, bn, progress
+        self.checkpoints = checkpoints
         self.cache = FeatureCache.default(enabled=cache)
         self.eval_transform = make_transform(data_config)
         self.cache_hits: dict[str, str] = {}
         self.phase_notes: dict[str, dict] = {}
         self._features: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ data
 
     def features(self, split: str) -> np.ndarray:
         if split not in self._features:
@@ -266,22 +325,98 @@ class _Trainer:
                                            shuffle=train, generator=gen, num_workers=workers,
                                            drop_last=train and len(images) > self.cfg.batch_size)
 
-    def run(self, phase: Phase) -> PhaseResult:
-        head_lr = self.cfg.lr or HEAD_LR
-        if phase.on_features and phase.solver == "lbfgs":
+    def _class_weights(self) -> torch.Tensor | None:
+        if self.cfg.class_weights is None:
+            return None
+        if self.cfg.class_weights != "auto":
+            raise UsageError(f"class_weights must be 'auto' or None; got '{self.cfg.class_weights}'.")
+        counts = np.bincount(self.splits.train.labels, minlength=len(self.splits.classes)).astype(np.float32)
+        return torch.from_numpy(counts.sum() / (len(counts) * np.maximum(counts, 1)))
+
+    # ------------------------------------------------------------------ phases
+
+    def run_all(self, phases: list[Phase], resume: bool = False) -> list[PhaseResult]:
+        """Run every phase in order; with `resume`, skip finished phases and continue the current one exactly."""
+        state = self.checkpoints.read() if resume and self.checkpoints else None
+        results: list[PhaseResult] = []
+        for i, phase in enumerate(phases):
+            if state is not None and i < state["phase_index"]:
+                results.append(PhaseResult(**state["results"][i]))
+                self.phase_notes[phase.name] = state["notes"].get(phase.name, {})
+                continue
+            loop = state["loop"] if state is not None and i == state["phase_index"] else None
+            if state is not None and loop is None and i == state["phase_index"]:
+                self.bb.model.load_state_dict(state["model"])  # the phase had finished: restore its result
+            results.append(self.run(phase, i, results, loop))
+            if state is not None and i == state["phase_index"]:
+                state = None
+            self._checkpoint(i + 1, "done" if i + 1 == len(phases) else phases[i + 1].name, results, None)
+        if state is not None:  # every phase had finished before the interruption
+            self.bb.model.load_state_dict(state["model"])
+        return results
+
+    def _checkpoint(self, phase_index: int, phase_name: str, results: list[PhaseResult], loop: dict | None) -> None:
+        if self.checkpoints is None:
+            return
+        self.checkpoints.write({
+            "phase_index": phase_index, "phase": phase_name, "epoch": loop["epoch"] if loop else 0,
+            "trainable_blocks": self.trainable_block_names(), "bn": self.bn, "loop": loop,
+            "model": self.bb.model.state_dict() if loop is None else None,
+            "results": [vars(r) for r in results], "notes": self.phase_notes})
+
+    def trainable_block_names(self) -> list[str]:
+        params = dict(self.bb.model.named_parameters())
+        return [b.name for b in self.bb.blocks if any(params[n].requires_grad for n in b.param_names)]
+
+    def run(self, phase: Phase, index: int = 0, done: list[PhaseResult] | None = None,
+            resume: dict | None = None) -> PhaseResult:
+        if phase.on_features:
+            return self._run_head_on_features(phase)
+        return self._run_on_images(phase, index, done or [], resume)
+
+    def _run_head_on_features(self, phase: Phase) -> PhaseResult:
+        bbs.set_trainable_(self.bb, 0)
+        if phase.solver == "lbfgs":
             result = fit_linear_probe(self.bb.head(), self._feature_tensors("train"), self._feature_tensors("val"),
                                       progress=self.progress, name=phase.name)
             self.phase_notes[phase.name] = {"trainable_blocks": [], "solver": "lbfgs",
                                             "C": result.history[result.best_epoch - 1]["C"]}
             return result
-        if phase.on_features:
-            head = self.bb.head()
-            groups = [{"name": "head", "params": list(head.parameters()), "lr": head_lr, "lr_scale": 1.0}]
-            self.phase_notes[phase.name] = {"trainable_blocks": [], "solver": "adamw", "lrs": {"head": head_lr}}
-            return run_phase(head, groups, self._feature_loader("train", True), self._feature_loader("val", False),
-                             epochs=phase.epochs, cfg=self.cfg, device=torch.device("cpu"), dtype=None,
-                             name=phase.name, progress=self.progress)
-        raise UsageError(f"phase '{phase.name}' on images is not supported yet")
+        head, head_lr = self.bb.head(), self.cfg.lr or HEAD_LR
+        groups = [{"name": "head", "params": list(head.parameters()), "lr": head_lr, "lr_scale": 1.0}]
+        self.phase_notes[phase.name] = {"trainable_blocks": [], "solver": "adamw", "lrs": {"head": head_lr}}
+        return run_phase(head, groups, self._feature_loader("train", True), self._feature_loader("val", False),
+                         epochs=phase.epochs, cfg=self.cfg, device=torch.device("cpu"), dtype=None,
+                         name=phase.name, class_weights=self._class_weights(), progress=self.progress)
+
+    def _run_on_images(self, phase: Phase, index: int, done: list[PhaseResult], resume: dict | None) -> PhaseResult:
+        n_blocks = len(self.bb.blocks)
+        cap = phase.trainable_count(n_blocks, epoch=n_blocks)  # most blocks this phase ever trains
+        head_lr = self.cfg.lr or FINETUNE_LR
+        if phase.uniform_lr:  # LP-FT: head and blocks at the backbone's (small) rate
+            groups = bbs.param_groups(self.bb, cap, head_lr * self.cfg.backbone_lr_scale, 1.0, 1.0)
+        else:
+            groups = bbs.param_groups(self.bb, cap, head_lr, self.cfg.backbone_lr_scale, self.cfg.layer_decay)
+        bbs.set_trainable_(self.bb, cap)
+        self.phase_notes[phase.name] = {"trainable_blocks": [b.name for b in self.bb.blocks[n_blocks - cap:]],
+                                        "lrs": {g["name"]: g["lr"] for g in groups}, "bn": self.bn}
+        model = self.bb.model.to(self.device).to(memory_format=torch.channels_last)
+
+        def on_epoch_start(epoch: int) -> None:
+            bbs.set_trainable_(self.bb, phase.trainable_count(n_blocks, epoch))
+
+        def train_mode() -> None:
+            model.train()
+            bbs.set_bn_modes_(self.bb, self.bn)
+
+        def on_epoch_end(loop: dict) -> None:
+            self._checkpoint(index, phase.name, done, loop)
+
+        return run_phase(model, groups, self._image_loader("train", True), self._image_loader("val", False),
+                         epochs=phase.epochs, cfg=self.cfg, device=self.device, dtype=self.dtype, name=phase.name,
+                         warmup_epochs=phase.warmup_epochs, on_epoch_start=on_epoch_start, train_mode=train_mode,
+                         on_epoch_end=on_epoch_end, resume=resume, class_weights=self._class_weights(),
+                         progress=self.progress)
 
     def test_logits(self, last: Phase) -> np.ndarray:
         if last.on_features:

@@ -60,8 +60,8 @@ def fit(
                                              "present), a CSV of path,label, 'digits', or a torchvision name (cifar10).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")] = Path("runs/latest"),
     model: Model = "efficientnet_lite0",
-    strategy: Annotated[str, typer.Option("--strategy", "-s", help="feature-extraction, finetune:last=N, "
-                                          "finetune:all, lp-ft or gradual.")] = "feature-extraction",
+    strategy: Annotated[str, typer.Option("--strategy", "-s", help="feature-extraction (frozen backbone, head on cached "
+                                          "features), finetune:last=N, finetune:all, lp-ft or gradual.")] = "feature-extraction",
     weights: Annotated[str | None, typer.Option(help="Local .safetensors/.pth weights, or 'none' for random init.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs (image phases).")] = None,
     head_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of the head on cached features.")] = None,
@@ -72,18 +72,40 @@ def fit(
     seed: Seed = 0,
     device: Device = "auto",
     precision: Precision = "auto",
+    bn: Annotated[str, typer.Option(help="BatchNorm: frozen-blocks (frozen blocks keep stored statistics) or "
+                                         "all-frozen (every BN layer keeps them; for tiny datasets).")] = "frozen-blocks",
+    augment: Annotated[str, typer.Option(help="Training augmentation for fine-tuning: none, light or strong.")] = "none",
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.0,
+    accumulate: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    patience: Annotated[int | None, typer.Option(min=1, help="Stop a phase after N epochs without a better "
+                                                             "validation accuracy (best weights are kept anyway).")] = None,
+    class_weights: Annotated[str | None, typer.Option(help="'auto': weight the loss by inverse class frequency.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fit from OUT/checkpoints.")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Train a classifier on DATA and write a run directory (model.safetensors, transferkit.json, metrics)."""
+    """Train a classifier on DATA and write a run directory (model.safetensors, transferkit.json, metrics).
+
+    A checkpoint is written to OUT/checkpoints after every epoch; an interrupted
+    fit (Ctrl-C, a crash) continues exactly with the same command plus --resume.
+    """
     from transferkit.classifier import ImageClassifier
 
     clf = ImageClassifier(model, strategy=strategy, weights=weights, image_size=image_size, split=parse_split(split),
-                          strict=strict, cache=not no_cache, progress=not quiet, epochs=epochs,
-                          head_epochs=head_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                          precision=precision)
-    clf.fit(data)
+                          strict=strict, cache=not no_cache, progress=not quiet, bn=bn,
+                          checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs, head_epochs=head_epochs,
+                          lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision, augment=augment,
+                          optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
+                          class_weights=class_weights)
+    try:
+        clf.fit(data)
+    except KeyboardInterrupt:
+        again = " ".join(sys.argv[1:]) + ("" if resume else " --resume")
+        err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. "
+                  f"Continue with:\n  transferkit {again}", highlight=False)
+        raise typer.Exit(130) from None
     clf.save(out_dir)
     render_fit(clf, out_dir)
 
@@ -213,6 +235,65 @@ def inspect(
     i = info["input"]
     out.print(f"Input: {i['size']}, mean {i['mean']}, std {i['std']}, {i['interpolation']}, crop {i['crop_pct']}")
     out.print("finetune:last=N trains the head plus the last N blocks above.")
+
+
+@app.command()
+@handles_errors
+def compare(
+    data: Annotated[str, typer.Argument(help="Labelled data as for fit; default: the built-in digits demo.")] = "digits",
+    model: Model = "efficientnet_lite0",
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies to run on the same split.")] =
+        "feature-extraction,finetune:last=2,finetune:all,lp-ft",
+    fractions: Annotated[str | None, typer.Option(help="Training fractions per class for a learning curve, "
+                                                       "e.g. 0.05,0.2,1.0.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="'scratch': also train the architecture from random "
+                                                      "initialisation, to show what pretraining is worth.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where compare.json and the reports go.")] = Path("runs/compare"),
+    epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs for every strategy.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    image_size: Annotated[int | None, typer.Option(min=16)] = None,
+    split: Annotated[str, typer.Option(help="train,val,test fractions when the data gives no split.")] = "0.7,0.15,0.15",
+    seed: Seed = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run strategies side by side on the same split: accuracy, time, trainable parameters, memory; name the winner."""
+    from transferkit.compare import compare as run_compare
+    from transferkit.data import load_data
+    from transferkit.report import write_comparison
+
+    fracs = [float(f) for f in fractions.split(",")] if fractions else []
+    splits = load_data(data, split=parse_split(split), seed=seed)
+    if splits.summary.line():
+        err.print(f"[yellow]{splits.summary.line()}[/]", highlight=False)
+    out.print(f"Comparing on {data}: {splits.sizes()} images, {len(splits.classes)} classes, model {model}")
+    settings = dict(epochs=epochs, batch_size=batch_size, image_size=image_size, seed=seed, device=device,
+                    precision=precision, progress=not quiet)
+
+    def live(r):
+        out.print(f"  {r.label}: test {r.test_accuracy:.4f} in {r.seconds:.1f} s")
+
+    result = run_compare(splits, data_name=data, model=model, strategies=strategies.split(","), fractions=fracs,
+                         baseline=baseline, settings=settings, on_result=live)
+    paths = write_comparison(result, out_dir)
+    render_comparison(result)
+    out.print(f"Reports: {paths['html']}, {paths['markdown']}, {paths['json']}")
+
+
+def render_comparison(c) -> None:
+    from transferkit.report import COLUMNS, pretraining_sentence, table_rows
+
+    table = Table(*COLUMNS, title="transfer learning vs fine-tuning")
+    winner = c.winner()
+    for r, row in zip(c.results, table_rows(c.results)):
+        table.add_row(*row, style="bold green" if r is winner else None)
+    out.print(table)
+    out.print(f"[bold]{c.verdict()}[/]")
+    if c.curve:
+        out.print(c.crossover())
+    if c.baseline:
+        out.print(pretraining_sentence(c))
 
 
 def main() -> None:

@@ -587,3 +587,16 @@ def load_eval_images(source: str | Path, classes: list[str], *, strict: bool = F
         raise DataError(f"No images found in {text}.")
     summary.found = summary.found or len(images)
     return images, summary
+
+
+def subsample_per_class(images: ImageSet, amount: float, seed: int) -> ImageSet:
+    """Keep a seeded share of each class: `amount` <= 1 is a fraction, > 1 a count per class (at least 1 each)."""
+    if amount <= 0:
+        raise UsageError(f"a training fraction must be > 0; got {amount}.")
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(images.labels):
+        idx = np.flatnonzero(images.labels == c)
+        n = int(amount) if amount > 1 else max(1, round(len(idx) * amount))
+        keep.extend(rng.permutation(idx)[:min(n, len(idx))])
+    return images.subset(sorted(keep))

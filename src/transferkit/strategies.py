@@ -57,6 +57,8 @@ class Phase:
         warmup_epochs: linear learning-rate warmup before the cosine decay.
         solver: for a head on features, "lbfgs" (logistic regression, C chosen on
             validation; epochs unused) or "adamw" (epochs of minibatch AdamW).
+        uniform_lr: every group at the backbone rate (LP-FT) instead of a faster
+            head and layer-wise decay below it.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Phase:
     gradual: bool = False
     warmup_epochs: float = 0.0
     solver: str = "adamw"
+    uniform_lr: bool = False
 
     def trainable_count(self, n_blocks: int, epoch: int = 0) -> int:
         """Number of top blocks trainable at `epoch` of this phase."""
@@ -118,20 +121,23 @@ def plan_phases(strategy: Strategy, epochs: int | None, head_epochs: int | None,
     if strategy.last is not None and strategy.last > n_blocks:
         raise UsageError(f"finetune:last={strategy.last} asks for more blocks than the backbone has ({n_blocks}). "
                          f"Use finetune:last=N with N <= {n_blocks}, or finetune:all.")
-    # Head on cached features: each epoch costs milliseconds, so train it to convergence.
+    # Head on cached features: L-BFGS logistic regression with C chosen on validation
+    # (seconds), or AdamW epochs when head_epochs is given (milliseconds each).
     head = Phase("head", 0, head_epochs or DEFAULT_HEAD_EPOCHS, on_features=True,
                  solver="adamw" if head_epochs else "lbfgs")
     ft_epochs = epochs or DEFAULT_FINETUNE_EPOCHS
     if strategy.kind == "feature-extraction":
         return [head]
+    # Every fine-tuning strategy warm-starts the new head on frozen features first, so
+    # the first steps do not push random-head gradients into pretrained blocks
+    # (Kumar et al. 2022); the probe costs seconds since features are cached.
     if strategy.kind == "finetune":
-        # Warm-start the new head on frozen features first, so fine-tuning does not
-        # push random-head gradients into the pretrained blocks (Kumar et al. 2022).
         return [head, Phase("finetune", strategy.last, ft_epochs, warmup_epochs=1)]
     if strategy.kind == "lp-ft":
-        return [head, Phase("finetune", None, ft_epochs, warmup_epochs=1)]
+        return [head, Phase("finetune", None, ft_epochs, warmup_epochs=1, uniform_lr=True)]
+    # ULMFiT: one more block per epoch from the top, so it needs at least as many epochs as blocks to reach all.
     return [head, Phase("gradual", None, max(ft_epochs, 1), gradual=True)]
 
 
 DEFAULT_HEAD_EPOCHS = 30
-DEFAULT_FINETUNE_EPOCHS = 5
+DEFAULT_FINETUNE_EPOCHS = 8

@@ -1,0 +1,240 @@
+"""Transfer learning vs fine-tuning, measured on the user's data.
+
+`compare` runs each strategy on the same split and seed, sharing the feature
+cache (the probe's features are computed once for all strategies), and
+records what the seed's "key differences" table only describes: trainable
+parameters, training time, peak memory, accuracy. Optionally a learning curve
+over training-set fractions (where does fine-tuning overtake feature
+extraction?) and a from-scratch baseline (what is pretraining worth here?).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from transferkit.classifier import ImageClassifier
+from transferkit.data import DataSplits, subsample_per_class
+from transferkit.errors import UsageError
+from transferkit.strategies import parse_strategy
+
+DEFAULT_STRATEGIES = ("feature-extraction", "finetune:last=2", "finetune:all", "lp-ft")
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) above the level at start, sampled every 20 ms; CUDA peak on GPU."""
+
+    def __init__(self, device: str = "cpu"):
+        self.cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        self.peak = 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        self.start, self.peak, self._stop = self.rss(), 0, threading.Event()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.rss() - self.start)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss() - self.start)
+
+    @property
+    def mib(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        return self.peak / 2**20
+
+
+@dataclass
+class StrategyResult:
+    """One row of the comparison table."""
+
+    strategy: str
+    label: str
+    trainable_params: int
+    total_params: int
+    epochs: int
+    seconds: float
+    peak_memory_mib: float
+    val_accuracy: float
+    test_accuracy: float
+    macro_f1: float
+    train_per_class: float
+    metrics: dict = field(repr=False, default_factory=dict)
+    phases: list = field(repr=False, default_factory=list)
+    history: list = field(repr=False, default_factory=list)
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_params / self.total_params
+
+    def row(self) -> dict:
+        keys = ("strategy", "label", "trainable_params", "total_params", "epochs", "seconds", "peak_memory_mib",
+                "val_accuracy", "test_accuracy", "macro_f1", "train_per_class")
+        return {k: getattr(self, k) for k in keys} | {"trainable_share": self.trainable_share}
+
+
+@dataclass
+class Comparison:
+    """Everything `transferkit compare` shows and writes."""
+
+    data: str
+    model: str
+    seed: int
+    results: list[StrategyResult]
+    curve: list[StrategyResult] = field(default_factory=list)
+    baseline: StrategyResult | None = None
+    configs: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+    split_sizes: dict = field(default_factory=dict)
+
+    def winner(self) -> StrategyResult:
+        return max(self.results, key=lambda r: (r.test_accuracy, r.val_accuracy, -r.seconds))
+
+    def verdict(self) -> str:
+        """The winner and the trade-off against feature extraction, in one sentence."""
+        best = self.winner()
+        fe = next((r for r in self.results if r.strategy == "feature-extraction"), None)
+        if fe is None or fe is best:
+            others = [r for r in self.results if r is not best]
+            if not others:
+                return f"{best.label} reached {best.test_accuracy:.1%} test accuracy."
+            runner = max(others, key=lambda r: r.test_accuracy)
+            return (f"{best.label} is the most accurate ({best.test_accuracy:.1%}), "
+                    f"{(best.test_accuracy - runner.test_accuracy) * 100:.1f} points above {runner.label} "
+                    f"at {_ratio(best.seconds, runner.seconds)} the training time.")
+        gain = (best.test_accuracy - fe.test_accuracy) * 100
+        return (f"{best.label} is {gain:.1f} points more accurate than feature-extraction "
+                f"({best.test_accuracy:.1%} vs {fe.test_accuracy:.1%}) at {_ratio(best.seconds, fe.seconds)} the training "
+                f"time and {best.trainable_params / max(1, fe.trainable_params):.0f}x the trainable parameters.")
+
+    def crossover(self) -> str | None:
+        """Where, on this data, fine-tuning overtakes feature extraction along the learning curve."""
+        if not self.curve:
+            return None
+        by_n: dict[float, dict[str, float]] = {}
+        for r in self.curve:
+            by_n.setdefault(r.train_per_class, {})[r.strategy] = r.test_accuracy
+        for n in sorted(by_n):
+            accs = by_n[n]
+            fe = accs.get("feature-extraction")
+            better = [s for s, a in accs.items() if s != "feature-extraction" and fe is not None and a > fe]
+            if better:
+                return f"fine-tuning ({', '.join(better)}) overtakes feature extraction from about {n:.0f} examples per class"
+        return "feature extraction stays at least as accurate as fine-tuning at every training size measured"
+
+    def to_dict(self) -> dict:
+        return {"data": self.data, "model": self.model, "seed": self.seed, "split_sizes": self.split_sizes,
+                "results": [r.row() | {"phases": r.phases, "metrics": r.metrics} for r in self.results],
+                "winner": self.winner().strategy, "verdict": self.verdict(),
+                "learning_curve": [r.row() for r in self.curve], "crossover": self.crossover(),
+                "baseline": self.baseline.row() | {"metrics": self.baseline.metrics} if self.baseline else None,
+                "configs": self.configs, "machine": self.machine}
+
+
+def _ratio(a: float, b: float) -> str:
+    r = a / max(b, 1e-9)
+    return f"{r:.1f}x" if r < 10 else f"{r:.0f}x"
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_strategy(splits: DataSplits, spec: str, *, model: str, settings: dict, label: str | None = None,
+                 weights: str | None = None) -> tuple[StrategyResult, ImageClassifier]:
+    """Fit one strategy and measure it."""
+    clf = ImageClassifier(model, strategy=spec, weights=weights, **settings)
+    with PeakMemory(settings.get("device", "auto")) as mem:
+        start = time.perf_counter()
+        clf.fit(splits)
+        seconds = time.perf_counter() - start
+    trainable = trainable_params(clf)
+    test = clf.metrics_["test"]
+    per_class = len(splits.train) / len(splits.classes)
+    epochs = sum(p["epochs_run"] for p in clf.phases_ if not p["on_features"] or p.get("solver") != "lbfgs")
+    result = StrategyResult(spec, label or spec, trainable, clf.backbone_.param_counts()["total"], epochs, seconds,
+                            mem.mib, clf.metrics_["val_accuracy"], test["accuracy"], test["macro_f1"], per_class,
+                            metrics=test, phases=clf.phases_, history=clf.history_)
+    return result, clf
+
+
+def trainable_params(clf: ImageClassifier) -> int:
+    """Parameters the strategy's last phase trained (head plus its unfrozen blocks)."""
+    counts = clf.backbone_.param_counts()
+    blocks = clf.phases_[-1].get("trainable_blocks", [])
+    return counts["head"] + sum(counts[b] for b in blocks)
+
+
+def compare(splits: DataSplits, *, data_name: str, model: str, strategies: Sequence[str] = DEFAULT_STRATEGIES,
+            fractions: Sequence[float] = (), baseline: str | None = None, settings: dict | None = None,
+            on_result=None) -> Comparison:
+    """Run every strategy on the same split and seed; optionally a learning curve and a scratch baseline.
+
+    Args:
+        splits: the data, split once for every strategy.
+        strategies: strategy specs (no 'auto': compare measures what auto would choose from).
+        fractions: training-set fractions per class for a learning curve (1.0 = the full run above).
+        baseline: "scratch" adds the same architecture trained from random initialisation (finetune:all).
+        settings: ImageClassifier settings shared by every run (epochs, image_size, seed, ...).
+        on_result: called with each StrategyResult as it finishes (for live output).
+    """
+    settings = dict(settings or {})
+    specs = [parse_strategy(s).spec for s in strategies]
+    if "auto" in specs:
+        raise UsageError("compare measures concrete strategies; leave 'auto' out (fit --strategy auto uses them).")
+    if len(set(specs)) != len(specs):
+        raise UsageError(f"--strategies lists a strategy twice: {', '.join(strategies)}.")
+    if baseline not in (None, "scratch"):
+        raise UsageError(f"--baseline must be 'scratch'; got '{baseline}'.")
+    notify = on_result or (lambda r: None)
+    results = []
+    for spec in specs:
+        result, _ = run_strategy(splits, spec, model=model, settings=settings)
+        results.append(result)
+        notify(result)
+    curve = []
+    for fraction in sorted(f for f in fractions if f < 1):
+        sub = DataSplits(subsample_per_class(splits.train, fraction, settings.get("seed", 0)), splits.val, splits.test,
+                         splits.summary)
+        for spec in specs:
+            result, _ = run_strategy(sub, spec, model=model, settings=settings, label=f"{spec} @ {fraction:g}")
+            curve.append(result)
+            notify(result)
+    if curve:
+        curve.extend(results)
+    base = None
+    if baseline == "scratch":
+        base, _ = run_strategy(splits, "finetune:all", model=model, settings=settings, weights="none",
+                               label="scratch (random init, finetune:all)")
+        notify(base)
+    configs = {r.strategy: r.phases for r in results}
+    return Comparison(data_name, model, settings.get("seed", 0), results, curve, base, configs, machine_info(),
+                      splits.sizes())

@@ -1,0 +1,212 @@
+"""The comparison table and the reports: compare.json, report.md and a self-contained report.html.
+
+The HTML inlines its CSS and its plots (PNG as base64 data URIs), so it opens
+offline, from anywhere, with no network request.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.compare import Comparison, StrategyResult
+from transferkit.runs import library_versions, write_atomic, write_json
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.verdict{font-size:1.15em;background:#eef6ee;
+padding:.6em 1em;border-left:4px solid #3a3}img{max-width:100%;border:1px solid #eee}.grid{display:flex;
+flex-wrap:wrap;gap:1em}.grid figure{margin:0;width:48%}pre{background:#f7f7f7;padding:1em;overflow-x:auto}"""
+
+COLUMNS = ("strategy", "trainable params", "epochs", "train time", "peak memory", "val acc", "test acc", "macro-F1")
+
+
+def table_rows(results: list[StrategyResult]) -> list[list[str]]:
+    """The comparison table as strings, one list per strategy (same columns as COLUMNS)."""
+    return [[r.label, f"{r.trainable_params:,} ({r.trainable_share:.1%})", str(r.epochs), f"{r.seconds:.1f} s",
+             f"{r.peak_memory_mib:.0f} MiB", f"{r.val_accuracy:.4f}", f"{r.test_accuracy:.4f}", f"{r.macro_f1:.4f}"]
+            for r in results]
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(width: float = 6, height: float = 4):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def plot_accuracy_vs_time(results: list[StrategyResult]) -> str:
+    fig, ax = _figure()
+    for r in results:
+        ax.scatter(r.seconds, r.test_accuracy * 100, s=60)
+        ax.annotate(r.label, (r.seconds, r.test_accuracy * 100), textcoords="offset points", xytext=(5, 5))
+    ax.set_xscale("log")
+    ax.set_xlabel("training wall time (s, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs training time")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_learning_curves(curve: list[StrategyResult]) -> str:
+    fig, ax = _figure()
+    for spec in dict.fromkeys(r.strategy for r in curve):
+        pts = sorted((r.train_per_class, r.test_accuracy * 100) for r in curve if r.strategy == spec)
+        ax.plot(*zip(*pts), marker="o", label=spec)
+    ax.set_xscale("log")
+    ax.set_xlabel("training examples per class (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Learning curves")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], title: str) -> str:
+    m = np.asarray(matrix)
+    size = min(8, 2 + 0.4 * len(classes))
+    fig, ax = _figure(size, size)
+    ax.imshow(m, cmap="Blues")
+    if len(classes) <= 20:
+        ax.set_xticks(range(len(classes)), classes, rotation=90)
+        ax.set_yticks(range(len(classes)), classes)
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _png(fig)
+
+
+def plot_history(history: list[dict], title: str) -> str:
+    fig, ax = _figure()
+    rows = [r for r in history if "C" not in r]
+    if rows:
+        ax.plot(range(1, len(rows) + 1), [r["val_acc"] * 100 for r in rows], marker="o", label="validation")
+        ax.plot(range(1, len(rows) + 1), [r["train_acc"] * 100 for r in rows], marker=".", label="train")
+        ax.set_xlabel("epoch (all image phases)")
+    else:
+        probe = [r for r in history if "C" in r]
+        ax.plot([r["C"] for r in probe], [r["val_acc"] * 100 for r in probe], marker="o", label="validation")
+        ax.set_xscale("log")
+        ax.set_xlabel("probe regularisation C (log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _html_table(header, rows) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _per_class_rows(metrics: dict) -> list[list[str]]:
+    return [[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])]
+            for c, m in metrics["per_class"].items()]
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+def comparison_html(c: Comparison) -> str:
+    classes = list(c.results[0].metrics["per_class"])
+    parts = [f"<h1>transferkit compare: {html.escape(c.data)} with {html.escape(c.model)}</h1>",
+             f"<p class='verdict'>{html.escape(c.verdict())}</p>",
+             f"<p>Split: {c.split_sizes}; seed {c.seed}; machine: {html.escape(json.dumps(c.machine))}</p>",
+             "<h2>Side by side</h2>", _html_table(COLUMNS, table_rows(c.results))]
+    if c.baseline:
+        parts += ["<h2>Value of pretraining</h2>", _html_table(COLUMNS, table_rows([c.baseline])),
+                  f"<p>{html.escape(pretraining_sentence(c))}</p>"]
+    parts += ["<h2>Accuracy vs training time</h2>", _img(plot_accuracy_vs_time(c.results), "accuracy vs time")]
+    if c.curve:
+        parts += ["<h2>Learning curves</h2>", f"<p>{html.escape(c.crossover() or '')}</p>",
+                  _img(plot_learning_curves(c.curve), "learning curves")]
+    parts.append("<h2>Per strategy</h2><div class='grid'>")
+    for r in c.results:
+        parts.append(_img(plot_confusion(r.metrics["confusion"], classes, f"{r.label}: confusion (test)"),
+                          f"{r.label} confusion matrix"))
+    parts.append("</div>")
+    for r in c.results:
+        parts += [f"<h3>{html.escape(r.label)}: per-class precision / recall</h3>",
+                  _html_table(("class", "precision", "recall", "f1", "support"), _per_class_rows(r.metrics))]
+    parts += ["<h2>Resolved configurations</h2>", f"<pre>{html.escape(json.dumps(c.configs, indent=1))}</pre>",
+              "<h2>Versions</h2>", f"<pre>{html.escape(json.dumps(library_versions(), indent=1))}</pre>"]
+    return _page(f"transferkit compare: {c.data}", "".join(parts))
+
+
+def pretraining_sentence(c: Comparison) -> str:
+    best = c.winner()
+    gap = (best.test_accuracy - c.baseline.test_accuracy) * 100
+    if gap < 1:
+        return (f"Pretraining adds little here: random initialisation reaches {c.baseline.test_accuracy:.1%} vs "
+                f"{best.test_accuracy:.1%} ({gap:.1f} points). On data this far from ImageNet (or this easy), "
+                "the architecture matters more than the weights.")
+    return (f"Pretraining is worth {gap:.1f} points: {best.label} reaches {best.test_accuracy:.1%}, the same "
+            f"architecture from random initialisation {c.baseline.test_accuracy:.1%} with the same budget.")
+
+
+def comparison_markdown(c: Comparison) -> str:
+    lines = [f"# transferkit compare: {c.data} with {c.model}", "", c.verdict(), "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(c.results)]
+    if c.baseline:
+        lines += ["", "## Value of pretraining", "", pretraining_sentence(c)]
+    if c.curve:
+        lines += ["", "## Learning curve", "", c.crossover() or "", "", "| strategy | examples/class | test acc |",
+                  "|---|---|---|"]
+        lines += [f"| {r.strategy} | {r.train_per_class:.0f} | {r.test_accuracy:.4f} |" for r in c.curve]
+    lines += ["", f"Machine: {c.machine}", ""]
+    return "\n".join(lines)
+
+
+def write_comparison(c: Comparison, out: Path) -> dict[str, Path]:
+    """Write compare.json, report.md and report.html into `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "compare.json", "markdown": out / "report.md", "html": out / "report.html"}
+    write_json(paths["json"], c.to_dict())
+    write_atomic(paths["markdown"], comparison_markdown(c))
+    write_atomic(paths["html"], comparison_html(c))
+    return paths
+
+
+def write_fit_report(out: Path, meta: dict, history: list[dict]) -> Path:
+    """A single run's report.html, confusion.png and curves.png."""
+    test = meta["metrics"]["test"]
+    confusion_png = plot_confusion(test["confusion"], meta["classes"], "confusion (test)")
+    curves_png = plot_history(history, f"{meta['strategy']['spec']}: training")
+    write_atomic(out / "confusion.png", base64.b64decode(confusion_png))
+    write_atomic(out / "curves.png", base64.b64decode(curves_png))
+    body = [f"<h1>transferkit fit: {html.escape(meta['strategy']['spec'])} on {html.escape(meta['backbone']['name'])}</h1>",
+            f"<p class='verdict'>Test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
+            f"top-5 {test['top5_accuracy']:.4f} on {test['n']} images.</p>",
+            "<div class='grid'>", _img(curves_png, "training curves"), _img(confusion_png, "confusion matrix"), "</div>",
+            "<h2>Per class</h2>", _html_table(("class", "precision", "recall", "f1", "support"), _per_class_rows(test)),
+            "<h2>Strategy and phases</h2>", f"<pre>{html.escape(json.dumps(meta['strategy'], indent=1))}</pre>",
+            "<h2>Training configuration</h2>", f"<pre>{html.escape(json.dumps(meta.get('training', {}), indent=1))}</pre>"]
+    write_atomic(out / "report.html", _page("transferkit fit", "".join(body)))
+    return out / "report.html"

@@ -1,0 +1,167 @@
+"""Contract tests run over every registered strategy, plus parsing, BatchNorm drift and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_folder
+from transferkit import ImageClassifier
+from transferkit.backbones import load_backbone, param_groups, set_bn_modes_, set_trainable_
+from transferkit.data import load_data
+from transferkit.errors import UsageError
+from transferkit.strategies import Strategy, parse_strategy, plan_phases
+
+STRATEGIES = ["feature-extraction", "finetune:last=2", "finetune:all", "lp-ft", "gradual"]
+TINY = dict(image_size=32, epochs=2, batch_size=8, progress=False, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def tiny_splits(tmp_path_factory):
+    return load_data(write_folder(tmp_path_factory.mktemp("tiny") / "colours", per_class=10), seed=0)
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("feature-extraction", Strategy("feature-extraction")), ("linear-probe", Strategy("feature-extraction")),
+    ("transfer", Strategy("feature-extraction")), ("finetune", Strategy("finetune", None)),
+    ("finetune:all", Strategy("finetune", None)), ("finetune:last=3", Strategy("finetune", 3)),
+    ("LP-FT", Strategy("lp-ft")), ("gradual", Strategy("gradual")), ("auto", Strategy("auto")),
+])
+def test_parse_strategy(spec, expected):
+    assert parse_strategy(spec) == expected
+    assert parse_strategy(expected.spec) == expected
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("finetune:last=0", "N >= 1"), ("finetune:first=2", "finetune:last=N"), ("fientune", "Did you mean: finetune"),
+    ("lp-ft:3", "takes no argument"), ("", "non-empty"),
+])
+def test_bad_strategy_specs_explain_the_valid_forms(spec, message):
+    with pytest.raises(UsageError, match=message):
+        parse_strategy(spec)
+
+
+def test_last_n_larger_than_the_backbone_is_rejected():
+    with pytest.raises(UsageError, match="more blocks than the backbone has"):
+        plan_phases(parse_strategy("finetune:last=9"), None, None, n_blocks=8)
+
+
+@pytest.mark.parametrize("spec", STRATEGIES)
+def test_strategy_freezes_what_it_declares_and_groups_cover_trainables_once(spec):
+    bb = load_backbone("efficientnet_lite0", num_classes=3)
+    n = len(bb.blocks)
+    for phase in plan_phases(parse_strategy(spec), 3, None, n):
+        for epoch in range(phase.epochs):
+            k = 0 if phase.on_features else phase.trainable_count(n, epoch)
+            set_trainable_(bb, k)
+            trainable = {name for name, p in bb.model.named_parameters() if p.requires_grad}
+            declared = set(bb.head_param_names) | {p for b in bb.blocks[n - k:] for p in b.param_names} if k else set(bb.head_param_names)
+            assert trainable == declared, (spec, phase.name, epoch)
+            groups = param_groups(bb, k, 1e-3, 0.1, 0.8)
+            ids = [id(p) for g in groups for p in g["params"]]
+            assert len(ids) == len(set(ids))
+            assert set(ids) == {id(p) for p in bb.model.parameters() if p.requires_grad}
+    if spec == "gradual":
+        phase = plan_phases(parse_strategy(spec), 3, None, n)[-1]
+        assert [phase.trainable_count(n, e) for e in range(3)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("spec", STRATEGIES)
+def test_strategy_trains_and_round_trips(spec, tiny_splits, tmp_path):
+    clf = ImageClassifier(strategy=spec, **TINY).fit(tiny_splits)
+    image_rows = [r for r in clf.history_ if r["phase"] != "head"]
+    if spec != "feature-extraction":
+        assert len(image_rows) == 2
+        assert image_rows[-1]["train_loss"] < image_rows[0]["train_loss"] * 1.05 or image_rows[-1]["train_acc"] >= 0.95
+    head = [r for r in clf.history_ if r["phase"] == "head"]
+    assert max(r["val_acc"] for r in head) >= 0.8  # the probe learns the colours
+    before = clf.predict_proba(tiny_splits.test)
+    clf.save(tmp_path / "run")
+    again = ImageClassifier.load(tmp_path / "run", precision="fp32")
+    np.testing.assert_allclose(again.predict_proba(tiny_splits.test), before, atol=1e-5)
+    meta = json.loads((tmp_path / "run" / "transferkit.json").read_text())
+    assert meta["strategy"]["spec"] == parse_strategy(spec).spec
+    if spec.startswith("finetune:last"):
+        ft = meta["strategy"]["phases"][-1]
+        assert ft["trainable_blocks"] == [b.name for b in clf.backbone_.blocks[-2:]]
+        lrs = list(ft["lrs"].values())
+        assert lrs[0] > lrs[1] > lrs[2]  # head fastest, decaying going down
+
+
+def bn_stats(model):
+    return {n: m.running_mean.clone() for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+
+@pytest.mark.parametrize("policy", ["frozen-blocks", "all-frozen"])
+def test_frozen_blocks_batchnorm_statistics_do_not_drift(policy, tiny_splits):
+    clf = ImageClassifier(strategy="finetune:last=1", bn=policy, **TINY)
+    initial = bn_stats(load_backbone("efficientnet_lite0", 3).model)
+    clf.fit(tiny_splits)
+    after = bn_stats(clf.model_)
+    top = clf.backbone_.blocks[-1].param_names
+    top_modules = {n.rsplit(".", 1)[0] for n in top}
+    for name, mean in after.items():
+        if name in top_modules and policy == "frozen-blocks":
+            assert not torch.equal(mean, initial[name]), f"{name} should adapt"
+        else:
+            assert torch.equal(mean, initial[name]), f"{name} drifted"
+
+
+def test_bn_modes_match_requires_grad():
+    bb = load_backbone("efficientnet_lite0", 3)
+    set_trainable_(bb, 1)
+    bb.model.train()
+    n = set_bn_modes_(bb, "frozen-blocks")
+    training = [m for m in bb.model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.training]
+    assert n > 0 and training and all(m.weight.requires_grad for m in training)
+
+
+def _fit_args(out):
+    return [sys.executable, "-m", "transferkit", "fit", "digits", "--strategy", "finetune:last=1", "--epochs", "3",
+            "--image-size", "32", "--out", str(out), "-q", "--precision", "fp32"]
+
+
+def test_sigint_saves_and_resume_equals_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "COLUMNS": "200"}
+    full = subprocess.run(_fit_args(tmp_path / "full"), capture_output=True, text=True, env=env, timeout=600)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen(_fit_args(tmp_path / "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    progress = tmp_path / "cut" / "checkpoints" / "last.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if progress.exists() and json.loads(progress.read_text()).get("epoch", 0) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and not (tmp_path / "cut" / "transferkit.json").exists()
+    state = json.loads(progress.read_text())
+    assert state["phase"] == "finetune" and state["trainable_blocks"] == ["blocks.6+conv_head+bn2"]
+    resumed = subprocess.run(_fit_args(tmp_path / "cut") + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "full" / "transferkit.json").read_text())
+    b = json.loads((tmp_path / "cut" / "transferkit.json").read_text())
+    assert a["metrics"]["test"]["accuracy"] == b["metrics"]["test"]["accuracy"]
+    assert a["metrics"]["test"]["confusion"] == b["metrics"]["test"]["confusion"]
+    # Same per-epoch losses and accuracies (columns phase .. val_acc; wall time differs).
+    hist_a = (tmp_path / "full" / "history.csv").read_text().splitlines()
+    hist_b = (tmp_path / "cut" / "history.csv").read_text().splitlines()
+    assert [line.split(",")[:5] for line in hist_a] == [line.split(",")[:5] for line in hist_b]
+    assert len(hist_a) == 1 + 13 + 3  # header, 13 probe C values, 3 fine-tuning epochs
+
+
+def test_resume_with_other_options_is_refused(tmp_path):
+    out = tmp_path / "r"
+    args = _fit_args(out)
+    args[args.index("3")] = "1"
+    assert subprocess.run(args, capture_output=True, text=True, timeout=600).returncode == 0
+    other = [a if a != "finetune:last=1" else "finetune:last=2" for a in args] + ["--resume"]
+    proc = subprocess.run(other, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "different run" in proc.stderr and "strategy" in proc.stderr
