@@ -78,7 +78,9 @@ def fit(
 ) -> None:
     """Train a classifier on DATA and write a run directory (model.safetensors, transferkit.json, metrics)."""
     from transferkit.classifier import ImageClassifier
+    from transferkit.runs import check_writable_dir
 
+    check_writable_dir(out_dir)  # before training, not after it
     clf = ImageClassifier(model, strategy=strategy, weights=weights, image_size=image_size, split=parse_split(split),
                           strict=strict, cache=not no_cache, progress=not quiet, epochs=epochs,
                           head_epochs=head_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
