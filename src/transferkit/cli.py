@@ -92,7 +92,9 @@ def fit(
     fit (Ctrl-C, a crash) continues exactly with the same command plus --resume.
     """
     from transferkit.classifier import ImageClassifier
+    from transferkit.runs import check_writable_dir
 
+    check_writable_dir(out_dir)  # before training, not after it
     clf = ImageClassifier(model, strategy=strategy, weights=weights, image_size=image_size, split=parse_split(split),
                           strict=strict, cache=not no_cache, progress=not quiet, bn=bn,
                           checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs, head_epochs=head_epochs,

@@ -11,16 +11,50 @@ decoded to an RGB PIL image, with integer labels and the class names. Sources:
   downloaded by torchvision into the cache directory on first use.
 
 Splits that are not given are made stratified and seeded (70/15/15 by
-default). Files that cannot be decoded are skipped and reported in one line;
-``strict=True`` makes them an error instead.
+default).
+
+Messy folders are expected. Hidden files and folders (``.DS_Store``, AppleDouble
+``._photo.jpg``, ``.git/``) are ignored without a report. Symlinked folders are
+followed unless they lead back into a folder already being scanned (a loop).
+Every candidate file is read once, decoded at reduced scale and hashed; a file
+that cannot be used is skipped and counted in the :class:`DataSummary` under
+its reason (``strict=True`` makes any skip an error instead):
+
+=====================  ========================================================
+``missing``             listed (CSV, dangling symlink) but not there
+``not a file``          a FIFO, socket or folder where an image was expected
+``empty``               zero bytes
+``truncated``           the image data ends early
+``unreadable``          not an image PIL can decode (e.g. text named .jpg)
+``too large``           the header declares more than ``PIL.Image.MAX_IMAGE_PIXELS``
+                        pixels (a decompression bomb); refused before decoding
+``conflicting labels``  identical bytes under two classes: every copy is
+                        skipped, since neither label can be trusted
+``symlink loop``        a symlinked folder pointing back at one being scanned
+``incomplete row``      a CSV row without a path or a label
+``unknown class``       a CSV row whose label the model does not know (evaluation)
+=====================  ========================================================
+
+Some findings change nothing but are counted as warnings in the summary:
+``duplicates_across_splits`` (a val/test file whose bytes also appear in an
+earlier split: its score measures memory, not generalisation; the file is
+kept) and ``empty_classes`` (class folders with no usable image: the class is
+left out). Identical files within one class are kept.
+
+Decoding gives 8-bit RGB whatever the file holds: grey, palette (with or
+without transparency), alpha (composited onto white), 16-bit (scaled by its
+own range), CMYK; the first frame of an animation; EXIF orientation applied.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
-from collections import Counter
+import stat
+import warnings
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,7 +94,7 @@ def open_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except Exception as e:  # PIL raises many types on malformed bytes (OSError, SyntaxError, struct.error, ...)
         raise DataError(f"Cannot decode image {path}: {e}. Remove or replace the file.") from e
 
 
@@ -69,11 +103,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         img.load()
         return img
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit grey: scale to 8 bits by the image's own range.
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -82,19 +116,51 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def check_image(path: Path) -> str | None:
-    """Return why `path` cannot be used as an image, or None when it decodes."""
+@dataclass(frozen=True)
+class FileCheck:
+    """What scanning one file found: why it cannot be used (None: it decodes) and its content hash."""
+
+    reason: str | None
+    digest: str | None = None
+
+
+def inspect_image(path: str | Path) -> FileCheck:
+    """Read a file once: check that it is a regular, non-empty, decodable image and hash its bytes."""
     try:
-        with Image.open(path) as img:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return FileCheck("missing")
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return FileCheck("unreadable")
+    if not stat.S_ISREG(st.st_mode):
+        return FileCheck("not a file")  # reading a FIFO would block forever
+    if st.st_size == 0:
+        return FileCheck("empty")
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return FileCheck("unreadable")
+    return FileCheck(_decode_problem(data), hashlib.blake2b(data, digest_size=16).hexdigest())
+
+
+def _decode_problem(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            # Refuse by the header's declared size, before any pixel buffer is allocated.
+            if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                return "too large"
             img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads every byte
             img.load()
-    except FileNotFoundError:
-        return "missing"
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "too large"
-    except (OSError, ValueError, SyntaxError):
-        return "unreadable"
+    except Exception as e:  # PIL raises many types on malformed bytes (OSError, SyntaxError, struct.error, ...)
+        return "truncated" if "truncated" in str(e).lower() else "unreadable"
     return None
+
+
+def check_image(path: str | Path) -> str | None:
+    """Return why `path` cannot be used as an image, or None when it decodes."""
+    return inspect_image(path).reason
 
 
 # --------------------------------------------------------------------------- image sets
@@ -131,11 +197,13 @@ class ImageSet:
 
 
 class FileImages(ImageSet):
-    """Images stored as files; identity is (path, size, mtime)."""
+    """Images stored as files; identity is (path, size, mtime). `digests` are content hashes, when scanned."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], classes: Sequence[str], name: str = "files"):
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], classes: Sequence[str], name: str = "files",
+                 digests: Sequence[str] | None = None):
         super().__init__(labels, classes, name)
         self.paths = [Path(p) for p in paths]
+        self.digests = list(digests) if digests is not None else None
 
     def load(self, i: int) -> Image.Image:
         return open_image(self.paths[i])
@@ -148,7 +216,9 @@ class FileImages(ImageSet):
         return out
 
     def subset(self, indices: Sequence[int]) -> FileImages:
-        return FileImages([self.paths[i] for i in indices], self.labels[list(indices)], self.classes, self.name)
+        idx = [int(i) for i in indices]
+        digests = [self.digests[i] for i in idx] if self.digests is not None else None
+        return FileImages([self.paths[i] for i in idx], self.labels[idx], self.classes, self.name, digests)
 
 
 class ArrayImages(ImageSet):
@@ -198,13 +268,21 @@ class DatasetImages(ImageSet):
 # --------------------------------------------------------------------------- summary and splits
 
 
+WARNING_TEXT = {
+    "duplicates_across_splits": "val/test file(s) identical to a file in an earlier split (kept; their score "
+                                "measures memory, not generalisation)",
+    "empty_classes": "class folder(s) without usable images, left out",
+}
+
+
 @dataclass
 class DataSummary:
-    """What was found and what was skipped, by reason."""
+    """What was found, what was skipped by reason, and warnings that changed nothing, each with its paths."""
 
     source: str
     found: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def n_skipped(self) -> int:
@@ -213,8 +291,11 @@ class DataSummary:
     def skip(self, reason: str, path: str) -> None:
         self.skipped.setdefault(reason, []).append(path)
 
-    def line(self) -> str | None:
-        """One summary line of skipped files, or None when none were skipped."""
+    def warn(self, kind: str, path: str) -> None:
+        self.warnings.setdefault(kind, []).append(path)
+
+    def skipped_line(self) -> str | None:
+        """One line on the skipped files, or None when none were skipped."""
         if not self.n_skipped:
             return None
         reasons = ", ".join(f"{len(v)} {k}" for k, v in sorted(self.skipped.items()))
@@ -222,10 +303,19 @@ class DataSummary:
         more = ", ..." if self.n_skipped > 3 else ""
         return f"Skipped {self.n_skipped} of {self.found} files in {self.source} ({reasons}): {', '.join(first)}{more}"
 
+    def line(self) -> str | None:
+        """Skipped files and warnings, one line each, or None when there is nothing to say."""
+        lines = [self.skipped_line()] if self.n_skipped else []
+        for kind, paths in sorted(self.warnings.items()):
+            more = ", ..." if len(paths) > 3 else ""
+            lines.append(f"Warning: {len(paths)} {WARNING_TEXT.get(kind, kind)}: {', '.join(paths[:3])}{more}")
+        return "\n".join(lines) or None
+
     def to_dict(self) -> dict:
         return {"source": self.source, "found": self.found,
                 "skipped": {k: len(v) for k, v in self.skipped.items()},
-                "first_skipped": [p for v in self.skipped.values() for p in v][:10]}
+                "first_skipped": [p for v in self.skipped.values() for p in v][:10],
+                "warnings": {k: len(v) for k, v in self.warnings.items()}}
 
 
 @dataclass
@@ -302,31 +392,69 @@ def split_stratified(images: ImageSet, split: Sequence[float], seed: int, source
 # --------------------------------------------------------------------------- sources
 
 
-def _scan_files(paths: list[Path], summary: DataSummary, strict: bool, workers: int = 8) -> list[bool]:
-    """Check every file decodes (in threads: PIL releases the GIL); record skips."""
+def _scan_files(paths: list[Path], summary: DataSummary, strict: bool, workers: int = 8) -> list[FileCheck]:
+    """Check every file decodes and hash it (in threads: PIL and hashlib release the GIL); record skips."""
     summary.found += len(paths)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(check_image, paths))
-    for p, r in zip(paths, reasons):
-        if r is not None:
-            summary.skip(r, str(p))
+    with warnings.catch_warnings():
+        # Between 1x and 2x Image.MAX_IMAGE_PIXELS PIL only warns; a scan refuses those files too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            checks = list(pool.map(inspect_image, paths))
+    for p, c in zip(paths, checks):
+        if c.reason is not None:
+            summary.skip(c.reason, str(p))
+    _raise_if_strict(summary, strict)
+    return checks
+
+
+def _raise_if_strict(summary: DataSummary, strict: bool) -> None:
     if strict and summary.n_skipped:
-        raise DataError(f"{summary.line()}. Remove or fix these files, or drop --strict to skip them.")
-    return [r is None for r in reasons]
+        raise DataError(f"{summary.skipped_line()}. Remove or fix these files, or drop --strict to skip them.")
 
 
-def _folder_classes(root: Path) -> list[str]:
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _is_within(inner: str, outer: str) -> bool:
+    return os.path.commonpath([inner, outer]) == outer
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                  and p.is_file() and not p.name.startswith("."))
+def _folder_classes(root: Path, summary: DataSummary) -> list[str]:
+    real_root = os.path.realpath(root)
+    classes = []
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        if _is_within(real_root, os.path.realpath(d)):  # a symlink to the dataset or above it
+            summary.found += 1
+            summary.skip("symlink loop", str(d))
+            continue
+        classes.append(d.name)
+    return classes
+
+
+def _list_images(folder: Path, summary: DataSummary) -> list[Path]:
+    """Image files under `folder`, recursively: hidden entries ignored, symlinked folders followed once."""
+    top = os.path.realpath(folder)
+    seen, found = {top}, []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen or _is_within(top, real):  # already scanned, or an ancestor: a loop
+                summary.found += 1
+                summary.skip("symlink loop", os.path.join(dirpath, d))
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep  # os.walk descends only into these
+        found.extend(Path(dirpath, f) for f in filenames
+                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+    return sorted(found)
 
 
 def read_image_folder(root: Path, classes: list[str] | None, summary: DataSummary, strict: bool) -> FileImages:
     """Read one folder of class subfolders; `classes` fixes the label order when given."""
-    found = _folder_classes(root)
+    found = _folder_classes(root, summary)
     classes = classes or found
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -334,32 +462,95 @@ def read_image_folder(root: Path, classes: list[str] | None, summary: DataSummar
                         "Every split must use the training split's classes.")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        if (root / name).is_dir():
-            for p in _list_images(root / name):
+        if name in found:
+            for p in _list_images(root / name, summary):
                 paths.append(p)
                 labels.append(label)
-    ok = _scan_files(paths, summary, strict)
-    keep = [i for i, good in enumerate(ok) if good]
-    return FileImages([paths[i] for i in keep], [labels[i] for i in keep], classes, name=str(root))
+    checks = _scan_files(paths, summary, strict)
+    keep = [i for i, c in enumerate(checks) if c.reason is None]
+    return FileImages([paths[i] for i in keep], [labels[i] for i in keep], classes, name=str(root),
+                      digests=[checks[i].digest for i in keep])
+
+
+def drop_conflicting_labels(parts: Sequence[FileImages], summary: DataSummary, strict: bool) -> list[FileImages]:
+    """Skip every copy of a file whose identical bytes carry two different labels, across all `parts`.
+
+    The parts must share one class list (the training split's).
+    """
+    labels_of: dict[str, set[int]] = defaultdict(set)
+    for images in parts:
+        for d, label in zip(images.digests or [], images.labels.tolist()):
+            labels_of[d].add(label)
+    bad = {d for d, labels in labels_of.items() if len(labels) > 1}
+    if not bad:
+        return list(parts)
+    out = []
+    for images in parts:
+        digests = images.digests or []
+        for i in (i for i, d in enumerate(digests) if d in bad):
+            summary.skip("conflicting labels", str(images.paths[i]))
+        out.append(images.subset([i for i, d in enumerate(digests) if d not in bad]))
+    _raise_if_strict(summary, strict)
+    return out
+
+
+def note_cross_split_duplicates(splits: DataSplits) -> None:
+    """Warn about val/test files whose bytes also appear in an earlier split; they stay in."""
+    seen: set[str] = set()
+    for name in SPLIT_NAMES:
+        images = getattr(splits, name)
+        digests = getattr(images, "digests", None)
+        if digests is None:
+            return
+        if name != "train":
+            for p, d in zip(images.paths, digests):
+                if d in seen:
+                    splits.summary.warn("duplicates_across_splits", str(p))
+        seen.update(digests)
 
 
 def read_csv(path: Path, summary: DataSummary, strict: bool, classes: list[str] | None = None) -> FileImages:
-    """Read `path,label` rows; paths are relative to the CSV's folder."""
+    """Read `path,label` rows; paths are relative to the CSV's folder.
+
+    The header is matched without regard to case or surrounding spaces; blank
+    lines are ignored; a row without a path or a label is skipped as an
+    incomplete row, and with `classes` given, a row with another label as an
+    unknown class.
+    """
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
+            rows = list(csv.reader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"Cannot read CSV {path}: {e}") from e
-    if not rows or not {"path", "label"} <= set(rows[0]):
-        cols = sorted(rows[0]) if rows else []
-        raise DataError(f"CSV {path} needs a header with columns 'path' and 'label'; found {cols}. "
+        raise DataError(f"Cannot read CSV {path}: {e}. Save it as UTF-8 text whose first line is: path,label") from e
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if "path" not in header or "label" not in header:
+        raise DataError(f"CSV {path} needs a header with columns 'path' and 'label'; found {header[:10]}. "
                         "Write the first line as: path,label")
-    names = [str(r["label"]).strip() for r in rows]
+    col_path, col_label = header.index("path"), header.index("label")
+    paths, names = [], []
+    for n, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        rel = row[col_path].strip() if col_path < len(row) else ""
+        name = row[col_label].strip() if col_label < len(row) else ""
+        if not rel or not name:
+            summary.found += 1
+            summary.skip("incomplete row", f"{path} row {n}")
+            continue
+        paths.append(path.parent / rel)
+        names.append(name)
     classes = classes or sorted(set(names))
-    paths = [(path.parent / str(r["path"]).strip()) for r in rows]
-    ok = _scan_files(paths, summary, strict)
-    keep = [i for i, good in enumerate(ok) if good and names[i] in classes]
-    return FileImages([paths[i] for i in keep], [classes.index(names[i]) for i in keep], classes, name=str(path))
+    index = {c: i for i, c in enumerate(classes)}
+    checks = _scan_files(paths, summary, strict)
+    keep = []
+    for i, c in enumerate(checks):
+        if c.reason is None and names[i] not in index:
+            summary.skip("unknown class", str(paths[i]))
+        elif c.reason is None:
+            keep.append(i)
+    _raise_if_strict(summary, strict)
+    return FileImages([paths[i] for i in keep], [index[names[i]] for i in keep], classes, name=str(path),
+                      digests=[checks[i].digest for i in keep])
 
 
 def load_digits_images() -> ArrayImages:
@@ -457,8 +648,11 @@ def load_data(source: str | Path, *, split: Sequence[float] = DEFAULT_SPLIT, see
         return _load_named(text.lower(), split, seed, download)
     if path.is_file() and path.suffix.lower() == ".csv":
         summary = DataSummary(str(path))
-        images = read_csv(path, summary, strict)
-        return DataSplits(*split_stratified(_require_usable(images, path), split, seed, str(path)), summary)
+        [images] = drop_conflicting_labels([read_csv(path, summary, strict)], summary, strict)
+        images = _require_usable(images, path, summary)
+        splits = DataSplits(*split_stratified(images, split, seed, str(path)), summary)
+        note_cross_split_duplicates(splits)
+        return splits
     if path.is_dir():
         return _load_folder(path, split, seed, strict)
     choices = list(BUILTIN_DATASETS) + sorted(TORCHVISION_DATASETS)
@@ -481,8 +675,11 @@ def _load_folder(root: Path, split: Sequence[float], seed: int, strict: bool) ->
     summary = DataSummary(str(root))
     given = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
     if "train" in given:
-        train = _require_usable(read_image_folder(given["train"], None, summary, strict), given["train"])
+        train = read_image_folder(given["train"], None, summary, strict)
         parts = {s: read_image_folder(given[s], train.classes, summary, strict) for s in given if s != "train"}
+        train, *rest = drop_conflicting_labels([train, *parts.values()], summary, strict)
+        train = _require_usable(train, given["train"], summary)
+        parts = {s: _with_classes(p, train.classes, given[s]) for s, p in zip(parts, rest)}
         if "val" not in parts or "test" not in parts:
             # Carve the missing split(s) out of train, stratified.
             missing = [s for s in ("val", "test") if s not in parts]
@@ -490,28 +687,56 @@ def _load_folder(root: Path, split: Sequence[float], seed: int, strict: bool) ->
             pieces = split_stratified(train, [f / sum(fracs) for f in fracs], seed, str(given["train"]))
             train = pieces[0]
             parts.update(zip(missing, pieces[1:]))
-        return DataSplits(train, parts["val"], parts["test"], summary)
-    images = _require_usable(read_image_folder(root, None, summary, strict), root)
-    return DataSplits(*split_stratified(images, split, seed, str(root)), summary)
+        splits = DataSplits(train, parts["val"], parts["test"], summary)
+    else:
+        [images] = drop_conflicting_labels([read_image_folder(root, None, summary, strict)], summary, strict)
+        images = _require_usable(images, root, summary)
+        splits = DataSplits(*split_stratified(images, split, seed, str(root)), summary)
+    note_cross_split_duplicates(splits)
+    return splits
 
 
-def _require_usable(images: ImageSet, where: Path) -> ImageSet:
-    """Dataset-level checks: some images, at least two classes, none empty."""
+def _with_classes(images: ImageSet, classes: list[str], where: Path) -> ImageSet:
+    """Relabel `images` to `classes` (a subset of its own); images of any other class are an error."""
+    names = [images.classes[i] for i in np.unique(images.labels)]
+    extra = [c for c in names if c not in classes]
+    if extra:
+        raise DataError(f"{where} has images of class(es) {extra}, which have no usable training images. "
+                        "Add training images for them or remove them from this split.")
+    index = {c: i for i, c in enumerate(classes)}
+    out = images.subset(range(len(images)))
+    out.labels = np.asarray([index[images.classes[v]] for v in images.labels.tolist()], dtype=np.int64)
+    out.classes = list(classes)
+    return out
+
+
+def _require_usable(images: ImageSet, where: Path, summary: DataSummary) -> ImageSet:
+    """Dataset-level checks: some images, at least two classes; classes without images are left out."""
     if len(images) == 0:
-        raise DataError(f"No images found in {where}. Expected one subfolder per class holding "
-                        f"{', '.join(IMAGE_EXTENSIONS[:4])}, ... files (or a CSV with path,label).")
+        raise DataError(_no_images_message(where, summary))
     counts = images.class_counts()
     empty = [c for c, n in counts.items() if n == 0]
+    for c in empty:
+        summary.warn("empty_classes", str(where / c) if where.is_dir() else c)
     if empty:
-        keep = [c for c in images.classes if c not in empty]
-        remap = {images.classes.index(c): i for i, c in enumerate(keep)}
-        images = images.subset(np.flatnonzero(np.isin(images.labels, list(remap))))
-        images.labels = np.asarray([remap[int(v)] for v in images.labels], dtype=np.int64)
-        images.classes = keep
+        images = _with_classes(images, [c for c in images.classes if c not in empty], where)
     if len(images.classes) < 2:
-        raise DataError(f"{where} has {len(images.classes)} class(es) with images ({images.classes}); "
-                        "a classifier needs at least two. Add a folder per class.")
+        raise DataError(f"{where} has {len(images.classes)} class with usable images ({images.classes}); "
+                        "a classifier needs at least two. Add a subfolder (or CSV label) per class, "
+                        "each holding that class's images.")
     return images
+
+
+def _no_images_message(where: Path, summary: DataSummary) -> str:
+    if summary.n_skipped:
+        return (f"No usable images in {where}: {summary.skipped_line()}. "
+                "Replace the broken files with images PIL can open.")
+    loose = where.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in where.iterdir() if p.is_file())
+    if loose:
+        return (f"No images found in class subfolders of {where}, but there are image files directly in it. "
+                f"Move them into one subfolder per class (e.g. {where}/cat/1.jpg).")
+    return (f"No images found in {where}. Expected one subfolder per class holding "
+            f"{', '.join(IMAGE_EXTENSIONS[:4])}, ... files (or a CSV with path,label).")
 
 
 # --------------------------------------------------------------------------- transforms and loaders
@@ -576,9 +801,10 @@ def load_eval_images(source: str | Path, classes: list[str], *, strict: bool = F
         train, test = load_torchvision(text.lower(), cache_dir() / "datasets" / text.lower())
         images = test or train
     elif path.is_file() and path.suffix.lower() == ".csv":
-        images = read_csv(path, summary, strict, classes)
+        [images] = drop_conflicting_labels([read_csv(path, summary, strict, classes)], summary, strict)
     elif path.is_dir():
-        images = read_image_folder(path / "test" if (path / "test").is_dir() else path, classes, summary, strict)
+        folder = path / "test" if (path / "test").is_dir() else path
+        [images] = drop_conflicting_labels([read_image_folder(folder, classes, summary, strict)], summary, strict)
     else:
         raise DataError(f"Data source '{text}' is neither a folder, a .csv file nor a dataset name.")
     if list(images.classes) != list(classes):

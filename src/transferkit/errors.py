@@ -31,6 +31,10 @@ class ModelError(TransferkitError):
     """A backbone or weights file cannot be loaded."""
 
 
+class CacheError(TransferkitError):
+    """The feature cache cannot be written: a full disk, no permission, a read-only file system."""
+
+
 class RunError(TransferkitError):
     """A run directory is missing, incomplete or of an unknown format."""
 

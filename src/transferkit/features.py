@@ -6,10 +6,17 @@ stored as float16 ``.npy`` with a manifest holding the file's sha256, written
 to a temporary folder and renamed into place (atomic), verified on read and
 rebuilt when stale or corrupt. Extraction streams batches into a memory-mapped
 file, so memory stays flat however many images there are.
+
+Processes may share one cache: when two compute the same key at once, the
+first rename wins and the other uses the winner's verified entry. The file's
+disk blocks are reserved before extraction, so a full disk is a
+:class:`~transferkit.errors.CacheError` naming the cache (never a crash
+mid-write), and a failed write leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +31,7 @@ import torch
 from transferkit.backbones import Backbone
 from transferkit.data import ArrayImages, ImageSet, TransformedImages, cache_dir
 from transferkit.engine import autocast, make_progress, to_channels_last
+from transferkit.errors import CacheError
 
 FORMAT = 1
 CUT_POINT = "pre_logits"  # pooled features, what the classifier head sees
@@ -86,30 +94,79 @@ class FeatureCache:
 
 
 class FeatureWriter:
-    """Streams rows into a memory-mapped float16 file in a temporary folder; `commit` renames it in."""
+    """Streams rows into a memory-mapped float16 file in a temporary folder; `commit` renames it in.
+
+    Raises:
+        CacheError: the cache folder cannot be written or its disk is full.
+    """
 
     def __init__(self, cache: FeatureCache, key: str, n: int, dim: int):
         self.cache, self.key = cache, key
-        cache.root.mkdir(parents=True, exist_ok=True)
         self.tmp = cache.root / f".tmp-{key}-{os.getpid()}-{time.time_ns()}"
-        self.tmp.mkdir()
-        self.array = np.lib.format.open_memmap(self.tmp / "features.npy", mode="w+", dtype=np.float16, shape=(n, dim))
+        try:
+            cache.root.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+            data = self.tmp / "features.npy"
+            self.array = np.lib.format.open_memmap(data, mode="w+", dtype=np.float16, shape=(n, dim))
+            _reserve_disk(data)
+        except OSError as e:
+            self.abort()
+            raise cache_failure(e, cache.root) from e
 
     def commit(self, meta: dict) -> np.ndarray:
-        self.array.flush()
-        del self.array
-        data = self.tmp / "features.npy"
-        manifest = {"format": FORMAT, "key": self.key, "sha256": _sha256(data), "created": time.time(), **meta}
-        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        final = self.cache.path(self.key)
+        """Finish the file, write its manifest and rename the folder into place; returns the stored array."""
         try:
-            os.replace(self.tmp, final)
-        except OSError:  # another process committed the same key first: keep theirs
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return np.load(final / "features.npy", mmap_mode="r")
+            self.array.flush()
+            del self.array
+            data = self.tmp / "features.npy"
+            manifest = {"format": FORMAT, "key": self.key, "sha256": _sha256(data), "created": time.time(), **meta}
+            (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        except OSError as e:
+            self.abort()
+            raise cache_failure(e, self.cache.root) from e
+        final = self.cache.path(self.key)
+        for _ in range(2):
+            try:
+                os.replace(self.tmp, final)
+                return np.load(final / "features.npy", mmap_mode="r")
+            except OSError as e:
+                # Renaming onto a non-empty folder fails: another process committed this key first.
+                # Use theirs if it verifies; a corrupt one is removed by `load`, so the second try can rename.
+                failure = e
+                theirs = self.cache.load(self.key)
+                if theirs is not None:
+                    self.abort()
+                    return theirs
+        self.abort()
+        raise cache_failure(failure, self.cache.root) from failure
 
     def abort(self) -> None:
+        self.__dict__.pop("array", None)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _reserve_disk(path: Path) -> None:
+    """Allocate the file's blocks now: a full disk then fails here with ENOSPC, not with SIGBUS mid-write."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: sparse files, best effort
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without fallocate
+            raise
+    finally:
+        os.close(fd)
+
+
+def cache_failure(e: OSError, root: Path) -> CacheError:
+    """A CacheError that says what went wrong writing the cache under `root`, and the ways around it."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CacheError(f"The feature cache is full: no space left on the device holding {root} ({e.strerror}). "
+                          "Free space there, set TRANSFERKIT_CACHE to a folder on a disk with room, or pass "
+                          "--no-cache (cache=False in Python) to compute features without storing them.")
+    return CacheError(f"Cannot write the feature cache at {root}: {e}. Set TRANSFERKIT_CACHE to a writable folder, "
+                      "or pass --no-cache (cache=False in Python).")
 
 
 def default_workers(images: ImageSet) -> int:

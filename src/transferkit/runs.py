@@ -95,13 +95,46 @@ def save_run(out: Path, model: nn.Module, meta: dict, history: list[dict] | None
     write_json(out / META_FILE, {"format_version": FORMAT_VERSION, **meta, "versions": library_versions()})
 
 
+def check_writable_dir(path: Path) -> None:
+    """Fail early, before any training, when a run directory cannot be written at `path`.
+
+    Nothing is created: a temporary file is opened (and vanishes) in `path` or
+    its nearest existing parent, where the run directory would be made.
+
+    Raises:
+        RunError: `path` is a file, lies under a file, or its folder refuses writes.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"Cannot write a run directory at {path}: it is a file. Choose another folder with --out.")
+    existing = path
+    while not existing.exists():  # also False below a file (ENOTDIR)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"Cannot create run directory {path}: {existing} is a file, not a folder. "
+                       "Choose another folder with --out.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise RunError(f"Cannot write run directory {path}: {existing} does not accept new files ({e.strerror}). "
+                       "Choose a folder you can write to with --out.") from e
+
+
 def validate_meta(meta: object, where: Path) -> dict:
-    """Check a transferkit.json: a mapping, a known format version and the required fields with their types."""
+    """Check a transferkit.json: a mapping, a known format version and the required fields with their types.
+
+    What loading reads from the file is checked here, so a damaged or hand-edited file
+    gives a RunError rather than a failure further in.
+    """
+    from transferkit.errors import UsageError
+    from transferkit.strategies import parse_strategy
+
     if not isinstance(meta, dict):
         raise RunError(f"{where} is not a JSON object. The run directory is damaged; fit again.")
     version = meta.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise RunError(f"{where} has no integer format_version (got {version!r}); it was not written by transferkit.")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RunError(f"{where} has no integer format_version >= 1 (got {version!r}); it was not written by transferkit.")
     if version > FORMAT_VERSION:
         raise RunError(f"{where} has format version {version}; this transferkit reads up to {FORMAT_VERSION}. "
                        "Upgrade transferkit: pip install -U transferkit")
@@ -109,11 +142,20 @@ def validate_meta(meta: object, where: Path) -> dict:
         if not isinstance(meta.get(name), typ):
             raise RunError(f"{where} lacks field '{name}' of type {typ.__name__} (got {type(meta.get(name)).__name__}). "
                            "The run did not finish or the file was edited; fit again.")
-    backbone = meta["backbone"]
-    if not isinstance(backbone.get("arch"), str) or not all(isinstance(c, str) for c in meta["classes"]):
-        raise RunError(f"{where}: backbone.arch must be a string and classes a list of strings.")
-    if len(meta["classes"]) < 1:
-        raise RunError(f"{where}: classes is empty.")
+    backbone, classes = meta["backbone"], meta["classes"]
+    if not isinstance(backbone.get("arch"), str) or not isinstance(backbone.get("name", ""), str):
+        raise RunError(f"{where}: backbone.arch (and backbone.name, if given) must be strings; got {backbone!r:.200}.")
+    if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise RunError(f"{where}: classes must be a non-empty list of strings, none repeated; got {classes!r:.200}.")
+    size = meta["data_config"].get("input_size", [3, 1, 1])
+    if not (isinstance(size, list) and len(size) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise RunError(f"{where}: data_config.input_size must be three positive integers; got {size!r:.200}.")
+    spec = meta["strategy"].get("spec", "feature-extraction")
+    try:
+        parse_strategy(spec)
+    except UsageError as e:
+        raise RunError(f"{where}: strategy.spec {spec!r:.100} is not a strategy ({e})") from e
     return meta
 
 

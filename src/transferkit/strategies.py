@@ -102,7 +102,8 @@ def parse_strategy(spec: str) -> Strategy:
     if arg in ("", "all"):
         return Strategy("finetune", None)
     key, _, value = arg.partition("=")
-    if key != "last" or not value.isdigit() or int(value) < 1:
+    # ASCII digits only: str.isdigit() accepts '²', which int() rejects; 9 digits bounds int()'s work.
+    if key != "last" or not (value.isascii() and value.isdigit() and len(value) <= 9) or int(value) < 1:
         raise UsageError(f"Bad fine-tuning spec '{spec}': write finetune:last=N with N >= 1, or finetune:all.")
     return Strategy("finetune", int(value))
 
