@@ -132,7 +132,7 @@ def render_fit(clf, out_dir: Path) -> None:
 @app.command()
 @handles_errors
 def predict(
-    run: Annotated[Path, typer.Argument(help="A run directory written by fit.")],
+    run: Annotated[Path, typer.Argument(help="A run directory written by fit, or a .onnx file written by export.")],
     files: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -143,7 +143,12 @@ def predict(
     from transferkit.data import check_image
     from transferkit.errors import DataError
 
-    clf = ImageClassifier.load(run, progress=False, device=device)
+    if run.suffix == ".onnx" and run.is_file():
+        from transferkit.export import OnnxClassifier
+
+        clf = OnnxClassifier.load(run, device=device)
+    else:
+        clf = ImageClassifier.load(run, progress=False, device=device)
     bad = [(f, r) for f in files if (r := check_image(f))]
     if bad:
         raise DataError(f"Cannot read {len(bad)} file(s): " + ", ".join(f"{f} ({r})" for f, r in bad[:5]))
@@ -296,6 +301,29 @@ def render_comparison(c) -> None:
         out.print(c.crossover())
     if c.baseline:
         out.print(pretraining_sentence(c))
+
+
+@app.command()
+@handles_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="A run directory written by fit.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx (opset 18, dynamic batch axis) or torchscript.")] = "onnx",
+    out_file: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: RUN/model.onnx or "
+                                                  "RUN/model.torchscript.pt).")] = None,
+) -> None:
+    """Export a run's model (fp32) to ONNX or TorchScript, checked to reproduce its outputs, with its preprocessing."""
+    from transferkit.export import export_run
+
+    render_export(export_run(run, fmt, out_file))
+
+
+def render_export(result) -> None:
+    parity = ", ".join(f"batch {n} {d:.2e}" for n, d in result.parity.items())
+    out.print(f"Exported {result.format} with {result.method} to {result.path} ({result.seconds:.1f} s)")
+    out.print(f"Parity with PyTorch, max |logit difference|: {parity} (tolerance {result.tolerance:.0e})")
+    out.print(f"Preprocessing and classes: {result.preprocess_path}")
+    if result.format == "onnx":
+        out.print(f"Predict with: transferkit predict {result.path} IMAGE...")
 
 
 def main() -> None:

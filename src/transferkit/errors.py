@@ -39,6 +39,10 @@ class RunError(TransferkitError):
     """A run directory is missing, incomplete or of an unknown format."""
 
 
+class ExportError(TransferkitError):
+    """A model cannot be exported, or the exported file does not reproduce the PyTorch model's outputs."""
+
+
 class NotFittedError(TransferkitError, AttributeError):
     """A method that needs a fitted model was called before `fit`."""
 
