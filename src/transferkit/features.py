@@ -176,7 +176,6 @@ def default_workers(images: ImageSet) -> int:
     return min(4, os.cpu_count() or 1)
 
 
-@torch.inference_mode()
 def extract_features(backbone: Backbone, images: ImageSet, transform, *, device: torch.device,
                      dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
                      out: np.ndarray | None = None, progress: bool = True, label: str = "features") -> np.ndarray:
@@ -188,7 +187,9 @@ def extract_features(backbone: Backbone, images: ImageSet, transform, *, device:
                                          num_workers=default_workers(images) if workers is None else workers)
     out = np.zeros((len(images), backbone.num_features), np.float16) if out is None else out
     start = 0
-    with make_progress(progress) as bar:
+    # inference_mode only around the loop: converting the model inside it would turn its
+    # parameters into inference tensors that fine-tuning can no longer train.
+    with make_progress(progress) as bar, torch.inference_mode():
         task = bar.add_task(f"extract {label}", total=len(images), info="")
         for x, _, _ in loader:
             with autocast(device, dtype):

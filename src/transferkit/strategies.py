@@ -141,4 +141,4 @@ def plan_phases(strategy: Strategy, epochs: int | None, head_epochs: int | None,
 
 
 DEFAULT_HEAD_EPOCHS = 30
-DEFAULT_FINETUNE_EPOCHS = 8
+DEFAULT_FINETUNE_EPOCHS = 5
