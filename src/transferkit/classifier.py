@@ -50,7 +50,17 @@ from transferkit.errors import NotFittedError, RunError, UsageError, did_you_mea
 from transferkit.evaluate import metrics
 from transferkit.features import FeatureCache, cached_features, default_workers
 from transferkit.runs import LoadedRun, load_run, save_run, write_atomic, write_json
-from transferkit.strategies import BN_POLICIES, Phase, Strategy, parse_strategy, plan_phases
+from transferkit.strategies import (
+    AUTO_CANDIDATE,
+    BN_POLICIES,
+    AutoDecision,
+    Phase,
+    Strategy,
+    decide_after_trial,
+    decide_before_trial,
+    parse_strategy,
+    plan_phases,
+)
 
 
 class ImageClassifier:
@@ -74,7 +84,7 @@ class ImageClassifier:
         Other keyword arguments are :class:`transferkit.engine.TrainConfig` fields.
     """
 
-    def __init__(self, model: str = bbs.DEFAULT_BACKBONE, *, strategy: str = "feature-extraction",
+    def __init__(self, model: str = bbs.DEFAULT_BACKBONE, *, strategy: str = "auto",
                  weights: str | Path | None = None, image_size: int | None = None, bn: str = "all-frozen",
                  split: Sequence[float] = DEFAULT_SPLIT, strict: bool = False, cache: bool = True,
                  checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True, **train):
@@ -110,14 +120,25 @@ class ImageClassifier:
         train_dtype = resolve_precision(cfg.precision, device, training=True)
         bb = bbs.load_backbone(self.model, len(splits.classes), weights=self.weights)
         data_config = resolve_data_config(bb.data_config, self.image_size, splits.train.preprocess_hint)
-        if strategy.kind == "auto":
-            raise UsageError("strategy 'auto' is not available yet; choose feature-extraction.")
-        phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(bb.blocks))
         checkpoints = Checkpoints(Path(self.checkpoint_dir), self._fingerprint(strategy, cfg, splits)) \
             if self.checkpoint_dir is not None else None
         trainer = _Trainer(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress, checkpoints,
                            train_dtype)
+        self.decision_, trial = None, False
+        if strategy.kind == "auto":
+            self.decision_ = trainer.decide_auto_early()
+            trial = self.decision_ is None
+            strategy = AUTO_CANDIDATE if trial else self.decision_.strategy
+        phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(bb.blocks))
         results = trainer.run_all(phases, resume=self.resume)
+        if trial:
+            self.decision_ = decide_after_trial(trainer.min_per_class(), results[0].best_val_acc, results[-1].best_val_acc,
+                                                results[0].seconds, sum(r.seconds for r in results))
+            if self.decision_.strategy != strategy:  # keep the probe: back to pretrained weights, refit the head
+                strategy = self.decision_.strategy
+                bb = trainer.bb = bbs.load_backbone(self.model, len(splits.classes), weights=self.weights)
+                phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(bb.blocks))
+                results = trainer.run_all(phases)
         test_logits = trainer.test_logits(phases[-1])
 
         self.backbone_ = bb
@@ -213,7 +234,8 @@ class ImageClassifier:
             "classes": self.classes_,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config_.items()},
             "strategy": {"spec": self.strategy_.spec, "requested": self.strategy, "bn": self.bn,
-                         "phases": getattr(self, "phases_", [])},
+                         "phases": getattr(self, "phases_", []),
+                         "auto": self.decision_.to_dict() if getattr(self, "decision_", None) else None},
             "training": self.config_.to_dict() if hasattr(self, "config_") else {},
             "feature_cache": getattr(self, "feature_cache_", {}),
             "data": self.data_summary_.to_dict() if hasattr(self, "data_summary_") else {},
@@ -425,6 +447,14 @@ class _Trainer:
                          warmup_epochs=phase.warmup_epochs, on_epoch_start=on_epoch_start, train_mode=train_mode,
                          on_epoch_end=on_epoch_end, resume=resume, class_weights=self._class_weights(),
                          progress=self.progress)
+
+    def min_per_class(self) -> int:
+        return int(np.bincount(self.splits.train.labels).min())
+
+    def decide_auto_early(self) -> AutoDecision | None:
+        """`auto` from examples per class and the probe (cached features, seconds); None: a trial must decide."""
+        probe = self._run_head_on_features(Phase("head", 0, 1, on_features=True, solver="lbfgs"))
+        return decide_before_trial(self.min_per_class(), probe.best_val_acc)
 
     def test_logits(self, last: Phase) -> np.ndarray:
         if last.on_features:

@@ -21,7 +21,8 @@ from transferkit.errors import TransferkitError
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Adapt a pretrained model to your labelled images: transfer learning (feature extraction) "
                        "or fine-tuning, measured on your data.")
-out = Console(soft_wrap=True)
+# Pipes and CI logs get a wide fixed width so tables are not squeezed into 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 
@@ -60,8 +61,9 @@ def fit(
                                              "present), a CSV of path,label, 'digits', or a torchvision name (cifar10).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")] = Path("runs/latest"),
     model: Model = "efficientnet_lite0",
-    strategy: Annotated[str, typer.Option("--strategy", "-s", help="feature-extraction (frozen backbone, head on cached "
-                                          "features), finetune:last=N, finetune:all, lp-ft or gradual.")] = "feature-extraction",
+    strategy: Annotated[str, typer.Option("--strategy", "-s", help="auto (measures, chooses and says why), "
+                                          "feature-extraction (frozen backbone, head on cached features), "
+                                          "finetune:last=N, finetune:all, lp-ft or gradual.")] = "auto",
     weights: Annotated[str | None, typer.Option(help="Local .safetensors/.pth weights, or 'none' for random init.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs (image phases).")] = None,
     head_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of the head on cached features.")] = None,
@@ -122,6 +124,8 @@ def render_fit(clf, out_dir: Path) -> None:
     out.print(f"Backbone: {clf.backbone_.spec.name} ({clf.backbone_.load_report})")
     if clf.feature_cache_:
         out.print("Feature cache: " + ", ".join(f"{k} {v}" for k, v in clf.feature_cache_.items()))
+    if clf.decision_:
+        out.print(f"auto chose [bold]{clf.decision_.strategy.spec}[/]: {clf.decision_.reason}")
     test = clf.metrics_["test"]
     out.print(f"Strategy {clf.strategy_.spec}: test accuracy [bold]{test['accuracy']:.4f}[/], "
               f"macro-F1 {test['macro_f1']:.4f}, val accuracy {clf.metrics_['val_accuracy']:.4f}, "

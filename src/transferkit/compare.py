@@ -27,8 +27,24 @@ from transferkit.strategies import parse_strategy
 DEFAULT_STRATEGIES = ("feature-extraction", "finetune:last=2", "finetune:all", "lp-ft")
 
 
+def _return_free_memory() -> None:
+    """Hand freed heap back to the OS (glibc), so one strategy's growth is not hidden by the last one's leftovers."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
-    """Peak resident memory (MiB) above the level at start, sampled every 20 ms; CUDA peak on GPU."""
+    """Peak resident memory (MiB) above the level at start, sampled every 20 ms; CUDA peak on GPU.
+
+    On CPU this is the growth of the process's RSS while a strategy runs: what it
+    allocated beyond what was already resident (the loaded libraries, the data).
+    """
 
     def __init__(self, device: str = "cpu"):
         self.cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -40,6 +56,7 @@ class PeakMemory:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self) -> PeakMemory:
+        _return_free_memory()
         self.start, self.peak, self._stop = self.rss(), 0, threading.Event()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()

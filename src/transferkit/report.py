@@ -23,12 +23,12 @@ th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.verdict{fon
 padding:.6em 1em;border-left:4px solid #3a3}img{max-width:100%;border:1px solid #eee}.grid{display:flex;
 flex-wrap:wrap;gap:1em}.grid figure{margin:0;width:48%}pre{background:#f7f7f7;padding:1em;overflow-x:auto}"""
 
-COLUMNS = ("strategy", "trainable params", "epochs", "train time", "peak memory", "val acc", "test acc", "macro-F1")
+COLUMNS = ("strategy", "trainable params", "epochs", "train time", "peak memory +", "val acc", "test acc", "macro-F1")
 
 
 def table_rows(results: list[StrategyResult]) -> list[list[str]]:
     """The comparison table as strings, one list per strategy (same columns as COLUMNS)."""
-    return [[r.label, f"{r.trainable_params:,} ({r.trainable_share:.1%})", str(r.epochs), f"{r.seconds:.1f} s",
+    return [[r.label, f"{r.trainable_params:,} ({r.trainable_share:.1%})", str(r.epochs) if r.epochs else "probe", f"{r.seconds:.1f} s",
              f"{r.peak_memory_mib:.0f} MiB", f"{r.val_accuracy:.4f}", f"{r.test_accuracy:.4f}", f"{r.macro_f1:.4f}"]
             for r in results]
 
@@ -119,8 +119,14 @@ def _html_table(header, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+# Each image counts itself into <body data-loaded / data-failed> once decoded: a browser
+# (or the CI test in headless Chromium) can see the page rendered every plot.
+_COUNT = "var d=document.body.dataset;d.{0}=(+d.{0}||0)+1"
+
+
 def _img(b64: str, alt: str) -> str:
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    return (f'<figure><img alt="{html.escape(alt)}" onload="{_COUNT.format("loaded")}" onerror="{_COUNT.format("failed")}" '
+            f'src="data:image/png;base64,{b64}"><figcaption>{html.escape(alt)}</figcaption></figure>')
 
 
 def _per_class_rows(metrics: dict) -> list[list[str]]:

@@ -142,3 +142,64 @@ def plan_phases(strategy: Strategy, epochs: int | None, head_epochs: int | None,
 
 DEFAULT_HEAD_EPOCHS = 30
 DEFAULT_FINETUNE_EPOCHS = 5
+
+
+# --------------------------------------------------------------------------- auto
+
+AUTO_MIN_PER_CLASS = 5  # below this, fine-tuning's validation gain is noise
+AUTO_PROBE_CEILING = 0.995  # frozen features already separate the validation set
+AUTO_MIN_GAIN = 0.01  # fine-tuning must beat the probe by a point on validation to be kept
+
+
+@dataclass(frozen=True)
+class AutoDecision:
+    """What `auto` chose, the measurements it used and why, in words."""
+
+    strategy: Strategy
+    reason: str
+    measurements: dict
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.strategy.spec, "reason": self.reason, "measurements": self.measurements}
+
+
+def decide_before_trial(per_class: int, probe_val: float) -> AutoDecision | None:
+    """Decide from examples per class and the probe alone, or None when a fine-tuning trial must decide.
+
+    Starts from the seed's when-to-use table: little data, or a task the frozen
+    features already solve, means feature extraction.
+    """
+    fe = Strategy("feature-extraction")
+    if per_class < AUTO_MIN_PER_CLASS:
+        return AutoDecision(fe, f"only {per_class} training examples in the smallest class (< {AUTO_MIN_PER_CLASS}): "
+                                "too little data to fine-tune reliably, so the backbone stays frozen.",
+                            {"min_examples_per_class": per_class, "probe_val_acc": probe_val})
+    if probe_val >= AUTO_PROBE_CEILING:
+        return AutoDecision(fe, f"the frozen features already reach {probe_val:.1%} validation accuracy "
+                                f"(>= {AUTO_PROBE_CEILING:.1%}): fine-tuning has nothing to gain.",
+                            {"min_examples_per_class": per_class, "probe_val_acc": probe_val})
+    return None
+
+
+AUTO_CANDIDATE = Strategy("lp-ft")  # the most robust fine-tune across data sizes measured (Kumar et al. 2022)
+
+
+def decide_after_trial(per_class: int, probe_val: float, tuned_val: float, probe_seconds: float,
+                       tuned_seconds: float) -> AutoDecision:
+    """Keep the fine-tuned model when it beats the probe on validation by AUTO_MIN_GAIN, else the probe.
+
+    The trial is the candidate's own run, warm-started from the probe, so
+    choosing fine-tuning costs nothing extra and choosing the probe costs one run.
+    """
+    gain = tuned_val - probe_val
+    numbers = {"min_examples_per_class": per_class, "probe_val_acc": probe_val, "trial_strategy": AUTO_CANDIDATE.spec,
+               "trial_val_acc": tuned_val, "probe_seconds": round(probe_seconds, 2),
+               "trial_seconds": round(tuned_seconds, 2)}
+    if gain >= AUTO_MIN_GAIN:
+        return AutoDecision(AUTO_CANDIDATE, f"{AUTO_CANDIDATE.spec} reaches {tuned_val:.1%} validation accuracy vs "
+                                            f"{probe_val:.1%} for the frozen-feature probe (+{gain * 100:.1f} points with "
+                                            f"{per_class}+ examples per class): the features are worth adapting.", numbers)
+    return AutoDecision(Strategy("feature-extraction"),
+                        f"{AUTO_CANDIDATE.spec} reaches {tuned_val:.1%} vs {probe_val:.1%} for the probe "
+                        f"({gain * 100:+.1f} points, under the {AUTO_MIN_GAIN * 100:.0f}-point bar): feature "
+                        f"extraction is as good here at a fraction of the cost.", numbers)

@@ -1,0 +1,143 @@
+"""compare, reports and auto: on a tiny generated folder, in real headless Chromium, and on the digits demo."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli, write_folder
+from transferkit import ImageClassifier
+from transferkit.compare import compare
+from transferkit.data import DataSplits, load_data, subsample_per_class
+from transferkit.strategies import AUTO_CANDIDATE, Strategy, decide_after_trial, decide_before_trial
+
+
+@pytest.fixture(scope="module")
+def tiny_compare(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    data = write_folder(root / "colours", per_class=10)
+    proc = run_cli("compare", str(data), "--strategies", "feature-extraction,finetune:last=1", "--epochs", "1",
+                   "--image-size", "32", "--batch-size", "8", "--out", str(root / "out"), "-q")
+    return root / "out", proc
+
+
+def test_compare_prints_the_table_and_json_holds_every_number(tiny_compare):
+    out, proc = tiny_compare
+    data = json.loads((out / "compare.json").read_text())
+    assert [r["strategy"] for r in data["results"]] == ["feature-extraction", "finetune:last=1"]
+    assert data["winner"] in ("feature-extraction", "finetune:last=1") and data["verdict"] in proc.stdout
+    for r in data["results"]:
+        shown = [f"{r['trainable_params']:,}", f"{r['trainable_share']:.1%}", f"{r['seconds']:.1f} s",
+                 f"{r['peak_memory_mib']:.0f} MiB", f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}",
+                 f"{r['macro_f1']:.4f}"]
+        for text in shown:
+            assert text in proc.stdout, text
+    fe, ft = data["results"]
+    assert fe["trainable_params"] == 3 * 1280 + 3  # the head only
+    assert ft["trainable_params"] > fe["trainable_params"] and 0 < ft["trainable_share"] < 1
+    assert data["machine"]["cores"] >= 1 and "torch" in data["machine"]
+    assert (out / "report.md").read_text().count("|") > 20
+
+
+def test_report_html_is_self_contained(tiny_compare):
+    out, _ = tiny_compare
+    page = (out / "report.html").read_text()
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", page)  # no network resource at all
+    assert page.count("data:image/png;base64,") >= 3  # accuracy-vs-time + one confusion matrix per strategy
+
+
+def _chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None and not os.environ.get("CI"):
+        pytest.skip("chromium is not installed here (.ci/run installs it)")
+    assert path, "CI must install Debian's chromium (see .ci/run)"
+    return path
+
+
+def test_report_renders_in_headless_chromium(tiny_compare, tmp_path):
+    out, _ = tiny_compare
+    browser = _chromium()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=5000", "--enable-logging=stderr", "--v=0"]
+    url = (out / "report.html").as_uri()
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    n_images = (out / "report.html").read_text().count("<img ")
+    assert f'data-loaded="{n_images}"' in dom.stdout, dom.stderr[-2000:]
+    assert "data-failed" not in dom.stdout
+    assert "Failed to load resource" not in dom.stderr
+    assert "<table>" in dom.stdout and "feature-extraction" in dom.stdout
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, "--window-size=1200,1600", f"--screenshot={shot}", url], capture_output=True,
+                   timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 10  # not a blank page
+    assert (pixels < 100).mean() > 0.005  # dark text, lines and plot marks are drawn
+
+
+def test_fit_writes_its_own_report(image_folder, tmp_path):
+    run_cli("fit", str(image_folder), "--strategy", "feature-extraction", "--image-size", "32", "--out",
+            str(tmp_path / "r"), "-q")
+    for name in ("report.html", "confusion.png", "curves.png"):
+        assert (tmp_path / "r" / name).stat().st_size > 1000
+    assert Image.open(tmp_path / "r" / "confusion.png").size[0] > 100
+
+
+def test_auto_rules_in_words_and_numbers():
+    few = decide_before_trial(per_class=3, probe_val=0.7)
+    assert few.strategy == Strategy("feature-extraction") and "only 3 training examples" in few.reason
+    solved = decide_before_trial(per_class=50, probe_val=0.998)
+    assert solved.strategy == Strategy("feature-extraction") and "99.8%" in solved.reason
+    assert decide_before_trial(per_class=50, probe_val=0.9) is None
+    tuned = decide_after_trial(50, 0.90, 0.95, 1.0, 20.0)
+    assert tuned.strategy == AUTO_CANDIDATE and "+5.0 points" in tuned.reason
+    kept = decide_after_trial(50, 0.90, 0.905, 1.0, 20.0)
+    assert kept.strategy == Strategy("feature-extraction") and kept.measurements["trial_val_acc"] == 0.905
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", seed=0)
+
+
+def _within(auto: ImageClassifier, results) -> tuple[float, float]:
+    best = max(r.test_accuracy for r in results)
+    return auto.metrics_["test"]["accuracy"], best
+
+
+def test_fine_tuning_beats_feature_extraction_on_digits_and_auto_matches_the_best(digits, tmp_path):
+    c = compare(digits, data_name="digits", model="efficientnet_lite0", strategies=["feature-extraction", "lp-ft"],
+                settings={"progress": False})
+    fe, lpft = c.results
+    print(f"digits 64px: feature-extraction {fe.test_accuracy:.4f}, lp-ft {lpft.test_accuracy:.4f}")
+    assert fe.test_accuracy >= 0.94
+    assert lpft.test_accuracy >= fe.test_accuracy + 0.01
+    assert "lp-ft is" in c.verdict() and "more accurate than feature-extraction" in c.verdict()
+    auto = ImageClassifier(progress=False).fit(digits)
+    acc, best = _within(auto, c.results)
+    print(f"auto chose {auto.decision_.strategy.spec}: {acc:.4f} (best measured {best:.4f})")
+    assert acc >= best - 0.01
+    auto.save(tmp_path / "auto")
+    meta = json.loads((tmp_path / "auto" / "transferkit.json").read_text())
+    assert meta["strategy"]["requested"] == "auto" and meta["strategy"]["auto"]["reason"]
+    assert meta["strategy"]["auto"]["measurements"]["probe_val_acc"] > 0.9
+
+
+def test_small_data_fine_tuning_does_not_collapse_and_auto_matches_the_best(digits):
+    small = DataSplits(subsample_per_class(digits.train, 10, 0), digits.val, digits.test, digits.summary)
+    assert len(small.train) == 100
+    c = compare(small, data_name="digits@10", model="efficientnet_lite0",
+                strategies=["feature-extraction", "lp-ft", "finetune:all"], settings={"progress": False})
+    fe, lpft, ft = c.results
+    print(f"digits 10/class: feature-extraction {fe.test_accuracy:.4f}, lp-ft {lpft.test_accuracy:.4f}, "
+          f"finetune:all {ft.test_accuracy:.4f}")
+    assert lpft.test_accuracy >= fe.test_accuracy - 0.02
+    assert ft.test_accuracy >= fe.test_accuracy - 0.02
+    auto = ImageClassifier(progress=False).fit(small)
+    acc, best = _within(auto, c.results)
+    print(f"auto chose {auto.decision_.strategy.spec}: {acc:.4f} (best measured {best:.4f})")
+    assert acc >= best - 0.01
