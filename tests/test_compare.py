@@ -141,3 +141,23 @@ def test_small_data_fine_tuning_does_not_collapse_and_auto_matches_the_best(digi
     acc, best = _within(auto, c.results)
     print(f"auto chose {auto.decision_.strategy.spec}: {acc:.4f} (best measured {best:.4f})")
     assert acc >= best - 0.01
+
+
+def test_learning_curve_crossover_and_scratch_baseline(tmp_path):
+    from transferkit.report import write_comparison
+
+    splits = load_data(write_folder(tmp_path / "colours", per_class=12), seed=0)
+    settings = {"image_size": 32, "epochs": 1, "batch_size": 8, "progress": False, "precision": "fp32"}
+    c = compare(splits, data_name="colours", model="efficientnet_lite0",
+                strategies=["feature-extraction", "finetune:last=1"], fractions=[0.5, 1.0], baseline="scratch",
+                settings=settings)
+    assert len(c.curve) == 4  # 2 strategies x (0.5, full)
+    assert sorted({r.train_per_class for r in c.curve}) == [4.0, 8.0]  # 50% and all of 8 training images per class
+    assert "feature extraction" in c.crossover() or "overtakes" in c.crossover()
+    assert c.baseline is not None and c.baseline.label.startswith("scratch")
+    paths = write_comparison(c, tmp_path / "out")
+    data = json.loads(paths["json"].read_text())
+    assert len(data["learning_curve"]) == 4 and data["crossover"] == c.crossover()
+    assert data["baseline"]["test_accuracy"] == c.baseline.test_accuracy
+    page = paths["html"].read_text()
+    assert "Learning curves" in page and "Value of pretraining" in page
