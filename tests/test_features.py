@@ -53,3 +53,28 @@ def test_key_changes_with_weights_preprocessing_inputs_and_cut(setup):
     assert feature_key(bb, cfg, "bfloat16", ids) != base
     assert feature_key(bb, cfg, "float32", ids[:-1]) != base
     assert feature_key(bb, cfg, "float32", ids, cut="blocks.5") != base
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_features(setup, capsys):
+    """No GPU here: a backbone that raises torch's real OutOfMemoryError above 8 images stands in for one."""
+    from transferkit.features import extract_features
+
+    bb, images, cfg = setup
+    kw = dict(device=torch.device("cpu"), dtype=None, progress=False, batch_size=32)
+    expected = extract_features(bb, images, make_transform(cfg), **kw)
+    real = bb.features
+
+    def small_memory(x):
+        if len(x) > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x)
+
+    bb.features = small_memory
+    try:
+        got = extract_features(bb, images, make_transform(cfg), **kw)
+    finally:
+        bb.features = real
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), atol=2e-3)
+    log = capsys.readouterr().err
+    assert "out of memory at batch size 32: halving to 16" in log and "halving to 8" in log
+    assert log.count("halving") == 2  # the smaller size sticks for the following batches

@@ -35,6 +35,10 @@ class CacheError(TransferkitError):
     """The feature cache cannot be written: a full disk, no permission, a read-only file system."""
 
 
+class ResourceError(TransferkitError):
+    """The machine ran out of something (device memory) that a smaller setting would avoid."""
+
+
 class RunError(TransferkitError):
     """A run directory is missing, incomplete or of an unknown format."""
 

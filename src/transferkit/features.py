@@ -30,8 +30,8 @@ import torch
 
 from transferkit.backbones import Backbone
 from transferkit.data import ArrayImages, ImageSet, TransformedImages, cache_dir
-from transferkit.engine import autocast, make_progress, to_channels_last
-from transferkit.errors import CacheError
+from transferkit.engine import autocast, console, make_progress, to_channels_last
+from transferkit.errors import CacheError, ResourceError
 
 FORMAT = 1
 CUT_POINT = "pre_logits"  # pooled features, what the classifier head sees
@@ -191,13 +191,37 @@ def extract_features(backbone: Backbone, images: ImageSet, transform, *, device:
     # parameters into inference tensors that fine-tuning can no longer train.
     with make_progress(progress) as bar, torch.inference_mode():
         task = bar.add_task(f"extract {label}", total=len(images), info="")
+        chunk = batch_size  # shrinks on GPU out-of-memory and stays shrunk
         for x, _, _ in loader:
-            with autocast(device, dtype):
-                f = backbone.features(to_channels_last(x.to(device)))
-            out[start:start + len(x)] = f.float().cpu().numpy().astype(np.float16)
-            start += len(x)
+            for i in range(0, len(x), chunk):
+                f, chunk = _features_fitting_memory(backbone, x[i:i + chunk], device, dtype)
+                out[start:start + len(f)] = f
+                start += len(f)
             bar.update(task, advance=len(x))
     return out
+
+
+def _features_fitting_memory(backbone: Backbone, x: torch.Tensor, device: torch.device,
+                             dtype: torch.dtype | None) -> tuple[np.ndarray, int]:
+    """Features of one batch; on CUDA out-of-memory, halve the batch and retry (said in the log).
+
+    Returns the features and the batch size that worked.
+    """
+    try:
+        with autocast(device, dtype):
+            f = backbone.features(to_channels_last(x.to(device)))
+        return f.float().cpu().numpy().astype(np.float16), len(x)
+    except torch.OutOfMemoryError as e:
+        if len(x) == 1:
+            raise ResourceError(f"Out of {device} memory with a single image ({e}). Use a smaller --image-size, "
+                                "another backbone or --device cpu.") from e
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(x) // 2
+        console.log(f"[yellow]{device} out of memory at batch size {len(x)}: halving to {half} and retrying[/]")
+        first, size = _features_fitting_memory(backbone, x[:half], device, dtype)
+        rest = [_features_fitting_memory(backbone, x[i:i + size], device, dtype)[0] for i in range(half, len(x), size)]
+        return np.concatenate([first, *rest]), size
 
 
 def cached_features(backbone: Backbone, images: ImageSet, transform, data_config: dict, *, cache: FeatureCache,
