@@ -166,3 +166,18 @@ def test_resume_with_other_options_is_refused(tmp_path):
     other = [a if a != "finetune:last=1" else "finetune:last=2" for a in args] + ["--resume"]
     proc = subprocess.run(other, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "different run" in proc.stderr and "strategy" in proc.stderr
+
+
+def test_augmentation_levels_and_a_fit_with_light_augmentation(tiny_splits):
+    from transferkit.data import make_transform
+
+    cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+    light, strong = repr(make_transform(cfg, "light")), repr(make_transform(cfg, "strong"))
+    assert "RandomResizedCrop" in light and "RandomHorizontalFlip" not in light  # digits and text must not flip
+    assert "RandomHorizontalFlip" in strong and "RandomErasing" in strong
+    assert "RandomResizedCrop" not in repr(make_transform(cfg))  # evaluation never augments
+    with pytest.raises(UsageError, match="Did you mean: light"):
+        make_transform(cfg, "lihgt")
+    clf = ImageClassifier(strategy="finetune:last=1", augment="light", **TINY).fit(tiny_splits)
+    assert all(np.isfinite(r["train_loss"]) for r in clf.history_)
+    assert clf.metrics_["test"]["accuracy"] >= 0.6
