@@ -138,3 +138,18 @@ def test_cifar10_through_torchvision_real_loader(monkeypatch):
     assert len(splits.test) == 30 and len(splits.train) + len(splits.val) == 100
     img = splits.train.load(0)
     assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_fit_on_paths_and_labels_scans_and_skips_unreadable_files(tmp_path):
+    from transferkit import ImageClassifier
+
+    root = write_folder(tmp_path / "c", per_class=6)
+    paths = sorted(p for p in root.rglob("*.*"))
+    labels = [p.parent.name for p in paths]
+    (root / "red" / "bad.jpg").write_bytes(b"junk")
+    clf = ImageClassifier(strategy="feature-extraction", image_size=32, progress=False)
+    clf.fit(paths + [root / "red" / "bad.jpg"], labels + ["red"])
+    assert clf.data_summary_.n_skipped == 1 and sum(clf.metrics_["split_sizes"].values()) == 18
+    assert clf.classes_ == ["blue", "green", "red"]
+    with pytest.raises(UsageError, match="pair up"):
+        ImageClassifier(progress=False).fit(paths, labels[:-1])

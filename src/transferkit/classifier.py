@@ -31,6 +31,7 @@ from transferkit.data import (
     load_data,
     load_eval_images,
     make_transform,
+    read_paths,
     resolve_data_config,
     split_stratified,
 )
@@ -173,12 +174,9 @@ class ImageClassifier:
         if isinstance(X, DataSplits):
             return X
         if y is not None:
-            paths = [Path(p) for p in X]
-            if len(paths) != len(y):
-                raise UsageError(f"fit got {len(paths)} paths and {len(y)} labels; they must pair up.")
-            classes = sorted({str(v) for v in y})
-            images = FileImages(paths, [classes.index(str(v)) for v in y], classes, name="paths")
-            return DataSplits(*split_stratified(images, self.split, seed, "the given paths"), DataSummary("paths", len(paths)))
+            summary = DataSummary("paths")
+            images = read_paths(list(X), list(y), summary, self.strict)
+            return DataSplits(*split_stratified(images, self.split, seed, "the given paths"), summary)
         return load_data(X, split=self.split, seed=seed, strict=self.strict)
 
     # ------------------------------------------------------------------ predict

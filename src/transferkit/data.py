@@ -553,6 +553,18 @@ def read_csv(path: Path, summary: DataSummary, strict: bool, classes: list[str] 
                       digests=[checks[i].digest for i in keep])
 
 
+def read_paths(paths: Sequence[str | Path], labels: Sequence, summary: DataSummary, strict: bool) -> FileImages:
+    """Image files with their labels given in Python, scanned like a folder (unreadable files skipped and counted)."""
+    if len(paths) != len(labels):
+        raise UsageError(f"got {len(paths)} paths and {len(labels)} labels; they must pair up one to one.")
+    paths = [Path(p) for p in paths]
+    classes = sorted({str(v) for v in labels})
+    checks = _scan_files(paths, summary, strict)
+    keep = [i for i, c in enumerate(checks) if c.reason is None]
+    return FileImages([paths[i] for i in keep], [classes.index(str(labels[i])) for i in keep], classes, name="paths",
+                      digests=[checks[i].digest for i in keep])
+
+
 def load_digits_images() -> ArrayImages:
     """scikit-learn's 8x8 digits as 8-bit grey images (values 0..16 scaled to 0..255)."""
     from sklearn.datasets import load_digits
