@@ -125,25 +125,11 @@ class ImageClassifier:
             if self.checkpoint_dir is not None else None
         trainer = _Trainer(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress, checkpoints,
                            train_dtype)
-        self.decision_, trial = None, False
-        if strategy.kind == "auto":
-            self.decision_ = trainer.decide_auto_early()
-            trial = self.decision_ is None
-            strategy = AUTO_CANDIDATE if trial else self.decision_.strategy
-        phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(bb.blocks))
-        results = trainer.run_all(phases, resume=self.resume)
-        if trial:
-            self.decision_ = decide_after_trial(trainer.min_per_class(), results[0].best_val_acc, results[-1].best_val_acc,
-                                                results[0].seconds, sum(r.seconds for r in results))
-            if self.decision_.strategy != strategy:  # keep the probe: back to pretrained weights, refit the head
-                strategy = self.decision_.strategy
-                bb = trainer.bb = bbs.load_backbone(self.model, len(splits.classes), weights=self.weights)
-                phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(bb.blocks))
-                results = trainer.run_all(phases)
+        strategy, phases, results = self._train(trainer, strategy, cfg, len(splits.classes))
         test_logits = trainer.test_logits(phases[-1])
 
-        self.backbone_ = bb
-        self.model_ = bb.model.eval()
+        self.backbone_ = trainer.bb
+        self.model_ = trainer.bb.model.eval()
         self.classes_ = list(splits.classes)
         self.data_config_ = data_config
         self.strategy_ = strategy
@@ -155,6 +141,26 @@ class ImageClassifier:
                          "val_accuracy": results[-1].best_val_acc, "train_seconds": time.perf_counter() - started,
                          "split_sizes": splits.sizes()}
         return self
+
+    def _train(self, trainer: _Trainer, strategy: Strategy, cfg: TrainConfig,
+               n_classes: int) -> tuple[Strategy, list[Phase], list[PhaseResult]]:
+        """Run the strategy's phases; for `auto`, decide first or trial the candidate, and record why in `decision_`."""
+        self.decision_, trial = None, False
+        if strategy.kind == "auto":
+            self.decision_ = trainer.decide_auto_early()
+            trial = self.decision_ is None
+            strategy = AUTO_CANDIDATE if trial else self.decision_.strategy
+        phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(trainer.bb.blocks))
+        results = trainer.run_all(phases, resume=self.resume)
+        if trial:
+            self.decision_ = decide_after_trial(trainer.min_per_class(), results[0].best_val_acc, results[-1].best_val_acc,
+                                                results[0].seconds, sum(r.seconds for r in results))
+            if self.decision_.strategy != strategy:  # keep the probe: back to pretrained weights, refit the head
+                strategy = self.decision_.strategy
+                trainer.bb = bbs.load_backbone(self.model, n_classes, weights=self.weights)
+                phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(trainer.bb.blocks))
+                results = trainer.run_all(phases)
+        return strategy, phases, results
 
     def _fingerprint(self, strategy: Strategy, cfg: TrainConfig, splits: DataSplits) -> dict:
         """What a checkpoint must match to be resumed: data, model, strategy and every setting that changes training."""
