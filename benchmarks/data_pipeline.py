@@ -1,0 +1,80 @@
+"""Can decoding keep up with the model? Decode+transform throughput vs extraction throughput.
+
+300 generated 256x256 JPEGs in a temporary folder, read through transferkit's
+own path (FileImages -> open_image -> the backbone's timm eval transform ->
+DataLoader) with 0, 1 and 2 worker processes, vs the model alone (transferkit's
+extraction step on ready tensors), vs the two together (extract_features).
+Built-in EfficientNet-Lite0 at its own 224 px, and at 64 px (the digits demo's size).
+
+Run: python benchmarks/data_pipeline.py
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from _common import goal, header, rate, table, write_jpegs
+
+from transferkit.backbones import load_backbone
+from transferkit.data import FileImages, TransformedImages, make_transform, resolve_data_config
+from transferkit.engine import autocast, resolve_precision, to_channels_last
+from transferkit.features import extract_features
+
+N_IMAGES = 300
+BATCH = 128  # extract_features' default
+WORKERS = (0, 1, 2)
+
+
+def pipeline_rate(images: FileImages, transform, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=BATCH, num_workers=workers)
+
+    def run() -> None:
+        for _ in loader:
+            pass
+    return rate(run, len(images), repeat=2, warmup=1)
+
+
+def model_rate(bb, size: int, dtype: torch.dtype | None) -> float:
+    bb.model.eval().to(memory_format=torch.channels_last)
+    x = to_channels_last(torch.randn(BATCH, 3, size, size))
+
+    def run() -> None:
+        with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
+            bb.features(x)
+    return rate(run, BATCH, repeat=3, warmup=1)
+
+
+def main() -> None:
+    header(f"data pipeline: decode+transform of {N_IMAGES} JPEGs (256x256) vs model extraction, EfficientNet-Lite0")
+    cpu = torch.device("cpu")
+    dtype = resolve_precision("auto", cpu)
+    bb = load_backbone("efficientnet_lite0", 4)
+    with tempfile.TemporaryDirectory(prefix="tk-bench-e-") as tmp:
+        paths = write_jpegs(Path(tmp), N_IMAGES)
+        images = FileImages(paths, [int(p.parent.name[-1]) for p in paths], [f"class{i}" for i in range(4)])
+        rows, ratios = [], {}
+        for size in (224, 64):
+            transform = make_transform(resolve_data_config(bb.data_config, size if size != 224 else None))
+            pipe = {w: pipeline_rate(images, transform, w) for w in WORKERS}
+            model = model_rate(bb, size, dtype)
+            both = {w: rate(lambda w=w, t=transform: extract_features(bb, images, t, device=cpu, dtype=dtype, workers=w,
+                                                                      progress=False), N_IMAGES, repeat=1, warmup=1)
+                    for w in (0, 2)}
+            best = max(pipe.values())
+            ratios[size] = best / model
+            rows.append([f"{size} px", pipe[0], pipe[1], pipe[2], model, best / model, both[0], both[2]])
+    table(["input", "decode 0 workers", "1 worker", "2 workers", "model img/s", "best decode / model",
+           "extract_features 0 w", "2 w"], rows)
+    print("(img/s; decode = DataLoader over files, no model; model = extraction step on ready tensors; "
+          "extract_features = both together)")
+    for size, r in ratios.items():
+        advice = "" if r >= 2 else " (decoding bounds throughput: small datasets should be decoded once)"
+        goal(f"decode+transform >= 2x model throughput at {size} px", f"{r:.2f}x{advice}", r >= 2)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    main()

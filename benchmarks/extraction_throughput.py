@@ -1,0 +1,117 @@
+"""Extraction throughput: transferkit's extract_features vs a plain fp32 NCHW inference_mode forward.
+
+Same backbone (built-in EfficientNet-Lite0), the same 512 digits images at 64 px, same
+batch size, measured in alternating rounds in one process. Two views:
+
+* end to end: the same DataLoader (PIL -> transform -> batch) feeds both;
+* model only: pre-transformed batches, so only the forward differs.
+
+Then the accuracy cost of bf16: a logistic-regression probe (scikit-learn,
+C chosen on the validation split) on transferkit's bf16 features vs on fp32
+features, test accuracy. Run: python benchmarks/extraction_throughput.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from _common import goal, header, interleaved_rates, table, tensor_batches
+
+from transferkit.backbones import load_backbone
+from transferkit.data import TransformedImages, load_data, load_digits_images, make_transform, resolve_data_config
+from transferkit.engine import autocast, resolve_precision, to_channels_last
+from transferkit.features import extract_features
+
+BATCH = 128  # extract_features' default
+N_TIMED = 512  # images per timed pass (4 batches); the probe uses all 1,797
+SEED = 0
+
+
+def plain_forward(model: torch.nn.Module, batches) -> np.ndarray:
+    """The baseline everyone writes: fp32, NCHW, inference_mode, the model's own pooled features."""
+    out = []
+    with torch.inference_mode():
+        for batch in batches:
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            out.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
+    return np.concatenate(out)
+
+
+def transferkit_model_only(bb, batches, dtype) -> None:
+    """extract_features' inner step (channels_last input, autocast) on ready tensors."""
+    with torch.inference_mode():
+        for x in batches:
+            with autocast(torch.device("cpu"), dtype):
+                bb.features(to_channels_last(x)).float()
+
+
+def probe_accuracy(train: np.ndarray, y_train, val: np.ndarray, y_val, test: np.ndarray, y_test) -> tuple[float, float]:
+    """(C, test accuracy) of LogisticRegression with C picked on validation."""
+    from sklearn.linear_model import LogisticRegression
+
+    best = (-1.0, 0.0, None)
+    for c in np.logspace(-3, 2, 6):
+        clf = LogisticRegression(C=c, max_iter=2000).fit(train, y_train)
+        acc = clf.score(val, y_val)
+        if acc > best[0]:
+            best = (acc, c, clf)
+    return float(best[1]), float(best[2].score(test, y_test))
+
+
+def main() -> None:
+    header("extraction throughput: transferkit (bf16 autocast + channels_last) vs plain fp32 NCHW, digits 64 px")
+    torch.manual_seed(SEED)
+    splits = load_data("digits", seed=SEED)
+    images = load_digits_images().subset(range(N_TIMED))
+    bb = load_backbone("efficientnet_lite0", len(splits.classes))
+    transform = make_transform(resolve_data_config(bb.data_config, None, images.preprocess_hint))
+    cpu = torch.device("cpu")
+    dtype = resolve_precision("auto", cpu)  # what transferkit uses for extraction here
+    name = str(dtype).replace("torch.", "") if dtype else "fp32"
+    print(f"transferkit's extraction precision on this CPU: {name}")
+
+    nchw = load_backbone("efficientnet_lite0", len(splits.classes)).model.eval()  # untouched copy: NCHW fp32
+    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=BATCH, num_workers=0)
+    ready = tensor_batches(images, transform, BATCH)
+    n = len(images)
+    end_to_end = interleaved_rates({
+        "plain": lambda: plain_forward(nchw, loader),
+        "transferkit": lambda: extract_features(bb, images, transform, device=cpu, dtype=dtype, batch_size=BATCH,
+                                                workers=0, progress=False),
+    }, n)
+    model_only = interleaved_rates({
+        "plain": lambda: plain_forward(nchw, ready),
+        "transferkit": lambda: transferkit_model_only(bb, ready, dtype),
+    }, n)
+    e2e_ratio = end_to_end["transferkit"] / end_to_end["plain"]
+    model_ratio = model_only["transferkit"] / model_only["plain"]
+    table(["view", "plain fp32 NCHW img/s", f"transferkit {name} img/s", "ratio"], [
+        ["end to end (decode + transform + forward)", end_to_end["plain"], end_to_end["transferkit"], e2e_ratio],
+        ["model only (ready tensors)", model_only["plain"], model_only["transferkit"], model_ratio],
+    ])
+
+    def split_loader(split: str):
+        return torch.utils.data.DataLoader(TransformedImages(getattr(splits, split), transform), batch_size=BATCH)
+
+    # fp32: the plain forward's float32 output; transferkit: its bf16 compute, stored as float16 as in the cache.
+    feats = {"fp32": {s: plain_forward(nchw, split_loader(s)) for s in ("train", "val", "test")},
+             name: {s: extract_features(bb, getattr(splits, s), transform, device=cpu, dtype=dtype, progress=False,
+                                        workers=0).astype(np.float32) for s in ("train", "val", "test")}}
+    labels = {s: getattr(splits, s).labels for s in ("train", "val", "test")}
+    rows, accs = [], {}
+    for precision, f in feats.items():
+        c, acc = probe_accuracy(f["train"], labels["train"], f["val"], labels["val"], f["test"], labels["test"])
+        accs[precision] = acc
+        rows.append([f"{precision} features", c, 100 * acc])
+    table(["probe (LogisticRegression, C on val)", "C", "test acc %"], rows)
+    diff = 100 * (accs[name] - accs["fp32"])
+    goal(">= 2.5x images/s vs plain fp32 NCHW (end to end)", f"{e2e_ratio:.2f}x (model only {model_ratio:.2f}x)",
+         e2e_ratio >= 2.5)
+    goal(f"probe test accuracy, {name} vs fp32 features, within 0.5 point", f"{diff:+.2f} points", abs(diff) <= 0.5)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    main()

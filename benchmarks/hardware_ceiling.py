@@ -1,0 +1,87 @@
+"""How close does extraction get to the hardware? Matmul peak vs achieved extraction GFLOP/s.
+
+The ceiling: fp32 and bf16 square matmuls (2 n^3 FLOPs each), measured in this
+run. The achieved: FLOPs per image counted by torch.utils.flop_counter
+(convolutions and matmuls, 2 FLOPs per multiply-add) times the images/s of
+transferkit's extraction step (bf16 autocast + channels_last, inference_mode,
+ready tensors), for ResNet-18 at 224 px (random init: speed does not depend on
+the weights) and the built-in EfficientNet-Lite0 (224 px and the demo's 64 px).
+
+Run: python benchmarks/hardware_ceiling.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from _common import goal, header, rate, table
+from torch.utils.flop_counter import FlopCounterMode
+
+from transferkit.backbones import load_backbone
+from transferkit.engine import autocast, resolve_precision, to_channels_last
+
+MATMUL_N = 2048
+SEED = 0
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = MATMUL_N) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / 1e9 * rate(lambda: torch.mm(a, b), 1, repeat=5, warmup=2)
+
+
+def flops_per_image(model: torch.nn.Module, size: int) -> float:
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.randn(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def extraction_rate(bb, size: int, batch: int, dtype: torch.dtype | None) -> float:
+    """Images/s of transferkit's extraction step on ready tensors."""
+    bb.model.eval().to(memory_format=torch.channels_last)  # in place, as extract_features does
+    x = to_channels_last(torch.randn(batch, 3, size, size))
+
+    def run() -> None:
+        with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
+            bb.features(x)
+    return rate(run, batch, repeat=3, warmup=1)
+
+
+def plain_rate(bb, size: int, batch: int) -> float:
+    """Images/s of a plain fp32 NCHW forward, for the fp32 fraction."""
+    model = bb.model.eval().to(memory_format=torch.contiguous_format)
+    x = torch.randn(batch, 3, size, size)
+
+    def run() -> None:
+        with torch.inference_mode():
+            model.forward_head(model.forward_features(x), pre_logits=True)
+    return rate(run, batch, repeat=3, warmup=1)
+
+
+def main() -> None:
+    header("hardware ceiling: matmul GFLOP/s vs extraction GFLOP/s")
+    torch.manual_seed(SEED)
+    fp32_peak, bf16_peak = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    table([f"matmul {MATMUL_N}x{MATMUL_N}", "GFLOP/s"], [["fp32", fp32_peak], ["bf16", bf16_peak]])
+    dtype = resolve_precision("auto", torch.device("cpu"))
+    name = "fp32" if dtype is None else str(dtype)[6:]
+    cases = [("resnet18", "none", 224, 32), ("efficientnet_lite0", None, 224, 32), ("efficientnet_lite0", None, 64, 128)]
+    rows, fractions = [], {}
+    for arch, weights, size, batch in cases:
+        bb = load_backbone(arch, 1000, weights=weights)
+        gflop = flops_per_image(bb.model.eval(), size) / 1e9
+        fp32_rate = plain_rate(bb, size, batch)
+        tk_rate = extraction_rate(bb, size, batch, dtype)
+        achieved = gflop * tk_rate
+        fractions[(arch, size)] = achieved / bf16_peak
+        rows.append([f"{arch} {size}px", gflop, fp32_rate, gflop * fp32_rate / fp32_peak, tk_rate, achieved,
+                     achieved / bf16_peak])
+    table(["model", "GFLOP/img", "fp32 img/s", "of fp32 peak", f"transferkit {name} img/s", "GFLOP/s",
+           "of bf16 peak"], rows)
+    frac = fractions[("resnet18", 224)]
+    goal(">= 50% of bf16 matmul peak, ResNet-18 224 px extraction", f"{100 * frac:.0f}%", frac >= 0.5)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    main()
