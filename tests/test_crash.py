@@ -217,3 +217,36 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
     np.testing.assert_array_equal(a.predict_proba(splits.test), b.predict_proba(splits.test))
+
+
+# ---------------------------------------------------------------- leftovers
+
+
+def test_temporary_folders_of_dead_or_old_writers_are_removed(tmp_path):
+    from transferkit.features import STALE_TMP_SECONDS, remove_abandoned_tmp_
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = {"dead": f".tmp-k-{int(dead.stdout)}-1", "alive": f".tmp-k-{os.getppid()}-2",
+             "old": f".tmp-k-{os.getppid()}-3", "other": ".tmp-unrelated"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    old = time.time() - STALE_TMP_SECONDS - 60
+    os.utime(tmp_path / names["old"], (old, old))
+    assert sorted(p.name for p in remove_abandoned_tmp_(tmp_path)) == sorted([names["dead"], names["old"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["alive"], names["other"]])
+
+
+def test_a_save_cut_short_never_pairs_a_new_model_with_an_old_manifest(tmp_path, monkeypatch):
+    from transferkit import runs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / runs.META_FILE).write_text("{}")  # the run this fit replaces
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands in for the process dying mid-save
+
+    monkeypatch.setattr(runs, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runs.save_run(out, torch.nn.Linear(1, 1), {"metrics": {}})
+    assert not (out / runs.META_FILE).exists()
