@@ -11,7 +11,9 @@ Processes may share one cache: when two compute the same key at once, the
 first rename wins and the other uses the winner's verified entry. The file's
 disk blocks are reserved before extraction, so a full disk is a
 :class:`~transferkit.errors.CacheError` naming the cache (never a crash
-mid-write), and a failed write leaves nothing behind.
+mid-write), and a failed write leaves nothing behind. A process killed
+mid-extraction (kill -9, power loss) leaves only its ``.tmp-*`` folder, which
+is never read and is removed by the next process that writes to the cache.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from transferkit.errors import CacheError, ResourceError
 
 FORMAT = 1
 CUT_POINT = "pre_logits"  # pooled features, what the classifier head sees
+STALE_TMP_SECONDS = 3600  # a temporary folder this old is abandoned even if its pid was reused
 
 
 def feature_key(backbone: Backbone, data_config: dict, precision: str, identities: list[str],
@@ -74,7 +77,9 @@ class FeatureCache:
         if not self.enabled:
             return None
         folder = self.path(key)
-        try:
+        if not folder.is_dir():
+            return None
+        try:  # from here a missing file means a damaged entry, which would also block the commit's rename
             manifest = json.loads((folder / "manifest.json").read_text())
             data = folder / "features.npy"
             if manifest.get("key") != key or manifest.get("sha256") != _sha256(data):
@@ -83,8 +88,6 @@ class FeatureCache:
             if list(arr.shape) != manifest["shape"]:
                 raise ValueError("shape mismatch")
             return arr
-        except FileNotFoundError:
-            return None
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             shutil.rmtree(folder, ignore_errors=True)  # corrupt: rebuild
             return None
@@ -105,6 +108,7 @@ class FeatureWriter:
         self.tmp = cache.root / f".tmp-{key}-{os.getpid()}-{time.time_ns()}"
         try:
             cache.root.mkdir(parents=True, exist_ok=True)
+            remove_abandoned_tmp_(cache.root)
             self.tmp.mkdir()
             data = self.tmp / "features.npy"
             self.array = np.lib.format.open_memmap(data, mode="w+", dtype=np.float16, shape=(n, dim))
@@ -143,6 +147,37 @@ class FeatureWriter:
     def abort(self) -> None:
         self.__dict__.pop("array", None)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def remove_abandoned_tmp_(root: Path) -> list[Path]:
+    """Delete `.tmp-<key>-<pid>-<ns>` folders whose process is gone or that are over an hour old.
+
+    Such folders are what a killed extraction leaves; `load` never reads them, so
+    removing them only frees disk. Returns the folders removed.
+    """
+    removed = []
+    for tmp in root.glob(".tmp-*"):
+        parts = tmp.name.split("-")
+        try:
+            pid, age = int(parts[2]), time.time() - tmp.stat().st_mtime
+        except (IndexError, ValueError, OSError):
+            continue  # not ours, or removed meanwhile
+        if pid != os.getpid() and (not _pid_alive(pid) or age > STALE_TMP_SECONDS):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates the process: rely on the age alone
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
 
 
 def _reserve_disk(path: Path) -> None:

@@ -85,14 +85,23 @@ def save_model(out: Path, model: nn.Module) -> None:
 
 
 def save_run(out: Path, model: nn.Module, meta: dict, history: list[dict] | None = None) -> None:
-    """Write model, metadata, metrics and history. The manifest goes last: it marks the run complete."""
+    """Write model, metadata, metrics and history. The manifest goes last: it marks the run complete.
+
+    An older manifest is removed first, so a save cut short (kill -9) never leaves a new
+    model beside the manifest of the run it replaces; temporary files left by such a cut
+    are removed once the save completes.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)
     save_model(out, model)
     if history:
         write_history_csv(out / "history.csv", history)
     if "metrics" in meta:
         write_json(out / "metrics.json", meta["metrics"])
     write_json(out / META_FILE, {"format_version": FORMAT_VERSION, **meta, "versions": library_versions()})
+    for folder in (out, out / "checkpoints"):
+        for tmp in folder.glob(".*.tmp"):  # write_atomic's, from a killed process: never read
+            tmp.unlink(missing_ok=True)
 
 
 def check_writable_dir(path: Path) -> None:
