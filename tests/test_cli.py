@@ -83,7 +83,7 @@ def test_run_directory_loads_in_plain_timm_with_same_logits(digits_run):
 
 
 def test_predict_and_evaluate_on_generated_folder(image_folder, tmp_path):
-    out = tmp_path / "colours"
+    out = tmp_path / "run"
     run_cli("fit", str(image_folder), "--out", str(out), "--image-size", "64", "-q")
     files = sorted(str(p) for p in (image_folder / "red").iterdir())[:3]
     table = run_cli("predict", str(out), *files)
