@@ -54,7 +54,7 @@ import io
 import os
 import stat
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -793,11 +793,6 @@ class TransformedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.transform(self.images.load(i)), int(self.images.labels[i]), i
-
-
-def summarize_classes(images: ImageSet) -> str:
-    counts = Counter(images.labels.tolist())
-    return ", ".join(f"{images.classes[k]}: {v}" for k, v in sorted(counts.items()))
 
 
 def load_eval_images(source: str | Path, classes: list[str], *, strict: bool = False) -> tuple[ImageSet, DataSummary]:
