@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from transferkit.errors import UsageError
+from transferkit.errors import ResourceError, UsageError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 # --------------------------------------------------------------------------- devices and precision
 
@@ -173,10 +173,6 @@ def make_optimizer(groups: list[dict], weight_decay: float, kind: str = "adamw")
     raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got '{kind}'.")
 
 
-def batch_stats(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> tuple[float, int]:
-    return float(loss) * len(y), int((logits.argmax(1) == y).sum())
-
-
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels for every batch of (inputs, labels, ...) in `loader`, in order."""
@@ -294,22 +290,51 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, cfg: Tr
         model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total_loss, correct, seen = 0.0, 0, 0
+    chunks = 1  # pieces each batch is computed in; doubles on device out-of-memory
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
         x, y = to_channels_last(batch[0].to(device, non_blocking=True)), batch[1].to(device)
-        with autocast(device, dtype):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
-        (loss / cfg.accumulate).backward()
+        while True:
+            try:
+                logits, loss = forward_backward(model, loss_fn, x, y, chunks, cfg.accumulate, device, dtype)
+                break
+            except torch.OutOfMemoryError as e:
+                chunks = _split_after_oom(e, optimizer, x, chunks, device)
         if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        batch_loss, batch_correct = batch_stats(logits.detach(), y, loss.detach())
-        total_loss, correct, seen = total_loss + batch_loss, correct + batch_correct, seen + len(y)
+        total_loss, correct, seen = total_loss + loss * len(y), correct + int((logits.argmax(1) == y).sum()), seen + len(y)
     return total_loss / max(1, seen), correct / max(1, seen)
+
+
+def forward_backward(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, chunks: int, accumulate: int,
+                     device: torch.device, dtype: torch.dtype | None) -> tuple[torch.Tensor, float]:
+    """Logits and mean loss of one batch computed in `chunks` pieces; the gradients add up to the whole batch's."""
+    outs, total = [], 0.0
+    for xs, ys in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
+        with autocast(device, dtype):
+            logits = model(xs)
+        loss = loss_fn(logits.float(), ys)
+        (loss * (len(ys) / len(y) / accumulate)).backward()
+        outs.append(logits.detach())
+        total += float(loss.detach()) * len(ys)
+    return torch.cat(outs), total / len(y)
+
+
+def _split_after_oom(error: Exception, optimizer, x: torch.Tensor, chunks: int, device: torch.device) -> int:
+    """Out of device memory: drop this step's partial gradients and compute each batch in twice as many pieces."""
+    if len(x) // chunks <= 1:
+        raise ResourceError(f"Out of {device} memory with a single image per step ({error}). Use a smaller "
+                            "--image-size, --strategy finetune:last=N with a smaller N, or another backbone.") from error
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    console.print(f"[yellow]{device} out of memory at {math.ceil(len(x) / chunks)} images per pass: retrying in "
+                f"pieces of {math.ceil(len(x) / (2 * chunks))} (same batch, gradients accumulated)[/]")
+    return chunks * 2
 
 
 # --------------------------------------------------------------------------- the linear probe

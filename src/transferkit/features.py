@@ -253,7 +253,7 @@ def _features_fitting_memory(backbone: Backbone, x: torch.Tensor, device: torch.
         if device.type == "cuda":
             torch.cuda.empty_cache()
         half = len(x) // 2
-        console.log(f"[yellow]{device} out of memory at batch size {len(x)}: halving to {half} and retrying[/]")
+        console.print(f"[yellow]{device} out of memory at batch size {len(x)}: halving to {half} and retrying[/]")
         first, size = _features_fitting_memory(backbone, x[:half], device, dtype)
         rest = [_features_fitting_memory(backbone, x[i:i + size], device, dtype)[0] for i in range(half, len(x), size)]
         return np.concatenate([first, *rest]), size
