@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from transferkit import backbones as bbs
 from transferkit.data import (
@@ -40,6 +41,7 @@ from transferkit.engine import (
     HEAD_LR,
     PhaseResult,
     TrainConfig,
+    console,
     fit_linear_probe,
     predict_logits,
     resolve_device,
@@ -49,7 +51,7 @@ from transferkit.engine import (
 )
 from transferkit.errors import NotFittedError, RunError, UsageError, did_you_mean
 from transferkit.evaluate import metrics
-from transferkit.features import FeatureCache, cached_features, default_workers
+from transferkit.features import DEFAULT_CACHE_BUDGET_GB, Cut, FeatureCache, cached_features, default_workers, prefix_cut
 from transferkit.runs import LoadedRun, load_run, save_run, write_atomic, write_json
 from transferkit.strategies import (
     AUTO_CANDIDATE,
@@ -79,6 +81,9 @@ class ImageClassifier:
             from 96.7% (probe) to 73% val accuracy in 3 epochs: timm's TF-ported BN updates its
             running statistics with momentum 0.01, so they lag the batch statistics the weights adapt to.
         cache: use the on-disk feature cache.
+        cache_budget_gb: most disk space (GB) the outputs of frozen blocks may take when partial fine-tuning
+            trains on them (frozen-prefix caching, used when augmentation is off); a larger cache is
+            refused with a message and training runs on images. 0 turns prefix caching off.
         checkpoint_dir: where to write a checkpoint after every epoch (None: no checkpoints).
         resume: continue from the checkpoint in `checkpoint_dir` (same data, strategy and settings).
         progress: show progress bars on stderr.
@@ -88,7 +93,8 @@ class ImageClassifier:
     def __init__(self, model: str = bbs.DEFAULT_BACKBONE, *, strategy: str = "auto",
                  weights: str | Path | None = None, image_size: int | None = None, bn: str = "all-frozen",
                  split: Sequence[float] = DEFAULT_SPLIT, strict: bool = False, cache: bool = True,
-                 checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True, **train):
+                 cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB, checkpoint_dir: str | Path | None = None,
+                 resume: bool = False, progress: bool = True, **train):
         self.model = model
         self.strategy = strategy
         self.weights = weights
@@ -97,6 +103,7 @@ class ImageClassifier:
         self.split = split
         self.strict = strict
         self.cache = cache
+        self.cache_budget_gb = cache_budget_gb
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
         self.progress = progress
@@ -124,7 +131,7 @@ class ImageClassifier:
         checkpoints = Checkpoints(Path(self.checkpoint_dir), self._fingerprint(strategy, cfg, splits)) \
             if self.checkpoint_dir is not None else None
         trainer = _Trainer(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress, checkpoints,
-                           train_dtype)
+                           train_dtype, self.cache_budget_gb)
         strategy, phases, results = self._train(trainer, strategy, cfg, len(splits.classes))
         test_logits = trainer.test_logits(phases[-1])
 
@@ -269,6 +276,44 @@ class ImageClassifier:
         return clf
 
 
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
+class CachedOutputs(torch.utils.data.Dataset):
+    """(output, label) pairs from a float16 array of flattened frozen-block outputs, read row by row (mmap-friendly)."""
+
+    def __init__(self, outputs: np.ndarray, labels: np.ndarray, shape: tuple[int, ...]):
+        self.outputs, self.labels, self.shape = outputs, labels, shape
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.asarray(self.outputs[i], dtype=np.float32)).view(self.shape), int(self.labels[i])
+
+
+class TrainsThrough(nn.Module):
+    """Runs `part` (the trainable top of `model`, sharing its parameters); its state is the whole model's.
+
+    So checkpoints, best-weights restore and resume see the full model whichever path trained it.
+    """
+
+    def __init__(self, part: nn.Module, model: nn.Module):
+        super().__init__()
+        self.part = part
+        self._model = [model]  # a list: not registered, so state_dict is not duplicated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.part(x)
+
+    def state_dict(self, *args, **kwargs):
+        return self._model[0].state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self._model[0].load_state_dict(state_dict, strict=strict, assign=assign)
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(1, keepdims=True)
     e = np.exp(z)
@@ -319,12 +364,14 @@ class _Trainer:
 
     def __init__(self, bb: bbs.Backbone, splits: DataSplits, data_config: dict, cfg: TrainConfig,
                  device: torch.device, dtype: torch.dtype | None, bn: str, cache: bool, progress: bool,
-                 checkpoints: Checkpoints | None = None, train_dtype: torch.dtype | None = None):
+                 checkpoints: Checkpoints | None = None, train_dtype: torch.dtype | None = None,
+                 cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB):
         self.bb, self.splits, self.data_config, self.cfg = bb, splits, data_config, cfg
         self.device, self.dtype, self.bn, self.progress = device, dtype, bn, progress
         self.train_dtype = train_dtype  # autocast dtype for image phases (None = fp32)
         self.checkpoints = checkpoints
         self.cache = FeatureCache.default(enabled=cache)
+        self.cache_budget = int(cache_budget_gb * 1e9)
         self.eval_transform = make_transform(data_config)
         self.cache_hits: dict[str, str] = {}
         self.phase_notes: dict[str, dict] = {}
@@ -334,13 +381,18 @@ class _Trainer:
 
     def features(self, split: str) -> np.ndarray:
         if split not in self._features:
-            images = getattr(self.splits, split)
-            arr, hit = cached_features(self.bb, images, self.eval_transform, self.data_config, cache=self.cache,
-                                       device=self.device, dtype=self.dtype, workers=self.cfg.workers,
-                                       progress=self.progress, label=f"{split} ({len(images)} images)")
-            self.cache_hits[split] = "hit" if hit else ("miss" if self.cache.enabled else "off")
+            arr, self.cache_hits[split] = self._cached(split)
             self._features[split] = np.asarray(arr, dtype=np.float32)
         return self._features[split]
+
+    def _cached(self, split: str, cut: Cut | None = None) -> tuple[np.ndarray, str]:
+        """The cut's outputs (default pooled features) for a split, and 'hit', 'miss' or 'off' for the cache."""
+        images = getattr(self.splits, split)
+        what = "features" if cut is None else "frozen blocks"
+        arr, hit = cached_features(self.bb, images, self.eval_transform, self.data_config, cache=self.cache,
+                                   device=self.device, dtype=self.dtype, workers=self.cfg.workers, progress=self.progress,
+                                   label=f"{what}: {split} ({len(images)} images)", cut=cut)
+        return arr, "hit" if hit else ("miss" if self.cache.enabled else "off")
 
     def _feature_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(self.features(split)), torch.from_numpy(getattr(self.splits, split).labels)
@@ -432,9 +484,13 @@ class _Trainer:
         else:
             groups = bbs.param_groups(self.bb, cap, head_lr, self.cfg.backbone_lr_scale, self.cfg.layer_decay)
         bbs.set_trainable_(self.bb, cap)
-        self.phase_notes[phase.name] = {"trainable_blocks": [b.name for b in self.bb.blocks[n_blocks - cap:]],
-                                        "lrs": {g["name"]: g["lr"] for g in groups}, "bn": self.bn}
         model = self.bb.model.to(self.device).to(memory_format=torch.channels_last)
+        loaders, prefix_note = self._prefix_loaders(phase, cap)
+        self.phase_notes[phase.name] = {"trainable_blocks": [b.name for b in self.bb.blocks[n_blocks - cap:]],
+                                        "lrs": {g["name"]: g["lr"] for g in groups}, "bn": self.bn,
+                                        "prefix_cache": prefix_note}
+        if loaders is None:
+            loaders = self._image_loader("train", True), self._image_loader("val", False), model
 
         def on_epoch_start(epoch: int) -> None:
             bbs.set_trainable_(self.bb, phase.trainable_count(n_blocks, epoch))
@@ -446,11 +502,57 @@ class _Trainer:
         def on_epoch_end(loop: dict) -> None:
             self._checkpoint(index, phase.name, done, loop)
 
-        return run_phase(model, groups, self._image_loader("train", True), self._image_loader("val", False),
-                         epochs=phase.epochs, cfg=self.cfg, device=self.device, dtype=self.train_dtype, name=phase.name,
-                         warmup_epochs=phase.warmup_epochs, on_epoch_start=on_epoch_start, train_mode=train_mode,
-                         on_epoch_end=on_epoch_end, resume=resume, class_weights=self._class_weights(),
-                         progress=self.progress)
+        train_loader, val_loader, trained = loaders
+        return run_phase(trained, groups, train_loader, val_loader, epochs=phase.epochs, cfg=self.cfg, device=self.device,
+                         dtype=self.train_dtype, name=phase.name, warmup_epochs=phase.warmup_epochs,
+                         on_epoch_start=on_epoch_start, train_mode=train_mode, on_epoch_end=on_epoch_end, resume=resume,
+                         class_weights=self._class_weights(), progress=self.progress)
+
+    def _prefix_loaders(self, phase: Phase, top_blocks: int) -> tuple[tuple | None, dict]:
+        """Frozen-prefix caching: (train loader, val loader, module) over the frozen blocks' cached outputs.
+
+        When the blocks below the trainable ones stay frozen for the whole phase
+        and the inputs are not augmented, their output per image never changes:
+        it is computed once into the feature cache and the phase trains only the
+        rest of the network on it. Returns None and the reason when not used.
+        """
+        split = self._prefix_split(phase, top_blocks)
+        if isinstance(split, str):
+            return None, {"used": False, "reason": split}
+        cut = prefix_cut(split, self.data_config["input_size"])
+        n_images = len(self.splits.train) + len(self.splits.val)
+        size = n_images * cut.size * 2  # float16
+        if size > self.cache_budget:
+            reason = (f"the outputs of the frozen blocks (up to {split.cut}) would take {_gb(size)} on disk for "
+                      f"{n_images} images, over the cache budget of {_gb(self.cache_budget)}; training on images "
+                      f"instead. Raise --cache-budget (cache_budget_gb) to at least {_gb(size)} to train on cached outputs.")
+            console.print(f"[yellow]Frozen-prefix cache refused: {reason}[/]")
+            return None, {"used": False, "reason": reason, "bytes": size}
+        (train, train_hit), (val, val_hit) = self._cached("train", cut), self._cached("val", cut)
+        console.print(f"Frozen-prefix cache: blocks up to {split.cut} computed once ({_gb(size)}, train {train_hit}, "
+                      f"val {val_hit}); {phase.name} trains the rest on them.")
+        note = {"used": True, "cut": split.cut, "item_shape": list(cut.shape), "bytes": size,
+                "train": train_hit, "val": val_hit}
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        n_train = len(self.splits.train)
+        train_loader = torch.utils.data.DataLoader(
+            CachedOutputs(train, self.splits.train.labels, cut.shape), batch_size=self.cfg.batch_size, shuffle=True,
+            generator=gen, drop_last=n_train > self.cfg.batch_size)
+        val_loader = torch.utils.data.DataLoader(CachedOutputs(val, self.splits.val.labels, cut.shape),
+                                                 batch_size=self.cfg.batch_size)
+        return (train_loader, val_loader, TrainsThrough(split.suffix, self.bb.model)), note
+
+    def _prefix_split(self, phase: Phase, top_blocks: int) -> bbs.PrefixSplit | str:
+        """Where the phase's frozen blocks end, or why its inputs cannot be cached."""
+        if phase.gradual:
+            return "gradual unfreezing changes the frozen blocks every epoch"
+        if self.cfg.augment != "none":
+            return f"augment={self.cfg.augment}: the frozen blocks see a new view of each image every epoch"
+        if not self.cache.enabled:
+            return "the feature cache is off"
+        if self.cache_budget <= 0:
+            return "the cache budget is 0"
+        return bbs.split_frozen_prefix(self.bb, top_blocks)
 
     def min_per_class(self) -> int:
         return int(np.bincount(self.splits.train.labels).min())

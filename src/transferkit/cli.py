@@ -52,6 +52,10 @@ Model = Annotated[str, typer.Option("--model", "-m", help="Built-in name (effici
 Seed = Annotated[int, typer.Option(help="Random seed for the split, initialisation and data order.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")]
+CacheBudget = Annotated[float, typer.Option(min=0.0, help="GB of disk the outputs of frozen blocks may take: with "
+                                            "augmentation off, finetune:last=N computes the frozen blocks once into "
+                                            "the cache and trains only the rest (refused, with a message, over this "
+                                            "budget; 0 turns it off).")]
 
 
 @app.command()
@@ -86,6 +90,7 @@ def fit(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fit from OUT/checkpoints.")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
+    cache_budget: CacheBudget = 10.0,  # features.DEFAULT_CACHE_BUDGET_GB (not imported: --help stays fast)
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a classifier on DATA and write a run directory (model.safetensors, transferkit.json, metrics).
@@ -98,7 +103,7 @@ def fit(
 
     check_writable_dir(out_dir)  # before training, not after it
     clf = ImageClassifier(model, strategy=strategy, weights=weights, image_size=image_size, split=parse_split(split),
-                          strict=strict, cache=not no_cache, progress=not quiet, bn=bn,
+                          strict=strict, cache=not no_cache, cache_budget_gb=cache_budget, progress=not quiet, bn=bn,
                           checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs, head_epochs=head_epochs,
                           lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision, augment=augment,
                           optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
@@ -267,6 +272,7 @@ def compare(
     seed: Seed = 0,
     device: Device = "auto",
     precision: Precision = "auto",
+    cache_budget: CacheBudget = 10.0,  # features.DEFAULT_CACHE_BUDGET_GB (not imported: --help stays fast)
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Run strategies side by side on the same split: accuracy, time, trainable parameters, memory; name the winner."""
@@ -280,7 +286,7 @@ def compare(
         err.print(f"[yellow]{splits.summary.line()}[/]", highlight=False)
     out.print(f"Comparing on {data}: {splits.sizes()} images, {len(splits.classes)} classes, model {model}")
     settings = dict(epochs=epochs, batch_size=batch_size, image_size=image_size, seed=seed, device=device,
-                    precision=precision, progress=not quiet)
+                    precision=precision, cache_budget_gb=cache_budget, progress=not quiet)
 
     def live(r):
         out.print(f"  {r.label}: test {r.test_accuracy:.4f} in {r.seconds:.1f} s")
