@@ -383,8 +383,8 @@ def split_stratified(images: ImageSet, split: Sequence[float], seed: int, source
     if small:
         name, n = next(iter(small.items()))
         raise DataError(
-            f"Class '{name}' in {source} has {n} image(s); splitting into train/val/test needs at least "
-            f"{len(split)} per class. Add images to that class, remove it, or give train/ val/ test/ folders."
+            f"Class '{name}' in {source} has {n} example(s); splitting into train/val/test needs at least "
+            f"{len(split)} per class. Add examples to that class, remove it, or give train/ val/ test/ folders."
         )
     return tuple(images.subset(idx) for idx in stratified_indices(images.labels, split, seed))
 
