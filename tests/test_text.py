@@ -151,7 +151,7 @@ def test_empty_texts_are_skipped_and_counted(tmp_path):
 
 def test_too_few_examples_and_conflicting_labels(tmp_path):
     rows = [(f"sentence {i}", "a") for i in range(5)] + [("lonely", "b"), ("twice", "b")]
-    with pytest.raises(DataError, match="Class 'b' .* has 2 example"):
+    with pytest.raises(DataError, match="Class 'b' .* has 2 text"):
         load_text_data(write_text_csv(tmp_path / "few.csv", rows))
     rows = [(f"sentence {i}", "a") for i in range(5)] + [(f"other {i}", "b") for i in range(5)] + [("sentence 0", "b")]
     splits = load_text_data(write_text_csv(tmp_path / "conflict.csv", rows))

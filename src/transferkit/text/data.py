@@ -44,6 +44,8 @@ TEXT_COLUMN, LABEL_COLUMN = "text", "label"
 class TextSet(ImageSet):
     """Labelled texts of one split. `paths` name each row ("file:row") for reports; `digests` hash the text."""
 
+    noun = "text"
+
     def __init__(self, texts: Sequence[str], labels: Sequence[int], classes: Sequence[str], name: str,
                  rows: Sequence[str] | None = None):
         super().__init__(labels, classes, name)
