@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from transferkit.classifier import ImageClassifier  # noqa: E402
 from transferkit.errors import DataError, ModelError, NotFittedError, RunError, TransferkitError, UsageError  # noqa: E402
+from transferkit.text import TextClassifier  # noqa: E402
 
-__all__ = ["ImageClassifier", "TransferkitError", "UsageError", "DataError", "ModelError", "RunError",
+__all__ = ["ImageClassifier", "TextClassifier", "TransferkitError", "UsageError", "DataError", "ModelError", "RunError",
            "NotFittedError", "__version__"]

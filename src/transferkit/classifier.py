@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import time
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from transferkit import backbones as bbs
+from transferkit import lora
 from transferkit.data import (
     DEFAULT_SPLIT,
     DataSplits,
@@ -71,7 +73,8 @@ class ImageClassifier:
 
     Args:
         model: built-in name (``efficientnet_lite0``) or any timm model name.
-        strategy: ``feature-extraction``, ``finetune:last=N``, ``finetune:all``, ``lp-ft``, ``gradual`` or ``auto``.
+        strategy: ``feature-extraction``, ``finetune:last=N``, ``finetune:all``, ``lp-ft``, ``gradual``, ``lora``
+            (transformers such as ``vit_*``) or ``auto``.
         weights: a local .safetensors/.pth file, ``"none"`` for random init, or None for the default source.
         image_size: input size in pixels; None takes the backbone's (or a built-in dataset's) default.
         bn: BatchNorm policy while fine-tuning: ``all-frozen`` (default: every BN layer normalises with its
@@ -89,6 +92,8 @@ class ImageClassifier:
         progress: show progress bars on stderr.
         Other keyword arguments are :class:`transferkit.engine.TrainConfig` fields.
     """
+
+    noun = "images"  # what one example is called in messages
 
     def __init__(self, model: str = bbs.DEFAULT_BACKBONE, *, strategy: str = "auto",
                  weights: str | Path | None = None, image_size: int | None = None, bn: str = "all-frozen",
@@ -126,12 +131,12 @@ class ImageClassifier:
         device = resolve_device(cfg.device)
         dtype = resolve_precision(cfg.precision, device)
         train_dtype = resolve_precision(cfg.precision, device, training=True)
-        bb = bbs.load_backbone(self.model, len(splits.classes), weights=self.weights)
+        bb = self._load_backbone(len(splits.classes))
         data_config = resolve_data_config(bb.data_config, self.image_size, splits.train.preprocess_hint)
         checkpoints = Checkpoints(Path(self.checkpoint_dir), self._fingerprint(strategy, cfg, splits)) \
             if self.checkpoint_dir is not None else None
-        trainer = _Trainer(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress, checkpoints,
-                           train_dtype, self.cache_budget_gb)
+        trainer = self._trainer_class(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress,
+                                      checkpoints, train_dtype, self.cache_budget_gb)
         strategy, phases, results = self._train(trainer, strategy, cfg, len(splits.classes))
         test_logits = trainer.test_logits(phases[-1])
 
@@ -164,10 +169,17 @@ class ImageClassifier:
                                                 results[0].seconds, sum(r.seconds for r in results))
             if self.decision_.strategy != strategy:  # keep the probe: back to pretrained weights, refit the head
                 strategy = self.decision_.strategy
-                trainer.bb = bbs.load_backbone(self.model, n_classes, weights=self.weights)
+                trainer.bb = self._load_backbone(n_classes)
                 phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(trainer.bb.blocks))
                 results = trainer.run_all(phases)
         return strategy, phases, results
+
+    @property
+    def _trainer_class(self) -> type[_Trainer]:
+        return _Trainer
+
+    def _load_backbone(self, n_classes: int) -> bbs.Backbone:
+        return bbs.load_backbone(self.model, n_classes, weights=self.weights)
 
     def _fingerprint(self, strategy: Strategy, cfg: TrainConfig, splits: DataSplits) -> dict:
         """What a checkpoint must match to be resumed: data, model, strategy and every setting that changes training."""
@@ -240,7 +252,16 @@ class ImageClassifier:
         """Write a run directory (model.safetensors, transferkit.json, metrics, history)."""
         self._check_fitted()
         out = Path(path)
-        meta = {
+        meta = self._run_meta()
+        if "test" in meta["metrics"]:
+            from transferkit.report import write_fit_report
+
+            write_fit_report(out, meta, getattr(self, "history_", []))
+        self._write_run(out, meta)
+        return out
+
+    def _run_meta(self) -> dict:
+        return {
             "backbone": self.backbone_.spec.to_dict() if hasattr(self, "backbone_") else self.backbone_meta_,
             "classes": self.classes_,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config_.items()},
@@ -252,22 +273,23 @@ class ImageClassifier:
             "data": self.data_summary_.to_dict() if hasattr(self, "data_summary_") else {},
             "metrics": getattr(self, "metrics_", {}),
         }
-        if "test" in meta["metrics"]:
-            from transferkit.report import write_fit_report
 
-            write_fit_report(out, meta, getattr(self, "history_", []))
+    def _write_run(self, out: Path, meta: dict) -> None:
         save_run(out, self.model_, meta, getattr(self, "history_", None))
-        return out
 
     @classmethod
     def load(cls, path: str | Path, **settings) -> ImageClassifier:
         """Load a run directory written by `save` (or `transferkit fit`)."""
         run: LoadedRun = load_run(path)
-        meta = run.meta
+        return cls._restore(run.model, run.meta, settings)
+
+    @classmethod
+    def _restore(cls, model: torch.nn.Module, meta: dict, settings: dict) -> ImageClassifier:
+        """A fitted classifier from a run's model and transferkit.json."""
         clf = cls(meta["backbone"].get("name", meta["backbone"]["arch"]), strategy=meta["strategy"].get("spec", "auto"),
                   **settings)
-        clf.model_ = run.model
-        clf.classes_ = run.classes
+        clf.model_ = model
+        clf.classes_ = meta["classes"]
         clf.backbone_meta_ = meta["backbone"]
         clf.data_config_ = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()}
         clf.strategy_ = parse_strategy(meta["strategy"].get("spec", "feature-extraction"))
@@ -372,12 +394,15 @@ class _Trainer:
         self.checkpoints = checkpoints
         self.cache = FeatureCache.default(enabled=cache)
         self.cache_budget = int(cache_budget_gb * 1e9)
-        self.eval_transform = make_transform(data_config)
         self.cache_hits: dict[str, str] = {}
         self.phase_notes: dict[str, dict] = {}
         self._features: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ data
+
+    @functools.cached_property
+    def eval_transform(self):
+        return make_transform(self.data_config)
 
     def features(self, split: str) -> np.ndarray:
         if split not in self._features:
@@ -458,6 +483,8 @@ class _Trainer:
             resume: dict | None = None) -> PhaseResult:
         if phase.on_features:
             return self._run_head_on_features(phase)
+        if phase.adapters:
+            lora.add_adapters_(self.bb)  # blocks become the adapters: 'all blocks' below trains adapters + head
         return self._run_on_images(phase, index, done or [], resume)
 
     def _run_head_on_features(self, phase: Phase) -> PhaseResult:
@@ -479,7 +506,9 @@ class _Trainer:
         n_blocks = len(self.bb.blocks)
         cap = phase.trainable_count(n_blocks, epoch=n_blocks)  # most blocks this phase ever trains
         head_lr = self.cfg.lr or FINETUNE_LR
-        if phase.uniform_lr:  # LP-FT: head and blocks at the backbone's (small) rate
+        if phase.adapters:  # LoRA: the adapters start at zero and train at the head's rate (Hu et al. 2021)
+            groups = bbs.param_groups(self.bb, cap, head_lr, 1.0, 1.0)
+        elif phase.uniform_lr:  # LP-FT: head and blocks at the backbone's (small) rate
             groups = bbs.param_groups(self.bb, cap, head_lr * self.cfg.backbone_lr_scale, 1.0, 1.0)
         else:
             groups = bbs.param_groups(self.bb, cap, head_lr, self.cfg.backbone_lr_scale, self.cfg.layer_decay)

@@ -16,11 +16,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-                  help="Adapt a pretrained model to your labelled images: transfer learning (feature extraction) "
-                       "or fine-tuning, measured on your data.")
+                  help="Adapt a pretrained model to your labelled images or texts: transfer learning (feature "
+                       "extraction), fine-tuning or LoRA, measured on your data.")
 # Pipes and CI logs get a wide fixed width so tables are not squeezed into 80 columns.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
@@ -48,7 +48,13 @@ def parse_split(text: str) -> tuple[float, ...]:
         raise typer.BadParameter(f"'{text}' is not three comma-separated fractions, e.g. 0.7,0.15,0.15") from e
 
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Built-in name (efficientnet_lite0, offline) or any timm model.")]
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Images: built-in efficientnet_lite0 (offline, the default) or "
+                                           "any timm model. Texts: built-in minilm (offline, the default), a hub name or "
+                                           "a save_pretrained folder.")]
+TextColumn = Annotated[str | None, typer.Option(help="Text data: the column holding the text (default 'text').")]
+LabelColumn = Annotated[str | None, typer.Option(help="Text data: the column holding the label (default 'label').")]
+MaxLength = Annotated[int | None, typer.Option(min=2, help="Text models: tokens per text (default 128); longer "
+                                                            "texts are truncated.")]
 Seed = Annotated[int, typer.Option(help="Random seed for the split, initialisation and data order.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")]
@@ -62,12 +68,17 @@ CacheBudget = Annotated[float, typer.Option(min=0.0, help="GB of disk the output
 @handles_errors
 def fit(
     data: Annotated[str, typer.Argument(help="Image folder (one subfolder per class; train/ val/ test/ used if "
-                                             "present), a CSV of path,label, 'digits', or a torchvision name (cifar10).")],
+                                             "present), a CSV of path,label, 'digits', a torchvision name (cifar10), "
+                                             "or labelled texts: a CSV/TSV/JSONL with text and label columns.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")] = Path("runs/latest"),
-    model: Model = "efficientnet_lite0",
+    model: Model = None,
     strategy: Annotated[str, typer.Option("--strategy", "-s", help="auto (measures, chooses and says why), "
                                           "feature-extraction (frozen backbone, head on cached features), "
-                                          "finetune:last=N, finetune:all, lp-ft or gradual.")] = "auto",
+                                          "finetune:last=N, finetune:all, lp-ft, gradual or lora.")] = "auto",
+    text_column: TextColumn = None,
+    label_column: LabelColumn = None,
+    max_length: MaxLength = None,
+    pooling: Annotated[str, typer.Option(help="Text models: auto (the model's own), mean or cls.")] = "auto",
     weights: Annotated[str | None, typer.Option(help="Local .safetensors/.pth weights, or 'none' for random init.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs (image phases).")] = None,
     head_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of the head on cached features.")] = None,
@@ -98,16 +109,27 @@ def fit(
     A checkpoint is written to OUT/checkpoints after every epoch; an interrupted
     fit (Ctrl-C, a crash) continues exactly with the same command plus --resume.
     """
-    from transferkit.classifier import ImageClassifier
     from transferkit.runs import check_writable_dir
 
     check_writable_dir(out_dir)  # before training, not after it
-    clf = ImageClassifier(model, strategy=strategy, weights=weights, image_size=image_size, split=parse_split(split),
-                          strict=strict, cache=not no_cache, cache_budget_gb=cache_budget, progress=not quiet, bn=bn,
-                          checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs, head_epochs=head_epochs,
-                          lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision, augment=augment,
-                          optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
-                          class_weights=class_weights)
+    common = dict(strategy=strategy, weights=weights, split=parse_split(split), strict=strict, cache=not no_cache,
+                  progress=not quiet, checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs,
+                  head_epochs=head_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision,
+                  optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
+                  class_weights=class_weights)
+    if is_text_data(data, text_column, label_column):
+        from transferkit.text import TextClassifier
+
+        reject_image_options(image_size=image_size, augment=augment if augment != "none" else None,
+                             bn=bn if bn != "all-frozen" else None)
+        clf = TextClassifier(model or "minilm", **text_options(text_column, label_column, max_length), pooling=pooling,
+                             **common)
+    else:
+        from transferkit.classifier import ImageClassifier
+
+        reject_text_options(max_length=max_length, pooling=pooling if pooling != "auto" else None)
+        clf = ImageClassifier(model or "efficientnet_lite0", image_size=image_size, bn=bn, augment=augment,
+                              cache_budget_gb=cache_budget, **common)
     try:
         clf.fit(data)
     except KeyboardInterrupt:
@@ -119,12 +141,37 @@ def fit(
     render_fit(clf, out_dir)
 
 
+def is_text_data(data: str, text_column: str | None, label_column: str | None) -> bool:
+    """Labelled texts: a column option was given, or the file is a TSV/JSONL or a CSV without a 'path' column."""
+    from transferkit.text.data import is_text_file
+
+    return text_column is not None or label_column is not None or is_text_file(data)
+
+
+def text_options(text_column: str | None, label_column: str | None, max_length: int | None) -> dict:
+    given = {"text_column": text_column, "label_column": label_column, "max_length": max_length}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def reject_image_options(**given) -> None:
+    used = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+    if used:
+        raise UsageError(f"{', '.join(used)} only apply to images, and this data is text. Leave them out.")
+
+
+def reject_text_options(**given) -> None:
+    used = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+    if used:
+        raise UsageError(f"{', '.join(used)} only apply to text models, and this data is images (for labelled "
+                         "texts give a CSV/TSV/JSONL with --text-column/--label-column).")
+
+
 def render_fit(clf, out_dir: Path) -> None:
     summary = clf.data_summary_
     if summary.line():
         err.print(f"[yellow]{summary.line()}[/]", highlight=False)
     sizes = clf.metrics_["split_sizes"]
-    out.print(f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test images, "
+    out.print(f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {clf.noun}, "
               f"{len(clf.classes_)} classes")
     out.print(f"Backbone: {clf.backbone_.spec.name} ({clf.backbone_.load_report})")
     if clf.feature_cache_:
@@ -135,51 +182,87 @@ def render_fit(clf, out_dir: Path) -> None:
     out.print(f"Strategy {clf.strategy_.spec}: test accuracy [bold]{test['accuracy']:.4f}[/], "
               f"macro-F1 {test['macro_f1']:.4f}, val accuracy {clf.metrics_['val_accuracy']:.4f}, "
               f"{clf.metrics_['train_seconds']:.1f} s")
-    out.print(f"Run saved to {out_dir}. Predict with: transferkit predict {out_dir} IMAGE...")
+    out.print(f"Run saved to {out_dir}. Predict with: transferkit predict {out_dir} "
+              f"{'TEXT... or --file LINES.txt' if clf.noun == 'texts' else 'IMAGE...'}")
 
 
 @app.command()
 @handles_errors
 def predict(
     run: Annotated[Path, typer.Argument(help="A run directory written by fit, or a .onnx file written by export.")],
-    files: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
-    top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 1,
+    inputs: Annotated[list[str] | None, typer.Argument(help="Image files to classify; for a text run, the texts "
+                                                             "themselves.")] = None,
+    lines_file: Annotated[Path | None, typer.Option("--file", help="A UTF-8 file with one input per line (texts for a "
+                                                                  "text run, image paths otherwise); blank lines skipped.")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per input.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     device: Device = "auto",
 ) -> None:
-    """Classify image files with a trained run; prints labels and probabilities."""
-    from transferkit.classifier import ImageClassifier
-    from transferkit.data import check_image
+    """Classify image files, or texts with a text run; prints labels and probabilities."""
     from transferkit.errors import DataError
 
-    if run.suffix == ".onnx" and run.is_file():
-        from transferkit.export import OnnxClassifier
+    items = list(inputs or []) + read_lines(lines_file)
+    if not items:
+        raise UsageError("Nothing to predict: give inputs after the run directory, or --file LINES.txt.")
+    key = "text" if run.is_dir() and run_modality(run) == "text" else "file"
+    if key == "text":
+        from transferkit.text import TextClassifier
 
-        clf = OnnxClassifier.load(run, device=device)
+        clf = TextClassifier.load(run, progress=False, device=device)
     else:
-        clf = ImageClassifier.load(run, progress=False, device=device)
-    bad = [(f, r) for f in files if (r := check_image(f))]
-    if bad:
-        raise DataError(f"Cannot read {len(bad)} file(s): " + ", ".join(f"{f} ({r})" for f, r in bad[:5]))
-    proba = clf.predict_proba(files)
-    rows = predictions(files, proba, clf.classes_, top_k)
+        from transferkit.data import check_image
+
+        clf = load_image_model(run, device)
+        items = [Path(f) for f in items]
+        bad = [(f, r) for f in items if (r := check_image(f))]
+        if bad:
+            raise DataError(f"Cannot read {len(bad)} file(s): " + ", ".join(f"{f} ({r})" for f, r in bad[:5]))
+    rows = predictions(items, clf.predict_proba(items), clf.classes_, top_k, key)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table("file", "label", "probability", *(["other classes"] if top_k > 1 else []))
+    table = Table(key, "label", "probability", *(["other classes"] if top_k > 1 else []))
     for r in rows:
         first, rest = r["predictions"][0], r["predictions"][1:]
         extra = [", ".join(f"{p['label']} {p['probability']:.3f}" for p in rest)] if top_k > 1 else []
-        table.add_row(r["file"], first["label"], f"{first['probability']:.3f}", *extra)
+        table.add_row(r[key], first["label"], f"{first['probability']:.3f}", *extra)
     out.print(table)
 
 
-def predictions(files: list[Path], proba, classes: list[str], top_k: int) -> list[dict]:
-    """Top-k labels with probabilities per file, as plain data."""
+def run_modality(run: Path) -> str:
+    from transferkit.runs import run_modality as modality
+
+    return modality(run)
+
+
+def load_image_model(run: Path, device: str):
+    if run.suffix == ".onnx" and run.is_file():
+        from transferkit.export import OnnxClassifier
+
+        return OnnxClassifier.load(run, device=device)
+    from transferkit.classifier import ImageClassifier
+
+    return ImageClassifier.load(run, progress=False, device=device)
+
+
+def read_lines(path: Path | None) -> list[str]:
+    """Non-blank lines of a UTF-8 file, stripped; none without a file."""
+    from transferkit.errors import DataError
+
+    if path is None:
+        return []
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"Cannot read --file {path}: {e}. Give a UTF-8 text file with one input per line.") from e
+
+
+def predictions(items: list, proba, classes: list[str], top_k: int, key: str = "file") -> list[dict]:
+    """Top-k labels with probabilities per input (a file, or a text), as plain data."""
     rows = []
-    for f, p in zip(files, proba):
+    for f, p in zip(items, proba):
         order = p.argsort()[::-1][:top_k]
-        rows.append({"file": str(f), "predictions": [{"label": classes[i], "probability": float(p[i])} for i in order]})
+        rows.append({key: str(f), "predictions": [{"label": classes[i], "probability": float(p[i])} for i in order]})
     return rows
 
 
@@ -187,24 +270,35 @@ def predictions(files: list[Path], proba, classes: list[str], top_k: int) -> lis
 @handles_errors
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run directory written by fit.")],
-    data: Annotated[str, typer.Argument(help="Labelled data (folder, CSV, digits, dataset name); all of it is used.")],
+    data: Annotated[str, typer.Argument(help="Labelled data (folder, CSV, digits, dataset name; a text file for a "
+                                             "text run); all of it is used.")],
+    text_column: TextColumn = None,
+    label_column: LabelColumn = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     device: Device = "auto",
 ) -> None:
     """Measure a trained run on labelled data: accuracy, top-5, macro-F1, per-class scores."""
-    from transferkit.classifier import ImageClassifier
-    from transferkit.data import load_eval_images
     from transferkit.evaluate import metrics
 
-    clf = ImageClassifier.load(run, progress=False, device=device)
-    images, summary = load_eval_images(data, clf.classes_)
+    if run.is_dir() and run_modality(run) == "text":
+        from transferkit.text import TextClassifier
+        from transferkit.text.data import load_eval_texts
+
+        clf = TextClassifier.load(run, progress=False, device=device, **text_options(text_column, label_column, None))
+        images, summary = load_eval_texts(data, clf.classes_, text_column=clf.text_column, label_column=clf.label_column)
+    else:
+        from transferkit.classifier import ImageClassifier
+        from transferkit.data import load_eval_images
+
+        clf = ImageClassifier.load(run, progress=False, device=device)
+        images, summary = load_eval_images(data, clf.classes_)
     if summary.line():
         err.print(f"[yellow]{summary.line()}[/]", highlight=False)
     result = metrics(clf.decision_function(images), images.labels, clf.classes_)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
-    out.print(f"{result['n']} images: accuracy [bold]{result['accuracy']:.4f}[/], top-5 {result['top5_accuracy']:.4f}, "
+    out.print(f"{result['n']} {clf.noun}: accuracy [bold]{result['accuracy']:.4f}[/], top-5 {result['top5_accuracy']:.4f}, "
               f"macro-F1 {result['macro_f1']:.4f}")
     table = Table("class", "precision", "recall", "f1", "support")
     for name, m in result["per_class"].items():
@@ -257,7 +351,7 @@ def inspect(
 @handles_errors
 def compare(
     data: Annotated[str, typer.Argument(help="Labelled data as for fit; default: the built-in digits demo.")] = "digits",
-    model: Model = "efficientnet_lite0",
+    model: Model = None,
     strategies: Annotated[str, typer.Option(help="Comma-separated strategies to run on the same split.")] =
         "feature-extraction,finetune:last=2,finetune:all,lp-ft",
     fractions: Annotated[str | None, typer.Option(help="Training fractions per class for a learning curve, "
@@ -268,6 +362,9 @@ def compare(
     epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs for every strategy.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Fine-tuning batch size.")] = 32,
     image_size: Annotated[int | None, typer.Option(min=16)] = None,
+    text_column: TextColumn = None,
+    label_column: LabelColumn = None,
+    max_length: MaxLength = None,
     split: Annotated[str, typer.Option(help="train,val,test fractions when the data gives no split.")] = "0.7,0.15,0.15",
     seed: Seed = 0,
     device: Device = "auto",
@@ -277,16 +374,29 @@ def compare(
 ) -> None:
     """Run strategies side by side on the same split: accuracy, time, trainable parameters, memory; name the winner."""
     from transferkit.compare import compare as run_compare
-    from transferkit.data import load_data
     from transferkit.report import write_comparison
 
     fracs = [float(f) for f in fractions.split(",")] if fractions else []
-    splits = load_data(data, split=parse_split(split), seed=seed)
+    settings = dict(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
+                    progress=not quiet)
+    if is_text_data(data, text_column, label_column):
+        from transferkit.text import load_text_data
+
+        reject_image_options(image_size=image_size)
+        columns = text_options(text_column, label_column, None)
+        splits = load_text_data(data, split=parse_split(split), seed=seed, **columns)
+        model, noun = model or "minilm", "texts"
+        settings |= columns | text_options(None, None, max_length)
+    else:
+        from transferkit.data import load_data
+
+        reject_text_options(max_length=max_length)
+        splits = load_data(data, split=parse_split(split), seed=seed)
+        model, noun = model or "efficientnet_lite0", "images"
+        settings |= {"image_size": image_size, "cache_budget_gb": cache_budget}
     if splits.summary.line():
         err.print(f"[yellow]{splits.summary.line()}[/]", highlight=False)
-    out.print(f"Comparing on {data}: {splits.sizes()} images, {len(splits.classes)} classes, model {model}")
-    settings = dict(epochs=epochs, batch_size=batch_size, image_size=image_size, seed=seed, device=device,
-                    precision=precision, cache_budget_gb=cache_budget, progress=not quiet)
+    out.print(f"Comparing on {data}: {splits.sizes()} {noun}, {len(splits.classes)} classes, model {model}")
 
     def live(r):
         out.print(f"  {r.label}: test {r.test_accuracy:.4f} in {r.seconds:.1f} s")
@@ -324,6 +434,9 @@ def export(
     """Export a run's model (fp32) to ONNX or TorchScript, checked to reproduce its outputs, with its preprocessing."""
     from transferkit.export import export_run
 
+    if run.is_dir() and run_modality(run) == "text":
+        raise UsageError(f"export handles image runs. A text run's encoder is already in transformers' format: "
+                         f"AutoModel.from_pretrained('{run / 'encoder'}') plus {run / 'head.safetensors'} (see README).")
     render_export(export_run(run, fmt, out_file))
 
 

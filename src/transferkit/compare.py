@@ -23,6 +23,7 @@ from transferkit.classifier import ImageClassifier
 from transferkit.data import DataSplits, subsample_per_class
 from transferkit.errors import UsageError
 from transferkit.strategies import parse_strategy
+from transferkit.text import TextClassifier, TextSet
 
 DEFAULT_STRATEGIES = ("feature-extraction", "finetune:last=2", "finetune:all", "lp-ft")
 
@@ -187,8 +188,8 @@ def machine_info() -> dict:
 
 def run_strategy(splits: DataSplits, spec: str, *, model: str, settings: dict, label: str | None = None,
                  weights: str | None = None) -> tuple[StrategyResult, ImageClassifier]:
-    """Fit one strategy and measure it."""
-    clf = ImageClassifier(model, strategy=spec, weights=weights, **settings)
+    """Fit one strategy and measure it (a TextClassifier when the data is text)."""
+    clf = classifier_class(splits)(model, strategy=spec, weights=weights, **settings)
     with PeakMemory(settings.get("device", "auto")) as mem:
         start = time.perf_counter()
         clf.fit(splits)
@@ -201,6 +202,10 @@ def run_strategy(splits: DataSplits, spec: str, *, model: str, settings: dict, l
                             mem.mib, clf.metrics_["val_accuracy"], test["accuracy"], test["macro_f1"], per_class,
                             metrics=test, phases=clf.phases_, history=clf.history_)
     return result, clf
+
+
+def classifier_class(splits: DataSplits) -> type[ImageClassifier]:
+    return TextClassifier if isinstance(splits.train, TextSet) else ImageClassifier
 
 
 def trainable_params(clf: ImageClassifier) -> int:
@@ -220,7 +225,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str, strategies: Seque
         strategies: strategy specs (no 'auto': compare measures what auto would choose from).
         fractions: training-set fractions per class for a learning curve (1.0 = the full run above).
         baseline: "scratch" adds the same architecture trained from random initialisation (finetune:all).
-        settings: ImageClassifier settings shared by every run (epochs, image_size, seed, ...).
+        settings: classifier settings shared by every run (epochs, image_size or max_length, seed, ...).
         on_result: called with each StrategyResult as it finishes (for live output).
     """
     settings = dict(settings or {})

@@ -380,11 +380,12 @@ def split_stratified(images: ImageSet, split: Sequence[float], seed: int, source
     """Split one image set into train/val/test by `split` fractions."""
     counts = images.class_counts()
     small = {c: n for c, n in counts.items() if n < len(split)}
+    noun = getattr(images, "noun", "image")  # what one example is: "image", or "text" for a TextSet
     if small:
         name, n = next(iter(small.items()))
         raise DataError(
-            f"Class '{name}' in {source} has {n} image(s); splitting into train/val/test needs at least "
-            f"{len(split)} per class. Add images to that class, remove it, or give train/ val/ test/ folders."
+            f"Class '{name}' in {source} has {n} {noun}(s); splitting into train/val/test needs at least "
+            f"{len(split)} per class. Add {noun}s to that class, remove it, or give train/ val/ test/ folders."
         )
     return tuple(images.subset(idx) for idx in stratified_indices(images.labels, split, seed))
 

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,15 +78,24 @@ def library_versions() -> dict[str, str]:
 
 
 def save_model(out: Path, model: nn.Module) -> None:
-    """The full state dict as safetensors (contiguous CPU tensors, timm's own names)."""
+    """The full state dict as safetensors (contiguous CPU tensors, timm's own names).
+
+    A model with LoRA adapters is saved merged (plain timm loads it), its adapters beside it in peft's format.
+    """
     from safetensors.torch import save
 
+    from transferkit import lora
+
+    if lora.is_adapted(model):
+        lora.save_adapters(model, out / lora.ADAPTER_DIR)
+        model = lora.merged_copy(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(out / MODEL_FILE, save(state, metadata={"format": "pt"}))
 
 
-def save_run(out: Path, model: nn.Module, meta: dict, history: list[dict] | None = None) -> None:
-    """Write model, metadata, metrics and history. The manifest goes last: it marks the run complete.
+def save_run(out: Path, model: nn.Module, meta: dict, history: list[dict] | None = None,
+             write_model: Callable[[Path, nn.Module], None] = save_model) -> None:
+    """Write model (with `write_model`), metadata, metrics and history. The manifest goes last: it marks the run complete.
 
     An older manifest is removed first, so a save cut short (kill -9) never leaves a new
     model beside the manifest of the run it replaces; temporary files left by such a cut
@@ -93,7 +103,7 @@ def save_run(out: Path, model: nn.Module, meta: dict, history: list[dict] | None
     """
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)
-    save_model(out, model)
+    write_model(out, model)
     if history:
         write_history_csv(out / "history.csv", history)
     if "metrics" in meta:
@@ -178,6 +188,11 @@ def read_meta(run_dir: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"Cannot read {path}: {e}. The run directory is damaged; fit again.") from e
     return validate_meta(meta, path)
+
+
+def run_modality(run_dir: str | Path) -> str:
+    """'image' or 'text': what a run directory's model classifies."""
+    return read_meta(Path(run_dir)).get("modality", "image")
 
 
 @dataclass

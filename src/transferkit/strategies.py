@@ -14,6 +14,8 @@ Spec strings:
 ``finetune:all``        head + every block trains (plain ``finetune`` is this)
 ``lp-ft``               probe on cached features, then fine-tune all from it
 ``gradual``             one more block unfrozen from the top each epoch (ULMFiT)
+``lora``                probe, then LoRA adapters on every block's attention/MLP
+                        projections + the head train; pretrained weights stay frozen
 ``auto``                chosen from the data; the reasons are recorded
 =====================  ==========================================================
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 from transferkit.errors import UsageError, did_you_mean
 
-KINDS = ("feature-extraction", "finetune", "lp-ft", "gradual", "auto")
+KINDS = ("feature-extraction", "finetune", "lp-ft", "gradual", "lora", "auto")
 ALIASES = {"linear-probe": "feature-extraction", "transfer": "feature-extraction", "probe": "feature-extraction",
            "fine-tune": "finetune", "lpft": "lp-ft"}
 BN_POLICIES = ("frozen-blocks", "all-frozen")
@@ -59,6 +61,8 @@ class Phase:
             validation; epochs unused) or "adamw" (epochs of minibatch AdamW).
         uniform_lr: every group at the backbone rate (LP-FT) instead of a faster
             head and layer-wise decay below it.
+        adapters: add LoRA adapters first; the blocks that train are then the
+            adapters of each block (the pretrained weights stay frozen).
     """
 
     name: str
@@ -69,6 +73,7 @@ class Phase:
     warmup_epochs: float = 0.0
     solver: str = "adamw"
     uniform_lr: bool = False
+    adapters: bool = False
 
     def trainable_count(self, n_blocks: int, epoch: int = 0) -> int:
         """Number of top blocks trainable at `epoch` of this phase."""
@@ -94,7 +99,7 @@ def parse_strategy(spec: str) -> Strategy:
     if kind not in KINDS:
         names = list(KINDS) + list(ALIASES)
         raise UsageError(f"Unknown strategy '{spec}'.{did_you_mean(head, names)} Valid: feature-extraction, "
-                         "finetune:last=N, finetune:all, lp-ft, gradual, auto.")
+                         "finetune:last=N, finetune:all, lp-ft, gradual, lora, auto.")
     if kind != "finetune":
         if arg:
             raise UsageError(f"Strategy '{kind}' takes no argument; got '{spec}'.")
@@ -136,6 +141,8 @@ def plan_phases(strategy: Strategy, epochs: int | None, head_epochs: int | None,
         return [head, Phase("finetune", strategy.last, ft_epochs, warmup_epochs=1)]
     if strategy.kind == "lp-ft":
         return [head, Phase("finetune", None, ft_epochs, warmup_epochs=1, uniform_lr=True)]
+    if strategy.kind == "lora":
+        return [head, Phase("lora", None, ft_epochs, warmup_epochs=1, adapters=True)]
     # ULMFiT: one more block per epoch from the top, so it needs at least as many epochs as blocks to reach all.
     return [head, Phase("gradual", None, max(ft_epochs, 1), gradual=True)]
 
