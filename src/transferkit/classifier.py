@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ from transferkit.strategies import (
     parse_strategy,
     plan_phases,
 )
+from transferkit.tracking import FitLog, Tracker
 
 
 class ImageClassifier:
@@ -82,13 +83,16 @@ class ImageClassifier:
         checkpoint_dir: where to write a checkpoint after every epoch (None: no checkpoints).
         resume: continue from the checkpoint in `checkpoint_dir` (same data, strategy and settings).
         progress: show progress bars on stderr.
+        tracker: an open experiment-tracking run (:func:`transferkit.tracking.open_run`) that `fit` logs its
+            settings, each epoch and its results into; None logs nothing.
         Other keyword arguments are :class:`transferkit.engine.TrainConfig` fields.
     """
 
     def __init__(self, model: str = bbs.DEFAULT_BACKBONE, *, strategy: str = "auto",
                  weights: str | Path | None = None, image_size: int | None = None, bn: str = "all-frozen",
                  split: Sequence[float] = DEFAULT_SPLIT, strict: bool = False, cache: bool = True,
-                 checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True, **train):
+                 checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+                 tracker: Tracker | None = None, **train):
         self.model = model
         self.strategy = strategy
         self.weights = weights
@@ -100,6 +104,7 @@ class ImageClassifier:
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
         self.progress = progress
+        self.tracker = tracker
         self.train = train
 
     # ------------------------------------------------------------------ fit
@@ -114,6 +119,8 @@ class ImageClassifier:
             raise UsageError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoints).")
         splits = self._splits(X, y, cfg.seed)
         self.data_summary_ = splits.summary
+        log = FitLog(self.tracker)
+        log.start(self, cfg, splits)
         started = time.perf_counter()
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
@@ -125,6 +132,7 @@ class ImageClassifier:
             if self.checkpoint_dir is not None else None
         trainer = _Trainer(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress, checkpoints,
                            train_dtype)
+        trainer.on_epochs = log.epochs
         strategy, phases, results = self._train(trainer, strategy, cfg, len(splits.classes))
         test_logits = trainer.test_logits(phases[-1])
 
@@ -140,6 +148,7 @@ class ImageClassifier:
         self.metrics_ = {"test": metrics(test_logits, splits.test.labels, self.classes_),
                          "val_accuracy": results[-1].best_val_acc, "train_seconds": time.perf_counter() - started,
                          "split_sizes": splits.sizes()}
+        log.end(self)
         return self
 
     def _train(self, trainer: _Trainer, strategy: Strategy, cfg: TrainConfig,
@@ -329,6 +338,7 @@ class _Trainer:
         self.cache_hits: dict[str, str] = {}
         self.phase_notes: dict[str, dict] = {}
         self._features: dict[str, np.ndarray] = {}
+        self.on_epochs: Callable[[list[dict]], None] = lambda rows: None  # history rows so far (experiment tracking)
 
     # ------------------------------------------------------------------ data
 
@@ -377,11 +387,13 @@ class _Trainer:
             if state is not None and i < state["phase_index"]:
                 results.append(PhaseResult(**state["results"][i]))
                 self.phase_notes[phase.name] = state["notes"].get(phase.name, {})
+                self.on_epochs(results[-1].history)
                 continue
             loop = state["loop"] if state is not None and i == state["phase_index"] else None
             if state is not None and loop is None and i == state["phase_index"]:
                 self.bb.model.load_state_dict(state["model"])  # the phase had finished: restore its result
             results.append(self.run(phase, i, results, loop))
+            self.on_epochs(results[-1].history)
             if state is not None and i == state["phase_index"]:
                 state = None
             self._checkpoint(i + 1, "done" if i + 1 == len(phases) else phases[i + 1].name, results, None)
@@ -445,6 +457,7 @@ class _Trainer:
 
         def on_epoch_end(loop: dict) -> None:
             self._checkpoint(index, phase.name, done, loop)
+            self.on_epochs(loop["history"])
 
         return run_phase(model, groups, self._image_loader("train", True), self._image_loader("val", False),
                          epochs=phase.epochs, cfg=self.cfg, device=self.device, dtype=self.train_dtype, name=phase.name,

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from transferkit.errors import TransferkitError
@@ -33,7 +34,7 @@ def handles_errors(fn):
         try:
             return fn(*args, **kwargs)
         except TransferkitError as e:
-            err.print(f"[bold red]Error:[/] {e}", highlight=False)
+            err.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False)  # a message may hold [brackets]
             raise typer.Exit(e.exit_code) from e
         except KeyboardInterrupt:
             err.print("[yellow]Interrupted.[/]")
@@ -52,6 +53,12 @@ Model = Annotated[str, typer.Option("--model", "-m", help="Built-in name (effici
 Seed = Annotated[int, typer.Option(help="Random seed for the split, initialisation and data order.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")]
+Log = Annotated[str | None, typer.Option(
+    metavar="tensorboard|mlflow", help="Also log settings, per-epoch metrics, results and the report to 'tensorboard' or "
+                                       "'mlflow' (off by default; needs: pip install \"transferkit\\[log]\").")]
+LogTo = Annotated[str | None, typer.Option(
+    metavar="DIR|URI", help="Where --log writes: a TensorBoard root folder (default OUT/tensorboard), or an MLflow "
+                            "tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db).")]
 
 
 @app.command()
@@ -87,6 +94,8 @@ def fit(
     strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    log: Log = None,
+    log_to: LogTo = None,
 ) -> None:
     """Train a classifier on DATA and write a run directory (model.safetensors, transferkit.json, metrics).
 
@@ -95,22 +104,25 @@ def fit(
     """
     from transferkit.classifier import ImageClassifier
     from transferkit.runs import check_writable_dir
+    from transferkit.tracking import log_fit_report, open_run
 
     check_writable_dir(out_dir)  # before training, not after it
-    clf = ImageClassifier(model, strategy=strategy, weights=weights, image_size=image_size, split=parse_split(split),
-                          strict=strict, cache=not no_cache, progress=not quiet, bn=bn,
-                          checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs, head_epochs=head_epochs,
-                          lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision, augment=augment,
-                          optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
-                          class_weights=class_weights)
-    try:
-        clf.fit(data)
-    except KeyboardInterrupt:
-        again = " ".join(sys.argv[1:]) + ("" if resume else " --resume")
-        err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. "
-                  f"Continue with:\n  transferkit {again}", highlight=False)
-        raise typer.Exit(130) from None
-    clf.save(out_dir)
+    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-{strategy}", to=log_to) as tracker:
+        clf = ImageClassifier(model, strategy=strategy, weights=weights, image_size=image_size, split=parse_split(split),
+                              strict=strict, cache=not no_cache, progress=not quiet, bn=bn,
+                              checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs, head_epochs=head_epochs,
+                              lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision, augment=augment,
+                              optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate,
+                              patience=patience, class_weights=class_weights, tracker=tracker)
+        try:
+            clf.fit(data)
+        except KeyboardInterrupt:
+            again = " ".join(sys.argv[1:]) + ("" if resume else " --resume")
+            err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. "
+                      f"Continue with:\n  transferkit {again}", highlight=False)
+            raise typer.Exit(130) from None
+        clf.save(out_dir)
+        log_fit_report(tracker, clf, out_dir)
     render_fit(clf, out_dir)
 
 
@@ -268,26 +280,31 @@ def compare(
     device: Device = "auto",
     precision: Precision = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    log: Log = None,
+    log_to: LogTo = None,
 ) -> None:
     """Run strategies side by side on the same split: accuracy, time, trainable parameters, memory; name the winner."""
     from transferkit.compare import compare as run_compare
     from transferkit.data import load_data
     from transferkit.report import write_comparison
+    from transferkit.tracking import log_comparison, open_run
 
     fracs = [float(f) for f in fractions.split(",")] if fractions else []
-    splits = load_data(data, split=parse_split(split), seed=seed)
-    if splits.summary.line():
-        err.print(f"[yellow]{splits.summary.line()}[/]", highlight=False)
-    out.print(f"Comparing on {data}: {splits.sizes()} images, {len(splits.classes)} classes, model {model}")
-    settings = dict(epochs=epochs, batch_size=batch_size, image_size=image_size, seed=seed, device=device,
-                    precision=precision, progress=not quiet)
+    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-compare", to=log_to) as tracker:
+        splits = load_data(data, split=parse_split(split), seed=seed)
+        if splits.summary.line():
+            err.print(f"[yellow]{splits.summary.line()}[/]", highlight=False)
+        out.print(f"Comparing on {data}: {splits.sizes()} images, {len(splits.classes)} classes, model {model}")
+        settings = dict(epochs=epochs, batch_size=batch_size, image_size=image_size, seed=seed, device=device,
+                        precision=precision, progress=not quiet)
 
-    def live(r):
-        out.print(f"  {r.label}: test {r.test_accuracy:.4f} in {r.seconds:.1f} s")
+        def live(r):
+            out.print(f"  {r.label}: test {r.test_accuracy:.4f} in {r.seconds:.1f} s")
 
-    result = run_compare(splits, data_name=data, model=model, strategies=strategies.split(","), fractions=fracs,
-                         baseline=baseline, settings=settings, on_result=live)
-    paths = write_comparison(result, out_dir)
+        result = run_compare(splits, data_name=data, model=model, strategies=strategies.split(","), fractions=fracs,
+                             baseline=baseline, settings=settings, on_result=live, tracker=tracker)
+        paths = write_comparison(result, out_dir)
+        log_comparison(tracker, result, paths)
     render_comparison(result)
     out.print(f"Reports: {paths['html']}, {paths['markdown']}, {paths['json']}")
 
