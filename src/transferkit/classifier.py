@@ -15,7 +15,7 @@ import functools
 import hashlib
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,7 @@ from transferkit.strategies import (
     parse_strategy,
     plan_phases,
 )
+from transferkit.tracking import FitLog, Tracker
 
 
 class ImageClassifier:
@@ -90,6 +91,8 @@ class ImageClassifier:
         checkpoint_dir: where to write a checkpoint after every epoch (None: no checkpoints).
         resume: continue from the checkpoint in `checkpoint_dir` (same data, strategy and settings).
         progress: show progress bars on stderr.
+        tracker: an open experiment-tracking run (:func:`transferkit.tracking.open_run`) that `fit` logs its
+            settings, each epoch and its results into; None logs nothing.
         Other keyword arguments are :class:`transferkit.engine.TrainConfig` fields.
     """
 
@@ -99,7 +102,7 @@ class ImageClassifier:
                  weights: str | Path | None = None, image_size: int | None = None, bn: str = "all-frozen",
                  split: Sequence[float] = DEFAULT_SPLIT, strict: bool = False, cache: bool = True,
                  cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB, checkpoint_dir: str | Path | None = None,
-                 resume: bool = False, progress: bool = True, **train):
+                 resume: bool = False, progress: bool = True, tracker: Tracker | None = None, **train):
         self.model = model
         self.strategy = strategy
         self.weights = weights
@@ -112,6 +115,7 @@ class ImageClassifier:
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
         self.progress = progress
+        self.tracker = tracker
         self.train = train
 
     # ------------------------------------------------------------------ fit
@@ -126,6 +130,8 @@ class ImageClassifier:
             raise UsageError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoints).")
         splits = self._splits(X, y, cfg.seed)
         self.data_summary_ = splits.summary
+        log = FitLog(self.tracker)
+        log.start(self, cfg, splits)
         started = time.perf_counter()
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
@@ -137,6 +143,7 @@ class ImageClassifier:
             if self.checkpoint_dir is not None else None
         trainer = self._trainer_class(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress,
                                       checkpoints, train_dtype, self.cache_budget_gb)
+        trainer.on_epochs = log.epochs
         strategy, phases, results = self._train(trainer, strategy, cfg, len(splits.classes))
         test_logits = trainer.test_logits(phases[-1])
 
@@ -152,6 +159,7 @@ class ImageClassifier:
         self.metrics_ = {"test": metrics(test_logits, splits.test.labels, self.classes_),
                          "val_accuracy": results[-1].best_val_acc, "train_seconds": time.perf_counter() - started,
                          "split_sizes": splits.sizes()}
+        log.end(self)
         return self
 
     def _train(self, trainer: _Trainer, strategy: Strategy, cfg: TrainConfig,
@@ -397,6 +405,7 @@ class _Trainer:
         self.cache_hits: dict[str, str] = {}
         self.phase_notes: dict[str, dict] = {}
         self._features: dict[str, np.ndarray] = {}
+        self.on_epochs: Callable[[list[dict]], None] = lambda rows: None  # history rows so far (experiment tracking)
 
     # ------------------------------------------------------------------ data
 
@@ -454,11 +463,13 @@ class _Trainer:
             if state is not None and i < state["phase_index"]:
                 results.append(PhaseResult(**state["results"][i]))
                 self.phase_notes[phase.name] = state["notes"].get(phase.name, {})
+                self.on_epochs(results[-1].history)
                 continue
             loop = state["loop"] if state is not None and i == state["phase_index"] else None
             if state is not None and loop is None and i == state["phase_index"]:
                 self.bb.model.load_state_dict(state["model"])  # the phase had finished: restore its result
             results.append(self.run(phase, i, results, loop))
+            self.on_epochs(results[-1].history)
             if state is not None and i == state["phase_index"]:
                 state = None
             self._checkpoint(i + 1, "done" if i + 1 == len(phases) else phases[i + 1].name, results, None)
@@ -530,6 +541,7 @@ class _Trainer:
 
         def on_epoch_end(loop: dict) -> None:
             self._checkpoint(index, phase.name, done, loop)
+            self.on_epochs(loop["history"])
 
         train_loader, val_loader, trained = loaders
         return run_phase(trained, groups, train_loader, val_loader, epochs=phase.epochs, cfg=self.cfg, device=self.device,

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from transferkit.errors import TransferkitError, UsageError
@@ -33,7 +34,7 @@ def handles_errors(fn):
         try:
             return fn(*args, **kwargs)
         except TransferkitError as e:
-            err.print(f"[bold red]Error:[/] {e}", highlight=False)
+            err.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False)  # a message may hold [brackets]
             raise typer.Exit(e.exit_code) from e
         except KeyboardInterrupt:
             err.print("[yellow]Interrupted.[/]")
@@ -62,6 +63,12 @@ CacheBudget = Annotated[float, typer.Option(min=0.0, help="GB of disk the output
                                             "augmentation off, finetune:last=N computes the frozen blocks once into "
                                             "the cache and trains only the rest (refused, with a message, over this "
                                             "budget; 0 turns it off).")]
+Log = Annotated[str | None, typer.Option(
+    metavar="tensorboard|mlflow", help="Also log settings, per-epoch metrics, results and the report to 'tensorboard' or "
+                                       "'mlflow' (off by default; needs: pip install \"transferkit\\[log]\").")]
+LogTo = Annotated[str | None, typer.Option(
+    metavar="DIR|URI", help="Where --log writes: a TensorBoard root folder (default OUT/tensorboard), or an MLflow "
+                            "tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db).")]
 
 
 @app.command()
@@ -103,6 +110,8 @@ def fit(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
     cache_budget: CacheBudget = 10.0,  # features.DEFAULT_CACHE_BUDGET_GB (not imported: --help stays fast)
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    log: Log = None,
+    log_to: LogTo = None,
 ) -> None:
     """Train a classifier on DATA and write a run directory (model.safetensors, transferkit.json, metrics).
 
@@ -110,6 +119,7 @@ def fit(
     fit (Ctrl-C, a crash) continues exactly with the same command plus --resume.
     """
     from transferkit.runs import check_writable_dir
+    from transferkit.tracking import log_fit_report, open_run
 
     check_writable_dir(out_dir)  # before training, not after it
     common = dict(strategy=strategy, weights=weights, split=parse_split(split), strict=strict, cache=not no_cache,
@@ -117,27 +127,29 @@ def fit(
                   head_epochs=head_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision,
                   optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
                   class_weights=class_weights)
-    if is_text_data(data, text_column, label_column):
-        from transferkit.text import TextClassifier
+    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-{strategy}", to=log_to) as tracker:
+        if is_text_data(data, text_column, label_column):
+            from transferkit.text import TextClassifier
 
-        reject_image_options(image_size=image_size, augment=augment if augment != "none" else None,
-                             bn=bn if bn != "all-frozen" else None)
-        clf = TextClassifier(model or "minilm", **text_options(text_column, label_column, max_length), pooling=pooling,
-                             **common)
-    else:
-        from transferkit.classifier import ImageClassifier
+            reject_image_options(image_size=image_size, augment=augment if augment != "none" else None,
+                                 bn=bn if bn != "all-frozen" else None)
+            clf = TextClassifier(model or "minilm", **text_options(text_column, label_column, max_length),
+                                 pooling=pooling, tracker=tracker, **common)
+        else:
+            from transferkit.classifier import ImageClassifier
 
-        reject_text_options(max_length=max_length, pooling=pooling if pooling != "auto" else None)
-        clf = ImageClassifier(model or "efficientnet_lite0", image_size=image_size, bn=bn, augment=augment,
-                              cache_budget_gb=cache_budget, **common)
-    try:
-        clf.fit(data)
-    except KeyboardInterrupt:
-        again = " ".join(sys.argv[1:]) + ("" if resume else " --resume")
-        err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. "
-                  f"Continue with:\n  transferkit {again}", highlight=False)
-        raise typer.Exit(130) from None
-    clf.save(out_dir)
+            reject_text_options(max_length=max_length, pooling=pooling if pooling != "auto" else None)
+            clf = ImageClassifier(model or "efficientnet_lite0", image_size=image_size, bn=bn, augment=augment,
+                                  cache_budget_gb=cache_budget, tracker=tracker, **common)
+        try:
+            clf.fit(data)
+        except KeyboardInterrupt:
+            again = " ".join(sys.argv[1:]) + ("" if resume else " --resume")
+            err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. "
+                      f"Continue with:\n  transferkit {again}", highlight=False)
+            raise typer.Exit(130) from None
+        clf.save(out_dir)
+        log_fit_report(tracker, clf, out_dir)
     render_fit(clf, out_dir)
 
 
@@ -371,39 +383,44 @@ def compare(
     precision: Precision = "auto",
     cache_budget: CacheBudget = 10.0,  # features.DEFAULT_CACHE_BUDGET_GB (not imported: --help stays fast)
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    log: Log = None,
+    log_to: LogTo = None,
 ) -> None:
     """Run strategies side by side on the same split: accuracy, time, trainable parameters, memory; name the winner."""
     from transferkit.compare import compare as run_compare
     from transferkit.report import write_comparison
+    from transferkit.tracking import log_comparison, open_run
 
     fracs = [float(f) for f in fractions.split(",")] if fractions else []
-    settings = dict(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
-                    progress=not quiet)
-    if is_text_data(data, text_column, label_column):
-        from transferkit.text import load_text_data
+    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-compare", to=log_to) as tracker:
+        settings = dict(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
+                        progress=not quiet)
+        if is_text_data(data, text_column, label_column):
+            from transferkit.text import load_text_data
 
-        reject_image_options(image_size=image_size)
-        columns = text_options(text_column, label_column, None)
-        splits = load_text_data(data, split=parse_split(split), seed=seed, **columns)
-        model, noun = model or "minilm", "texts"
-        settings |= columns | text_options(None, None, max_length)
-    else:
-        from transferkit.data import load_data
+            reject_image_options(image_size=image_size)
+            columns = text_options(text_column, label_column, None)
+            splits = load_text_data(data, split=parse_split(split), seed=seed, **columns)
+            model, noun = model or "minilm", "texts"
+            settings |= columns | text_options(None, None, max_length)
+        else:
+            from transferkit.data import load_data
 
-        reject_text_options(max_length=max_length)
-        splits = load_data(data, split=parse_split(split), seed=seed)
-        model, noun = model or "efficientnet_lite0", "images"
-        settings |= {"image_size": image_size, "cache_budget_gb": cache_budget}
-    if splits.summary.line():
-        err.print(f"[yellow]{splits.summary.line()}[/]", highlight=False)
-    out.print(f"Comparing on {data}: {splits.sizes()} {noun}, {len(splits.classes)} classes, model {model}")
+            reject_text_options(max_length=max_length)
+            splits = load_data(data, split=parse_split(split), seed=seed)
+            model, noun = model or "efficientnet_lite0", "images"
+            settings |= {"image_size": image_size, "cache_budget_gb": cache_budget}
+        if splits.summary.line():
+            err.print(f"[yellow]{splits.summary.line()}[/]", highlight=False)
+        out.print(f"Comparing on {data}: {splits.sizes()} {noun}, {len(splits.classes)} classes, model {model}")
 
-    def live(r):
-        out.print(f"  {r.label}: test {r.test_accuracy:.4f} in {r.seconds:.1f} s")
+        def live(r):
+            out.print(f"  {r.label}: test {r.test_accuracy:.4f} in {r.seconds:.1f} s")
 
-    result = run_compare(splits, data_name=data, model=model, strategies=strategies.split(","), fractions=fracs,
-                         baseline=baseline, settings=settings, on_result=live)
-    paths = write_comparison(result, out_dir)
+        result = run_compare(splits, data_name=data, model=model, strategies=strategies.split(","), fractions=fracs,
+                             baseline=baseline, settings=settings, on_result=live, tracker=tracker)
+        paths = write_comparison(result, out_dir)
+        log_comparison(tracker, result, paths)
     render_comparison(result)
     out.print(f"Reports: {paths['html']}, {paths['markdown']}, {paths['json']}")
 

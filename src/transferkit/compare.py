@@ -15,6 +15,7 @@ import platform
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from transferkit.data import DataSplits, subsample_per_class
 from transferkit.errors import UsageError
 from transferkit.strategies import parse_strategy
 from transferkit.text import TextClassifier, TextSet
+from transferkit.tracking import Tracker, log_strategy_result
 
 DEFAULT_STRATEGIES = ("feature-extraction", "finetune:last=2", "finetune:all", "lp-ft")
 
@@ -187,9 +189,19 @@ def machine_info() -> dict:
 
 
 def run_strategy(splits: DataSplits, spec: str, *, model: str, settings: dict, label: str | None = None,
-                 weights: str | None = None) -> tuple[StrategyResult, ImageClassifier]:
-    """Fit one strategy and measure it (a TextClassifier when the data is text)."""
-    clf = classifier_class(splits)(model, strategy=spec, weights=weights, **settings)
+                 weights: str | None = None, tracker: Tracker | None = None) -> tuple[StrategyResult, ImageClassifier]:
+    """Fit one strategy and measure it; with `tracker`, logged as a run nested in it, named by the label."""
+    with (tracker.child(label or spec) if tracker is not None else nullcontext()) as run:
+        result, clf = _measure(splits, spec, model=model, settings=settings, label=label, weights=weights, tracker=run)
+        if run is not None:
+            log_strategy_result(run, result)
+    return result, clf
+
+
+def _measure(splits: DataSplits, spec: str, *, model: str, settings: dict, label: str | None, weights: str | None,
+             tracker: Tracker | None) -> tuple[StrategyResult, ImageClassifier]:
+    """A TextClassifier when the data is text."""
+    clf = classifier_class(splits)(model, strategy=spec, weights=weights, tracker=tracker, **settings)
     with PeakMemory(settings.get("device", "auto")) as mem:
         start = time.perf_counter()
         clf.fit(splits)
@@ -217,7 +229,7 @@ def trainable_params(clf: ImageClassifier) -> int:
 
 def compare(splits: DataSplits, *, data_name: str, model: str, strategies: Sequence[str] = DEFAULT_STRATEGIES,
             fractions: Sequence[float] = (), baseline: str | None = None, settings: dict | None = None,
-            on_result=None) -> Comparison:
+            on_result=None, tracker: Tracker | None = None) -> Comparison:
     """Run every strategy on the same split and seed; optionally a learning curve and a scratch baseline.
 
     Args:
@@ -227,6 +239,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str, strategies: Seque
         baseline: "scratch" adds the same architecture trained from random initialisation (finetune:all).
         settings: classifier settings shared by every run (epochs, image_size or max_length, seed, ...).
         on_result: called with each StrategyResult as it finishes (for live output).
+        tracker: an open experiment-tracking run; each strategy (and curve point, baseline) is logged as a run nested in it.
     """
     settings = dict(settings or {})
     specs = [parse_strategy(s).spec for s in strategies]
@@ -239,7 +252,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str, strategies: Seque
     notify = on_result or (lambda r: None)
     results = []
     for spec in specs:
-        result, _ = run_strategy(splits, spec, model=model, settings=settings)
+        result, _ = run_strategy(splits, spec, model=model, settings=settings, tracker=tracker)
         results.append(result)
         notify(result)
     curve = []
@@ -247,7 +260,8 @@ def compare(splits: DataSplits, *, data_name: str, model: str, strategies: Seque
         sub = DataSplits(subsample_per_class(splits.train, fraction, settings.get("seed", 0)), splits.val, splits.test,
                          splits.summary)
         for spec in specs:
-            result, _ = run_strategy(sub, spec, model=model, settings=settings, label=f"{spec} @ {fraction:g}")
+            result, _ = run_strategy(sub, spec, model=model, settings=settings, label=f"{spec} @ {fraction:g}",
+                                     tracker=tracker)
             curve.append(result)
             notify(result)
     if curve:
@@ -255,7 +269,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str, strategies: Seque
     base = None
     if baseline == "scratch":
         base, _ = run_strategy(splits, "finetune:all", model=model, settings=settings, weights="none",
-                               label="scratch (random init, finetune:all)")
+                               label="scratch (random init, finetune:all)", tracker=tracker)
         notify(base)
     configs = {r.strategy: r.phases for r in results}
     return Comparison(data_name, model, settings.get("seed", 0), results, curve, base, configs, machine_info(),

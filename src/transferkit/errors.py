@@ -47,6 +47,10 @@ class ExportError(TransferkitError):
     """A model cannot be exported, or the exported file does not reproduce the PyTorch model's outputs."""
 
 
+class TrackingError(TransferkitError):
+    """Experiment logging cannot start: its library is not installed, or the tracking store refuses the run."""
+
+
 class NotFittedError(TransferkitError, AttributeError):
     """A method that needs a fitted model was called before `fit`."""
 

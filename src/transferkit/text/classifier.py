@@ -41,6 +41,7 @@ from transferkit.text.backbone import (
     tokenize,
 )
 from transferkit.text.data import LABEL_COLUMN, TEXT_COLUMN, TextSet, load_eval_texts, load_text_data
+from transferkit.tracking import Tracker
 
 ENCODER_DIR, HEAD_FILE = "encoder", "head.safetensors"
 
@@ -128,7 +129,7 @@ class TextClassifier(ImageClassifier):
         pooling: ``auto`` (the model's own: mean for sentence-transformers models, else [CLS]), ``mean`` or ``cls``.
         text_column, label_column: the columns of a CSV/TSV/JSONL data file.
         Other keyword arguments are those of :class:`~transferkit.ImageClassifier` (split, strict, cache,
-        checkpoint_dir, resume, progress) and :class:`transferkit.engine.TrainConfig` fields.
+        checkpoint_dir, resume, progress, tracker) and :class:`transferkit.engine.TrainConfig` fields.
     """
 
     noun = "texts"
@@ -137,9 +138,9 @@ class TextClassifier(ImageClassifier):
                  max_length: int = DEFAULT_MAX_LENGTH, pooling: str = "auto", text_column: str = TEXT_COLUMN,
                  label_column: str = LABEL_COLUMN, split: Sequence[float] = DEFAULT_SPLIT, strict: bool = False,
                  cache: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                 progress: bool = True, **train):
+                 progress: bool = True, tracker: Tracker | None = None, **train):
         super().__init__(model, strategy=strategy, weights=weights, split=split, strict=strict, cache=cache,
-                         checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, **train)
+                         checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, tracker=tracker, **train)
         self.max_length = max_length
         self.pooling = pooling
         self.text_column = text_column
