@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from transferkit import backbones as bbs
+from transferkit import distributed
 from transferkit.data import (
     DEFAULT_SPLIT,
     DataSplits,
@@ -112,19 +113,22 @@ class ImageClassifier:
             raise UsageError(f"bn must be one of {', '.join(BN_POLICIES)}; got '{self.bn}'.{did_you_mean(self.bn, BN_POLICIES)}")
         if self.resume and self.checkpoint_dir is None:
             raise UsageError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoints).")
-        splits = self._splits(X, y, cfg.seed)
+        device = distributed.join(resolve_device(cfg.device))  # under torchrun: this process's device
+        distributed.local_batch(cfg.batch_size)  # fail now if the global batch does not split over the processes
+        with distributed.main_first():  # one process downloads a named dataset, the others then read it
+            splits = self._splits(X, y, cfg.seed)
         self.data_summary_ = splits.summary
         started = time.perf_counter()
         seed_everything(cfg.seed)
-        device = resolve_device(cfg.device)
         dtype = resolve_precision(cfg.precision, device)
         train_dtype = resolve_precision(cfg.precision, device, training=True)
-        bb = bbs.load_backbone(self.model, len(splits.classes), weights=self.weights)
+        with distributed.main_first():  # hub weights: one download, then the others read the hub cache
+            bb = bbs.load_backbone(self.model, len(splits.classes), weights=self.weights)
         data_config = resolve_data_config(bb.data_config, self.image_size, splits.train.preprocess_hint)
         checkpoints = Checkpoints(Path(self.checkpoint_dir), self._fingerprint(strategy, cfg, splits)) \
             if self.checkpoint_dir is not None else None
-        trainer = _Trainer(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress, checkpoints,
-                           train_dtype)
+        trainer = _Trainer(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache,
+                           self.progress and distributed.is_main(), checkpoints, train_dtype)
         strategy, phases, results = self._train(trainer, strategy, cfg, len(splits.classes))
         test_logits = trainer.test_logits(phases[-1])
 
@@ -230,9 +234,14 @@ class ImageClassifier:
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | Path) -> Path:
-        """Write a run directory (model.safetensors, transferkit.json, metrics, history)."""
+        """Write a run directory (model.safetensors, transferkit.json, metrics, history).
+
+        Under torchrun only rank 0 writes; every process holds the same model.
+        """
         self._check_fitted()
         out = Path(path)
+        if not distributed.is_main():
+            return out
         meta = {
             "backbone": self.backbone_.spec.to_dict() if hasattr(self, "backbone_") else self.backbone_meta_,
             "classes": self.classes_,
@@ -295,6 +304,9 @@ class Checkpoints:
         return self.folder / "last.pt"
 
     def write(self, state: dict) -> None:
+        """Write `state` (rank 0 only: every process holds the same state, nothing in it depends on their number)."""
+        if not distributed.is_main():
+            return
         buf = io.BytesIO()
         torch.save({"fingerprint": self.fingerprint, **state}, buf)
         write_atomic(self.path, buf.getvalue())
@@ -351,13 +363,19 @@ class _Trainer:
         return torch.utils.data.DataLoader(data, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=gen)
 
     def _image_loader(self, split: str, train: bool):
+        """Training: this process's share of each seeded global batch. Evaluation: its contiguous shard, in order."""
         images = getattr(self.splits, split)
-        transform = make_transform(self.data_config, self.cfg.augment) if train else self.eval_transform
-        gen = torch.Generator().manual_seed(self.cfg.seed)
         workers = default_workers(images) if self.cfg.workers is None else self.cfg.workers
-        return torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=self.cfg.batch_size,
-                                           shuffle=train, generator=gen, num_workers=workers,
-                                           drop_last=train and len(images) > self.cfg.batch_size)
+        gen = torch.Generator().manual_seed(self.cfg.seed)  # seeds the loader's workers
+        if not train:
+            if distributed.active():
+                images = images.subset(distributed.shard(len(images)))
+            return torch.utils.data.DataLoader(TransformedImages(images, self.eval_transform),
+                                               batch_size=self.cfg.batch_size, generator=gen, num_workers=workers)
+        return torch.utils.data.DataLoader(TransformedImages(images, make_transform(self.data_config, self.cfg.augment)),
+                                           batch_size=distributed.local_batch(self.cfg.batch_size),
+                                           sampler=distributed.train_sampler(len(images), self.cfg.seed), generator=gen,
+                                           num_workers=workers, drop_last=len(images) > self.cfg.batch_size)
 
     def _class_weights(self) -> torch.Tensor | None:
         if self.cfg.class_weights is None:
@@ -409,7 +427,18 @@ class _Trainer:
         return self._run_on_images(phase, index, done or [], resume)
 
     def _run_head_on_features(self, phase: Phase) -> PhaseResult:
+        """Fit the head on cached features: on rank 0 only under torchrun, its weights and result then broadcast."""
         bbs.set_trainable_(self.bb, 0)
+        for split in ("train", "val"):  # every process takes part in the (sharded) extraction
+            self.features(split)
+        head = self.bb.head()
+        result, state, notes = distributed.on_main(lambda: (self._fit_head(phase), head.state_dict(),
+                                                            self.phase_notes[phase.name]))
+        head.load_state_dict(state)
+        self.phase_notes[phase.name] = notes
+        return result
+
+    def _fit_head(self, phase: Phase) -> PhaseResult:
         if phase.solver == "lbfgs":
             result = fit_linear_probe(self.bb.head(), self._feature_tensors("train"), self._feature_tensors("val"),
                                       progress=self.progress, name=phase.name)
@@ -450,7 +479,7 @@ class _Trainer:
                          epochs=phase.epochs, cfg=self.cfg, device=self.device, dtype=self.train_dtype, name=phase.name,
                          warmup_epochs=phase.warmup_epochs, on_epoch_start=on_epoch_start, train_mode=train_mode,
                          on_epoch_end=on_epoch_end, resume=resume, class_weights=self._class_weights(),
-                         progress=self.progress)
+                         progress=self.progress, replicas=distributed.Replicas.create(self.device))
 
     def min_per_class(self) -> int:
         return int(np.bincount(self.splits.train.labels).min())
@@ -466,4 +495,4 @@ class _Trainer:
             with torch.no_grad():
                 return head(torch.from_numpy(self.features("test"))).numpy()
         logits, _ = predict_logits(self.bb.model, self._image_loader("test", False), self.device, self.dtype)
-        return logits
+        return distributed.gather_rows(logits)  # each process predicted its shard
