@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from transferkit import backbones as bbs
-from transferkit import lora
+from transferkit import distributed, lora
 from transferkit.data import (
     DEFAULT_SPLIT,
     DataSplits,
@@ -128,21 +128,25 @@ class ImageClassifier:
             raise UsageError(f"bn must be one of {', '.join(BN_POLICIES)}; got '{self.bn}'.{did_you_mean(self.bn, BN_POLICIES)}")
         if self.resume and self.checkpoint_dir is None:
             raise UsageError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoints).")
-        splits = self._splits(X, y, cfg.seed)
+        device = distributed.join(resolve_device(cfg.device))  # under torchrun: this process's device
+        distributed.local_batch(cfg.batch_size)  # fail now if the global batch does not split over the processes
+        with distributed.main_first():  # one process downloads a named dataset, the others then read it
+            splits = self._splits(X, y, cfg.seed)
         self.data_summary_ = splits.summary
         log = FitLog(self.tracker)
         log.start(self, cfg, splits)
         started = time.perf_counter()
         seed_everything(cfg.seed)
-        device = resolve_device(cfg.device)
         dtype = resolve_precision(cfg.precision, device)
         train_dtype = resolve_precision(cfg.precision, device, training=True)
-        bb = self._load_backbone(len(splits.classes))
+        with distributed.main_first():  # hub weights: one download, then the others read the hub cache
+            bb = self._load_backbone(len(splits.classes))
         data_config = resolve_data_config(bb.data_config, self.image_size, splits.train.preprocess_hint)
         checkpoints = Checkpoints(Path(self.checkpoint_dir), self._fingerprint(strategy, cfg, splits)) \
             if self.checkpoint_dir is not None else None
-        trainer = self._trainer_class(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache, self.progress,
-                                      checkpoints, train_dtype, self.cache_budget_gb)
+        trainer = self._trainer_class(bb, splits, data_config, cfg, device, dtype, self.bn, self.cache,
+                                      self.progress and distributed.is_main(), checkpoints, train_dtype,
+                                      self.cache_budget_gb)
         trainer.on_epochs = log.epochs
         strategy, phases, results = self._train(trainer, strategy, cfg, len(splits.classes))
         test_logits = trainer.test_logits(phases[-1])
@@ -257,9 +261,14 @@ class ImageClassifier:
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | Path) -> Path:
-        """Write a run directory (model.safetensors, transferkit.json, metrics, history)."""
+        """Write a run directory (model.safetensors, transferkit.json, metrics, history).
+
+        Under torchrun only rank 0 writes; every process holds the same model.
+        """
         self._check_fitted()
         out = Path(path)
+        if not distributed.is_main():
+            return out
         meta = self._run_meta()
         if "test" in meta["metrics"]:
             from transferkit.report import write_fit_report
@@ -370,6 +379,9 @@ class Checkpoints:
         return self.folder / "last.pt"
 
     def write(self, state: dict) -> None:
+        """Write `state` (rank 0 only: every process holds the same state, nothing in it depends on their number)."""
+        if not distributed.is_main():
+            return
         buf = io.BytesIO()
         torch.save({"fingerprint": self.fingerprint, **state}, buf)
         write_atomic(self.path, buf.getvalue())
@@ -438,12 +450,20 @@ class _Trainer:
 
     def _image_loader(self, split: str, train: bool):
         images = getattr(self.splits, split)
-        transform = make_transform(self.data_config, self.cfg.augment) if train else self.eval_transform
-        gen = torch.Generator().manual_seed(self.cfg.seed)
         workers = default_workers(images) if self.cfg.workers is None else self.cfg.workers
-        return torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=self.cfg.batch_size,
-                                           shuffle=train, generator=gen, num_workers=workers,
-                                           drop_last=train and len(images) > self.cfg.batch_size)
+        transform = make_transform(self.data_config, self.cfg.augment) if train else self.eval_transform
+        return self._loader(TransformedImages(images, transform), train, workers)
+
+    def _loader(self, data: torch.utils.data.Dataset, train: bool, workers: int = 0):
+        """Training: this process's share of each seeded global batch. Evaluation: its contiguous shard, in order."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)  # seeds the loader's workers
+        if not train:
+            if distributed.active():
+                data = torch.utils.data.Subset(data, distributed.shard(len(data)))
+            return torch.utils.data.DataLoader(data, batch_size=self.cfg.batch_size, generator=gen, num_workers=workers)
+        return torch.utils.data.DataLoader(data, batch_size=distributed.local_batch(self.cfg.batch_size),
+                                           sampler=distributed.train_sampler(len(data), self.cfg.seed), generator=gen,
+                                           num_workers=workers, drop_last=len(data) > self.cfg.batch_size)
 
     def _class_weights(self) -> torch.Tensor | None:
         if self.cfg.class_weights is None:
@@ -499,7 +519,18 @@ class _Trainer:
         return self._run_on_images(phase, index, done or [], resume)
 
     def _run_head_on_features(self, phase: Phase) -> PhaseResult:
+        """Fit the head on cached features: on rank 0 only under torchrun, its weights and result then broadcast."""
         bbs.set_trainable_(self.bb, 0)
+        for split in ("train", "val"):  # every process takes part in the (sharded) extraction
+            self.features(split)
+        head = self.bb.head()
+        result, state, notes = distributed.on_main(lambda: (self._fit_head(phase), head.state_dict(),
+                                                            self.phase_notes[phase.name]))
+        head.load_state_dict(state)
+        self.phase_notes[phase.name] = notes
+        return result
+
+    def _fit_head(self, phase: Phase) -> PhaseResult:
         if phase.solver == "lbfgs":
             result = fit_linear_probe(self.bb.head(), self._feature_tensors("train"), self._feature_tensors("val"),
                                       progress=self.progress, name=phase.name)
@@ -547,7 +578,8 @@ class _Trainer:
         return run_phase(trained, groups, train_loader, val_loader, epochs=phase.epochs, cfg=self.cfg, device=self.device,
                          dtype=self.train_dtype, name=phase.name, warmup_epochs=phase.warmup_epochs,
                          on_epoch_start=on_epoch_start, train_mode=train_mode, on_epoch_end=on_epoch_end, resume=resume,
-                         class_weights=self._class_weights(), progress=self.progress)
+                         class_weights=self._class_weights(), progress=self.progress,
+                         replicas=distributed.Replicas.create(self.device))
 
     def _prefix_loaders(self, phase: Phase, top_blocks: int) -> tuple[tuple | None, dict]:
         """Frozen-prefix caching: (train loader, val loader, module) over the frozen blocks' cached outputs.
@@ -567,20 +599,17 @@ class _Trainer:
             reason = (f"the outputs of the frozen blocks (up to {split.cut}) would take {_gb(size)} on disk for "
                       f"{n_images} images, over the cache budget of {_gb(self.cache_budget)}; training on images "
                       f"instead. Raise --cache-budget (cache_budget_gb) to at least {_gb(size)} to train on cached outputs.")
-            console.print(f"[yellow]Frozen-prefix cache refused: {reason}[/]")
+            if distributed.is_main():
+                console.print(f"[yellow]Frozen-prefix cache refused: {reason}[/]")
             return None, {"used": False, "reason": reason, "bytes": size}
         (train, train_hit), (val, val_hit) = self._cached("train", cut), self._cached("val", cut)
-        console.print(f"Frozen-prefix cache: blocks up to {split.cut} computed once ({_gb(size)}, train {train_hit}, "
-                      f"val {val_hit}); {phase.name} trains the rest on them.")
+        if distributed.is_main():
+            console.print(f"Frozen-prefix cache: blocks up to {split.cut} computed once ({_gb(size)}, train {train_hit}, "
+                          f"val {val_hit}); {phase.name} trains the rest on them.")
         note = {"used": True, "cut": split.cut, "item_shape": list(cut.shape), "bytes": size,
                 "train": train_hit, "val": val_hit}
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        n_train = len(self.splits.train)
-        train_loader = torch.utils.data.DataLoader(
-            CachedOutputs(train, self.splits.train.labels, cut.shape), batch_size=self.cfg.batch_size, shuffle=True,
-            generator=gen, drop_last=n_train > self.cfg.batch_size)
-        val_loader = torch.utils.data.DataLoader(CachedOutputs(val, self.splits.val.labels, cut.shape),
-                                                 batch_size=self.cfg.batch_size)
+        train_loader = self._loader(CachedOutputs(train, self.splits.train.labels, cut.shape), train=True)
+        val_loader = self._loader(CachedOutputs(val, self.splits.val.labels, cut.shape), train=False)
         return (train_loader, val_loader, TrainsThrough(split.suffix, self.bb.model)), note
 
     def _prefix_split(self, phase: Phase, top_blocks: int) -> bbs.PrefixSplit | str:
@@ -609,4 +638,4 @@ class _Trainer:
             with torch.no_grad():
                 return head(torch.from_numpy(self.features("test"))).numpy()
         logits, _ = predict_logits(self.bb.model, self._image_loader("test", False), self.device, self.dtype)
-        return logits
+        return distributed.gather_rows(logits)  # each process predicted its shard

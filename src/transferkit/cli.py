@@ -90,7 +90,8 @@ def fit(
     epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs (image phases).")] = None,
     head_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of the head on cached features.")] = None,
     lr: Annotated[float | None, typer.Option(min=0.0, help="Head learning rate (backbone blocks get less).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Fine-tuning batch size.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Fine-tuning batch size (under torchrun: the global batch, "
+                                                        "split evenly over the processes).")] = 32,
     image_size: Annotated[int | None, typer.Option(min=16, help="Input size in pixels (default: the backbone's).")] = None,
     split: Annotated[str, typer.Option(help="train,val,test fractions when the data gives no split.")] = "0.7,0.15,0.15",
     seed: Seed = 0,
@@ -117,7 +118,13 @@ def fit(
 
     A checkpoint is written to OUT/checkpoints after every epoch; an interrupted
     fit (Ctrl-C, a crash) continues exactly with the same command plus --resume.
+
+    On several GPUs (or CPU processes), launch it with torchrun, e.g.
+    torchrun --nproc_per_node 4 -m transferkit fit DATA --out OUT: PyTorch DDP,
+    NCCL on GPUs and gloo on CPU; only rank 0 writes OUT. A checkpoint resumes at
+    any number of processes.
     """
+    from transferkit import distributed
     from transferkit.runs import check_writable_dir
     from transferkit.tracking import log_fit_report, open_run
 
@@ -150,7 +157,8 @@ def fit(
             raise typer.Exit(130) from None
         clf.save(out_dir)
         log_fit_report(tracker, clf, out_dir)
-    render_fit(clf, out_dir)
+    if distributed.is_main():
+        render_fit(clf, out_dir)
 
 
 def is_text_data(data: str, text_column: str | None, label_column: str | None) -> bool:

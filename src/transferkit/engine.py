@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from transferkit.distributed import Replicas
 from transferkit.errors import ResourceError, UsageError
 
 console = Console(stderr=True, soft_wrap=True)
@@ -185,6 +186,8 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dty
             out.append(model(to_channels_last(x)).float().cpu())
         labels.append(torch.as_tensor(y))
     model.train(was_training)
+    if not out:  # an empty shard: more processes than images
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return torch.cat(out).numpy(), torch.cat(labels).numpy()
 
 
@@ -220,7 +223,8 @@ def run_phase(model: nn.Module, groups: list[dict], train_loader, val_loader, *,
               device: torch.device, dtype: torch.dtype | None, name: str, warmup_epochs: float = 0.0,
               on_epoch_start: Callable[[int], None] | None = None, train_mode: Callable[[], None] | None = None,
               on_epoch_end: Callable[[dict], None] | None = None, resume: dict | None = None,
-              class_weights: torch.Tensor | None = None, progress: bool = True) -> PhaseResult:
+              class_weights: torch.Tensor | None = None, progress: bool = True,
+              replicas: Replicas | None = None) -> PhaseResult:
     """Train `model` for `epochs`, keep the weights with the best validation accuracy.
 
     Args:
@@ -230,6 +234,9 @@ def run_phase(model: nn.Module, groups: list[dict], train_loader, val_loader, *,
             frozen blocks' BatchNorm in eval mode. Default: `model.train()`.
         on_epoch_end: receives the loop state after each epoch (to write a checkpoint).
         resume: a loop state from `on_epoch_end` to continue from, exactly.
+        replicas: several processes train together (DDP): the training pass runs through
+            `replicas.wrap(model)`, the loaders hold this process's share and metrics are
+            summed across processes. `model` itself stays bare (checkpoints, best weights).
     """
     result = PhaseResult(name)
     optimizer = make_optimizer(groups, cfg.weight_decay, cfg.optimizer)
@@ -254,11 +261,12 @@ def run_phase(model: nn.Module, groups: list[dict], train_loader, val_loader, *,
                 break  # early-stopped before an interruption
             if on_epoch_start:
                 on_epoch_start(epoch)
+            if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)  # DistributedSampler: the order depends on seed and epoch
             t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(model, train_loader, optimizer, scheduler, loss_fn, cfg, device, dtype,
-                                                train_mode)
-            val_logits, val_y = predict_logits(model, val_loader, device, dtype)
-            val_acc = float((val_logits.argmax(1) == val_y).mean())
+            train_loss, train_acc = train_epoch(replicas.wrap(model) if replicas else model, train_loader, optimizer,
+                                                scheduler, loss_fn, cfg, device, dtype, train_mode, replicas)
+            val_acc = validation_accuracy(model, val_loader, device, dtype, replicas)
             result.history.append({"phase": name, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                                    "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
                                    "seconds": round(time.perf_counter() - t0, 3)})
@@ -281,9 +289,23 @@ def run_phase(model: nn.Module, groups: list[dict], train_loader, val_loader, *,
     return result
 
 
+def validation_accuracy(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
+                        replicas: Replicas | None = None) -> float:
+    """Accuracy over `loader`; with `replicas`, over every process's share of the validation set."""
+    logits, y = predict_logits(model, loader, device, dtype)
+    correct, total = (int((logits.argmax(1) == y).sum()) if len(y) else 0), len(y)
+    if replicas:
+        correct, total = replicas.sum(correct, total)
+    return correct / max(1, total)
+
+
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, cfg: TrainConfig, device: torch.device,
-                dtype: torch.dtype | None, train_mode: Callable[[], None] | None = None) -> tuple[float, float]:
-    """One pass over `loader` with gradient accumulation and clipping; returns (loss, accuracy)."""
+                dtype: torch.dtype | None, train_mode: Callable[[], None] | None = None,
+                replicas: Replicas | None = None) -> tuple[float, float]:
+    """One pass over `loader` with gradient accumulation and clipping; returns (loss, accuracy).
+
+    With `replicas` the loss and accuracy are over the images of every process.
+    """
     if train_mode:
         train_mode()
     else:
@@ -299,6 +321,9 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, cfg: Tr
                 logits, loss = forward_backward(model, loss_fn, x, y, chunks, cfg.accumulate, device, dtype)
                 break
             except torch.OutOfMemoryError as e:
+                if replicas:  # pieces would give this process more gradient all-reduces than the others: a hang
+                    raise ResourceError(f"Out of {device} memory at {len(x)} images per process ({e}). Use a smaller "
+                                        "--batch-size (it is the global batch), --image-size or finetune:last=N.") from e
                 chunks = _split_after_oom(e, optimizer, x, chunks, device)
         if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
             if cfg.grad_clip:
@@ -307,6 +332,8 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, cfg: Tr
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         total_loss, correct, seen = total_loss + loss * len(y), correct + int((logits.argmax(1) == y).sum()), seen + len(y)
+    if replicas:
+        total_loss, correct, seen = replicas.sum(total_loss, correct, seen)
     return total_loss / max(1, seen), correct / max(1, seen)
 
 

@@ -14,6 +14,11 @@ disk blocks are reserved before extraction, so a full disk is a
 mid-write), and a failed write leaves nothing behind. A process killed
 mid-extraction (kill -9, power loss) leaves only its ``.tmp-*`` folder, which
 is never read and is removed by the next process that writes to the cache.
+
+Under torchrun the processes of one job share the extraction: each computes a
+contiguous share of the images into its own shard file inside rank 0's
+temporary folder, and rank 0 assembles them, commits the entry as above, and
+every process then reads the one verified entry.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit import distributed
 from transferkit.backbones import Backbone, PrefixSplit
 from transferkit.data import ArrayImages, ImageSet, TransformedImages, cache_dir
 from transferkit.engine import autocast, console, make_progress, to_channels_last
@@ -314,10 +320,14 @@ def cached_features(backbone: Backbone, images: ImageSet, transform, data_config
     precision = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     key = feature_key(backbone, data_config, precision, images.identities(), cut.name)
     hit = cache.load(key)
-    if hit is not None:
+    if distributed.all_true(hit is not None):
         return hit, True
     extract = dict(device=device, dtype=dtype, batch_size=batch_size, workers=workers, progress=progress, label=label,
                    cut=cut)
+    meta = {"backbone": backbone.spec.to_dict(), "cut": cut.name, "precision": precision,
+            "shape": [len(images), cut.size], "item_shape": list(cut.shape), "images": images.name}
+    if distributed.active():
+        return sharded_features(backbone, images, transform, cache, key, meta, extract), False
     if not cache.enabled:
         return extract_features(backbone, images, transform, **extract), False
     writer = cache.writer(key, len(images), cut.size)
@@ -326,6 +336,84 @@ def cached_features(backbone: Backbone, images: ImageSet, transform, data_config
     except BaseException:
         writer.abort()
         raise
-    meta = {"backbone": backbone.spec.to_dict(), "cut": cut.name, "precision": precision,
-            "shape": [len(images), cut.size], "item_shape": list(cut.shape), "images": images.name}
     return writer.commit(meta), False
+
+
+def sharded_features(backbone: Backbone, images: ImageSet, transform, cache: FeatureCache, key: str, meta: dict,
+                     extract: dict) -> np.ndarray:
+    """Features of `images` computed by every process of the group, each its `distributed.shard`; all get all rows.
+
+    With the cache: rank 0 opens the entry's temporary folder, each process writes
+    ``shard-<rank>.npy`` into it (its own file, so a shared file system across nodes
+    never sees two writers of one file), rank 0 copies the shards into the entry and
+    commits it, and every process reads the committed, verified entry. The disk holds
+    the features twice until the shards are removed. Without the cache the shards
+    are gathered in memory.
+    """
+    part = images.subset(distributed.shard(len(images)))
+    if not cache.enabled:
+        return distributed.gather_rows(extract_features(backbone, part, transform, **extract))
+    writer: FeatureWriter | None = None
+
+    def open_entry() -> Path:
+        nonlocal writer
+        writer = cache.writer(key, len(images), extract["cut"].size)
+        return writer.tmp
+
+    folder = distributed.on_main(open_entry)
+    if len(part):  # more processes than images leaves some with none (and no file)
+        write_shard(backbone, part, transform, folder / f"shard-{distributed.rank()}.npy", cache.root, extract)
+    distributed.barrier()
+    distributed.on_main(lambda: commit_shards_(writer, len(images), meta))
+    return _read_committed(cache, key)
+
+
+def write_shard(backbone: Backbone, images: ImageSet, transform, path: Path, root: Path, extract: dict) -> None:
+    """Extract `images` into a new float16 .npy at `path`, streamed batch by batch."""
+    try:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(images), extract["cut"].size))
+        extract_features(backbone, images, transform, out=out, **extract)
+        out.flush()
+        del out
+    except OSError as e:
+        raise cache_failure(e, root) from e
+
+
+SHARD_ROWS = 4096  # rows copied at a time when rank 0 assembles the shards: memory stays flat
+
+
+def commit_shards_(writer: FeatureWriter, n: int, meta: dict) -> None:
+    """Copy every process's shard file into `writer`'s array, in rank order, remove them and commit the entry."""
+    try:
+        for r in range(distributed.world_size()):
+            rows, path = distributed.shard(n, r), writer.tmp / f"shard-{r}.npy"
+            if not len(rows):
+                continue
+            shard = np.load(path, mmap_mode="r")
+            for i in range(0, len(rows), SHARD_ROWS):
+                stop = min(i + SHARD_ROWS, len(rows))
+                writer.array[rows.start + i:rows.start + stop] = shard[i:stop]
+            del shard
+            path.unlink()
+    except OSError as e:
+        writer.abort()
+        raise cache_failure(e, writer.cache.root) from e
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit(meta)
+
+
+ENTRY_WAIT_SECONDS = 60  # a network file system may show another node's new folder only after its attribute cache expires
+
+
+def _read_committed(cache: FeatureCache, key: str) -> np.ndarray:
+    """The entry rank 0 has just committed, waiting for it to appear where nodes share the cache over a network."""
+    deadline = time.monotonic() + ENTRY_WAIT_SECONDS
+    while not cache.path(key).is_dir() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    arr = cache.load(key)
+    if arr is None:
+        raise CacheError(f"The feature cache entry {cache.path(key)} that rank 0 wrote cannot be read here. "
+                         "Put TRANSFERKIT_CACHE on a file system every node shares, or pass --no-cache.")
+    return arr

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit import lora
+from transferkit import distributed, lora
 from transferkit.classifier import ImageClassifier, _Trainer
 from transferkit.data import DEFAULT_SPLIT, DataSplits, DataSummary, split_stratified
 from transferkit.engine import autocast, make_progress, predict_logits, resolve_device, resolve_precision
@@ -150,6 +150,9 @@ class TextClassifier(ImageClassifier):
 
     def fit(self, X, y: Sequence | None = None) -> TextClassifier:
         """Train on a CSV/TSV/JSONL file, (texts, labels), or a DataSplits of TextSets."""
+        if distributed.launched():
+            raise UsageError("Text models train in one process: their loaders are not sharded across torchrun's "
+                             "processes yet. Run `transferkit fit` without torchrun (--nproc_per_node 1).")
         super().fit(X, y)
         self.tokenizer_ = self.backbone_.tokenizer
         return self
