@@ -94,8 +94,8 @@ def save_model(out: Path, model: nn.Module) -> None:
 
 
 def save_run(out: Path, model: nn.Module, meta: dict, history: list[dict] | None = None,
-             write_model: Callable[[Path, nn.Module], None] = save_model) -> None:
-    """Write model (with `write_model`), metadata, metrics and history. The manifest goes last: it marks the run complete.
+             write_model: Callable[[Path, nn.Module], None] | None = None) -> None:
+    """Write model (`write_model`, default `save_model`), metadata, metrics, history; the manifest last marks it complete.
 
     An older manifest is removed first, so a save cut short (kill -9) never leaves a new
     model beside the manifest of the run it replaces; temporary files left by such a cut
@@ -103,7 +103,7 @@ def save_run(out: Path, model: nn.Module, meta: dict, history: list[dict] | None
     """
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)
-    write_model(out, model)
+    (write_model or save_model)(out, model)
     if history:
         write_history_csv(out / "history.csv", history)
     if "metrics" in meta:
