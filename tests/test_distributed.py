@@ -205,3 +205,12 @@ def test_fit_help_says_how_to_launch_with_torchrun():
     result = CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "torchrun --nproc_per_node" in result.output and "global batch" in result.output
+
+
+def test_single_process_commands_refuse_torchrun_instead_of_writing_twice(colours, tmp_path):
+    out = tmp_path / "cmp"
+    proc = subprocess.run([*torchrun(2), "compare", str(colours), "--out", str(out), "-q"], capture_output=True,
+                          text=True, env=env(tmp_path / "cache"), timeout=TIMEOUT)
+    assert proc.returncode != 0
+    assert "`transferkit compare` runs in one process; only `fit` is distributed" in proc.stderr + proc.stdout
+    assert not out.exists()

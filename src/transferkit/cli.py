@@ -396,9 +396,11 @@ def compare(
 ) -> None:
     """Run strategies side by side on the same split: accuracy, time, trainable parameters, memory; name the winner."""
     from transferkit.compare import compare as run_compare
+    from transferkit.distributed import refuse_torchrun
     from transferkit.report import write_comparison
     from transferkit.tracking import log_comparison, open_run
 
+    refuse_torchrun("compare")
     fracs = [float(f) for f in fractions.split(",")] if fractions else []
     with open_run(log, out=out_dir, run_name=f"{out_dir.name}-compare", to=log_to) as tracker:
         settings = dict(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
@@ -457,8 +459,10 @@ def export(
                                                   "RUN/model.torchscript.pt).")] = None,
 ) -> None:
     """Export a run's model (fp32) to ONNX or TorchScript, checked to reproduce its outputs, with its preprocessing."""
+    from transferkit.distributed import refuse_torchrun
     from transferkit.export import export_run
 
+    refuse_torchrun("export")
     if run.is_dir() and run_modality(run) == "text":
         raise UsageError(f"export handles image runs. A text run's encoder is already in transformers' format: "
                          f"AutoModel.from_pretrained('{run / 'encoder'}') plus {run / 'head.safetensors'} (see README).")

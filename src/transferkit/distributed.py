@@ -48,6 +48,17 @@ def launched() -> bool:
     return dist.is_available() and dist.is_torchelastic_launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def refuse_torchrun(command: str) -> None:
+    """Stop a command that runs in one process when torchrun started several (each would write the same files).
+
+    Raises:
+        UsageError: this process was launched by torchrun with more than one process.
+    """
+    if launched():
+        raise UsageError(f"`transferkit {command}` runs in one process; only `fit` is distributed. Run it without "
+                         "torchrun (or with --nproc_per_node 1).")
+
+
 def active() -> bool:
     """True when this process is in a process group of more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
