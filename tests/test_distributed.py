@@ -214,3 +214,12 @@ def test_single_process_commands_refuse_torchrun_instead_of_writing_twice(colour
     assert proc.returncode != 0
     assert "`transferkit compare` runs in one process; only `fit` is distributed" in proc.stderr + proc.stdout
     assert not out.exists()
+
+
+def test_text_fit_refuses_torchrun_with_the_way_out(tmp_path):
+    from text_fixtures import topic_sentences, write_text_csv
+
+    data = write_text_csv(tmp_path / "topics.csv", topic_sentences(per_class=10))
+    proc = subprocess.run([*torchrun(2), "fit", str(data), "--out", str(tmp_path / "t"), "-q"], capture_output=True,
+                          text=True, env=env(tmp_path / "cache"), timeout=TIMEOUT)
+    assert proc.returncode != 0 and "Text models train in one process" in proc.stderr + proc.stdout
