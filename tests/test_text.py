@@ -107,6 +107,16 @@ def test_lora_on_a_small_vit(tmp_path):
     np.testing.assert_allclose(loaded.decision_function(paths), clf.decision_function(paths), atol=1e-4)
 
 
+def test_lora_run_resumes_from_its_checkpoint(tmp_path):
+    """A checkpoint taken after the lora phase holds adapter weights: resume adds the adapters before loading them."""
+    splits = load_data(write_folder(tmp_path / "colours", per_class=8), seed=0)
+    settings = dict(weights="none", strategy="lora", epochs=1, batch_size=8, progress=False, precision="fp32",
+                    checkpoint_dir=tmp_path / "checkpoints")
+    first = ImageClassifier("test_vit", **settings).fit(splits)
+    again = ImageClassifier("test_vit", resume=True, **settings).fit(splits)
+    np.testing.assert_array_equal(again.decision_function(splits.test), first.decision_function(splits.test))
+
+
 def test_lora_refuses_a_network_without_linear_layers_in_its_blocks():
     with pytest.raises(UsageError, match="finetune:last=N"):
         add_adapters_(load_backbone("test_resnet", 3, weights="none"))

@@ -487,15 +487,21 @@ class _Trainer:
                 continue
             loop = state["loop"] if state is not None and i == state["phase_index"] else None
             if state is not None and loop is None and i == state["phase_index"]:
-                self.bb.model.load_state_dict(state["model"])  # the phase had finished: restore its result
+                self._restore_model(state["model"])  # the phase had finished: restore its result
             results.append(self.run(phase, i, results, loop))
             self.on_epochs(results[-1].history)
             if state is not None and i == state["phase_index"]:
                 state = None
             self._checkpoint(i + 1, "done" if i + 1 == len(phases) else phases[i + 1].name, results, None)
         if state is not None:  # every phase had finished before the interruption
-            self.bb.model.load_state_dict(state["model"])
+            self._restore_model(state["model"])
         return results
+
+    def _restore_model(self, state: dict) -> None:
+        """Load a checkpoint's model; one saved with LoRA adapters gets them added first (a lora phase had run)."""
+        if lora.saved_with_adapters(state) and not lora.is_adapted(self.bb.model):
+            lora.add_adapters_(self.bb)
+        self.bb.model.load_state_dict(state)
 
     def _checkpoint(self, phase_index: int, phase_name: str, results: list[PhaseResult], loop: dict | None) -> None:
         if self.checkpoints is None:

@@ -50,6 +50,11 @@ def is_adapted(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
+def saved_with_adapters(state: dict) -> bool:
+    """True for a state dict taken from a model wrapped with adapters (its names carry peft's prefix)."""
+    return any(k.startswith(_PREFIX) and ".lora_" in k for k in state)
+
+
 def add_adapters_(bb, rank: int = LORA_RANK, alpha: int = LORA_ALPHA) -> list[str]:
     """Wrap `bb.model` with LoRA adapters (idempotent); its blocks become the adapters, block by block.
 
