@@ -260,13 +260,16 @@ def prefix_cut(split: PrefixSplit, input_size: Sequence[int]) -> Cut:
 def extract_features(backbone: Backbone, images: ImageSet, transform, *, device: torch.device,
                      dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
                      out: np.ndarray | None = None, progress: bool = True, label: str = "features",
-                     cut: Cut | None = None) -> np.ndarray:
-    """The `cut`'s output (default: pooled features) for every image, in order, flattened into `out` (float16)."""
+                     cut: Cut | None = None, collate: Callable | None = None) -> np.ndarray:
+    """The `cut`'s output (default: pooled features) for every image, in order, flattened into `out` (float16).
+
+    `collate` batches the loaded items when the default stacking does not fit (texts: the tokenizer).
+    """
     cut = cut or pooled_cut(backbone)
     model = backbone.model.to(device).eval()
     if device.type == "cpu" or dtype is not None:
         model = model.to(memory_format=torch.channels_last)
-    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=batch_size, collate_fn=collate,
                                          num_workers=default_workers(images) if workers is None else workers)
     out = np.zeros((len(images), cut.size), np.float16) if out is None else out
     start = 0
@@ -310,7 +313,7 @@ def _features_fitting_memory(fn: Callable[[torch.Tensor], torch.Tensor], x: torc
 def cached_features(backbone: Backbone, images: ImageSet, transform, data_config: dict, *, cache: FeatureCache,
                     device: torch.device, dtype: torch.dtype | None, batch_size: int = 128,
                     workers: int | None = None, progress: bool = True, label: str = "features",
-                    cut: Cut | None = None) -> tuple[np.ndarray, bool]:
+                    cut: Cut | None = None, collate: Callable | None = None) -> tuple[np.ndarray, bool]:
     """The `cut`'s outputs (default: pooled features) for `images` from the cache, computed and stored on a miss.
 
     Returns:
@@ -323,7 +326,7 @@ def cached_features(backbone: Backbone, images: ImageSet, transform, data_config
     if distributed.all_true(hit is not None):
         return hit, True
     extract = dict(device=device, dtype=dtype, batch_size=batch_size, workers=workers, progress=progress, label=label,
-                   cut=cut)
+                   cut=cut, collate=collate)
     meta = {"backbone": backbone.spec.to_dict(), "cut": cut.name, "precision": precision,
             "shape": [len(images), cut.size], "item_shape": list(cut.shape), "images": images.name}
     if distributed.active():

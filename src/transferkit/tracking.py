@@ -53,14 +53,6 @@ PARAMS_PER_BATCH = 100  # MLflow's limit on parameters in one log_batch call
 ParamValue = str | int | float | bool
 
 
-def is_main_process() -> bool:
-    """Whether this process logs. The one place that decides: in a distributed run only rank 0 logs.
-
-    torchrun sets RANK for each worker; the other ranks get a tracker that writes nothing.
-    """
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 # --------------------------------------------------------------------------- the interface
 
 
@@ -313,7 +305,9 @@ def create_tracker(backend: str, *, out: str | Path, to: str | None = None) -> T
     """
     if backend not in TRACKERS:
         raise UsageError(f"--log must be one of {', '.join(TRACKERS)}; got '{backend}'.{did_you_mean(backend, TRACKERS)}")
-    if not is_main_process():
+    from transferkit.distributed import is_main
+
+    if not is_main():  # in a torchrun group only rank 0 logs; the others get a tracker that writes nothing
         return Tracker()
     if backend == "tensorboard":
         _require(backend, ("tensorboard",))

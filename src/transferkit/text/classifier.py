@@ -28,9 +28,9 @@ import torch
 from transferkit import distributed, lora
 from transferkit.classifier import ImageClassifier, _Trainer
 from transferkit.data import DEFAULT_SPLIT, DataSplits, DataSummary, split_stratified
-from transferkit.engine import autocast, make_progress, predict_logits, resolve_device, resolve_precision
+from transferkit.engine import predict_logits, resolve_device, resolve_precision
 from transferkit.errors import RunError, UsageError
-from transferkit.features import CUT_POINT, FeatureCache, feature_key
+from transferkit.features import FeatureCache, cached_features
 from transferkit.runs import read_meta, save_run
 from transferkit.text.backbone import (
     DEFAULT_MAX_LENGTH,
@@ -68,44 +68,26 @@ def text_loader(texts: TextSet, tokenizer, max_length: int, batch_size: int, *, 
 def cached_text_features(bb: TextBackbone, texts: TextSet, *, cache: FeatureCache, device: torch.device,
                          dtype: torch.dtype | None, batch_size: int = 64, progress: bool = True,
                          label: str = "features") -> tuple[np.ndarray, bool]:
-    """Pooled embeddings of `texts` from the cache (keyed by model, weights, tokenizer, max length, pooling,
-    precision and the texts' content), computed and stored on a miss; returns (array, came from the cache)."""
-    precision = str(dtype).replace("torch.", "") if dtype is not None else "float32"
-    key = feature_key(bb, bb.data_config, precision, texts.identities())
-    if (hit := cache.load(key)) is not None:
-        return hit, True
-    writer = cache.writer(key, len(texts), bb.num_features) if cache.enabled else None
-    out = writer.array if writer else np.zeros((len(texts), bb.num_features), np.float16)
-    model = bb.model.to(device).eval()
-    loader = text_loader(texts, bb.tokenizer, bb.data_config["max_length"], batch_size)
-    try:
-        with make_progress(progress) as bar, torch.inference_mode():
-            task, start = bar.add_task(f"extract {label}", total=len(texts), info=""), 0
-            for tokens, _, _ in loader:
-                with autocast(device, dtype):
-                    out[start:start + len(tokens)] = model.forward_features(tokens.to(device)).float().cpu().numpy()
-                start += len(tokens)
-                bar.update(task, advance=len(tokens))
-    except BaseException:
-        if writer:
-            writer.abort()
-        raise
-    meta = {"backbone": bb.spec.to_dict(), "cut": CUT_POINT, "precision": precision, "shape": list(out.shape),
-            "texts": texts.name}
-    return (writer.commit(meta) if writer else out), False
+    """Pooled embeddings of `texts` through the feature cache (keyed by model, weights, tokenizer, max length,
+    pooling, precision and the texts' content); returns (array, came from the cache)."""
+    return cached_features(bb, texts, _as_is, bb.data_config, cache=cache, device=device, dtype=dtype,
+                           batch_size=batch_size, workers=0, progress=progress, label=label,
+                           collate=_Tokenize(bb.tokenizer, bb.data_config["max_length"]))
+
+
+def _as_is(text: str) -> str:
+    """The per-item transform of texts: none (the tokenizer works on whole batches, in `_Tokenize`)."""
+    return text
 
 
 class _TextTrainer(_Trainer):
     """The image trainer with text's two data steps: embeddings from the text cache, batches of token ids."""
 
-    def features(self, split: str) -> np.ndarray:
-        if split not in self._features:
-            texts = getattr(self.splits, split)
-            arr, hit = cached_text_features(self.bb, texts, cache=self.cache, device=self.device, dtype=self.dtype,
-                                            progress=self.progress, label=f"{split} ({len(texts)} texts)")
-            self.cache_hits[split] = "hit" if hit else ("miss" if self.cache.enabled else "off")
-            self._features[split] = np.asarray(arr, dtype=np.float32)
-        return self._features[split]
+    def _cached(self, split: str, cut=None) -> tuple[np.ndarray, str]:
+        texts = getattr(self.splits, split)
+        arr, hit = cached_text_features(self.bb, texts, cache=self.cache, device=self.device, dtype=self.dtype,
+                                        progress=self.progress, label=f"{split} ({len(texts)} texts)")
+        return arr, "hit" if hit else ("miss" if self.cache.enabled else "off")
 
     def _prefix_split(self, phase, top_blocks: int) -> str:
         return "frozen-prefix caching covers image backbones (torch.fx graphs); text layers train on tokens"
