@@ -7,14 +7,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_sample_image
 
-from transferkit.backbones import (
-    BUILTIN_BACKBONES,
-    describe,
-    load_backbone,
-    param_groups,
-    set_trainable_,
-)
+from transferkit.backbones import BUILTIN_BACKBONES, load_backbone
+from transferkit.backbones.freeze import param_groups, set_trainable_
 from transferkit.data import make_transform
+from transferkit.engine.loop import make_optimizer
 from transferkit.errors import ModelError, UsageError
 
 
@@ -101,7 +97,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 
 
 def test_describe_counts_add_up():
-    info = describe(load_backbone("efficientnet_lite0", num_classes=10))
+    info = load_backbone("efficientnet_lite0", num_classes=10).describe()
     assert sum(b["params"] for b in info["blocks"]) + info["head"]["params"] == info["total_params"]
     assert info["feature_dim"] == 1280 and info["input"]["mean"] == [0.5, 0.5, 0.5]
 
@@ -109,9 +105,25 @@ def test_describe_counts_add_up():
 def test_param_groups_cover_trainable_params_once_with_decaying_lr():
     bb = load_backbone("efficientnet_lite0", num_classes=3)
     set_trainable_(bb, 2)
-    groups = param_groups(bb, 2, head_lr=1e-3, backbone_lr_scale=0.1, layer_decay=0.5)
+    groups = param_groups(bb, 2, backbone_lr_scale=0.1, layer_decay=0.5, weight_decay=0.01)
     ids = [id(p) for g in groups for p in g["params"]]
     trainable = [id(p) for p in bb.model.parameters() if p.requires_grad]
     assert sorted(ids) == sorted(trainable) and len(ids) == len(set(ids))
-    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-4, 5e-5])
-    assert np.isclose(groups[2]["lr_scale"], 0.05)
+    # Each unit (head, top block, the block below) is a decay and a no-decay group sharing one name and scale.
+    names = list(dict.fromkeys(g["name"] for g in groups))
+    assert names == ["head", bb.blocks[-1].name, bb.blocks[-2].name]
+
+    def per_name(group_list: list[dict], key: str) -> list[float]:
+        values = [{g[key] for g in group_list if g["name"] == n} for n in names]
+        assert all(len(v) == 1 for v in values), values
+        return [v.pop() for v in values]
+
+    assert per_name(groups, "lr_scale") == pytest.approx([1.0, 0.1, 0.05])
+    assert np.isclose(groups[-1]["lr_scale"], 0.05)
+    for g in groups:  # 1-D parameters (biases, norm scales) never decay; the rest do
+        assert g["weight_decay"] == (0.0 if all(p.ndim <= 1 for p in g["params"]) else 0.01), g["name"]
+        assert all(p.ndim <= 1 for p in g["params"]) or all(p.ndim > 1 for p in g["params"]), g["name"]
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.01}  # both kinds present (BatchNorm, convolutions)
+    optimizer = make_optimizer(groups, lr=1e-3, weight_decay=0.01)
+    assert per_name(optimizer.param_groups, "lr") == pytest.approx([1e-3, 1e-4, 5e-5])
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups for p in g["params"] if p.ndim <= 1)

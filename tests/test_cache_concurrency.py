@@ -29,7 +29,6 @@ def compute_together(root: str, out: str, barrier) -> None:
     """Child process: compute features into `root`; commit only when the other process is ready to commit too."""
     torch.set_num_threads(1)
     from transferkit.backbones import load_backbone
-    from transferkit.data import make_transform, resolve_data_config
     from transferkit.features import cached_features
 
     commit = FeatureWriter.commit
@@ -40,9 +39,9 @@ def compute_together(root: str, out: str, barrier) -> None:
 
     FeatureWriter.commit = commit_together
     bb = load_backbone("efficientnet_lite0", 2)
-    cfg = resolve_data_config(bb.data_config, 64)
-    arr, hit = cached_features(bb, tiny_images(), make_transform(cfg), cfg, cache=FeatureCache(Path(root)),
-                               device=torch.device("cpu"), dtype=None, progress=False)
+    bb.configure_input(64)
+    arr, hit = cached_features(bb, tiny_images(), cache=FeatureCache(Path(root)), device=torch.device("cpu"),
+                               dtype=None, progress=False)
     np.save(out, np.asarray(arr))
     Path(out).with_suffix(".json").write_text(json.dumps({"hit": hit}))
 

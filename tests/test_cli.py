@@ -24,15 +24,19 @@ def digits_run(tmp_path_factory):
 def sklearn_reference(run_dir) -> float:
     """LogisticRegression on the run's own cached features, C chosen on validation (Kornblith protocol)."""
     clf = ImageClassifier.load(run_dir)
-    from transferkit.classifier import _Trainer
-    from transferkit.engine import TrainConfig, resolve_device, resolve_precision
+    from transferkit.backbones import load_backbone
+    from transferkit.engine.config import TrainConfig
+    from transferkit.engine.trainer import Precision, Trainer
+    from transferkit.features import FeatureCache
+    from transferkit.inference import resolve_device, resolve_precision
 
     splits = load_data("digits", seed=0)
     device = resolve_device("cpu")
-    from transferkit.backbones import load_backbone
-
-    trainer = _Trainer(load_backbone("efficientnet_lite0", 10), splits, clf.data_config_, TrainConfig(), device,
-                       resolve_precision("auto", device), "frozen-blocks", True, False)
+    bb = load_backbone("efficientnet_lite0", 10)
+    bb.configure_input(None, splits.train.preprocess_hint)
+    assert bb.data_config == clf.data_config_
+    trainer = Trainer(bb, splits, TrainConfig(), device=device, precision=Precision(resolve_precision("auto", device), None),
+                      cache=FeatureCache.default())
     f = {s: trainer.features(s) for s in ("train", "val", "test")}
     assert set(trainer.cache_hits.values()) == {"hit"}  # the reference reads the very same cached features
     best = max((LogisticRegression(C=c, max_iter=3000).fit(f["train"], splits.train.labels) for c in np.logspace(-3, 3, 13)),

@@ -243,10 +243,12 @@ def test_a_save_cut_short_never_pairs_a_new_model_with_an_old_manifest(tmp_path,
     out.mkdir()
     (out / runs.META_FILE).write_text("{}")  # the run this fit replaces
 
-    def killed(*args):
-        raise KeyboardInterrupt  # stands in for the process dying mid-save
+    class DiesWhileWriting:
+        """A backbone whose model write is cut short (stands in for the process dying mid-save)."""
 
-    monkeypatch.setattr(runs, "save_model", killed)
+        def write_trained(self, folder):
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        runs.save_run(out, torch.nn.Linear(1, 1), {"metrics": {}})
+        runs.save_run(out, DiesWhileWriting(), {"metrics": {}})
     assert not (out / runs.META_FILE).exists()

@@ -5,14 +5,10 @@ import pytest
 from PIL import Image
 
 from conftest import COLOURS, make_image, write_folder
-from transferkit.data import (
-    ArrayImages,
-    cache_dir,
-    load_data,
-    load_eval_images,
-    open_image,
-    stratified_indices,
-)
+from transferkit.data import ArrayImages, cache_dir, load_data
+from transferkit.data.images import open_image
+from transferkit.data.sources import load_eval_images
+from transferkit.data.splits import stratified_indices
 from transferkit.errors import DataError, UsageError
 
 
@@ -149,7 +145,7 @@ def test_fit_on_paths_and_labels_scans_and_skips_unreadable_files(tmp_path):
     (root / "red" / "bad.jpg").write_bytes(b"junk")
     clf = ImageClassifier(strategy="feature-extraction", image_size=32, progress=False)
     clf.fit(paths + [root / "red" / "bad.jpg"], labels + ["red"])
-    assert clf.data_summary_.n_skipped == 1 and sum(clf.metrics_["split_sizes"].values()) == 18
+    assert sum(clf.data_summary_["skipped"].values()) == 1 and sum(clf.metrics_["split_sizes"].values()) == 18
     assert clf.classes_ == ["blue", "green", "red"]
     with pytest.raises(UsageError, match="pair up"):
         ImageClassifier(progress=False).fit(paths, labels[:-1])

@@ -37,13 +37,13 @@ WEIGHT_TOLERANCE = 1e-4
 # after writing its first fine-tuning checkpoint; torchrun then stops the other process.
 CRASH_AFTER_EPOCH_1 = """
 import os, signal, sys
-from transferkit import classifier
-write = classifier.Checkpoints.write
+from transferkit.engine import checkpoints
+write = checkpoints.Checkpoints.write
 def write_then_crash(self, state):
     write(self, state)
     if state["phase"] == "finetune" and state["epoch"] == 1 and os.environ["RANK"] == "0":
         os.kill(os.getpid(), signal.SIGKILL)
-classifier.Checkpoints.write = write_then_crash
+checkpoints.Checkpoints.write = write_then_crash
 sys.argv = ["transferkit", *sys.argv[1:]]
 from transferkit.cli import main
 main()

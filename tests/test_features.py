@@ -1,9 +1,11 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
 
 from transferkit.backbones import load_backbone
-from transferkit.data import load_data, make_transform, resolve_data_config
+from transferkit.data import load_data
 from transferkit.features import FeatureCache, cached_features, feature_key
 
 
@@ -11,16 +13,16 @@ from transferkit.features import FeatureCache, cached_features, feature_key
 def setup():
     bb = load_backbone("efficientnet_lite0", 10)
     images = load_data("digits").val.subset(range(40))
-    cfg = resolve_data_config(bb.data_config, None, images.preprocess_hint)
-    return bb, images, cfg
+    bb.configure_input(None, images.preprocess_hint)
+    return bb, images, bb.data_config
 
 
 def test_cache_miss_then_hit_gives_identical_features(setup, tmp_path):
     bb, images, cfg = setup
     cache = FeatureCache(tmp_path)
     kw = dict(cache=cache, device=torch.device("cpu"), dtype=None, progress=False)
-    first, hit1 = cached_features(bb, images, make_transform(cfg), cfg, **kw)
-    second, hit2 = cached_features(bb, images, make_transform(cfg), cfg, **kw)
+    first, hit1 = cached_features(bb, images, **kw)
+    second, hit2 = cached_features(bb, images, **kw)
     assert (hit1, hit2) == (False, True)
     assert first.dtype == np.float16 and first.shape == (40, 1280)
     np.testing.assert_array_equal(first, second)
@@ -31,13 +33,13 @@ def test_corrupt_cache_entry_is_detected_and_rebuilt(setup, tmp_path):
     bb, images, cfg = setup
     cache = FeatureCache(tmp_path)
     kw = dict(cache=cache, device=torch.device("cpu"), dtype=None, progress=False)
-    good, _ = cached_features(bb, images, make_transform(cfg), cfg, **kw)
+    good, _ = cached_features(bb, images, **kw)
     good = np.array(good)
     data = next(tmp_path.glob("*/features.npy"))
     raw = bytearray(data.read_bytes())
     raw[-10:] = b"\x00" * 10
     data.write_bytes(bytes(raw))
-    again, hit = cached_features(bb, images, make_transform(cfg), cfg, **kw)
+    again, hit = cached_features(bb, images, **kw)
     assert not hit
     np.testing.assert_array_equal(good, again)
 
@@ -55,13 +57,15 @@ def test_key_changes_with_weights_preprocessing_inputs_and_cut(setup):
     assert feature_key(bb, cfg, "float32", ids, cut="blocks.5") != base
 
 
-def test_out_of_memory_halves_the_batch_and_gives_the_same_features(setup, capsys):
+def test_out_of_memory_halves_the_batch_and_gives_the_same_features(setup, caplog, monkeypatch):
     """No GPU here: a backbone that raises torch's real OutOfMemoryError above 8 images stands in for one."""
-    from transferkit.features import extract_features
+    from transferkit.inference import extract_features
 
+    # The CLI, run in-process by other tests, stops transferkit's logger propagating; caplog listens at the root.
+    monkeypatch.setattr(logging.getLogger("transferkit"), "propagate", True)
     bb, images, cfg = setup
     kw = dict(device=torch.device("cpu"), dtype=None, progress=False, batch_size=32)
-    expected = extract_features(bb, images, make_transform(cfg), **kw)
+    expected = extract_features(bb, images, **kw)
     real = bb.features
 
     def small_memory(x):
@@ -71,10 +75,11 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_features(setup, capsy
 
     bb.features = small_memory
     try:
-        got = extract_features(bb, images, make_transform(cfg), **kw)
+        with caplog.at_level(logging.WARNING, logger="transferkit"):
+            got = extract_features(bb, images, **kw)
     finally:
         bb.features = real
     np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), atol=2e-3)
-    log = capsys.readouterr().err
+    log = caplog.text
     assert "out of memory at batch size 32: halving to 16" in log and "halving to 8" in log
     assert log.count("halving") == 2  # the smaller size sticks for the following batches

@@ -10,9 +10,11 @@ import torch
 
 from conftest import run_cli, write_folder
 from transferkit import ImageClassifier
-from transferkit.backbones import Backbone, BackboneSpec, load_backbone, split_frozen_prefix
-from transferkit.data import load_data, make_transform, resolve_data_config
-from transferkit.features import FeatureCache, cached_features, feature_key, prefix_cut
+from transferkit.backbones import Backbone, BackboneSpec, ImageBackbone, load_backbone
+from transferkit.backbones.prefix import split_frozen_prefix
+from transferkit.data import load_data
+from transferkit.features import FeatureCache, cached_features, feature_key
+from transferkit.inference import prefix_cut
 
 TINY = dict(image_size=32, epochs=2, batch_size=8, progress=False, precision="fp32")
 
@@ -26,7 +28,7 @@ def random_head_(bb: Backbone) -> Backbone:
 
 def small_vit() -> Backbone:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=4)
-    return Backbone(model, BackboneSpec("vit-small-test", "vit_tiny_patch16_224", "none", "random"))
+    return ImageBackbone(model, BackboneSpec("vit-small-test", "vit_tiny_patch16_224", "none", "random"))
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +65,11 @@ def test_suffix_of_prefix_is_the_model_at_every_cut(make):
 
 
 def test_cached_prefix_outputs_give_the_uncached_logits_within_bf16_tolerance(lite0, colours, tmp_path):
-    cfg = resolve_data_config(lite0.data_config, 64, None)
+    lite0.configure_input(64)
+    cfg = lite0.data_config
     images = colours.train
-    x = torch.stack([make_transform(cfg)(images.load(i)) for i in range(len(images))])
+    data = lite0.dataset(images)
+    x = torch.stack([data[i][0] for i in range(len(images))])
     with torch.no_grad():
         uncached = lite0.model.eval()(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -75,8 +79,8 @@ def test_cached_prefix_outputs_give_the_uncached_logits_within_bf16_tolerance(li
     cut = prefix_cut(split, cfg["input_size"])
     for dtype, tolerance in ((None, 1e-3 * uncached.abs().max()), (torch.bfloat16, 1.5 * bf16_error)):
         kw = dict(cache=FeatureCache(tmp_path), device=torch.device("cpu"), dtype=dtype, progress=False, cut=cut)
-        cached, hit = cached_features(lite0, images, make_transform(cfg), cfg, **kw)
-        again, hit2 = cached_features(lite0, images, make_transform(cfg), cfg, **kw)
+        cached, hit = cached_features(lite0, images, **kw)
+        again, hit2 = cached_features(lite0, images, **kw)
         assert (hit, hit2) == (False, True) and again.dtype == np.float16 and again.shape == (len(images), cut.size)
         with torch.no_grad():
             via_cache = split.suffix(torch.from_numpy(np.asarray(again, np.float32)).view(len(images), *cut.shape))
@@ -86,7 +90,8 @@ def test_cached_prefix_outputs_give_the_uncached_logits_within_bf16_tolerance(li
 
 def test_prefix_key_changes_with_weights_preprocessing_and_cut_not_with_the_trained_top(colours):
     bb = random_head_(load_backbone("efficientnet_lite0", 3))
-    cfg = resolve_data_config(bb.data_config, 64, None)
+    bb.configure_input(64)
+    cfg = bb.data_config
     ids = colours.train.identities()
 
     def key(top: int = 2, config: dict = cfg) -> str:
@@ -108,15 +113,40 @@ def test_prefix_key_changes_with_weights_preprocessing_and_cut_not_with_the_trai
     assert key() != base
 
 
+def finetune_phase_alone(splits, spec: str, **settings):
+    """The strategy's image phase run on its own from the pretrained weights, as a fit runs it after the probe.
+
+    A fit keeps the probe's weights when no fine-tuning epoch beats it on validation, which on these few images
+    (the probe at 100%) it cannot; alone, the phase's own weights are what it leaves.
+    """
+    from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB, TrainConfig
+    from transferkit.engine.trainer import Precision, Trainer
+    from transferkit.strategies import parse_strategy, plan_phases
+
+    bb = load_backbone("efficientnet_lite0", len(splits.classes))
+    bb.configure_input(TINY["image_size"], splits.train.preprocess_hint)
+    cfg = TrainConfig(epochs=TINY["epochs"], batch_size=TINY["batch_size"], precision=TINY["precision"])
+    trainer = Trainer(bb, splits, cfg, device=torch.device("cpu"), precision=Precision(None, None),
+                      cache=FeatureCache.default(), cache_budget_gb=DEFAULT_CACHE_BUDGET_GB, **settings)
+    phase = plan_phases(parse_strategy(spec), cfg.epochs, None, len(bb.blocks))[-1]
+    trainer.run(phase)
+    return bb, trainer.phase_notes[phase.name]
+
+
 def test_partial_finetune_trains_the_top_on_cached_outputs_and_reuses_them(colours):
     pretrained = load_backbone("efficientnet_lite0", 3).model.state_dict()
     clf = ImageClassifier(strategy="finetune:last=1", **TINY).fit(colours)
     note = clf.phases_[-1]["prefix_cache"]
     assert note["used"] and (note["train"], note["val"]) == ("miss", "miss") and note["bytes"] > 0
     trained = clf.model_.state_dict()
-    top = clf.backbone_.blocks[-1].param_names
-    assert any(not torch.equal(trained[n], pretrained[n]) for n in top)  # the suffix trained the model's own weights
     for block in clf.backbone_.blocks[:-1]:
+        assert all(torch.equal(trained[n], pretrained[n]) for n in block.param_names)
+    bb, alone = finetune_phase_alone(colours, "finetune:last=1")
+    assert alone["prefix_cache"]["used"]
+    trained = bb.model.state_dict()
+    top = bb.blocks[-1].param_names
+    assert any(not torch.equal(trained[n], pretrained[n]) for n in top)  # the suffix trained the model's own weights
+    for block in bb.blocks[:-1]:
         assert all(torch.equal(trained[n], pretrained[n]) for n in block.param_names)
     again = ImageClassifier(strategy="finetune:last=1", **TINY).fit(colours)
     assert (again.phases_[-1]["prefix_cache"]["train"], again.phases_[-1]["prefix_cache"]["val"]) == ("hit", "hit")
@@ -144,6 +174,7 @@ def test_cli_refuses_a_prefix_cache_over_the_budget_and_trains_on_images(tmp_pat
     assert "Frozen-prefix cache refused" in proc.stderr and "--cache-budget" in proc.stderr
     note = json.loads((out / "transferkit.json").read_text())["strategy"]["phases"][-1]["prefix_cache"]
     assert not note["used"] and note["bytes"] > 1000
+    # -q keeps warnings only; the cache's use is an info message
     ok = run_cli("fit", str(data), "--strategy", "finetune:last=1", "--epochs", "1", "--image-size", "32",
-                 "--out", str(tmp_path / "run2"), "-q")
+                 "--out", str(tmp_path / "run2"))
     assert "Frozen-prefix cache: blocks up to" in ok.stderr

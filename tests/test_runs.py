@@ -3,7 +3,8 @@ import json
 import pytest
 
 from transferkit.errors import RunError
-from transferkit.runs import FORMAT_VERSION, load_run, validate_meta, write_atomic
+from transferkit.atomic import write_atomic
+from transferkit.runs import FORMAT_VERSION, load_run, validate_meta
 
 
 def good_meta():

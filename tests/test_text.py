@@ -15,8 +15,9 @@ from transferkit import ImageClassifier, TextClassifier
 from transferkit.backbones import load_backbone
 from transferkit.data import load_data
 from transferkit.errors import DataError, UsageError
-from transferkit.lora import add_adapters_
-from transferkit.text import load_text_backbone, load_text_data
+from transferkit.backbones import load_text_backbone
+from transferkit.backbones.lora import add_adapters_
+from transferkit.data import load_text_data
 
 FAST = dict(max_length=32, epochs=1, batch_size=16, progress=False, precision="fp32")
 CHANCE = 0.25  # four balanced topics

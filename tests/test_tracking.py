@@ -99,7 +99,7 @@ def test_python_api_logs_to_mlflow_tracking_uri_and_marks_failures(image_folder,
     with open_run("mlflow", out=out, run_name="api") as run:
         clf = ImageClassifier(strategy="feature-extraction", image_size=32, progress=False, tracker=run).fit(image_folder)
         clf.save(out)
-        log_fit_report(run, clf, out)
+        log_fit_report(run, clf.run_meta(), out)
     with pytest.raises(UsageError), open_run("mlflow", out=out, run_name="broken") as run:
         ImageClassifier(strategy="finetune:lst=1", tracker=run).fit(image_folder)
     assert not (out / "mlflow.db").exists()  # MLFLOW_TRACKING_URI wins over the default under OUT

@@ -1,10 +1,38 @@
-"""transferkit: adapt pretrained models to your labelled data by transfer learning or fine-tuning, measured."""
+"""transferkit: adapt pretrained models to your labelled data by transfer learning or fine-tuning, measured.
+
+The public names are imported when first used, so ``import transferkit`` (and
+``transferkit --help``) stays fast and loads neither torch nor timm.
+
+Example:
+    >>> from transferkit import ImageClassifier
+    >>> ImageClassifier("efficientnet_lite0", strategy="feature-extraction")
+    ImageClassifier(model='efficientnet_lite0', strategy='feature-extraction')
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from transferkit.classifier import ImageClassifier  # noqa: E402
-from transferkit.errors import DataError, ModelError, NotFittedError, RunError, TransferkitError, UsageError  # noqa: E402
-from transferkit.text import TextClassifier  # noqa: E402
+# public name -> the module that defines it
+LAZY = {
+    "ImageClassifier": "transferkit.classifier", "TextClassifier": "transferkit.classifier",
+    "load_classifier": "transferkit.classifier",
+    "TransferkitError": "transferkit.errors", "UsageError": "transferkit.errors", "DataError": "transferkit.errors",
+    "ModelError": "transferkit.errors", "RunError": "transferkit.errors", "NotFittedError": "transferkit.errors",
+}
 
-__all__ = ["ImageClassifier", "TextClassifier", "TransferkitError", "UsageError", "DataError", "ModelError", "RunError",
-           "NotFittedError", "__version__"]
+__all__ = [*LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in LAZY:
+        value = getattr(importlib.import_module(LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

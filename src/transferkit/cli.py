@@ -2,12 +2,17 @@
 
 One function per subcommand; its signature is the CLI spec. Computation lives
 in the library; this module converts options at the boundary and renders.
+Options left out are None and are not passed on, so every default lives in
+the library. Library messages arrive through :mod:`logging`: a rich handler
+shows them on stderr as they happen, and -q keeps only warnings.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,14 +22,47 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from transferkit import __version__
+from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB, TrainConfig
 from transferkit.errors import TransferkitError, UsageError
 
+DEFAULTS = TrainConfig()
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Adapt a pretrained model to your labelled images or texts: transfer learning (feature "
                        "extraction), fine-tuning or LoRA, measured on your data.")
 # Pipes and CI logs get a wide fixed width so tables are not squeezed into 80 columns.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
+DATA, MODEL, TRAIN, OUTPUT, LOGGING = "Data", "Model", "Training", "Output", "Logging"
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"transferkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                                       help="Print the version and exit.")] = False) -> None:
+    """Adapt a pretrained model to your labelled images or texts, measured on your data."""
+
+
+def show_library_messages(quiet: bool) -> None:
+    """Library logs (data, backbone, cache, decisions) on stderr as they happen; -q keeps warnings only."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("transferkit")
+    logger.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, show_level=False,
+                                      markup=False, rich_tracebacks=False)]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+    if quiet:  # transformers' own loading and writing messages and bars too
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def handles_errors(fn):
@@ -42,181 +80,181 @@ def handles_errors(fn):
     return wrapper
 
 
-def parse_split(text: str) -> tuple[float, ...]:
+def parse_split(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError as e:
         raise typer.BadParameter(f"'{text}' is not three comma-separated fractions, e.g. 0.7,0.15,0.15") from e
 
 
-Model = Annotated[str | None, typer.Option("--model", "-m", help="Images: built-in efficientnet_lite0 (offline, the default) or "
-                                           "any timm model. Texts: built-in minilm (offline, the default), a hub name or "
-                                           "a save_pretrained folder.")]
-TextColumn = Annotated[str | None, typer.Option(help="Text data: the column holding the text (default 'text').")]
-LabelColumn = Annotated[str | None, typer.Option(help="Text data: the column holding the label (default 'label').")]
-MaxLength = Annotated[int | None, typer.Option(min=2, help="Text models: tokens per text (default 128); longer "
-                                                            "texts are truncated.")]
-Seed = Annotated[int, typer.Option(help="Random seed for the split, initialisation and data order.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Precision = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")]
-CacheBudget = Annotated[float, typer.Option(min=0.0, help="GB of disk the outputs of frozen blocks may take: with "
-                                            "augmentation off, finetune:last=N computes the frozen blocks once into "
-                                            "the cache and trains only the rest (refused, with a message, over this "
-                                            "budget; 0 turns it off).")]
-Log = Annotated[str | None, typer.Option(
-    metavar="tensorboard|mlflow", help="Also log settings, per-epoch metrics, results and the report to 'tensorboard' or "
-                                       "'mlflow' (off by default; needs: pip install \"transferkit\\[log]\").")]
-LogTo = Annotated[str | None, typer.Option(
-    metavar="DIR|URI", help="Where --log writes: a TensorBoard root folder (default OUT/tensorboard), or an MLflow "
-                            "tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db).")]
+def given(**options) -> dict:
+    """The options the user gave: None means left out, so the library's default applies."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+Model = Annotated[str | None, typer.Option("--model", "-m", rich_help_panel=MODEL, help="Images: built-in efficientnet_lite0 "
+                                           "(offline, the default) or any timm model. Texts: built-in minilm (offline, the "
+                                           "default), a hub name or a save_pretrained folder.")]
+TextColumn = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Text data: the column holding the text "
+                                                                           "(default 'text').")]
+LabelColumn = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Text data: the column holding the label "
+                                                                            "(default 'label').")]
+MaxLength = Annotated[int | None, typer.Option(min=2, rich_help_panel=MODEL, help="Text models: tokens per text (default "
+                                                                                  "128); longer texts are truncated.")]
+Split = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="train,val,test fractions when the data gives no "
+                                                                      "split (default 0.7,0.15,0.15).")]
+Seed = Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=f"Random seed for the split, initialisation and "
+                                                                      f"data order (default {DEFAULTS.seed}).")]
+Device = Annotated[str | None, typer.Option(help="auto (default), cpu, cuda or cuda:N.")]
+Precision = Annotated[str | None, typer.Option(help="auto (default: bf16 where the hardware has it), bf16, fp16 or fp32.")]
+BatchSize = Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help=f"Fine-tuning batch size (default "
+                                               f"{DEFAULTS.batch_size}; under torchrun the global batch).")]
+Epochs = Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Fine-tuning epochs (default 5).")]
+ImageSize = Annotated[int | None, typer.Option(min=16, rich_help_panel=MODEL, help="Input size in pixels (default: the "
+                                                                                   "backbone's).")]
+CacheBudget = Annotated[float | None, typer.Option(min=0.0, rich_help_panel=OUTPUT, help=f"GB of disk the outputs of frozen "
+                        f"blocks may take (default {DEFAULT_CACHE_BUDGET_GB:g}; 0 turns frozen-prefix caching off).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, help="Warnings only: no progress bars "
+                                                                                   "or messages.")]
+Log = Annotated[str | None, typer.Option(metavar="tensorboard|mlflow", rich_help_panel=LOGGING, help="Also log settings, "
+                                         "per-epoch metrics, results and the report (needs: pip install "
+                                         "\"transferkit\\[log]\").")]
+LogTo = Annotated[str | None, typer.Option(metavar="DIR|URI", rich_help_panel=LOGGING, help="Where --log writes (default "
+                                           "OUT/tensorboard, or $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db).")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def classifier_for(data: str, model: str | None, text_column: str | None, label_column: str | None, options: dict):
+    """The estimator for DATA's modality (detected from its content, and said), with the options given."""
+    from transferkit.classifier import CLASSIFIERS
+    from transferkit.data.sources import detect_modality
+
+    modality, why = detect_modality(data, text_column=text_column, label_column=label_column)
+    logging.getLogger("transferkit.cli").info("Data %s: %s, so %s.", data, why, f"{modality}s")
+    columns = given(text_column=text_column, label_column=label_column)
+    return CLASSIFIERS[modality](model, **columns, **given(**options))
 
 
 @app.command()
 @handles_errors
 def fit(
     data: Annotated[str, typer.Argument(help="Image folder (one subfolder per class; train/ val/ test/ used if "
-                                             "present), a CSV of path,label, 'digits', a torchvision name (cifar10), "
-                                             "or labelled texts: a CSV/TSV/JSONL with text and label columns.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")] = Path("runs/latest"),
+                                             "present), a CSV of image paths and labels, 'digits', a torchvision name "
+                                             "(cifar10), or labelled texts: a CSV/TSV/JSONL with text and label columns.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Run directory to write.")] =
+        Path("runs/latest"),
     model: Model = None,
-    strategy: Annotated[str, typer.Option("--strategy", "-s", help="auto (measures, chooses and says why), "
-                                          "feature-extraction (frozen backbone, head on cached features), "
-                                          "finetune:last=N, finetune:all, lp-ft, gradual or lora.")] = "auto",
+    strategy: Annotated[str | None, typer.Option("--strategy", "-s", rich_help_panel=TRAIN, help="auto (default: measures, "
+                        "chooses and says why), feature-extraction, finetune:last=N, finetune:all, lp-ft, gradual, lora.")] = None,
     text_column: TextColumn = None,
     label_column: LabelColumn = None,
     max_length: MaxLength = None,
-    pooling: Annotated[str, typer.Option(help="Text models: auto (the model's own), mean or cls.")] = "auto",
-    weights: Annotated[str | None, typer.Option(help="Local .safetensors/.pth weights, or 'none' for random init.")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs (image phases).")] = None,
-    head_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of the head on cached features.")] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, help="Head learning rate (backbone blocks get less).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Fine-tuning batch size (under torchrun: the global batch, "
-                                                        "split evenly over the processes).")] = 32,
-    image_size: Annotated[int | None, typer.Option(min=16, help="Input size in pixels (default: the backbone's).")] = None,
-    split: Annotated[str, typer.Option(help="train,val,test fractions when the data gives no split.")] = "0.7,0.15,0.15",
-    seed: Seed = 0,
-    device: Device = "auto",
-    precision: Precision = "auto",
-    bn: Annotated[str, typer.Option(help="BatchNorm while fine-tuning: all-frozen (every BN layer keeps its stored "
-                                         "statistics) or frozen-blocks (trainable blocks update theirs).")] = "all-frozen",
-    augment: Annotated[str, typer.Option(help="Training augmentation for fine-tuning: none, light or strong.")] = "none",
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
-    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.0,
-    accumulate: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
-    patience: Annotated[int | None, typer.Option(min=1, help="Stop a phase after N epochs without a better "
-                                                             "validation accuracy (best weights are kept anyway).")] = None,
-    class_weights: Annotated[str | None, typer.Option(help="'auto': weight the loss by inverse class frequency.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fit from OUT/checkpoints.")] = False,
-    strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
-    cache_budget: CacheBudget = 10.0,  # features.DEFAULT_CACHE_BUDGET_GB (not imported: --help stays fast)
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    pooling: Annotated[str | None, typer.Option(rich_help_panel=MODEL, help="Text models: auto (default), mean or cls.")] = None,
+    weights: Annotated[str | None, typer.Option(rich_help_panel=MODEL, help="Local .safetensors/.pth weights, or 'none' "
+                                                                            "for random init.")] = None,
+    epochs: Epochs = None,
+    head_epochs: Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="AdamW epochs of the head on cached "
+                                                    "features (default: the L-BFGS probe).")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, rich_help_panel=TRAIN, help="Head learning rate (backbone blocks "
+                                                                                  "get less).")] = None,
+    batch_size: BatchSize = None,
+    image_size: ImageSize = None,
+    split: Split = None,
+    seed: Seed = None,
+    device: Device = None,
+    precision: Precision = None,
+    bn: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="BatchNorm while fine-tuning: all-frozen (default) "
+                                           "or frozen-blocks.")] = None,
+    augment: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="Image augmentation: none (default), light "
+                                                                            "or strong.")] = None,
+    optimizer: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="adamw (default) or sgd.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(min=0.0, max=0.5, rich_help_panel=TRAIN)] = None,
+    accumulate: Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Gradient accumulation steps.")] = None,
+    patience: Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Stop a phase after N epochs "
+                                                 "without a better validation accuracy.")] = None,
+    class_weights: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="'auto': weight the loss by inverse "
+                                                                                  "class frequency.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT, help="Continue an interrupted fit from "
+                                                                                  "OUT/checkpoints.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", rich_help_panel=DATA, help="Fail on unreadable files instead of "
+                                                                                "skipping them.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", rich_help_panel=OUTPUT, help="Do not read or write the feature "
+                                                                                      "cache.")] = False,
+    cache_budget: CacheBudget = None,
+    quiet: Quiet = False,
     log: Log = None,
     log_to: LogTo = None,
 ) -> None:
-    """Train a classifier on DATA and write a run directory (model.safetensors, transferkit.json, metrics).
+    """Train a classifier on DATA and write a run directory (model, transferkit.json, metrics, report).
 
-    A checkpoint is written to OUT/checkpoints after every epoch; an interrupted
-    fit (Ctrl-C, a crash) continues exactly with the same command plus --resume.
-
-    On several GPUs (or CPU processes), launch it with torchrun, e.g.
-    torchrun --nproc_per_node 4 -m transferkit fit DATA --out OUT: PyTorch DDP,
-    NCCL on GPUs and gloo on CPU; only rank 0 writes OUT. A checkpoint resumes at
-    any number of processes.
+    A checkpoint is written to OUT/checkpoints after every epoch; an interrupted fit continues exactly with
+    the same command plus --resume. On several GPUs (or CPU processes) launch it with torchrun, e.g.
+    torchrun --nproc_per_node 4 -m transferkit fit DATA --out OUT (PyTorch DDP; only rank 0 writes OUT).
     """
     from transferkit import distributed
     from transferkit.runs import check_writable_dir
     from transferkit.tracking import log_fit_report, open_run
 
+    show_library_messages(quiet or not distributed.is_main())
     check_writable_dir(out_dir)  # before training, not after it
-    common = dict(strategy=strategy, weights=weights, split=parse_split(split), strict=strict, cache=not no_cache,
-                  progress=not quiet, checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs,
-                  head_epochs=head_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision,
-                  optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
-                  class_weights=class_weights)
-    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-{strategy}", to=log_to) as tracker:
-        if is_text_data(data, text_column, label_column):
-            from transferkit.text import TextClassifier
-
-            reject_image_options(image_size=image_size, augment=augment if augment != "none" else None,
-                                 bn=bn if bn != "all-frozen" else None)
-            clf = TextClassifier(model or "minilm", **text_options(text_column, label_column, max_length),
-                                 pooling=pooling, tracker=tracker, **common)
-        else:
-            from transferkit.classifier import ImageClassifier
-
-            reject_text_options(max_length=max_length, pooling=pooling if pooling != "auto" else None)
-            clf = ImageClassifier(model or "efficientnet_lite0", image_size=image_size, bn=bn, augment=augment,
-                                  cache_budget_gb=cache_budget, tracker=tracker, **common)
+    options = dict(strategy=strategy, weights=weights, split=parse_split(split), strict=strict, cache=not no_cache,
+                   progress=not quiet, checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs,
+                   head_epochs=head_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision,
+                   optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
+                   class_weights=class_weights, image_size=image_size, bn=bn, augment=augment,
+                   cache_budget_gb=cache_budget, max_length=max_length, pooling=pooling)
+    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-{strategy or 'auto'}", to=log_to) as tracker:
+        clf = classifier_for(data, model, text_column, label_column, options | {"tracker": tracker})
         try:
             clf.fit(data)
         except KeyboardInterrupt:
-            again = " ".join(sys.argv[1:]) + ("" if resume else " --resume")
-            err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. "
-                      f"Continue with:\n  transferkit {again}", highlight=False)
+            say_how_to_continue(out_dir, resume)
             raise typer.Exit(130) from None
         clf.save(out_dir)
-        log_fit_report(tracker, clf, out_dir)
+        if tracker is not None:
+            log_fit_report(tracker, clf.run_meta(), out_dir)
     if distributed.is_main():
         render_fit(clf, out_dir)
 
 
-def is_text_data(data: str, text_column: str | None, label_column: str | None) -> bool:
-    """Labelled texts: a column option was given, or the file is a TSV/JSONL or a CSV without a 'path' column."""
-    from transferkit.text.data import is_text_file
-
-    return text_column is not None or label_column is not None or is_text_file(data)
-
-
-def text_options(text_column: str | None, label_column: str | None, max_length: int | None) -> dict:
-    given = {"text_column": text_column, "label_column": label_column, "max_length": max_length}
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def reject_image_options(**given) -> None:
-    used = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
-    if used:
-        raise UsageError(f"{', '.join(used)} only apply to images, and this data is text. Leave them out.")
-
-
-def reject_text_options(**given) -> None:
-    used = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
-    if used:
-        raise UsageError(f"{', '.join(used)} only apply to text models, and this data is images (for labelled "
-                         "texts give a CSV/TSV/JSONL with --text-column/--label-column).")
+def say_how_to_continue(out_dir: Path, resume: bool) -> None:
+    """After Ctrl-C: the command that continues (one shell-quoted line) when a checkpoint exists, else what rerunning does."""
+    if (out_dir / "checkpoints" / "last.pt").is_file():
+        again = shlex.join(["transferkit", *sys.argv[1:], *([] if resume else ["--resume"])])
+        err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. Continue with:",
+                  highlight=False)
+        err.print(again, markup=False, highlight=False, soft_wrap=True, overflow="ignore", crop=False)
+    else:
+        err.print("[yellow]Interrupted[/] before the first epoch finished, so there is no checkpoint to resume. Run the "
+                  "same command again: features already computed are kept in the feature cache.", highlight=False)
 
 
 def render_fit(clf, out_dir: Path) -> None:
-    summary = clf.data_summary_
-    if summary.line():
-        err.print(f"[yellow]{summary.line()}[/]", highlight=False)
-    sizes = clf.metrics_["split_sizes"]
-    out.print(f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {clf.noun}, "
-              f"{len(clf.classes_)} classes")
-    out.print(f"Backbone: {clf.backbone_.spec.name} ({clf.backbone_.load_report})")
+    test = clf.metrics_["test"]
     if clf.feature_cache_:
         out.print("Feature cache: " + ", ".join(f"{k} {v}" for k, v in clf.feature_cache_.items()))
     if clf.decision_:
         out.print(f"auto chose [bold]{clf.decision_.strategy.spec}[/]: {clf.decision_.reason}")
-    test = clf.metrics_["test"]
     out.print(f"Strategy {clf.strategy_.spec}: test accuracy [bold]{test['accuracy']:.4f}[/], "
               f"macro-F1 {test['macro_f1']:.4f}, val accuracy {clf.metrics_['val_accuracy']:.4f}, "
               f"{clf.metrics_['train_seconds']:.1f} s")
-    out.print(f"Run saved to {out_dir}. Predict with: transferkit predict {out_dir} "
-              f"{'TEXT... or --file LINES.txt' if clf.noun == 'texts' else 'IMAGE...'}")
+    what = "TEXT... or --file LINES.txt" if clf.modality == "text" else "IMAGE..."
+    out.print(f"Run saved to {out_dir}. Predict with: transferkit predict {out_dir} {what}")
 
 
 @app.command()
 @handles_errors
 def predict(
     run: Annotated[Path, typer.Argument(help="A run directory written by fit, or a .onnx file written by export.")],
-    inputs: Annotated[list[str] | None, typer.Argument(help="Image files to classify; for a text run, the texts "
-                                                             "themselves.")] = None,
+    inputs: Annotated[list[str] | None, typer.Argument(help="Image files (or folders) to classify; for a text run, the "
+                                                             "texts themselves.")] = None,
     lines_file: Annotated[Path | None, typer.Option("--file", help="A UTF-8 file with one input per line (texts for a "
                                                                   "text run, image paths otherwise); blank lines skipped.")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per input.")] = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    device: Device = "auto",
+    as_json: Json = False,
+    device: Device = None,
 ) -> None:
     """Classify image files, or texts with a text run; prints labels and probabilities."""
     from transferkit.errors import DataError
@@ -224,15 +262,11 @@ def predict(
     items = list(inputs or []) + read_lines(lines_file)
     if not items:
         raise UsageError("Nothing to predict: give inputs after the run directory, or --file LINES.txt.")
-    key = "text" if run.is_dir() and run_modality(run) == "text" else "file"
-    if key == "text":
-        from transferkit.text import TextClassifier
+    clf = load_model(run, device)
+    key = "text" if getattr(clf, "modality", "image") == "text" else "file"
+    if key == "file":
+        from transferkit.data.images import check_image
 
-        clf = TextClassifier.load(run, progress=False, device=device)
-    else:
-        from transferkit.data import check_image
-
-        clf = load_image_model(run, device)
         items = [Path(f) for f in items]
         bad = [(f, r) for f in items if (r := check_image(f))]
         if bad:
@@ -249,20 +283,15 @@ def predict(
     out.print(table)
 
 
-def run_modality(run: Path) -> str:
-    from transferkit.runs import run_modality as modality
-
-    return modality(run)
-
-
-def load_image_model(run: Path, device: str):
+def load_model(run: Path, device: str | None):
+    """A run directory's classifier, or an exported ONNX model's."""
     if run.suffix == ".onnx" and run.is_file():
         from transferkit.export import OnnxClassifier
 
-        return OnnxClassifier.load(run, device=device)
-    from transferkit.classifier import ImageClassifier
+        return OnnxClassifier.load(run, device=device or "auto")
+    from transferkit.classifier import load_classifier
 
-    return ImageClassifier.load(run, progress=False, device=device)
+    return load_classifier(run, progress=False, **given(device=device))
 
 
 def read_lines(path: Path | None) -> list[str]:
@@ -291,35 +320,28 @@ def predictions(items: list, proba, classes: list[str], top_k: int, key: str = "
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run directory written by fit.")],
     data: Annotated[str, typer.Argument(help="Labelled data (folder, CSV, digits, dataset name; a text file for a "
-                                             "text run); all of it is used.")],
+                                             "text run); a folder with a test/ subfolder is read from there.")],
     text_column: TextColumn = None,
     label_column: LabelColumn = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
-    device: Device = "auto",
+    as_json: Json = False,
+    device: Device = None,
 ) -> None:
     """Measure a trained run on labelled data: accuracy, top-5, macro-F1, per-class scores."""
+    from transferkit.classifier import load_classifier
+    from transferkit.data.sources import load_eval
     from transferkit.evaluate import metrics
 
-    if run.is_dir() and run_modality(run) == "text":
-        from transferkit.text import TextClassifier
-        from transferkit.text.data import load_eval_texts
-
-        clf = TextClassifier.load(run, progress=False, device=device, **text_options(text_column, label_column, None))
-        images, summary = load_eval_texts(data, clf.classes_, text_column=clf.text_column, label_column=clf.label_column)
-    else:
-        from transferkit.classifier import ImageClassifier
-        from transferkit.data import load_eval_images
-
-        clf = ImageClassifier.load(run, progress=False, device=device)
-        images, summary = load_eval_images(data, clf.classes_)
+    clf = load_classifier(run, progress=False, **given(device=device, text_column=text_column, label_column=label_column))
+    examples, summary = load_eval(data, clf.classes_, modality=clf.modality,
+                                  **given(text_column=text_column, label_column=label_column))
     if summary.line():
         err.print(f"[yellow]{summary.line()}[/]", highlight=False)
-    result = metrics(clf.decision_function(images), images.labels, clf.classes_)
+    result = metrics(clf.decision_function(examples), examples.labels, clf.classes_)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
-    out.print(f"{result['n']} {clf.noun}: accuracy [bold]{result['accuracy']:.4f}[/], top-5 {result['top5_accuracy']:.4f}, "
-              f"macro-F1 {result['macro_f1']:.4f}")
+    out.print(f"{result['n']} {clf.modality}s: accuracy [bold]{result['accuracy']:.4f}[/], top-5 "
+              f"{result['top5_accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}")
     table = Table("class", "precision", "recall", "f1", "support")
     for name, m in result["per_class"].items():
         table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
@@ -329,13 +351,16 @@ def evaluate(
 @app.command()
 @handles_errors
 def models(filter: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 'resnet*' or 'vit'.")] = "") -> None:
-    """List built-in (offline) backbones and timm architectures matching FILTER."""
-    from transferkit.backbones import BUILTIN_BACKBONES, list_models
+    """List built-in (offline) image and text backbones and timm architectures matching FILTER."""
+    from transferkit.backbones import BUILTIN_BACKBONES, BUILTIN_TEXT_BACKBONES, list_models
 
     found = list_models(filter)
-    out.print("[bold]Built-in (offline weights):[/]")
+    out.print("[bold]Built-in image backbones (offline weights):[/]")
     for name in found["builtin"]:
         out.print(f"  {name}  {BUILTIN_BACKBONES[name].description}")
+    out.print("[bold]Built-in text backbones (offline weights; any transformers encoder on the hub works too):[/]")
+    for name in found["builtin_text"]:
+        out.print(f"  {name}  {BUILTIN_TEXT_BACKBONES[name].description}")
     names = found["timm"]
     out.print(f"[bold]timm architectures ({len(names)}; weights download from the hub):[/]")
     out.print("  " + "  ".join(names[:200]) + (" ..." if len(names) > 200 else ""), soft_wrap=False)
@@ -344,26 +369,26 @@ def models(filter: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 're
 @app.command()
 @handles_errors
 def inspect(
-    model: Annotated[str, typer.Argument(help="Backbone name (built-in or timm).")] = "efficientnet_lite0",
+    model: Annotated[str, typer.Argument(help="Backbone name: built-in (efficientnet_lite0, minilm), timm, or a "
+                                              "transformers folder.")] = "efficientnet_lite0",
     weights: Annotated[str | None, typer.Option(help="Local weights file, or 'none' for random init.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Json = False,
 ) -> None:
     """Show a backbone's blocks in order with parameter counts, feature size and input config."""
-    from transferkit.backbones import describe, load_backbone
+    from transferkit.backbones import load_backbone
 
-    info = describe(load_backbone(model, weights=weights))
+    info = load_backbone(model, weights=weights).describe()
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return
-    out.print(f"[bold]{info['name']}[/] (timm {info['arch']}, weights: {info['weights']}): "
+    out.print(f"[bold]{info['name']}[/] ({info['modality']}, {info['arch']}, weights: {info['weights']}): "
               f"{info['total_params']:,} parameters, {info['feature_dim']} features")
     table = Table("#", "block", "parameters", "tensors")
     for b in info["blocks"]:
         table.add_row(str(b["index"]), b["name"], f"{b['params']:,}", str(b["tensors"]))
     table.add_row("", f"head ({info['head']['name']})", f"{info['head']['params']:,}", "")
     out.print(table)
-    i = info["input"]
-    out.print(f"Input: {i['size']}, mean {i['mean']}, std {i['std']}, {i['interpolation']}, crop {i['crop_pct']}")
+    out.print("Input: " + ", ".join(f"{k} {v}" for k, v in info["input"].items()))
     out.print("finetune:last=N trains the head plus the last N blocks above.")
 
 
@@ -372,65 +397,59 @@ def inspect(
 def compare(
     data: Annotated[str, typer.Argument(help="Labelled data as for fit; default: the built-in digits demo.")] = "digits",
     model: Model = None,
-    strategies: Annotated[str, typer.Option(help="Comma-separated strategies to run on the same split.")] =
-        "feature-extraction,finetune:last=2,finetune:all,lp-ft",
-    fractions: Annotated[str | None, typer.Option(help="Training fractions per class for a learning curve, "
-                                                       "e.g. 0.05,0.2,1.0.")] = None,
-    baseline: Annotated[str | None, typer.Option(help="'scratch': also train the architecture from random "
-                                                      "initialisation, to show what pretraining is worth.")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where compare.json and the reports go.")] = Path("runs/compare"),
-    epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs for every strategy.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Fine-tuning batch size.")] = 32,
-    image_size: Annotated[int | None, typer.Option(min=16)] = None,
+    strategies: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="Comma-separated strategies to run on the "
+                          "same split (default feature-extraction,finetune:last=2,finetune:all,lp-ft).")] = None,
+    fractions: Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Training fractions per class for a learning "
+                                                  "curve, e.g. 0.05,0.2,1.0.")] = None,
+    baseline: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="'scratch': also train the architecture "
+                                                 "from random initialisation, to show what pretraining is worth.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Where compare.json and the "
+                                                                                      "reports go.")] = Path("runs/compare"),
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    image_size: ImageSize = None,
     text_column: TextColumn = None,
     label_column: LabelColumn = None,
     max_length: MaxLength = None,
-    split: Annotated[str, typer.Option(help="train,val,test fractions when the data gives no split.")] = "0.7,0.15,0.15",
-    seed: Seed = 0,
-    device: Device = "auto",
-    precision: Precision = "auto",
-    cache_budget: CacheBudget = 10.0,  # features.DEFAULT_CACHE_BUDGET_GB (not imported: --help stays fast)
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    split: Split = None,
+    seed: Seed = None,
+    device: Device = None,
+    precision: Precision = None,
+    cache_budget: CacheBudget = None,
+    quiet: Quiet = False,
     log: Log = None,
     log_to: LogTo = None,
 ) -> None:
     """Run strategies side by side on the same split: accuracy, time, trainable parameters, memory; name the winner."""
+    from transferkit.compare import DEFAULT_STRATEGIES
     from transferkit.compare import compare as run_compare
+    from transferkit.data.sources import load_data
     from transferkit.distributed import refuse_torchrun
     from transferkit.report import write_comparison
+    from transferkit.runs import check_writable_dir
     from transferkit.tracking import log_comparison, open_run
 
     refuse_torchrun("compare")
+    show_library_messages(quiet)
+    check_writable_dir(out_dir)  # before any work: a bad --out must not cost the whole comparison
     fracs = [float(f) for f in fractions.split(",")] if fractions else []
+    columns = given(text_column=text_column, label_column=label_column)
+    splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)
+    settings = given(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
+                     image_size=image_size, cache_budget_gb=cache_budget, max_length=max_length) | columns
+    settings["progress"] = not quiet
+    out.print(f"Comparing on {data}: {splits.sizes()} {splits.train.noun}s, {len(splits.classes)} classes, "
+              f"model {model or 'default'}")
     with open_run(log, out=out_dir, run_name=f"{out_dir.name}-compare", to=log_to) as tracker:
-        settings = dict(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
-                        progress=not quiet)
-        if is_text_data(data, text_column, label_column):
-            from transferkit.text import load_text_data
-
-            reject_image_options(image_size=image_size)
-            columns = text_options(text_column, label_column, None)
-            splits = load_text_data(data, split=parse_split(split), seed=seed, **columns)
-            model, noun = model or "minilm", "texts"
-            settings |= columns | text_options(None, None, max_length)
-        else:
-            from transferkit.data import load_data
-
-            reject_text_options(max_length=max_length)
-            splits = load_data(data, split=parse_split(split), seed=seed)
-            model, noun = model or "efficientnet_lite0", "images"
-            settings |= {"image_size": image_size, "cache_budget_gb": cache_budget}
-        if splits.summary.line():
-            err.print(f"[yellow]{splits.summary.line()}[/]", highlight=False)
-        out.print(f"Comparing on {data}: {splits.sizes()} {noun}, {len(splits.classes)} classes, model {model}")
-
         def live(r):
             out.print(f"  {r.label}: test {r.test_accuracy:.4f} in {r.seconds:.1f} s")
 
-        result = run_compare(splits, data_name=data, model=model, strategies=strategies.split(","), fractions=fracs,
+        specs = strategies.split(",") if strategies else list(DEFAULT_STRATEGIES)
+        result = run_compare(splits, data_name=data, model=model, strategies=specs, fractions=fracs,
                              baseline=baseline, settings=settings, on_result=live, tracker=tracker)
         paths = write_comparison(result, out_dir)
-        log_comparison(tracker, result, paths)
+        if tracker is not None:
+            log_comparison(tracker, result.to_dict(), paths)
     render_comparison(result)
     out.print(f"Reports: {paths['html']}, {paths['markdown']}, {paths['json']}")
 
@@ -463,9 +482,6 @@ def export(
     from transferkit.export import export_run
 
     refuse_torchrun("export")
-    if run.is_dir() and run_modality(run) == "text":
-        raise UsageError(f"export handles image runs. A text run's encoder is already in transformers' format: "
-                         f"AutoModel.from_pretrained('{run / 'encoder'}') plus {run / 'head.safetensors'} (see README).")
     render_export(export_run(run, fmt, out_file))
 
 

@@ -10,40 +10,31 @@ extraction?) and a from-scratch baseline (what is pretraining worth here?).
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
+import psutil
 import torch
 
-from transferkit.classifier import ImageClassifier
-from transferkit.data import DataSplits, subsample_per_class
+from transferkit.classifier import CLASSIFIERS
+from transferkit.data.examples import DataSplits
+from transferkit.data.splits import subsample_per_class
 from transferkit.errors import UsageError
+from transferkit.report import Comparison, StrategyResult
+from transferkit.runs import library_versions
 from transferkit.strategies import parse_strategy
-from transferkit.text import TextClassifier, TextSet
 from transferkit.tracking import Tracker, log_strategy_result
 
 DEFAULT_STRATEGIES = ("feature-extraction", "finetune:last=2", "finetune:all", "lp-ft")
 
 
-def _return_free_memory() -> None:
-    """Hand freed heap back to the OS (glibc), so one strategy's growth is not hidden by the last one's leftovers."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class PeakMemory:
-    """Peak resident memory (MiB) above the level at start, sampled every 20 ms; CUDA peak on GPU.
+    """Peak resident memory (MiB) above the level at start, sampled every 20 ms (psutil); CUDA peak on GPU.
 
     On CPU this is the growth of the process's RSS while a strategy runs: what it
     allocated beyond what was already resident (the loaded libraries, the data).
@@ -52,14 +43,13 @@ class PeakMemory:
     def __init__(self, device: str = "cpu"):
         self.cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         self.peak = 0
+        self._process = psutil.Process()
 
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def rss(self) -> int:
+        return self._process.memory_info().rss
 
     def __enter__(self) -> PeakMemory:
-        _return_free_memory()
+        gc.collect()
         self.start, self.peak, self._stop = self.rss(), 0, threading.Event()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -83,98 +73,6 @@ class PeakMemory:
         return self.peak / 2**20
 
 
-@dataclass
-class StrategyResult:
-    """One row of the comparison table."""
-
-    strategy: str
-    label: str
-    trainable_params: int
-    total_params: int
-    epochs: int
-    seconds: float
-    peak_memory_mib: float
-    val_accuracy: float
-    test_accuracy: float
-    macro_f1: float
-    train_per_class: float
-    metrics: dict = field(repr=False, default_factory=dict)
-    phases: list = field(repr=False, default_factory=list)
-    history: list = field(repr=False, default_factory=list)
-
-    @property
-    def trainable_share(self) -> float:
-        return self.trainable_params / self.total_params
-
-    def row(self) -> dict:
-        keys = ("strategy", "label", "trainable_params", "total_params", "epochs", "seconds", "peak_memory_mib",
-                "val_accuracy", "test_accuracy", "macro_f1", "train_per_class")
-        return {k: getattr(self, k) for k in keys} | {"trainable_share": self.trainable_share}
-
-
-@dataclass
-class Comparison:
-    """Everything `transferkit compare` shows and writes."""
-
-    data: str
-    model: str
-    seed: int
-    results: list[StrategyResult]
-    curve: list[StrategyResult] = field(default_factory=list)
-    baseline: StrategyResult | None = None
-    configs: dict = field(default_factory=dict)
-    machine: dict = field(default_factory=dict)
-    split_sizes: dict = field(default_factory=dict)
-
-    def winner(self) -> StrategyResult:
-        return max(self.results, key=lambda r: (r.test_accuracy, r.val_accuracy, -r.seconds))
-
-    def verdict(self) -> str:
-        """The winner and the trade-off against feature extraction, in one sentence."""
-        best = self.winner()
-        fe = next((r for r in self.results if r.strategy == "feature-extraction"), None)
-        if fe is None or fe is best:
-            others = [r for r in self.results if r is not best]
-            if not others:
-                return f"{best.label} reached {best.test_accuracy:.1%} test accuracy."
-            runner = max(others, key=lambda r: r.test_accuracy)
-            return (f"{best.label} is the most accurate ({best.test_accuracy:.1%}), "
-                    f"{(best.test_accuracy - runner.test_accuracy) * 100:.1f} points above {runner.label} "
-                    f"at {_ratio(best.seconds, runner.seconds)} the training time.")
-        gain = (best.test_accuracy - fe.test_accuracy) * 100
-        return (f"{best.label} is {gain:.1f} points more accurate than feature-extraction "
-                f"({best.test_accuracy:.1%} vs {fe.test_accuracy:.1%}) at {_ratio(best.seconds, fe.seconds)} the training "
-                f"time and {best.trainable_params / max(1, fe.trainable_params):.0f}x the trainable parameters.")
-
-    def crossover(self) -> str | None:
-        """Where, on this data, fine-tuning overtakes feature extraction along the learning curve."""
-        if not self.curve:
-            return None
-        by_n: dict[float, dict[str, float]] = {}
-        for r in self.curve:
-            by_n.setdefault(r.train_per_class, {})[r.strategy] = r.test_accuracy
-        for n in sorted(by_n):
-            accs = by_n[n]
-            fe = accs.get("feature-extraction")
-            better = [s for s, a in accs.items() if s != "feature-extraction" and fe is not None and a > fe]
-            if better:
-                return f"fine-tuning ({', '.join(better)}) overtakes feature extraction from about {n:.0f} examples per class"
-        return "feature extraction stays at least as accurate as fine-tuning at every training size measured"
-
-    def to_dict(self) -> dict:
-        return {"data": self.data, "model": self.model, "seed": self.seed, "split_sizes": self.split_sizes,
-                "results": [r.row() | {"phases": r.phases, "metrics": r.metrics} for r in self.results],
-                "winner": self.winner().strategy, "verdict": self.verdict(),
-                "learning_curve": [r.row() for r in self.curve], "crossover": self.crossover(),
-                "baseline": self.baseline.row() | {"metrics": self.baseline.metrics} if self.baseline else None,
-                "configs": self.configs, "machine": self.machine}
-
-
-def _ratio(a: float, b: float) -> str:
-    r = a / max(b, 1e-9)
-    return f"{r:.1f}x" if r < 10 else f"{r:.0f}x"
-
-
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -188,20 +86,20 @@ def machine_info() -> dict:
     return info
 
 
-def run_strategy(splits: DataSplits, spec: str, *, model: str, settings: dict, label: str | None = None,
-                 weights: str | None = None, tracker: Tracker | None = None) -> tuple[StrategyResult, ImageClassifier]:
+def run_strategy(splits: DataSplits, spec: str, *, model: str | None, settings: dict, label: str | None = None,
+                 weights: str | None = None, tracker: Tracker | None = None) -> tuple[StrategyResult, object]:
     """Fit one strategy and measure it; with `tracker`, logged as a run nested in it, named by the label."""
     with (tracker.child(label or spec) if tracker is not None else nullcontext()) as run:
         result, clf = _measure(splits, spec, model=model, settings=settings, label=label, weights=weights, tracker=run)
         if run is not None:
-            log_strategy_result(run, result)
+            log_strategy_result(run, result.row())
     return result, clf
 
 
-def _measure(splits: DataSplits, spec: str, *, model: str, settings: dict, label: str | None, weights: str | None,
-             tracker: Tracker | None) -> tuple[StrategyResult, ImageClassifier]:
-    """A TextClassifier when the data is text."""
-    clf = classifier_class(splits)(model, strategy=spec, weights=weights, tracker=tracker, **settings)
+def _measure(splits: DataSplits, spec: str, *, model: str | None, settings: dict, label: str | None, weights: str | None,
+             tracker: Tracker | None) -> tuple[StrategyResult, object]:
+    """Fit the classifier of the data's modality, timing it and sampling its memory."""
+    clf = CLASSIFIERS[splits.train.modality](model, strategy=spec, weights=weights, tracker=tracker, **settings)
     with PeakMemory(settings.get("device", "auto")) as mem:
         start = time.perf_counter()
         clf.fit(splits)
@@ -216,18 +114,14 @@ def _measure(splits: DataSplits, spec: str, *, model: str, settings: dict, label
     return result, clf
 
 
-def classifier_class(splits: DataSplits) -> type[ImageClassifier]:
-    return TextClassifier if isinstance(splits.train, TextSet) else ImageClassifier
-
-
-def trainable_params(clf: ImageClassifier) -> int:
+def trainable_params(clf) -> int:
     """Parameters the strategy's last phase trained (head plus its unfrozen blocks)."""
     counts = clf.backbone_.param_counts()
     blocks = clf.phases_[-1].get("trainable_blocks", [])
     return counts["head"] + sum(counts[b] for b in blocks)
 
 
-def compare(splits: DataSplits, *, data_name: str, model: str, strategies: Sequence[str] = DEFAULT_STRATEGIES,
+def compare(splits: DataSplits, *, data_name: str, model: str | None = None, strategies: Sequence[str] = DEFAULT_STRATEGIES,
             fractions: Sequence[float] = (), baseline: str | None = None, settings: dict | None = None,
             on_result=None, tracker: Tracker | None = None) -> Comparison:
     """Run every strategy on the same split and seed; optionally a learning curve and a scratch baseline.
@@ -257,7 +151,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str, strategies: Seque
         notify(result)
     curve = []
     for fraction in sorted(f for f in fractions if f < 1):
-        sub = DataSplits(subsample_per_class(splits.train, fraction, settings.get("seed", 0)), splits.val, splits.test,
+        sub = DataSplits(subsample_per_class(splits.train, fraction, settings.get("seed") or 0), splits.val, splits.test,
                          splits.summary)
         for spec in specs:
             result, _ = run_strategy(sub, spec, model=model, settings=settings, label=f"{spec} @ {fraction:g}",
@@ -272,5 +166,5 @@ def compare(splits: DataSplits, *, data_name: str, model: str, strategies: Seque
                                label="scratch (random init, finetune:all)", tracker=tracker)
         notify(base)
     configs = {r.strategy: r.phases for r in results}
-    return Comparison(data_name, model, settings.get("seed", 0), results, curve, base, configs, machine_info(),
-                      splits.sizes())
+    return Comparison(data_name, model or "default", settings.get("seed") or 0, results, curve, base, configs,
+                      machine_info(), splits.sizes(), library_versions())

@@ -59,3 +59,13 @@ def did_you_mean(value: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ' Did you mean: a, b?' for the closest choices, or ''."""
     close = difflib.get_close_matches(value, list(choices), n=n, cutoff=0.6)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def check_choice(name: str, value: object, choices: Iterable) -> object:
+    """`value` if it is one of `choices`, else a UsageError naming the parameter, the value and the choices."""
+    choices = list(choices)
+    if value in choices:
+        return value
+    shown = ", ".join("None" if c is None else str(c) for c in choices)
+    near = did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
+    raise UsageError(f"{name} must be one of {shown}; got {value!r}.{near}")

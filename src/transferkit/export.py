@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferkit.atomic import write_atomic, write_json
 from transferkit.errors import ExportError, UsageError, did_you_mean
-from transferkit.runs import library_versions, load_run, write_atomic, write_json
+from transferkit.runs import library_versions, load_run
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # format -> default file name in the run
 OPSET = 18  # the lowest opset torch's dynamo ONNX exporter emits; onnxruntime >= 1.14 runs it
@@ -76,6 +77,9 @@ def export_run(run_dir: str | Path, format: str = "onnx", out: str | Path | None
     fmt = check_format(format)
     path = output_path(Path(run_dir), fmt, out)
     run = load_run(run_dir)
+    refusal = run.backbone.export_refusal()
+    if refusal:
+        raise UsageError(refusal.replace("RUN", str(run_dir)))
     return export_model(run.model, preprocess_info(run.meta, fmt), fmt, path)
 
 
@@ -275,7 +279,7 @@ class OnnxClassifier:
 
     def decision_function(self, paths: Sequence[str | Path], batch_size: int = 64) -> np.ndarray:
         """Raw logits, one row per image file."""
-        from transferkit.data import make_transform, open_image
+        from transferkit.data.images import make_transform, open_image
 
         transform = make_transform(self.data_config_)
         logits = []

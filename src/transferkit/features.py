@@ -26,11 +26,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +36,15 @@ import numpy as np
 import torch
 
 from transferkit import distributed
-from transferkit.backbones import Backbone, PrefixSplit
-from transferkit.data import ArrayImages, ImageSet, TransformedImages, cache_dir
-from transferkit.engine import autocast, console, make_progress, to_channels_last
-from transferkit.errors import CacheError, ResourceError
+from transferkit.backbones.base import Backbone
+from transferkit.data.examples import Examples
+from transferkit.data.named import cache_dir
+from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB  # noqa: F401  (re-exported: the cache's budget)
+from transferkit.errors import CacheError
+from transferkit.inference import CUT_POINT, Cut, extract_features, pooled_cut
 
 FORMAT = 1
-CUT_POINT = "pre_logits"  # pooled features, what the classifier head sees
-DEFAULT_CACHE_BUDGET_GB = 10.0  # disk the frozen blocks' outputs of one fit may take (frozen-prefix caching)
+
 STALE_TMP_SECONDS = 3600  # a temporary folder this old is abandoned even if its pid was reused
 
 
@@ -213,136 +212,40 @@ def cache_failure(e: OSError, root: Path) -> CacheError:
                       "or pass --no-cache (cache=False in Python).")
 
 
-def default_workers(images: ImageSet) -> int:
-    """Decoding processes: none for in-memory arrays (decoding is free), else up to 4."""
-    if isinstance(images, ArrayImages) or len(images) < 256:
-        return 0
-    return min(4, os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class Cut:
-    """What the cache stores for each image: the output of `fn` (a frozen part of the model), `shape` per image.
-
-    `name` goes into the cache key; it must change whenever `fn` computes something else.
-    """
-
-    name: str
-    fn: Callable[[torch.Tensor], torch.Tensor]
-    shape: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-
-def pooled_cut(backbone: Backbone) -> Cut:
-    """The pooled pre-logits features, what the classifier head sees."""
-    return Cut(CUT_POINT, backbone.features, (backbone.num_features,))
-
-
-def prefix_cut(split: PrefixSplit, input_size: Sequence[int]) -> Cut:
-    """The frozen prefix's output for images of `input_size` (C, H, W).
-
-    Its cache name holds the cut, the output shape and a digest of the prefix's
-    own parameters and buffers, so cached outputs never outlive the weights that made them.
-    """
-    h = hashlib.sha256()
-    for name, t in sorted({**dict(split.prefix.named_parameters()), **dict(split.prefix.named_buffers())}.items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    device = next(split.prefix.parameters()).device
-    with torch.no_grad():
-        shape = tuple(split.prefix.eval()(torch.zeros(1, *input_size, device=device)).shape[1:])
-    return Cut(f"prefix:{split.cut}:{'x'.join(map(str, shape))}:{h.hexdigest()[:16]}", split.prefix, shape)
-
-
-def extract_features(backbone: Backbone, images: ImageSet, transform, *, device: torch.device,
-                     dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
-                     out: np.ndarray | None = None, progress: bool = True, label: str = "features",
-                     cut: Cut | None = None, collate: Callable | None = None) -> np.ndarray:
-    """The `cut`'s output (default: pooled features) for every image, in order, flattened into `out` (float16).
-
-    `collate` batches the loaded items when the default stacking does not fit (texts: the tokenizer).
-    """
-    cut = cut or pooled_cut(backbone)
-    model = backbone.model.to(device).eval()
-    if device.type == "cpu" or dtype is not None:
-        model = model.to(memory_format=torch.channels_last)
-    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=batch_size, collate_fn=collate,
-                                         num_workers=default_workers(images) if workers is None else workers)
-    out = np.zeros((len(images), cut.size), np.float16) if out is None else out
-    start = 0
-    # inference_mode only around the loop: converting the model inside it would turn its
-    # parameters into inference tensors that fine-tuning can no longer train.
-    with make_progress(progress) as bar, torch.inference_mode():
-        task = bar.add_task(f"extract {label}", total=len(images), info="")
-        chunk = batch_size  # shrinks on GPU out-of-memory and stays shrunk
-        for x, _, _ in loader:
-            for i in range(0, len(x), chunk):
-                f, chunk = _features_fitting_memory(cut.fn, x[i:i + chunk], device, dtype)
-                out[start:start + len(f)] = f
-                start += len(f)
-            bar.update(task, advance=len(x))
-    return out
-
-
-def _features_fitting_memory(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device,
-                             dtype: torch.dtype | None) -> tuple[np.ndarray, int]:
-    """Features of one batch; on CUDA out-of-memory, halve the batch and retry (said in the log).
-
-    Returns the features and the batch size that worked.
-    """
-    try:
-        with autocast(device, dtype):
-            f = fn(to_channels_last(x.to(device)))
-        return f.float().cpu().reshape(len(x), -1).numpy().astype(np.float16), len(x)
-    except torch.OutOfMemoryError as e:
-        if len(x) == 1:
-            raise ResourceError(f"Out of {device} memory with a single image ({e}). Use a smaller --image-size, "
-                                "another backbone or --device cpu.") from e
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(x) // 2
-        console.print(f"[yellow]{device} out of memory at batch size {len(x)}: halving to {half} and retrying[/]")
-        first, size = _features_fitting_memory(fn, x[:half], device, dtype)
-        rest = [_features_fitting_memory(fn, x[i:i + size], device, dtype)[0] for i in range(half, len(x), size)]
-        return np.concatenate([first, *rest]), size
-
-
-def cached_features(backbone: Backbone, images: ImageSet, transform, data_config: dict, *, cache: FeatureCache,
-                    device: torch.device, dtype: torch.dtype | None, batch_size: int = 128,
-                    workers: int | None = None, progress: bool = True, label: str = "features",
-                    cut: Cut | None = None, collate: Callable | None = None) -> tuple[np.ndarray, bool]:
+def cached_features(backbone: Backbone, images: Examples, *, cache: FeatureCache, device: torch.device,
+                    dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
+                    progress: bool = True, label: str = "features", cut: Cut | None = None) -> tuple[np.ndarray, bool]:
     """The `cut`'s outputs (default: pooled features) for `images` from the cache, computed and stored on a miss.
+
+    The key takes the preprocessing from `backbone.data_config`.
 
     Returns:
         (float16 array of shape (N, cut.size), True when it came from the cache).
     """
     cut = cut or pooled_cut(backbone)
     precision = str(dtype).replace("torch.", "") if dtype is not None else "float32"
-    key = feature_key(backbone, data_config, precision, images.identities(), cut.name)
+    key = feature_key(backbone, backbone.data_config, precision, images.identities(), cut.name)
     hit = cache.load(key)
     if distributed.all_true(hit is not None):
         return hit, True
     extract = dict(device=device, dtype=dtype, batch_size=batch_size, workers=workers, progress=progress, label=label,
-                   cut=cut, collate=collate)
+                   cut=cut)
     meta = {"backbone": backbone.spec.to_dict(), "cut": cut.name, "precision": precision,
             "shape": [len(images), cut.size], "item_shape": list(cut.shape), "images": images.name}
     if distributed.active():
-        return sharded_features(backbone, images, transform, cache, key, meta, extract), False
+        return sharded_features(backbone, images, cache, key, meta, extract), False
     if not cache.enabled:
-        return extract_features(backbone, images, transform, **extract), False
+        return extract_features(backbone, images, **extract), False
     writer = cache.writer(key, len(images), cut.size)
     try:
-        extract_features(backbone, images, transform, out=writer.array, **extract)
+        extract_features(backbone, images, out=writer.array, **extract)
     except BaseException:
         writer.abort()
         raise
     return writer.commit(meta), False
 
 
-def sharded_features(backbone: Backbone, images: ImageSet, transform, cache: FeatureCache, key: str, meta: dict,
+def sharded_features(backbone: Backbone, images: Examples, cache: FeatureCache, key: str, meta: dict,
                      extract: dict) -> np.ndarray:
     """Features of `images` computed by every process of the group, each its `distributed.shard`; all get all rows.
 
@@ -355,7 +258,7 @@ def sharded_features(backbone: Backbone, images: ImageSet, transform, cache: Fea
     """
     part = images.subset(distributed.shard(len(images)))
     if not cache.enabled:
-        return distributed.gather_rows(extract_features(backbone, part, transform, **extract))
+        return distributed.gather_rows(extract_features(backbone, part, **extract))
     writer: FeatureWriter | None = None
 
     def open_entry() -> Path:
@@ -365,17 +268,17 @@ def sharded_features(backbone: Backbone, images: ImageSet, transform, cache: Fea
 
     folder = distributed.on_main(open_entry)
     if len(part):  # more processes than images leaves some with none (and no file)
-        write_shard(backbone, part, transform, folder / f"shard-{distributed.rank()}.npy", cache.root, extract)
+        write_shard(backbone, part, folder / f"shard-{distributed.rank()}.npy", cache.root, extract)
     distributed.barrier()
     distributed.on_main(lambda: commit_shards_(writer, len(images), meta))
     return _read_committed(cache, key)
 
 
-def write_shard(backbone: Backbone, images: ImageSet, transform, path: Path, root: Path, extract: dict) -> None:
+def write_shard(backbone: Backbone, images: Examples, path: Path, root: Path, extract: dict) -> None:
     """Extract `images` into a new float16 .npy at `path`, streamed batch by batch."""
     try:
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(images), extract["cut"].size))
-        extract_features(backbone, images, transform, out=out, **extract)
+        extract_features(backbone, images, out=out, **extract)
         out.flush()
         del out
     except OSError as e:

@@ -10,18 +10,111 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from transferkit.compare import Comparison, StrategyResult
-from transferkit.runs import library_versions, write_atomic, write_json
+from transferkit.atomic import write_atomic, write_json
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.verdict{font-size:1.15em;background:#eef6ee;
 padding:.6em 1em;border-left:4px solid #3a3}img{max-width:100%;border:1px solid #eee}.grid{display:flex;
 flex-wrap:wrap;gap:1em}.grid figure{margin:0;width:48%}pre{background:#f7f7f7;padding:1em;overflow-x:auto}"""
+
+@dataclass
+class StrategyResult:
+    """One row of the comparison table."""
+
+    strategy: str
+    label: str
+    trainable_params: int
+    total_params: int
+    epochs: int
+    seconds: float
+    peak_memory_mib: float
+    val_accuracy: float
+    test_accuracy: float
+    macro_f1: float
+    train_per_class: float
+    metrics: dict = field(repr=False, default_factory=dict)
+    phases: list = field(repr=False, default_factory=list)
+    history: list = field(repr=False, default_factory=list)
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_params / self.total_params
+
+    def row(self) -> dict:
+        keys = ("strategy", "label", "trainable_params", "total_params", "epochs", "seconds", "peak_memory_mib",
+                "val_accuracy", "test_accuracy", "macro_f1", "train_per_class")
+        return {k: getattr(self, k) for k in keys} | {"trainable_share": self.trainable_share}
+
+
+@dataclass
+class Comparison:
+    """Everything `transferkit compare` shows and writes."""
+
+    data: str
+    model: str
+    seed: int
+    results: list[StrategyResult]
+    curve: list[StrategyResult] = field(default_factory=list)
+    baseline: StrategyResult | None = None
+    configs: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+    split_sizes: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    def winner(self) -> StrategyResult:
+        return max(self.results, key=lambda r: (r.test_accuracy, r.val_accuracy, -r.seconds))
+
+    def verdict(self) -> str:
+        """The winner and the trade-off against feature extraction, in one sentence."""
+        best = self.winner()
+        fe = next((r for r in self.results if r.strategy == "feature-extraction"), None)
+        if fe is None or fe is best:
+            others = [r for r in self.results if r is not best]
+            if not others:
+                return f"{best.label} reached {best.test_accuracy:.1%} test accuracy."
+            runner = max(others, key=lambda r: r.test_accuracy)
+            return (f"{best.label} is the most accurate ({best.test_accuracy:.1%}), "
+                    f"{(best.test_accuracy - runner.test_accuracy) * 100:.1f} points above {runner.label} "
+                    f"at {_ratio(best.seconds, runner.seconds)} the training time.")
+        gain = (best.test_accuracy - fe.test_accuracy) * 100
+        return (f"{best.label} is {gain:.1f} points more accurate than feature-extraction "
+                f"({best.test_accuracy:.1%} vs {fe.test_accuracy:.1%}) at {_ratio(best.seconds, fe.seconds)} the training "
+                f"time and {best.trainable_params / max(1, fe.trainable_params):.0f}x the trainable parameters.")
+
+    def crossover(self) -> str | None:
+        """Where, on this data, fine-tuning overtakes feature extraction along the learning curve."""
+        if not self.curve:
+            return None
+        by_n: dict[float, dict[str, float]] = {}
+        for r in self.curve:
+            by_n.setdefault(r.train_per_class, {})[r.strategy] = r.test_accuracy
+        for n in sorted(by_n):
+            accs = by_n[n]
+            fe = accs.get("feature-extraction")
+            better = [s for s, a in accs.items() if s != "feature-extraction" and fe is not None and a > fe]
+            if better:
+                return f"fine-tuning ({', '.join(better)}) overtakes feature extraction from about {n:.0f} examples per class"
+        return "feature extraction stays at least as accurate as fine-tuning at every training size measured"
+
+    def to_dict(self) -> dict:
+        return {"data": self.data, "model": self.model, "seed": self.seed, "split_sizes": self.split_sizes,
+                "results": [r.row() | {"phases": r.phases, "metrics": r.metrics} for r in self.results],
+                "winner": self.winner().strategy, "verdict": self.verdict(),
+                "learning_curve": [r.row() for r in self.curve], "crossover": self.crossover(),
+                "baseline": self.baseline.row() | {"metrics": self.baseline.metrics} if self.baseline else None,
+                "configs": self.configs, "machine": self.machine}
+
+
+def _ratio(a: float, b: float) -> str:
+    r = a / max(b, 1e-9)
+    return f"{r:.1f}x" if r < 10 else f"{r:.0f}x"
+
 
 COLUMNS = ("strategy", "trainable params", "epochs", "train time", "peak memory +", "val acc", "test acc", "macro-F1")
 
@@ -34,21 +127,17 @@ def table_rows(results: list[StrategyResult]) -> list[list[str]]:
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
 def _figure(width: float = 6, height: float = 4):
-    import matplotlib
+    """A figure and its axes from matplotlib's object API: pyplot's global state and backend stay untouched."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
 def plot_accuracy_vs_time(results: list[StrategyResult]) -> str:
@@ -161,7 +250,7 @@ def comparison_html(c: Comparison) -> str:
         parts += [f"<h3>{html.escape(r.label)}: per-class precision / recall</h3>",
                   _html_table(("class", "precision", "recall", "f1", "support"), _per_class_rows(r.metrics))]
     parts += ["<h2>Resolved configurations</h2>", f"<pre>{html.escape(json.dumps(c.configs, indent=1))}</pre>",
-              "<h2>Versions</h2>", f"<pre>{html.escape(json.dumps(library_versions(), indent=1))}</pre>"]
+              "<h2>Versions</h2>", f"<pre>{html.escape(json.dumps(c.versions, indent=1))}</pre>"]
     return _page(f"transferkit compare: {c.data}", "".join(parts))
 
 

@@ -3,111 +3,68 @@
 ::
 
     runs/plants/
-      model.safetensors   full state dict in timm's own names (plain timm loads it)
-      transferkit.json    format version, backbone, classes, data config, strategy,
-                          decisions, training config, metrics, library versions
-      metrics.json  history.csv
-      checkpoints/        last and best, for --resume
+      model.safetensors   image runs: the full state dict in timm's own names (plain timm loads it)
+      encoder/ head.safetensors   text runs: transformers' own format (see transferkit.backbones.text)
+      transferkit.json    format version, modality, backbone, classes, data config, strategy,
+                          decisions, training config, metrics, history, library versions
+      metrics.json  history.csv  report.html
+      checkpoints/        last, for --resume
 
-Every file is written to a temporary name and renamed into place, so a run
-directory never holds a half-written model or manifest.
+The model is written through the backbone contract (`write_trained`) and read
+back the same way (`read_trained`). Every file is written to a temporary name
+and renamed into place, so a run directory never holds a half-written model or
+manifest.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import platform
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
-import torch
-from torch import nn
-
+from transferkit.atomic import write_history_csv, write_json
+from transferkit.backbones import read_trained
+from transferkit.backbones.base import Backbone
 from transferkit.errors import RunError
 
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = {"format_version": int, "backbone": dict, "classes": list, "data_config": dict, "strategy": dict}
-MODEL_FILE, META_FILE = "model.safetensors", "transferkit.json"
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: dict) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def write_history_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    write_atomic(path, buf.getvalue())
+META_FILE = "transferkit.json"
 
 
 def library_versions() -> dict[str, str]:
-    import numpy
-    import timm
-    import torchvision
-
-    import transferkit
-
-    return {"transferkit": transferkit.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
-
-
-def save_model(out: Path, model: nn.Module) -> None:
-    """The full state dict as safetensors (contiguous CPU tensors, timm's own names).
-
-    A model with LoRA adapters is saved merged (plain timm loads it), its adapters beside it in peft's format.
-    """
-    from safetensors.torch import save
-
-    from transferkit import lora
-
-    if lora.is_adapted(model):
-        lora.save_adapters(model, out / lora.ADAPTER_DIR)
-        model = lora.merged_copy(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomic(out / MODEL_FILE, save(state, metadata={"format": "pt"}))
+    """The versions that produced a run (installed distributions; absent ones are left out)."""
+    out = {}
+    for name in ("transferkit", "torch", "torchvision", "timm", "numpy", "transformers", "peft"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out | {"python": platform.python_version()}
 
 
-def save_run(out: Path, model: nn.Module, meta: dict, history: list[dict] | None = None,
-             write_model: Callable[[Path, nn.Module], None] | None = None) -> None:
-    """Write model (`write_model`, default `save_model`), metadata, metrics, history; the manifest last marks it complete.
+def save_run(out: Path, backbone: Backbone, meta: dict) -> None:
+    """Write the model (through the backbone contract), metadata, metrics, history and report; the manifest last.
 
     An older manifest is removed first, so a save cut short (kill -9) never leaves a new
     model beside the manifest of the run it replaces; temporary files left by such a cut
     are removed once the save completes.
     """
+    check_writable_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)
-    (write_model or save_model)(out, model)
-    if history:
-        write_history_csv(out / "history.csv", history)
+    backbone.write_trained(out)
+    if meta.get("history"):
+        write_history_csv(out / "history.csv", meta["history"])
     if "metrics" in meta:
         write_json(out / "metrics.json", meta["metrics"])
+    if "test" in meta.get("metrics", {}):
+        from transferkit.report import write_fit_report
+
+        write_fit_report(out, meta, meta.get("history", []))
     write_json(out / META_FILE, {"format_version": FORMAT_VERSION, **meta, "versions": library_versions()})
     for folder in (out, out / "checkpoints"):
         for tmp in folder.glob(".*.tmp"):  # write_atomic's, from a killed process: never read
@@ -197,32 +154,33 @@ def run_modality(run_dir: str | Path) -> str:
 
 @dataclass
 class LoadedRun:
-    """A trained model ready to predict, with its metadata."""
+    """A trained backbone ready to predict, with its metadata."""
 
-    model: nn.Module
+    backbone: Backbone
     meta: dict
+
+    @property
+    def model(self):
+        return self.backbone.model
 
     @property
     def classes(self) -> list[str]:
         return self.meta["classes"]
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild the timm model of a run directory and load its weights (strict).
+def load_run(run_dir: str | Path, expect: str | None = None) -> LoadedRun:
+    """Rebuild a run directory's trained model through its backbone type, and its metadata.
+
+    Args:
+        expect: 'image' or 'text': a run of the other modality is an error saying what it is.
 
     Raises:
-        RunError: the directory is not a complete run or its files do not match.
+        RunError: the directory is not a complete run, holds the other modality, or its files do not match.
     """
-    from safetensors.torch import load_file
-
-    from transferkit.backbones import create_for_run
-
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
-    model = create_for_run(meta["backbone"]["arch"], len(meta["classes"]))
-    try:
-        state = load_file(str(run_dir / MODEL_FILE))
-        model.load_state_dict(state, strict=True)
-    except Exception as e:  # SafetensorError, RuntimeError on mismatch, FileNotFoundError
-        raise RunError(f"Cannot load {run_dir / MODEL_FILE}: {str(e)[:300]}. The run directory is damaged; fit again.") from e
-    return LoadedRun(model.eval(), meta)
+    modality = meta.get("modality", "image")
+    if expect is not None and modality != expect:
+        cls = "TextClassifier" if modality == "text" else "ImageClassifier"
+        raise RunError(f"{run_dir} holds a {modality} model; load it with {cls}.load (or transferkit.load_classifier).")
+    return LoadedRun(read_trained(run_dir, meta), meta)

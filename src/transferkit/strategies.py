@@ -29,7 +29,7 @@ from transferkit.errors import UsageError, did_you_mean
 KINDS = ("feature-extraction", "finetune", "lp-ft", "gradual", "lora", "auto")
 ALIASES = {"linear-probe": "feature-extraction", "transfer": "feature-extraction", "probe": "feature-extraction",
            "fine-tune": "finetune", "lpft": "lp-ft"}
-BN_POLICIES = ("frozen-blocks", "all-frozen")
+BN_POLICIES = ("all-frozen", "frozen-blocks")  # the first is the default: see ImageClassifier(bn=...)
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,10 @@ class AutoDecision:
 
     def to_dict(self) -> dict:
         return {"chosen": self.strategy.spec, "reason": self.reason, "measurements": self.measurements}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AutoDecision:
+        return cls(parse_strategy(d["chosen"]), d["reason"], d.get("measurements", {}))
 
 
 def decide_before_trial(per_class: int, probe_val: float) -> AutoDecision | None:

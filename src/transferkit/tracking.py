@@ -34,15 +34,8 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from transferkit.errors import TrackingError, UsageError, did_you_mean
-
-if TYPE_CHECKING:
-    from transferkit.classifier import ImageClassifier
-    from transferkit.compare import Comparison, StrategyResult
-    from transferkit.data import DataSplits
-    from transferkit.engine import TrainConfig
 
 TRACKERS = ("tensorboard", "mlflow")
 INSTALL = 'pip install "transferkit[log]"'
@@ -333,7 +326,7 @@ def open_run(backend: str | None, *, out: str | Path, run_name: str, to: str | N
 
 
 class FitLog:
-    """What `ImageClassifier.fit` logs: its settings first, each history row as its epoch ends, results last.
+    """What a fit logs: its settings first, each history row as its epoch ends, results last (all plain dicts).
 
     Rows can be offered more than once (live at each epoch end, again when their phase ends): each is
     logged once, at the next step, so the steps count epochs over every phase of the fit.
@@ -344,13 +337,9 @@ class FitLog:
         self.step = 0
         self._logged: dict[int, dict] = {}  # id(row) -> row; holding the rows keeps their ids unique
 
-    def start(self, clf: ImageClassifier, cfg: TrainConfig, splits: DataSplits) -> None:
-        if self.tracker is None:
-            return
-        self.tracker.log_params({"model": clf.model, "weights": str(clf.weights), "strategy_requested": clf.strategy,
-                                 "bn": clf.bn, "image_size": clf.image_size, **cfg.to_dict(),
-                                 "data": {"source": splits.summary.source, **splits.sizes(),
-                                          "classes": len(splits.classes)}})
+    def start(self, settings: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.log_params(settings)
 
     def epochs(self, rows: list[dict]) -> None:
         """Log the history rows not logged yet, in order."""
@@ -364,13 +353,13 @@ class FitLog:
             phase = row.get("phase", "train")
             self.tracker.log_metrics({f"{phase}/{k}": v for k, v in row.items() if k not in ("phase", "epoch")}, self.step)
 
-    def end(self, clf: ImageClassifier) -> None:
+    def end(self, meta: dict) -> None:
+        """`meta`: the fitted run's transferkit.json content."""
         if self.tracker is None:
             return
-        decision = clf.decision_.to_dict() if clf.decision_ else None
-        self.tracker.log_params({"strategy": clf.strategy_.spec, "auto": decision or "not used",
-                                 "feature_cache": clf.feature_cache_ or "not used"})
-        self.tracker.log_metrics(fit_results(clf.metrics_))
+        self.tracker.log_params({"strategy": meta["strategy"]["spec"], "auto": meta["strategy"]["auto"] or "not used",
+                                 "feature_cache": meta["feature_cache"] or "not used"})
+        self.tracker.log_metrics(fit_results(meta["metrics"]))
 
 
 def fit_results(metrics: dict) -> dict[str, float]:
@@ -381,39 +370,42 @@ def fit_results(metrics: dict) -> dict[str, float]:
             "train_seconds": metrics["train_seconds"]}
 
 
-def fit_summary(clf: ImageClassifier) -> str:
-    """A markdown summary of a fit (TensorBoard's text tab, MLflow's summary.md)."""
-    m, sizes = clf.metrics_, clf.metrics_["split_sizes"]
-    lines = [f"# transferkit fit: {clf.strategy_.spec} on {clf.model}", "",
+def fit_summary(meta: dict) -> str:
+    """A markdown summary of a fit (TensorBoard's text tab, MLflow's summary.md), from its transferkit.json."""
+    m, sizes = meta["metrics"], meta["metrics"]["split_sizes"]
+    noun = "texts" if meta.get("modality") == "text" else "images"
+    lines = [f"# transferkit fit: {meta['strategy']['spec']} on {meta['backbone']['name']}", "",
              f"Test accuracy **{m['test']['accuracy']:.4f}**, macro-F1 {m['test']['macro_f1']:.4f}, "
              f"val accuracy {m['val_accuracy']:.4f}, {m['train_seconds']:.1f} s.", "",
-             f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test images, {len(clf.classes_)} classes."]
-    if clf.decision_:
-        lines += ["", f"auto chose {clf.decision_.strategy.spec}: {clf.decision_.reason}"]
+             f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {noun}, {len(meta['classes'])} classes."]
+    auto = meta["strategy"].get("auto")
+    if auto:
+        lines += ["", f"auto chose {auto['chosen']}: {auto['reason']}"]
     return "\n".join(lines) + "\n"
 
 
 REPORT_FILES = ("report.html", "metrics.json", "transferkit.json")
 
 
-def log_fit_report(tracker: Tracker, clf: ImageClassifier, run_dir: str | Path) -> None:
-    """After `clf.save(run_dir)`: attach its report, metrics and manifest, and the summary."""
-    tracker.log_report([Path(run_dir) / name for name in REPORT_FILES], fit_summary(clf))
+def log_fit_report(tracker: Tracker, meta: dict, run_dir: str | Path) -> None:
+    """After the run is saved to `run_dir`: attach its report, metrics and manifest, and the summary."""
+    tracker.log_report([Path(run_dir) / name for name in REPORT_FILES], fit_summary(meta))
 
 
 # --------------------------------------------------------------------------- what compare logs
 
 
-def log_strategy_result(tracker: Tracker, result: StrategyResult) -> None:
-    """What compare measures beyond the fit itself, in that strategy's run."""
-    tracker.log_metrics({"seconds": result.seconds, "peak_memory_mib": result.peak_memory_mib,
-                         "trainable_params": result.trainable_params, "trainable_share": result.trainable_share})
+def log_strategy_result(tracker: Tracker, row: dict) -> None:
+    """What compare measures beyond the fit itself (a StrategyResult's row), in that strategy's run."""
+    tracker.log_metrics({k: row[k] for k in ("seconds", "peak_memory_mib", "trainable_params", "trainable_share")})
 
 
-def log_comparison(tracker: Tracker, c: Comparison, paths: dict[str, Path]) -> None:
-    """The parent run of a compare: its settings, the winner, and the reports written by `write_comparison`."""
-    tracker.log_params({"data": c.data, "model": c.model, "seed": c.seed, "strategies": [r.strategy for r in c.results],
-                        "split_sizes": c.split_sizes, "winner": c.winner().strategy})
-    best = c.winner()
-    tracker.log_metrics({"best_test_accuracy": best.test_accuracy, "best_macro_f1": best.macro_f1})
+def log_comparison(tracker: Tracker, comparison: dict, paths: dict[str, Path]) -> None:
+    """The parent run of a compare (its compare.json content): settings, the winner, and the reports written."""
+    results = comparison["results"]
+    best = next(r for r in results if r["strategy"] == comparison["winner"])
+    tracker.log_params({"data": comparison["data"], "model": comparison["model"], "seed": comparison["seed"],
+                        "strategies": [r["strategy"] for r in results], "split_sizes": comparison["split_sizes"],
+                        "winner": comparison["winner"]})
+    tracker.log_metrics({"best_test_accuracy": best["test_accuracy"], "best_macro_f1": best["macro_f1"]})
     tracker.log_report(list(paths.values()), paths["markdown"].read_text(encoding="utf-8"))

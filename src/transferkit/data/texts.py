@@ -1,9 +1,9 @@
 """Where labelled texts come from: CSV, TSV or JSON Lines files with a text and a label column.
 
-Every source becomes a :class:`TextSet`, which honours the same contract as
-an :class:`~transferkit.data.ImageSet` (labels, classes, ``subset``,
-``identities``), so the image pipeline's stratified split, learning-curve
-subsampling and bad-input rules apply unchanged:
+Every source becomes a :class:`TextSet`, an :class:`~transferkit.data.examples.Examples`
+like an image set (labels, classes, ``subset``, ``identities``), so the
+stratified split, learning-curve subsampling and bad-input rules are the same
+for both:
 
 =====================  ========================================================
 ``empty text``          a row whose text is blank (skipped and counted, like an
@@ -25,25 +25,18 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from transferkit.data import (
-    DEFAULT_SPLIT,
-    DataSplits,
-    DataSummary,
-    ImageSet,
-    drop_conflicting_labels,
-    note_cross_split_duplicates,
-    split_stratified,
-    validate_split,
-)
-from transferkit.errors import DataError, did_you_mean
+from transferkit.data.examples import DEFAULT_SPLIT, DataSplits, DataSummary, Examples
+from transferkit.data.splits import drop_conflicting_labels, note_cross_split_duplicates, split_stratified, validate_split
+from transferkit.errors import DataError, UsageError, did_you_mean
 
 TEXT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 TEXT_COLUMN, LABEL_COLUMN = "text", "label"
 
 
-class TextSet(ImageSet):
+class TextSet(Examples):
     """Labelled texts of one split. `paths` name each row ("file:row") for reports; `digests` hash the text."""
 
+    modality = "text"
     noun = "text"
 
     def __init__(self, texts: Sequence[str], labels: Sequence[int], classes: Sequence[str], name: str,
@@ -58,6 +51,9 @@ class TextSet(ImageSet):
 
     def identities(self) -> list[str]:
         return self.digests  # content, not position: the same texts give the same cached features
+
+    def loader_workers(self) -> int:
+        return 0  # in memory; the tokenizer works on whole batches in the main process
 
     def subset(self, indices: Sequence[int]) -> TextSet:
         idx = [int(i) for i in indices]
@@ -114,7 +110,8 @@ def _column(columns: list[str], wanted: str, option: str, path: Path) -> str:
     if wanted.lower() in by_lower:
         return by_lower[wanted.lower()]
     raise DataError(f"{path} has no column '{wanted}'. Its columns: {', '.join(columns) or '(none)'}."
-                    f"{did_you_mean(wanted, columns)} Name the right one with {option} COLUMN.")
+                    f"{did_you_mean(wanted, columns)} For texts, name the right one with {option} COLUMN; for images, "
+                    "the first line must be path,label (paths relative to the CSV).")
 
 
 def read_text_file(path: Path, summary: DataSummary, *, text_column: str = TEXT_COLUMN,
@@ -180,3 +177,28 @@ def load_eval_texts(source: str | Path, classes: list[str], *, text_column: str 
     if len(texts) == 0:
         raise DataError(f"No usable labelled texts in {path}" + (f": {summary.skipped_line()}." if summary.n_skipped else "."))
     return texts, summary
+
+
+def as_text_set(texts, classes: list[str], labels: Sequence[str] | None = None) -> TextSet:
+    """What `predict` and `score` take, as a TextSet: a list of texts (and their labels).
+
+    Raises:
+        UsageError: one string instead of a list, texts that are all image files (an image run's input),
+            or labels that are not the model's classes.
+    """
+    from transferkit.data.images import IMAGE_EXTENSIONS
+
+    if isinstance(texts, str | Path):
+        raise UsageError(f"Pass a list of texts, not one {type(texts).__name__} ({str(texts)[:60]!r}): "
+                         "predict([text]) for one text, score(FILE) for a labelled file.")
+    texts = [str(t) for t in texts]
+    if texts and all(Path(t).suffix.lower() in IMAGE_EXTENSIONS and Path(t).is_file() for t in texts):
+        raise UsageError(f"These inputs are image files ({texts[0]}, ...), and this is a text model: it would "
+                         "classify the file names. Use an image run for images.")
+    if labels is not None and len(labels) != len(texts):
+        raise UsageError(f"got {len(texts)} texts and {len(labels)} labels; they must pair up one to one.")
+    unknown = sorted(set(labels or []) - set(classes))
+    if unknown:
+        raise UsageError(f"labels {unknown[:5]} are not classes of this model ({', '.join(classes)}).")
+    index = {c: i for i, c in enumerate(classes)}
+    return TextSet(texts, [index[v] for v in labels] if labels is not None else [0] * len(texts), classes, "texts")

@@ -2,8 +2,20 @@
 
 The encoder honours the same contract as a timm image model (`forward_features`
 gives the pooled embedding, `forward_head(pre_logits=True)`, `get_classifier`),
-so :class:`TextBackbone` is a :class:`~transferkit.backbones.Backbone` and the
-strategies, engine, feature cache and parameter groups run on it unchanged.
+so :class:`TextBackbone` is a :class:`~transferkit.backbones.base.Backbone` and the
+strategies, engine, feature cache and parameter groups run on it unchanged. Its
+dataset items are (text, label, index); `collate` tokenizes a batch into one
+LongTensor (batch, 2, tokens) of ids and attention mask, which the engine moves
+and splits as it does image tensors.
+
+A run directory holds the trained model in transformers' own format::
+
+    encoder/            save_pretrained of the encoder (adapters merged) and its tokenizer
+    head.safetensors    the linear head: weight (classes, features), bias (classes)
+    adapter/            LoRA runs only: peft's adapter files
+
+so ``AutoModel.from_pretrained(run / "encoder")``, the pooling named in
+transferkit.json and the head reproduce the logits without transferkit.
 
 Blocks, in order: ``embeddings`` (everything before the first transformer
 layer), then each transformer layer of the encoder, so ``finetune:last=2``
@@ -34,12 +46,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.backbones import Backbone, BackboneSpec, Block, file_digest, zero_head_
-from transferkit.errors import ModelError, UsageError, did_you_mean
+from transferkit.backbones.base import Backbone, BackboneSpec, Block, file_digest, zero_head_
+from transferkit.data.examples import Examples
+from transferkit.errors import ModelError, RunError, UsageError, did_you_mean
 
 POOLINGS = ("auto", "mean", "cls")
 DEFAULT_MAX_LENGTH = 128  # tokens; longer texts are truncated (MiniLM was trained on 128-token inputs)
 DEFAULT_TEXT_BACKBONE = "minilm"
+ENCODER_DIR, HEAD_FILE = "encoder", "head.safetensors"
 
 
 @dataclass(frozen=True)
@@ -128,28 +142,99 @@ def text_blocks(model: TextModel) -> list[Block]:
     return [Block(k, tuple(v)) for k, v in blocks.items() if v]
 
 
+class Tokenize:
+    """Collate (text, label, index) items into (tokens (B, 2, T), labels, indices)."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, items):
+        texts, labels, idx = zip(*items)
+        return tokenize(self.tokenizer, list(texts), self.max_length), torch.tensor(labels), torch.tensor(idx)
+
+
+class TextItems(torch.utils.data.Dataset):
+    """Texts as (text, label, index) items; the tokenizer runs on whole batches, in `Tokenize`."""
+
+    def __init__(self, examples: Examples):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int):
+        return self.examples.load(i), int(self.examples.labels[i]), i
+
+
 class TextBackbone(Backbone):
     """A :class:`TextModel` with its tokenizer, blocks and preprocessing (max length, pooling)."""
 
-    def __init__(self, model: TextModel, tokenizer, spec: BackboneSpec, max_length: int, load_report: str = ""):
+    modality = "text"
+    noun = "texts"
+
+    def __init__(self, model: TextModel, tokenizer, spec: BackboneSpec, max_length: int, load_report: str = "",
+                 *, new_head: bool = True):
         self.model, self.tokenizer, self.spec, self.load_report = model, tokenizer, spec, load_report
         self.data_config = {"max_length": max_length, "pooling": model.pooling, "tokenizer": type(tokenizer).__name__,
                             "vocab_size": len(tokenizer)}
         self.head_param_names = ("head.weight", "head.bias")
         self.blocks = text_blocks(model)
-        zero_head_(model)
+        self.collate = Tokenize(tokenizer, max_length)
+        if new_head:
+            zero_head_(model)
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return tokenize(self.tokenizer, texts, self.data_config["max_length"])
+    def dataset(self, examples: Examples, augment: str = "none") -> torch.utils.data.Dataset:
+        if augment != "none":
+            raise UsageError(f"augment='{augment}' applies to images; a text model trains on its texts as they are. "
+                             "Leave augment out (it defaults to 'none').")
+        return TextItems(examples)
+
+    def prefix_split(self, top_blocks: int) -> str:
+        return "frozen-prefix caching covers image backbones (torch.fx graphs); text layers train on tokens"
+
+    def export_refusal(self) -> str | None:
+        return ("export handles image runs. A text run's encoder is already in transformers' format: "
+                f"AutoModel.from_pretrained(RUN/{ENCODER_DIR}) plus RUN/{HEAD_FILE} (see the README).")
+
+    def write_trained(self, out: Path) -> None:
+        """encoder/ with save_pretrained (adapters merged; peft's adapter/ beside it) and head.safetensors."""
+        from safetensors.torch import save
+
+        from transferkit.atomic import write_atomic
+        from transferkit.backbones import lora
+
+        model = self.model
+        if lora.is_adapted(model):
+            lora.save_adapters(model, out / lora.ADAPTER_DIR)
+            model = lora.merged_copy(model)
+        model.encoder.save_pretrained(str(out / ENCODER_DIR))
+        self.tokenizer.save_pretrained(str(out / ENCODER_DIR))
+        head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        write_atomic(out / HEAD_FILE, save(head, metadata={"format": "pt", "pooling": model.pooling}))
+
+    @classmethod
+    def read_trained(cls, run_dir: Path, meta: dict) -> TextBackbone:
+        """The TextModel and tokenizer of a text run directory (transformers' own loaders, no download)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            encoder = AutoModel.from_pretrained(str(run_dir / ENCODER_DIR))
+            tokenizer = AutoTokenizer.from_pretrained(str(run_dir / ENCODER_DIR))
+            model = TextModel(encoder.float(), len(meta["classes"]), meta["data_config"]["pooling"])
+            model.head.load_state_dict(load_file(str(run_dir / HEAD_FILE)), strict=True)
+        except Exception as e:  # OSError, SafetensorError, RuntimeError on a shape mismatch
+            raise RunError(f"Cannot load the text model in {run_dir}: {str(e)[:300]}. The run directory is damaged; "
+                           "fit again.") from e
+        spec = BackboneSpec(**{k: meta["backbone"].get(k, "") for k in ("name", "arch", "weights", "weights_digest")})
+        return cls(model.eval(), tokenizer, spec, meta["data_config"]["max_length"], f"trained run {run_dir}",
+                   new_head=False)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
     """(batch, 2, tokens) LongTensor: ids and attention mask, padded to the longest text, truncated at max_length."""
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return torch.stack([enc["input_ids"], enc["attention_mask"]], 1)
-
-
-# --------------------------------------------------------------------------- loading
 
 
 def is_text_model(name: str) -> bool:

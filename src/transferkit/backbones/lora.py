@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from transferkit.backbones import Block
+from transferkit.backbones.base import Block
 from transferkit.errors import UsageError
 
 LORA_RANK = 8  # r: the update's rank; 8 is peft's default and what the LoRA paper found enough for GLUE

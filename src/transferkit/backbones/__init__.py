@@ -1,0 +1,100 @@
+"""Pretrained networks behind one contract for both modalities (:mod:`transferkit.backbones.base`).
+
+:mod:`~transferkit.backbones.vision` loads timm image models (built-in weights,
+the hub, a file, or none), :mod:`~transferkit.backbones.text` transformers
+encoders; :mod:`~transferkit.backbones.freeze` holds the freeze / BatchNorm /
+param-group helpers, :mod:`~transferkit.backbones.prefix` the frozen-prefix
+split and :mod:`~transferkit.backbones.lora` the LoRA adapters.
+
+Example:
+    >>> bb = load_backbone("efficientnet_lite0", num_classes=10)
+    >>> bb.modality, [b.name for b in bb.blocks][:2]
+    ('image', ['conv_stem+bn1', 'blocks.0'])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transferkit.backbones.base import Backbone, BackboneSpec, Block
+from transferkit.backbones.text import (
+    BUILTIN_TEXT_BACKBONES,
+    DEFAULT_TEXT_BACKBONE,
+    TextBackbone,
+    is_text_model,
+    load_text_backbone,
+)
+from transferkit.backbones.vision import (
+    BUILTIN_BACKBONES,
+    DEFAULT_BACKBONE,
+    ImageBackbone,
+    list_image_models,
+    load_image_backbone,
+    resolve_arch,
+)
+from transferkit.errors import UsageError
+
+BACKBONE_TYPES: dict[str, type[Backbone]] = {"image": ImageBackbone, "text": TextBackbone}
+DEFAULT_BACKBONES = {"image": DEFAULT_BACKBONE, "text": DEFAULT_TEXT_BACKBONE}
+
+
+def model_modality(name: str) -> str | None:
+    """'text' for a built-in text model or a transformers folder, 'image' for a built-in or timm name, else None."""
+    import timm
+
+    if is_text_model(name):
+        return "text"
+    if name in BUILTIN_BACKBONES or timm.is_model(name.split(".")[0]):
+        return "image"
+    return None
+
+
+def load_backbone(name: str | None = None, num_classes: int = 1000, *, modality: str | None = None,
+                  weights: str | Path | None = None, **options) -> Backbone:
+    """A pretrained backbone of `modality` with a new, zeroed head for `num_classes`.
+
+    Args:
+        name: a backbone name; None takes the modality's built-in default.
+        modality: 'image' or 'text'; None infers it from the name (unknown names are tried as timm models).
+        weights: None for the default source, a local file (images), or ``"none"`` for random initialisation.
+        options: the modality's own loading options (text: ``pooling``, ``max_length``).
+
+    Raises:
+        UsageError: the name belongs to the other modality; the message says which and what to use.
+    """
+    modality = modality or (model_modality(name) if name else None) or "image"
+    name = name or DEFAULT_BACKBONES[modality]
+    refuse_other_modality(name, modality)
+    if modality == "text":
+        return load_text_backbone(name, num_classes, weights=None if weights is None else str(weights), **options)
+    return load_image_backbone(name, num_classes, weights=weights, **options)
+
+
+def refuse_other_modality(name: str, modality: str) -> None:
+    """A text model asked to classify images (or the reverse) is a usage error naming both."""
+    other = model_modality(name)
+    if other is not None and other != modality:
+        default = DEFAULT_BACKBONES[modality]
+        raise UsageError(f"--model {name} is a {other} model, and this data is {modality}s. Use a {modality} backbone "
+                         f"(the built-in {default}, or see: transferkit models), or give {other} data.")
+
+
+def read_trained(run_dir: Path, meta: dict) -> Backbone:
+    """The trained backbone of a run directory, by the modality its transferkit.json names."""
+    return BACKBONE_TYPES[meta.get("modality", "image")].read_trained(run_dir, meta)
+
+
+def list_models(filter: str = "") -> dict[str, list[str]]:
+    """Built-in image and text backbones and timm architectures matching a wildcard filter."""
+    import fnmatch
+
+    found = list_image_models(filter)
+    pattern = filter if any(c in filter for c in "*?[") else f"*{filter}*"
+    found["builtin_text"] = [n for n in BUILTIN_TEXT_BACKBONES if not filter or fnmatch.fnmatch(n, pattern)]
+    return found
+
+
+__all__ = ["Backbone", "BackboneSpec", "Block", "ImageBackbone", "TextBackbone", "BACKBONE_TYPES", "BUILTIN_BACKBONES",
+           "BUILTIN_TEXT_BACKBONES", "DEFAULT_BACKBONE", "DEFAULT_TEXT_BACKBONE", "DEFAULT_BACKBONES", "load_backbone",
+           "load_image_backbone", "load_text_backbone", "model_modality", "read_trained", "list_models", "resolve_arch",
+           "is_text_model", "refuse_other_modality"]

@@ -1,0 +1,33 @@
+"""Where labelled examples come from: images, texts and named datasets, split, summarised and transformed.
+
+The layout: :mod:`~transferkit.data.examples` (the modality-neutral base,
+summary, splits container), :mod:`~transferkit.data.images` (decoding, folder /
+CSV / path readers, transforms), :mod:`~transferkit.data.texts` (CSV / TSV /
+JSONL), :mod:`~transferkit.data.named` (digits, torchvision),
+:mod:`~transferkit.data.splits` (stratified seeded splits) and
+:mod:`~transferkit.data.sources` (one entry point per job, and the modality).
+"""
+
+from transferkit.data.examples import DEFAULT_SPLIT, SPLIT_NAMES, DataSplits, DataSummary, Examples
+from transferkit.data.images import (
+    ArrayImages,
+    FileImages,
+    ImageSet,
+    TransformedImages,
+    check_image,
+    inspect_image,
+    make_transform,
+    read_csv,
+    read_paths,
+    resolve_data_config,
+)
+from transferkit.data.named import BUILTIN_DATASETS, cache_dir, load_digits_images
+from transferkit.data.sources import detect_modality, load_data, load_eval, load_image_data
+from transferkit.data.splits import split_stratified, subsample_per_class, validate_split
+from transferkit.data.texts import TextSet, load_text_data
+
+__all__ = ["DEFAULT_SPLIT", "SPLIT_NAMES", "DataSplits", "DataSummary", "Examples", "ArrayImages", "FileImages",
+           "ImageSet", "TransformedImages", "check_image", "inspect_image", "make_transform", "read_csv", "read_paths",
+           "resolve_data_config", "BUILTIN_DATASETS", "cache_dir", "load_digits_images", "detect_modality", "load_data",
+           "load_eval", "load_image_data", "split_stratified", "subsample_per_class", "validate_split", "TextSet",
+           "load_text_data"]

@@ -1,0 +1,102 @@
+"""The layout keeps its promises: imports run one way, modules stay small, `import transferkit` stays light."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import transferkit
+
+SRC = Path(transferkit.__file__).parent
+MAX_MODULE_LINES = 600
+MAX_CLASSIFIER_LINES = 350
+MAX_FUNCTION_LINES = 60
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def imported_modules(name: str, path: Path) -> set[str]:
+    """Every transferkit module `name` imports, at the top or inside functions (TYPE_CHECKING blocks too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:  # `from transferkit import distributed` imports the module transferkit.distributed
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if sub in MODULES else node.module)
+    if name == "transferkit":  # the package's lazy re-exports are imports too
+        found |= set(transferkit.LAZY.values())
+    return {m for m in found if m in MODULES and m != name}
+
+
+def test_the_imports_form_a_dag():
+    graph = {name: imported_modules(name, path) for name, path in MODULES.items()}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep] if dep in path else [node, dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_a_cycle_is_detected_by_the_same_walk(tmp_path):
+    """The DAG check can fail: two modules importing each other are reported."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("from transferkit import report\n")
+    b.write_text("import transferkit.compare\n")
+    assert "transferkit.report" in imported_modules("x", a) and "transferkit.compare" in imported_modules("x", b)
+
+
+def test_modules_and_functions_stay_small():
+    too_long = {name: n for name, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines: {too_long}"
+    assert len((SRC / "classifier.py").read_text().splitlines()) < MAX_CLASSIFIER_LINES
+    long_functions = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                body = node.end_lineno - node.body[0].lineno + 1  # the signature excluded: typer commands are specs
+                if body > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{name}.{node.name} ({body})")
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
+
+
+def test_import_transferkit_loads_no_torch_and_names_load_lazily():
+    code = ("import sys, transferkit\nassert 'torch' not in sys.modules, 'import transferkit loaded torch'\n"
+            "import transferkit.cli\nassert 'torch' not in sys.modules, 'the CLI module loaded torch'\n"
+            "from transferkit import ImageClassifier, TextClassifier, UsageError\nprint(ImageClassifier.__module__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "transferkit.classifier"
+
+
+def test_library_modules_do_not_print_or_touch_global_state():
+    offenders = []
+    for name, path in MODULES.items():
+        if name in ("transferkit.cli", "transferkit.__main__", "transferkit.progress"):
+            continue
+        text = path.read_text()
+        for bad in ("print(", "console.print", "matplotlib.use(", "torch.set_num_threads", "warnings.simplefilter(\"ignore"):
+            if bad in text:
+                offenders.append(f"{name}: {bad}")
+    assert not offenders, offenders
