@@ -20,9 +20,8 @@ import torch
 from _common import goal, header, interleaved_rates, table, tensor_batches
 
 from transferkit.backbones import load_backbone
-from transferkit.data import TransformedImages, load_data, load_digits_images, make_transform, resolve_data_config
-from transferkit.engine import autocast, resolve_precision, to_channels_last
-from transferkit.features import extract_features
+from transferkit.data import load_data, load_digits_images, make_transform
+from transferkit.inference import autocast, extract_features, resolve_precision, to_channels_last
 
 BATCH = 128  # extract_features' default
 N_TIMED = 512  # images per timed pass (4 batches); the probe uses all 1,797
@@ -66,20 +65,21 @@ def main() -> None:
     splits = load_data("digits", seed=SEED)
     images = load_digits_images().subset(range(N_TIMED))
     bb = load_backbone("efficientnet_lite0", len(splits.classes))
-    transform = make_transform(resolve_data_config(bb.data_config, None, images.preprocess_hint))
+    bb.configure_input(None, images.preprocess_hint)
+    transform = make_transform(bb.data_config)  # the backbone's own preprocessing, for ready tensors
     cpu = torch.device("cpu")
     dtype = resolve_precision("auto", cpu)  # what transferkit uses for extraction here
     name = str(dtype).replace("torch.", "") if dtype else "fp32"
     print(f"transferkit's extraction precision on this CPU: {name}")
 
     nchw = load_backbone("efficientnet_lite0", len(splits.classes)).model.eval()  # untouched copy: NCHW fp32
-    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=BATCH, num_workers=0)
+    loader = torch.utils.data.DataLoader(bb.dataset(images), batch_size=BATCH, num_workers=0)
     ready = tensor_batches(images, transform, BATCH)
     n = len(images)
     end_to_end = interleaved_rates({
         "plain": lambda: plain_forward(nchw, loader),
-        "transferkit": lambda: extract_features(bb, images, transform, device=cpu, dtype=dtype, batch_size=BATCH,
-                                                workers=0, progress=False),
+        "transferkit": lambda: extract_features(bb, images, device=cpu, dtype=dtype, batch_size=BATCH, workers=0,
+                                                progress=False),
     }, n)
     model_only = interleaved_rates({
         "plain": lambda: plain_forward(nchw, ready),
@@ -93,11 +93,11 @@ def main() -> None:
     ])
 
     def split_loader(split: str):
-        return torch.utils.data.DataLoader(TransformedImages(getattr(splits, split), transform), batch_size=BATCH)
+        return torch.utils.data.DataLoader(bb.dataset(getattr(splits, split)), batch_size=BATCH)
 
     # fp32: the plain forward's float32 output; transferkit: its bf16 compute, stored as float16 as in the cache.
     feats = {"fp32": {s: plain_forward(nchw, split_loader(s)) for s in ("train", "val", "test")},
-             name: {s: extract_features(bb, getattr(splits, s), transform, device=cpu, dtype=dtype, progress=False,
+             name: {s: extract_features(bb, getattr(splits, s), device=cpu, dtype=dtype, progress=False,
                                         workers=0).astype(np.float32) for s in ("train", "val", "test")}}
     labels = {s: getattr(splits, s).labels for s in ("train", "val", "test")}
     rows, accs = [], {}

@@ -34,8 +34,9 @@ from torch import nn
 
 from transferkit import ImageClassifier
 from transferkit.backbones import load_backbone
-from transferkit.data import TransformedImages, load_data, make_transform, resolve_data_config
-from transferkit.engine import HEAD_LR, TrainConfig, seed_everything, warmup_cosine
+from transferkit.data import load_data
+from transferkit.engine.config import HEAD_LR, TrainConfig
+from transferkit.engine.loop import seed_everything, warmup_cosine
 
 EPOCHS = 20
 SEED = 0
@@ -97,9 +98,9 @@ def naive_setup():
         p.requires_grad_(False)
     for p in bb.head().parameters():
         p.requires_grad_(True)
-    transform = make_transform(resolve_data_config(bb.data_config, None, splits.train.preprocess_hint))
+    bb.configure_input(None, splits.train.preprocess_hint)  # what ImageClassifier sets up for digits
     batch = TrainConfig().batch_size
-    loaders = {s: torch.utils.data.DataLoader(TransformedImages(getattr(splits, s), transform), batch_size=batch,
+    loaders = {s: torch.utils.data.DataLoader(bb.dataset(getattr(splits, s)), batch_size=batch,
                                               shuffle=s == "train", generator=generator if s == "train" else None)
                for s in ("train", "val", "test")}
     return model, bb.head(), loaders

@@ -25,8 +25,11 @@ from _common import goal, header, interleaved_rates, table, tensor_batches
 from torch import nn
 
 from transferkit import backbones as bbs
-from transferkit.data import load_data, make_transform, resolve_data_config
-from transferkit.engine import FINETUNE_LR, TrainConfig, make_loss, make_optimizer, resolve_precision, train_epoch
+from transferkit.backbones import freeze
+from transferkit.data import load_data, make_transform
+from transferkit.engine.config import FINETUNE_LR, TrainConfig
+from transferkit.engine.loop import make_loss, make_optimizer, train_epoch
+from transferkit.inference import resolve_precision
 
 BATCH = 32  # TrainConfig's default fine-tuning batch
 STEPS = 8  # steps per timed round
@@ -76,16 +79,16 @@ def transferkit_step_fn(n_classes: int, steps: Steps, dtype: torch.dtype | None)
     bb = fresh_backbone(n_classes)
     cfg = TrainConfig()
     n = len(bb.blocks)
-    groups = bbs.param_groups(bb, n, FINETUNE_LR, cfg.backbone_lr_scale, cfg.layer_decay)
-    bbs.set_trainable_(bb, n)
+    groups = freeze.param_groups(bb, n, cfg.backbone_lr_scale, cfg.layer_decay, cfg.weight_decay)
+    freeze.set_trainable_(bb, n)
     model = bb.model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(groups, cfg.weight_decay, cfg.optimizer)
+    optimizer = make_optimizer(groups, FINETUNE_LR, cfg.weight_decay, cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss_fn = make_loss(cfg)
 
     def train_mode() -> None:
         model.train()
-        bbs.set_bn_modes_(bb, "all-frozen")
+        freeze.set_bn_modes_(bb, "all-frozen")
 
     def run() -> None:
         train_epoch(model, steps, optimizer, scheduler, loss_fn, cfg, torch.device("cpu"), dtype, train_mode)
@@ -97,7 +100,8 @@ def main() -> None:
     splits = load_data("digits", seed=SEED)
     n_classes = len(splits.classes)
     bb = fresh_backbone(n_classes)
-    transform = make_transform(resolve_data_config(bb.data_config, None, splits.train.preprocess_hint))
+    bb.configure_input(None, splits.train.preprocess_hint)
+    transform = make_transform(bb.data_config)  # the backbone's own preprocessing, for ready tensors
     xs = tensor_batches(splits.train.subset(range(BATCH * STEPS)), transform, BATCH)
     ys = list(torch.from_numpy(splits.train.labels[: BATCH * STEPS]).split(BATCH))
     steps = Steps(xs, ys)

@@ -19,7 +19,7 @@ from _common import goal, header, rate, table
 from torch.utils.flop_counter import FlopCounterMode
 
 from transferkit.backbones import load_backbone
-from transferkit.engine import autocast, resolve_precision, to_channels_last
+from transferkit.inference import autocast, resolve_precision, to_channels_last
 
 MATMUL_N = 2048
 SEED = 0

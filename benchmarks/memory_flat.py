@@ -44,18 +44,18 @@ def child(folder: Path, n: int, cache: Path) -> None:
     import torch
 
     from transferkit.backbones import load_backbone
-    from transferkit.data import FileImages, make_transform, resolve_data_config
-    from transferkit.engine import resolve_precision
+    from transferkit.data import FileImages
     from transferkit.features import FeatureCache, cached_features
+    from transferkit.inference import resolve_precision
 
     torch.set_num_threads(os.cpu_count() or 1)
     paths = sorted(folder.rglob("*.jpg"))[:n]
     images = FileImages(paths, [int(p.parent.name[-1]) for p in paths], [f"class{i}" for i in range(4)])
     bb = load_backbone("efficientnet_lite0", 4)
-    config = resolve_data_config(bb.data_config, IMAGE_SIZE)
+    bb.configure_input(IMAGE_SIZE)
     cpu = torch.device("cpu")
     before = peak_rss_mb()
-    feats, hit = cached_features(bb, images, make_transform(config), config, cache=FeatureCache(cache), device=cpu,
+    feats, hit = cached_features(bb, images, cache=FeatureCache(cache), device=cpu,
                                  dtype=resolve_precision("auto", cpu), progress=False)
     assert not hit and feats.shape == (n, bb.num_features)
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

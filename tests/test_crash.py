@@ -179,7 +179,8 @@ def test_kill_during_final_save_then_resume_only_saves(colours, uninterrupted, t
     kill_when(proc, marker.exists, f"the rename of {target}")
 
     temporary = Path(marker.read_text())
-    assert temporary.exists() and temporary.parent == out  # killed mid-save, with its temporary file there
+    # Killed mid-save, with its temporary file in the staging folder beside the run; the run is untouched.
+    assert temporary.exists() and temporary.parent.name.startswith(f".{out.name}.saving-")
     assert not (out / target).exists() and not (out / "transferkit.json").exists()
     assert_no_half_written_run(out)
     done = json.loads((out / "checkpoints" / "last.json").read_text())
@@ -195,7 +196,7 @@ def test_kill_during_final_save_then_resume_only_saves(colours, uninterrupted, t
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.stat().st_mtime_ns == written  # nothing trained again
     assert result(out) == result(uninterrupted)
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp")) and not list(out.parent.glob(f".{out.name}.*"))  # the staging folder is gone
     assert cli("predict", str(out), str(next(colours.glob("red/*")))).returncode == 0
 
 
@@ -251,4 +252,6 @@ def test_a_save_cut_short_never_pairs_a_new_model_with_an_old_manifest(tmp_path,
 
     with pytest.raises(KeyboardInterrupt):
         runs.save_run(out, DiesWhileWriting(), {"metrics": {}})
-    assert not (out / runs.META_FILE).exists()
+    # The run being replaced stays whole (its manifest, no new model beside it), and no staging folder is left.
+    assert (out / runs.META_FILE).read_text() == "{}" and not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

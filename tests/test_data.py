@@ -149,3 +149,43 @@ def test_fit_on_paths_and_labels_scans_and_skips_unreadable_files(tmp_path):
     assert clf.classes_ == ["blue", "green", "red"]
     with pytest.raises(UsageError, match="pair up"):
         ImageClassifier(progress=False).fit(paths, labels[:-1])
+
+
+@pytest.mark.parametrize("val_name,test_name", [("valid", "test"), ("validation", "testing"), ("dev", "test"), ("VAL", "Test")])
+def test_common_split_folder_names_are_used_as_given(tmp_path, val_name, test_name):
+    for split, n in (("train", 6), (val_name, 3), (test_name, 3)):
+        write_folder(tmp_path / "d" / split, per_class=n, seed=len(split))
+    splits = load_data(tmp_path / "d")
+    assert splits.sizes() == {"train": 18, "val": 9, "test": 9}  # nothing dropped: 36 of 36
+
+
+def test_an_unknown_folder_beside_train_is_refused_with_the_accepted_names(tmp_path):
+    write_folder(tmp_path / "d" / "train", per_class=6)
+    write_folder(tmp_path / "d" / "holdout", per_class=2)
+    with pytest.raises(DataError, match="'holdout' names no split") as info:
+        load_data(tmp_path / "d")
+    assert "valid" in str(info.value) and "testing" in str(info.value)
+
+
+def test_a_csv_whose_files_are_missing_says_they_are_missing_and_where_it_looked(tmp_path):
+    (tmp_path / "x.csv").write_text("path,label\nimgs/a.png,cat\nimgs/b.png,dog\n")
+    with pytest.raises(DataError, match="None of the 2 image files listed") as info:
+        load_data(tmp_path / "x.csv")
+    assert f"relative to {tmp_path}" in str(info.value) and "replace" not in str(info.value).lower()
+
+
+def test_a_missing_data_file_is_named_as_missing(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(tmp_path / "missing.csv")
+
+
+def test_an_image_csv_with_another_path_column_name_is_images(tmp_path):
+    from transferkit.data import detect_modality
+
+    root = write_folder(tmp_path / "c", per_class=4)
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(root.rglob("*.*"))]
+    (tmp_path / "files.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+    modality, why = detect_modality(tmp_path / "files.csv")
+    assert modality == "image" and "column 'file'" in why
+    (tmp_path / "texts.csv").write_text("text,label\ngood film,pos\nbad film,neg\n")
+    assert detect_modality(tmp_path / "texts.csv")[0] == "text"

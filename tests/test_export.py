@@ -167,3 +167,38 @@ def test_predict_on_the_onnx_file_agrees_with_the_run(run, onnx_export):
     assert [r["predictions"][0]["label"] for r in from_onnx] == [r["predictions"][0]["label"] for r in from_run]
     bad = run_cli("export", str(run_dir), "--format", "tflite", check=False)
     assert bad.returncode == 2 and "onnx, torchscript" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_predict_on_a_run_and_on_its_export_agree(run, onnx_export, tmp_path):
+    """Odd-sized real files: fp32 prediction equals the export's within 1e-4; the default (bf16 where the CPU has
+    it) within the 0.02 the README states."""
+    from PIL import Image
+
+    from transferkit.export import OnnxClassifier
+
+    rng = np.random.default_rng(3)
+    files = []
+    for i, (w, h) in enumerate([(37, 61), (123, 45), (64, 64), (301, 199)]):
+        path = tmp_path / f"odd{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        files.append(path)
+    run_dir, _ = run
+    exported = OnnxClassifier.load(onnx_export[0]).predict_proba(files)
+    fp32 = ImageClassifier.load(run_dir, precision="fp32").predict_proba(files)
+    default = ImageClassifier.load(run_dir).predict_proba(files)
+    np.testing.assert_allclose(fp32, exported, atol=1e-4)
+    np.testing.assert_allclose(default, exported, atol=0.02)
+    cli = json.loads(run_cli("predict", str(run_dir), *map(str, files), "--precision", "fp32", "--json").stdout)
+    np.testing.assert_allclose([r["predictions"][0]["probability"] for r in cli], fp32.max(1), atol=1e-6)
+
+
+def test_export_refuses_a_text_run_itself(tmp_path):
+    from text_fixtures import topic_sentences, write_text_csv
+    from transferkit import TextClassifier
+    from transferkit.export import export_run
+
+    data = write_text_csv(tmp_path / "t.csv", topic_sentences(per_class=6))
+    run_dir = TextClassifier(strategy="feature-extraction", max_length=16).fit(data).save(tmp_path / "run")
+    with pytest.raises(UsageError, match="transformers' format"):
+        export_run(run_dir)
+    assert not (run_dir / "model.onnx").exists()

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from transferkit.errors import RunError
 from transferkit.atomic import write_atomic
+from transferkit.errors import RunError
 from transferkit.runs import FORMAT_VERSION, load_run, validate_meta
 
 
@@ -39,3 +39,28 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
     write_atomic(tmp_path / "a.json", '{"x": 1}')
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_a_run_is_replaced_whole(tmp_path):
+    from transferkit.runs import check_out_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "history.csv").write_text("my own file")
+    with pytest.raises(RunError, match="not a transferkit run"):
+        check_out_dir(mine)
+    assert (mine / "history.csv").read_text() == "my own file"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunError, match="it is a file"):
+        check_out_dir(tmp_path / "file")

@@ -12,12 +12,10 @@ from safetensors.torch import load_file
 from conftest import run_cli, write_folder
 from text_fixtures import topic_sentences, write_text_csv
 from transferkit import ImageClassifier, TextClassifier
-from transferkit.backbones import load_backbone
-from transferkit.data import load_data
-from transferkit.errors import DataError, UsageError
-from transferkit.backbones import load_text_backbone
+from transferkit.backbones import load_backbone, load_text_backbone
 from transferkit.backbones.lora import add_adapters_
-from transferkit.data import load_text_data
+from transferkit.data import load_data, load_text_data
+from transferkit.errors import DataError, UsageError
 
 FAST = dict(max_length=32, epochs=1, batch_size=16, progress=False, precision="fp32")
 CHANCE = 0.25  # four balanced topics

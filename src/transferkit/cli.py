@@ -178,6 +178,9 @@ def fit(
                                                                                   "class frequency.")] = None,
     resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT, help="Continue an interrupted fit from "
                                                                                   "OUT/checkpoints.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=OUTPUT, help="Start over although OUT holds "
+                                            "an unfinished fit's checkpoint (a finished run in OUT is always replaced "
+                                            "whole).")] = False,
     strict: Annotated[bool, typer.Option("--strict", rich_help_panel=DATA, help="Fail on unreadable files instead of "
                                                                                 "skipping them.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", rich_help_panel=OUTPUT, help="Do not read or write the feature "
@@ -194,11 +197,13 @@ def fit(
     torchrun --nproc_per_node 4 -m transferkit fit DATA --out OUT (PyTorch DDP; only rank 0 writes OUT).
     """
     from transferkit import distributed
-    from transferkit.runs import check_writable_dir
+    from transferkit.runs import check_out_dir
     from transferkit.tracking import log_fit_report, open_run
 
     show_library_messages(quiet or not distributed.is_main())
-    check_writable_dir(out_dir)  # before training, not after it
+    if resume and overwrite:
+        raise UsageError("--resume continues the fit in OUT and --overwrite starts it over: give one of them.")
+    check_out_dir(out_dir, resume=resume, overwrite=overwrite)  # before training, not after it
     options = dict(strategy=strategy, weights=weights, split=parse_split(split), strict=strict, cache=not no_cache,
                    progress=not quiet, checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs,
                    head_epochs=head_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision,
@@ -232,7 +237,9 @@ def say_how_to_continue(out_dir: Path, resume: bool) -> None:
 
 
 def render_fit(clf, out_dir: Path) -> None:
-    test = clf.metrics_["test"]
+    test, sizes = clf.metrics_["test"], clf.metrics_["split_sizes"]
+    out.print(f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {clf.modality}s, "
+              f"{len(clf.classes_)} classes")
     if clf.feature_cache_:
         out.print("Feature cache: " + ", ".join(f"{k} {v}" for k, v in clf.feature_cache_.items()))
     if clf.decision_:
@@ -255,6 +262,8 @@ def predict(
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per input.")] = 1,
     as_json: Json = False,
     device: Device = None,
+    precision: Annotated[str | None, typer.Option(help="auto (default: bf16 where the CPU or GPU has it), bf16, fp16 or "
+                                                       "fp32; fp32 gives the ONNX export's probabilities within 1e-4.")] = None,
 ) -> None:
     """Classify image files, or texts with a text run; prints labels and probabilities."""
     from transferkit.errors import DataError
@@ -262,13 +271,16 @@ def predict(
     items = list(inputs or []) + read_lines(lines_file)
     if not items:
         raise UsageError("Nothing to predict: give inputs after the run directory, or --file LINES.txt.")
-    clf = load_model(run, device)
+    clf = load_model(run, device, precision)
     key = "text" if getattr(clf, "modality", "image") == "text" else "file"
     if key == "file":
         from transferkit.data.images import check_image
 
         items = [Path(f) for f in items]
         bad = [(f, r) for f in items if (r := check_image(f))]
+        if bad and all(r == "missing" for _, r in bad) and len(bad) == len(items):
+            raise UsageError(f"{run} classifies images, and none of the inputs is a file ({items[0]}, ...). Give image "
+                             "files, or a text run for texts.")
         if bad:
             raise DataError(f"Cannot read {len(bad)} file(s): " + ", ".join(f"{f} ({r})" for f, r in bad[:5]))
     rows = predictions(items, clf.predict_proba(items), clf.classes_, top_k, key)
@@ -283,15 +295,18 @@ def predict(
     out.print(table)
 
 
-def load_model(run: Path, device: str | None):
+def load_model(run: Path, device: str | None, precision: str | None = None):
     """A run directory's classifier, or an exported ONNX model's."""
+    if run.is_file() and run.suffix != ".onnx":
+        raise UsageError(f"{run} is a file, and predict takes a run directory or an ONNX export (.onnx). A TorchScript "
+                         "export loads with torch.jit.load; predict with its run directory instead.")
     if run.suffix == ".onnx" and run.is_file():
         from transferkit.export import OnnxClassifier
 
         return OnnxClassifier.load(run, device=device or "auto")
     from transferkit.classifier import load_classifier
 
-    return load_classifier(run, progress=False, **given(device=device))
+    return load_classifier(run, progress=False, **given(device=device, precision=precision))
 
 
 def read_lines(path: Path | None) -> list[str]:
@@ -325,13 +340,15 @@ def evaluate(
     label_column: LabelColumn = None,
     as_json: Json = False,
     device: Device = None,
+    precision: Precision = None,
 ) -> None:
     """Measure a trained run on labelled data: accuracy, top-5, macro-F1, per-class scores."""
     from transferkit.classifier import load_classifier
     from transferkit.data.sources import load_eval
     from transferkit.evaluate import metrics
 
-    clf = load_classifier(run, progress=False, **given(device=device, text_column=text_column, label_column=label_column))
+    clf = load_classifier(run, progress=False, **given(device=device, precision=precision, text_column=text_column,
+                                                       label_column=label_column))
     examples, summary = load_eval(data, clf.classes_, modality=clf.modality,
                                   **given(text_column=text_column, label_column=label_column))
     if summary.line():
@@ -340,12 +357,15 @@ def evaluate(
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
-    out.print(f"{result['n']} {clf.modality}s: accuracy [bold]{result['accuracy']:.4f}[/], top-5 "
+    out.print(f"{result['n']} {clf.modality}s of {summary.source}: accuracy [bold]{result['accuracy']:.4f}[/], top-5 "
               f"{result['top5_accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}")
     table = Table("class", "precision", "recall", "f1", "support")
     for name, m in result["per_class"].items():
-        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        table.add_row(name, *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("precision", "recall", "f1")),
+                      str(m["support"]))
     out.print(table)
+    if result["absent_classes"]:
+        out.print(f"Not in the evaluated data (shown as -, left out of macro-F1): {', '.join(result['absent_classes'])}")
 
 
 @app.command()

@@ -57,7 +57,8 @@ class NotFittedError(TransferkitError, AttributeError):
 
 def did_you_mean(value: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ' Did you mean: a, b?' for the closest choices, or ''."""
-    close = difflib.get_close_matches(value, list(choices), n=n, cutoff=0.6)
+    # 0.5: short names one character apart ('fp8' / 'fp16') still match; choices deduplicated (names listed twice).
+    close = difflib.get_close_matches(value, list(dict.fromkeys(choices)), n=n, cutoff=0.5)
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 

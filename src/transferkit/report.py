@@ -1,13 +1,16 @@
 """The comparison table and the reports: compare.json, report.md and a self-contained report.html.
 
 The HTML inlines its CSS and its plots (PNG as base64 data URIs), so it opens
-offline, from anywhere, with no network request.
+offline, from anywhere, with no network request. The pages are jinja2 templates
+with autoescaping on, so names from the data never become markup; the plots are
+drawn with matplotlib's object API and take names verbatim (`parse_math=False`:
+a class called "$5 notes" is not read as TeX).
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 from dataclasses import dataclass, field
@@ -144,7 +147,7 @@ def plot_accuracy_vs_time(results: list[StrategyResult]) -> str:
     fig, ax = _figure()
     for r in results:
         ax.scatter(r.seconds, r.test_accuracy * 100, s=60)
-        ax.annotate(r.label, (r.seconds, r.test_accuracy * 100), textcoords="offset points", xytext=(5, 5))
+        ax.annotate(r.label, (r.seconds, r.test_accuracy * 100), textcoords="offset points", xytext=(5, 5), parse_math=False)
     ax.set_xscale("log")
     ax.set_xlabel("training wall time (s, log scale)")
     ax.set_ylabel("test accuracy (%)")
@@ -173,13 +176,13 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], title: str) -> s
     fig, ax = _figure(size, size)
     ax.imshow(m, cmap="Blues")
     if len(classes) <= 20:
-        ax.set_xticks(range(len(classes)), classes, rotation=90)
-        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xticks(range(len(classes)), classes, rotation=90, parse_math=False)
+        ax.set_yticks(range(len(classes)), classes, parse_math=False)
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black", fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)
     return _png(fig)
 
 
@@ -196,62 +199,141 @@ def plot_history(history: list[dict], title: str) -> str:
         ax.set_xscale("log")
         ax.set_xlabel("probe regularisation C (log scale)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)
     ax.legend()
     ax.grid(alpha=0.3)
     return _png(fig)
 
 
-def _html_table(header, rows) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+_PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
+
+# The pages as jinja2 templates with autoescaping on: every name and number from the data (class names, folder
+# names, labels, configs) is escaped on output, and only the CSS constant of this module is marked |safe.
+# Each image counts itself into <body data-loaded / data-failed> once decoded: a browser (or the CI test in
+# headless Chromium) can see the page rendered every plot.
+_TEMPLATES = {
+    "page.html": """<!doctype html>
+<html><head><meta charset='utf-8'><title>{{ title }}</title><style>{{ css|safe }}</style></head>
+<body>
+{% block body %}{% endblock %}
+</body></html>
+""",
+    "macros.html": """
+{%- macro table(header, rows) -%}
+<table><thead><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in rows %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table>
+{%- endmacro %}
+{%- macro figure(b64, alt) -%}
+<figure><img alt="{{ alt }}" onload="var d=document.body.dataset;d.loaded=(+d.loaded||0)+1" \
+onerror="var d=document.body.dataset;d.failed=(+d.failed||0)+1" src="data:image/png;base64,{{ b64 }}">\
+<figcaption>{{ alt }}</figcaption></figure>
+{%- endmacro %}
+{%- macro per_class(rows, absent) -%}
+{{ table(per_class_columns, rows) }}
+{% if absent %}
+<p>Not in the evaluated data, so without precision or recall (-) and left out of macro-F1: {{ absent|join(", ") }}.</p>
+{% endif %}
+{%- endmacro %}
+""",
+    "comparison.html": """{% extends "page.html" %}
+{% block body %}
+{% from "macros.html" import table, figure, per_class %}
+<h1>transferkit compare: {{ data }} with {{ model }}</h1>
+<p class='verdict'>{{ verdict }}</p>
+<p>Split: {{ split_sizes }}; seed {{ seed }}; machine: {{ machine }}</p>
+<h2>Side by side</h2>
+{{ table(columns, rows) }}
+{% if baseline %}
+<h2>Value of pretraining</h2>
+{{ table(columns, baseline.rows) }}
+<p>{{ baseline.sentence }}</p>
+{% endif %}
+<h2>Accuracy vs training time</h2>
+{{ figure(accuracy_png, "accuracy vs time") }}
+{% if curve %}
+<h2>Learning curves</h2>
+<p>{{ curve.crossover }}</p>
+{{ figure(curve.png, "learning curves") }}
+{% endif %}
+<h2>Per strategy</h2>
+<div class='grid'>
+{% for s in strategies %}
+{{ figure(s.confusion_png, s.label ~ " confusion matrix") }}
+{% endfor %}
+</div>
+{% for s in strategies %}
+<h3>{{ s.label }}: per-class precision / recall</h3>
+{{ per_class(s.per_class, s.absent) }}
+{% endfor %}
+<h2>Resolved configurations</h2>
+<pre>{{ configs }}</pre>
+<h2>Versions</h2>
+<pre>{{ versions }}</pre>
+{% endblock %}
+""",
+    "fit.html": """{% extends "page.html" %}
+{% block body %}
+{% from "macros.html" import figure, per_class %}
+<h1>transferkit fit: {{ spec }} on {{ backbone }}</h1>
+<p class='verdict'>Test accuracy {{ "%.4f"|format(test["accuracy"]) }}, macro-F1 {{ "%.4f"|format(test["macro_f1"]) }}, \
+top-5 {{ "%.4f"|format(test["top5_accuracy"]) }} on {{ test["n"] }} {{ noun }}.</p>
+<div class='grid'>
+{{ figure(curves_png, "training curves") }}
+{{ figure(confusion_png, "confusion matrix") }}
+</div>
+<h2>Per class</h2>
+{{ per_class(per_class_rows, absent) }}
+<h2>Strategy and phases</h2>
+<pre>{{ strategy }}</pre>
+<h2>Training configuration</h2>
+<pre>{{ training }}</pre>
+{% endblock %}
+""",
+}
 
 
-# Each image counts itself into <body data-loaded / data-failed> once decoded: a browser
-# (or the CI test in headless Chromium) can see the page rendered every plot.
-_COUNT = "var d=document.body.dataset;d.{0}=(+d.{0}||0)+1"
+@functools.cache
+def _templates():
+    """The template environment, built on first use (jinja2 is imported only by the commands that write reports)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.DictLoader(_TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.globals.update(css=CSS, per_class_columns=_PER_CLASS_COLUMNS)
+    return env
 
 
-def _img(b64: str, alt: str) -> str:
-    return (f'<figure><img alt="{html.escape(alt)}" onload="{_COUNT.format("loaded")}" onerror="{_COUNT.format("failed")}" '
-            f'src="data:image/png;base64,{b64}"><figcaption>{html.escape(alt)}</figcaption></figure>')
+def _render(template: str, **context) -> str:
+    return _templates().get_template(template).render(**context)
+
+
+def _score(value: float | None) -> str:
+    """A per-class score to 3 decimals; None (a class absent from the evaluated data) as "-"."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _per_class_rows(metrics: dict) -> list[list[str]]:
-    return [[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])]
+    return [[c, _score(m["precision"]), _score(m["recall"]), _score(m["f1"]), str(m["support"])]
             for c, m in metrics["per_class"].items()]
 
 
-def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+def _strategy_section(r: StrategyResult, classes: list[str]) -> dict:
+    return {"label": r.label, "per_class": _per_class_rows(r.metrics), "absent": r.metrics.get("absent_classes", []),
+            "confusion_png": plot_confusion(r.metrics["confusion"], classes, f"{r.label}: confusion (test)")}
 
 
 def comparison_html(c: Comparison) -> str:
+    """The self-contained report.html of a comparison: tables, verdict, plots inlined as PNG data URIs."""
     classes = list(c.results[0].metrics["per_class"])
-    parts = [f"<h1>transferkit compare: {html.escape(c.data)} with {html.escape(c.model)}</h1>",
-             f"<p class='verdict'>{html.escape(c.verdict())}</p>",
-             f"<p>Split: {c.split_sizes}; seed {c.seed}; machine: {html.escape(json.dumps(c.machine))}</p>",
-             "<h2>Side by side</h2>", _html_table(COLUMNS, table_rows(c.results))]
-    if c.baseline:
-        parts += ["<h2>Value of pretraining</h2>", _html_table(COLUMNS, table_rows([c.baseline])),
-                  f"<p>{html.escape(pretraining_sentence(c))}</p>"]
-    parts += ["<h2>Accuracy vs training time</h2>", _img(plot_accuracy_vs_time(c.results), "accuracy vs time")]
-    if c.curve:
-        parts += ["<h2>Learning curves</h2>", f"<p>{html.escape(c.crossover() or '')}</p>",
-                  _img(plot_learning_curves(c.curve), "learning curves")]
-    parts.append("<h2>Per strategy</h2><div class='grid'>")
-    for r in c.results:
-        parts.append(_img(plot_confusion(r.metrics["confusion"], classes, f"{r.label}: confusion (test)"),
-                          f"{r.label} confusion matrix"))
-    parts.append("</div>")
-    for r in c.results:
-        parts += [f"<h3>{html.escape(r.label)}: per-class precision / recall</h3>",
-                  _html_table(("class", "precision", "recall", "f1", "support"), _per_class_rows(r.metrics))]
-    parts += ["<h2>Resolved configurations</h2>", f"<pre>{html.escape(json.dumps(c.configs, indent=1))}</pre>",
-              "<h2>Versions</h2>", f"<pre>{html.escape(json.dumps(c.versions, indent=1))}</pre>"]
-    return _page(f"transferkit compare: {c.data}", "".join(parts))
+    baseline = {"rows": table_rows([c.baseline]), "sentence": pretraining_sentence(c)} if c.baseline else None
+    curve = {"crossover": c.crossover() or "", "png": plot_learning_curves(c.curve)} if c.curve else None
+    return _render("comparison.html", title=f"transferkit compare: {c.data}", data=c.data, model=c.model,
+                   verdict=c.verdict(), split_sizes=c.split_sizes, seed=c.seed, machine=json.dumps(c.machine),
+                   columns=COLUMNS, rows=table_rows(c.results), baseline=baseline,
+                   accuracy_png=plot_accuracy_vs_time(c.results), curve=curve,
+                   strategies=[_strategy_section(r, classes) for r in c.results],
+                   configs=json.dumps(c.configs, indent=1), versions=json.dumps(c.versions, indent=1))
 
 
 def pretraining_sentence(c: Comparison) -> str:
@@ -296,12 +378,10 @@ def write_fit_report(out: Path, meta: dict, history: list[dict]) -> Path:
     curves_png = plot_history(history, f"{meta['strategy']['spec']}: training")
     write_atomic(out / "confusion.png", base64.b64decode(confusion_png))
     write_atomic(out / "curves.png", base64.b64decode(curves_png))
-    body = [f"<h1>transferkit fit: {html.escape(meta['strategy']['spec'])} on {html.escape(meta['backbone']['name'])}</h1>",
-            f"<p class='verdict'>Test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
-            f"top-5 {test['top5_accuracy']:.4f} on {test['n']} images.</p>",
-            "<div class='grid'>", _img(curves_png, "training curves"), _img(confusion_png, "confusion matrix"), "</div>",
-            "<h2>Per class</h2>", _html_table(("class", "precision", "recall", "f1", "support"), _per_class_rows(test)),
-            "<h2>Strategy and phases</h2>", f"<pre>{html.escape(json.dumps(meta['strategy'], indent=1))}</pre>",
-            "<h2>Training configuration</h2>", f"<pre>{html.escape(json.dumps(meta.get('training', {}), indent=1))}</pre>"]
-    write_atomic(out / "report.html", _page("transferkit fit", "".join(body)))
+    page = _render("fit.html", title="transferkit fit", spec=meta["strategy"]["spec"], backbone=meta["backbone"]["name"],
+                   test=test, noun="texts" if meta.get("modality") == "text" else "images",
+                   curves_png=curves_png, confusion_png=confusion_png, per_class_rows=_per_class_rows(test),
+                   absent=test.get("absent_classes", []), strategy=json.dumps(meta["strategy"], indent=1),
+                   training=json.dumps(meta.get("training", {}), indent=1))
+    write_atomic(out / "report.html", page)
     return out / "report.html"

@@ -19,7 +19,10 @@ manifest.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
+import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -33,6 +36,7 @@ from transferkit.errors import RunError
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = {"format_version": int, "backbone": dict, "classes": list, "data_config": dict, "strategy": dict}
 META_FILE = "transferkit.json"
+log = logging.getLogger(__name__)
 
 
 def library_versions() -> dict[str, str]:
@@ -47,28 +51,107 @@ def library_versions() -> dict[str, str]:
 
 
 def save_run(out: Path, backbone: Backbone, meta: dict) -> None:
-    """Write the model (through the backbone contract), metadata, metrics, history and report; the manifest last.
+    """Write a run directory as a unit: built beside `out`, then swapped in; a previous run is replaced whole.
 
-    An older manifest is removed first, so a save cut short (kill -9) never leaves a new
-    model beside the manifest of the run it replaces; temporary files left by such a cut
-    are removed once the save completes.
+    Everything (model through the backbone contract, metadata, metrics, history, report; the manifest last)
+    is written into a staging folder next to `out`, the fit's checkpoints are hard-linked into it, and only
+    then does it replace `out` by two renames. A save cut short (kill -9) leaves `out` as it was (an
+    earlier run, or the checkpoints that `--resume` finishes from) and a staging folder that the next
+    save removes; a reader never sees a new model beside an old manifest or files of two runs mixed.
     """
-    check_writable_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)
-    backbone.write_trained(out)
+    out = Path(out)
+    check_out_dir(out)
+    _remove_stale_staging(out)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.saving-"))
+    try:
+        _write_run_files(stage, backbone, meta)
+        _link_checkpoints(out / "checkpoints", stage / "checkpoints")
+        replaced = read_meta_or_none(out)
+        _swap_in(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if replaced is not None:
+        log.info("Replaced the previous run in %s (%s, %s).", out, replaced.get("strategy", {}).get("spec", "?"),
+                 replaced.get("backbone", {}).get("name", "?"))
+
+
+def _write_run_files(stage: Path, backbone: Backbone, meta: dict) -> None:
+    backbone.write_trained(stage)
     if meta.get("history"):
-        write_history_csv(out / "history.csv", meta["history"])
+        write_history_csv(stage / "history.csv", meta["history"])
     if "metrics" in meta:
-        write_json(out / "metrics.json", meta["metrics"])
+        write_json(stage / "metrics.json", meta["metrics"])
     if "test" in meta.get("metrics", {}):
         from transferkit.report import write_fit_report
 
-        write_fit_report(out, meta, meta.get("history", []))
-    write_json(out / META_FILE, {"format_version": FORMAT_VERSION, **meta, "versions": library_versions()})
-    for folder in (out, out / "checkpoints"):
-        for tmp in folder.glob(".*.tmp"):  # write_atomic's, from a killed process: never read
-            tmp.unlink(missing_ok=True)
+        write_fit_report(stage, meta, meta.get("history", []))
+    write_json(stage / META_FILE, {"format_version": FORMAT_VERSION, **meta, "versions": library_versions()})
+
+
+def _link_checkpoints(source: Path, target: Path) -> None:
+    """The fit's checkpoints into the new run (hard links: instant, and the originals stay until the swap)."""
+    if not source.is_dir():
+        return
+    target.mkdir()
+    for f in source.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            try:
+                os.link(f, target / f.name)
+            except OSError:  # a file system without hard links
+                shutil.copy2(f, target / f.name)
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / out.name)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out)
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging and replaced folders left beside `out` by a save that was killed."""
+    if out.parent.is_dir():
+        for p in out.parent.glob(f".{out.name}.*-*"):
+            if p.is_dir() and (p.name.startswith(f".{out.name}.saving-") or p.name.startswith(f".{out.name}.old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def read_meta_or_none(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def check_out_dir(path: Path, *, resume: bool = False, overwrite: bool = True) -> None:
+    """Before any work: `path` can take a run directory.
+
+    Raises:
+        RunError: `path` is a file or unwritable, or a non-empty folder that is not a transferkit run.
+        UsageError: (with overwrite=False) it holds an unfinished fit's checkpoint and `resume` was not asked for.
+    """
+    check_writable_dir(path)
+    if not path.is_dir() or not any(p for p in path.iterdir() if not p.name.startswith(".")):
+        return
+    checkpoint = path / "checkpoints" / "last.json"
+    if not (path / META_FILE).is_file() and not checkpoint.is_file():
+        raise RunError(f"{path} is a folder with other files in it, not a transferkit run; writing a run there "
+                       "would mix its files with yours. Choose a new or empty folder with --out.")
+    if overwrite or resume or not checkpoint.is_file():
+        return
+    try:
+        state = json.loads(checkpoint.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    if state.get("phase") != "done":
+        from transferkit.errors import UsageError
+
+        raise UsageError(f"{path} holds an unfinished fit (checkpoint at phase {state.get('phase', '?')}, epoch "
+                         f"{state.get('epoch', '?')}). Continue it with --resume, or start over with --overwrite.")
 
 
 def check_writable_dir(path: Path) -> None:

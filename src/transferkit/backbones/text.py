@@ -253,6 +253,10 @@ def _source(name: str) -> tuple[str, str]:
             raise ModelError(f"{path} is not a transformers model folder: it has no config.json. Give a folder "
                              "written by save_pretrained, a hub name, or the built-in 'minilm'.")
         return str(path.resolve()), f"dir:{path.resolve()}"
+    near = did_you_mean(name, BUILTIN_TEXT_BACKBONES)
+    if near and "/" not in name:  # a typo of a built-in, not a hub name (those have an owner/ prefix)
+        raise UsageError(f"Unknown text model '{name}'.{near} Or give a hub name such as sentence-transformers/"
+                         "all-MiniLM-L6-v2, or a save_pretrained folder.")
     return name, "hub"
 
 

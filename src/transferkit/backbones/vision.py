@@ -264,6 +264,9 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
         return ImageBackbone(model, BackboneSpec(name, arch, "none", "random"), "random initialisation")
     if weights is not None:
         path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ModelError(f"--weights {path}: the file does not exist. Give a .safetensors or .pth file, 'none' for "
+                             "random initialisation, or leave --weights out for the model's own pretrained weights.")
         model = timm.create_model(arch, pretrained=False, **kwargs)
         bb = ImageBackbone(model, BackboneSpec(name, arch, f"file:{path.resolve()}", file_digest(path)))
         mapped, report = map_state_dict(read_weights_file(path), model, bb.head_param_names)

@@ -20,6 +20,8 @@ import numpy as np
 from transferkit.errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
+# Folder names a dataset's own split may have, by split (matched without regard to case).
+SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"), "test": ("test", "testing")}
 DEFAULT_SPLIT = (0.7, 0.15, 0.15)
 
 
@@ -82,6 +84,7 @@ class DataSummary:
 
     source: str
     found: int = 0
+    noun: str = "image"  # what was counted: "image" (files) or "text" (rows)
     skipped: dict[str, list[str]] = field(default_factory=dict)
     warnings: dict[str, list[str]] = field(default_factory=dict)
 
@@ -102,7 +105,8 @@ class DataSummary:
         reasons = ", ".join(f"{len(v)} {k}" for k, v in sorted(self.skipped.items()))
         first = [p for v in self.skipped.values() for p in v][:3]
         more = ", ..." if self.n_skipped > 3 else ""
-        return f"Skipped {self.n_skipped} of {self.found} files in {self.source} ({reasons}): {', '.join(first)}{more}"
+        what = "files" if self.noun == "image" else f"{self.noun}s"
+        return f"Skipped {self.n_skipped} of {self.found} {what} in {self.source} ({reasons}): {', '.join(first)}{more}"
 
     def line(self) -> str | None:
         """Skipped files and warnings, one line each, or None when there is nothing to say."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data.examples import DEFAULT_SPLIT, SPLIT_NAMES, DataSplits, DataSummary, Examples
+from transferkit.data.examples import DEFAULT_SPLIT, SPLIT_FOLDERS, SPLIT_NAMES, DataSplits, DataSummary, Examples
 from transferkit.data.images import IMAGE_EXTENSIONS, ImageSet, read_csv, read_image_folder
 from transferkit.data.named import BUILTIN_DATASETS, TORCHVISION_DATASETS, cache_dir, load_digits_images, load_torchvision
 from transferkit.data.splits import (
@@ -47,6 +47,8 @@ def detect_modality(source: str | Path, *, text_column: str | None = None,
     if path.is_dir():
         return "image", f"{path} is a folder (image folders hold one subfolder per class)"
     kind = TEXT_FORMATS.get(path.suffix.lower())
+    if not path.exists():
+        return "image", f"{path} does not exist"
     if kind is None or not path.is_file():
         return "image", f"{path} is not a .csv/.tsv/.jsonl file"
     if kind == "csv":
@@ -126,6 +128,9 @@ def load_image_data(source: str | Path, *, split: Sequence[float] = DEFAULT_SPLI
         return splits
     if path.is_dir():
         return _load_folder(path, split, seed, strict)
+    if not path.exists() and (path.suffix or "/" in text or "\\" in text):
+        raise DataError(f"{path} does not exist. Give an image folder, a CSV of path,label rows, a CSV/TSV/JSONL of "
+                        "labelled texts, 'digits' or a torchvision dataset name.")
     choices = list(BUILTIN_DATASETS) + sorted(TORCHVISION_DATASETS)
     raise DataError(f"Data source '{text}' is neither a folder, a .csv file nor a dataset name."
                     f"{did_you_mean(text.lower(), choices)} Built-in and torchvision names: {', '.join(choices)}.")
@@ -151,9 +156,33 @@ def _load_named(name: str, split: Sequence[float], seed: int, download: bool) ->
     return DataSplits(train_all.subset(tr), train_all.subset(va), test, summary)
 
 
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split subfolders a folder gives (train/, val/ or valid/ or dev/, test/, ...), by split.
+
+    Raises:
+        DataError: train/ has a sibling folder that names no split (its images would be left out), or two
+            folders name the same split.
+    """
+    names = {n: split for split, ns in SPLIT_FOLDERS.items() for n in ns}
+    subdirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    if not any(names.get(d.name.lower()) == "train" for d in subdirs):
+        return {}
+    given: dict[str, Path] = {}
+    for d in subdirs:
+        split = names.get(d.name.lower())
+        if split is None:
+            accepted = ", ".join(f"{s}: {'/'.join(ns)}" for s, ns in SPLIT_FOLDERS.items())
+            raise DataError(f"{root} has a train/ folder, so its subfolders are splits, but '{d.name}' names no split "
+                            f"(its images would be left out). Accepted names ({accepted}); rename or move it.")
+        if split in given:
+            raise DataError(f"{root} has two folders for the {split} split: {given[split].name}/ and {d.name}/. Keep one.")
+        given[split] = d
+    return given
+
+
 def _load_folder(root: Path, split: Sequence[float], seed: int, strict: bool) -> DataSplits:
     summary = DataSummary(str(root))
-    given = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
+    given = split_folders(root)
     if "train" in given:
         train = read_image_folder(given["train"], None, summary, strict)
         parts = {s: read_image_folder(given[s], train.classes, summary, strict) for s in given if s != "train"}
@@ -201,13 +230,18 @@ def _require_usable(images: Examples, where: Path, summary: DataSummary) -> Exam
     if empty:
         images = _with_classes(images, [c for c in images.classes if c not in empty], where)
     if len(images.classes) < 2:
-        raise DataError(f"{where} has {len(images.classes)} class with usable images ({images.classes}); "
+        raise DataError(f"{where} has {_classes(len(images.classes))} with usable images ({images.classes}); "
                         "a classifier needs at least two. Add a subfolder (or CSV label) per class, "
                         "each holding that class's images.")
     return images
 
 
 def _no_images_message(where: Path, summary: DataSummary) -> str:
+    missing = summary.skipped.get("missing", [])
+    if missing and len(missing) == summary.n_skipped:
+        base = where.parent if where.is_file() else where
+        return (f"None of the {len(missing)} image files listed in {where} exist. Paths are read relative to {base}; "
+                f"the first: {', '.join(missing[:3])}. Fix the paths or move the CSV next to the images.")
     if summary.n_skipped:
         return (f"No usable images in {where}: {summary.skipped_line()}. "
                 "Replace the broken files with images PIL can open.")
@@ -234,13 +268,18 @@ def load_eval_images(source: str | Path, classes: list[str], *, strict: bool = F
     elif path.is_file() and path.suffix.lower() == ".csv":
         [images] = drop_conflicting_labels([read_csv(path, summary, strict, classes)], summary, strict)
     elif path.is_dir():
-        folder = path / "test" if (path / "test").is_dir() else path
+        folder = split_folders(path).get("test", path)
+        summary.source = str(folder)  # what evaluate says it read
         [images] = drop_conflicting_labels([read_image_folder(folder, classes, summary, strict)], summary, strict)
     else:
         raise DataError(f"Data source '{text}' is neither a folder, a .csv file nor a dataset name.")
     if list(images.classes) != list(classes):
         raise DataError(f"{text} has classes {images.classes}, the model was trained on {classes}.")
     if len(images) == 0:
-        raise DataError(f"No images found in {text}.")
+        raise DataError(_no_images_message(Path(summary.source), summary))
     summary.found = summary.found or len(images)
     return images, summary
+
+
+def _classes(n: int) -> str:
+    return f"{n} {'class' if n == 1 else 'classes'}"

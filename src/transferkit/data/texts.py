@@ -154,13 +154,14 @@ def load_text_data(source: str | Path, *, text_column: str = TEXT_COLUMN, label_
     if not path.is_file():
         raise DataError(f"Text data file {path} does not exist. Give a .csv, .tsv or .jsonl file with a text "
                         "and a label column.")
-    summary = DataSummary(str(path))
+    summary = DataSummary(str(path), noun="text")
     [texts] = drop_conflicting_labels([read_text_file(path, summary, text_column=text_column,
                                                       label_column=label_column)], summary, strict)
     if strict and summary.n_skipped:
         raise DataError(f"{summary.skipped_line()}. Fix these rows, or drop --strict to skip them.")
     if len(set(texts.labels.tolist())) < 2:
-        raise DataError(f"{path} has {len(set(texts.labels.tolist()))} class with usable texts ({texts.classes}); "
+        n = len(set(texts.labels.tolist()))
+        raise DataError(f"{path} has {n} {'class' if n == 1 else 'classes'} with usable texts ({texts.classes}); "
                         f"a classifier needs at least two. Column '{label_column}' must hold each text's class."
                         + (f" {summary.skipped_line()}." if summary.n_skipped else ""))
     splits = DataSplits(*split_stratified(texts, split, seed, str(path)), summary)
@@ -172,7 +173,7 @@ def load_eval_texts(source: str | Path, classes: list[str], *, text_column: str 
                     label_column: str = LABEL_COLUMN) -> tuple[TextSet, DataSummary]:
     """All labelled texts of a file, labelled with a trained model's `classes`."""
     path = Path(source).expanduser()
-    summary = DataSummary(str(path))
+    summary = DataSummary(str(path), noun="text")
     texts = read_text_file(path, summary, text_column=text_column, label_column=label_column, classes=classes)
     if len(texts) == 0:
         raise DataError(f"No usable labelled texts in {path}" + (f": {summary.skipped_line()}." if summary.n_skipped else "."))
