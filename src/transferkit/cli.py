@@ -44,7 +44,7 @@ def version_callback(value: bool) -> None:
 
 
 @app.callback()
-def main_options(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+def main_options(version: Annotated[bool, typer.Option("--version", metavar="", callback=version_callback, is_eager=True,
                                                        help="Print the version and exit.")] = False) -> None:
     """Adapt a pretrained model to your labelled images or texts, measured on your data."""
 
@@ -116,14 +116,14 @@ ImageSize = Annotated[int | None, typer.Option(min=16, rich_help_panel=MODEL, he
                                                                                    "backbone's).")]
 CacheBudget = Annotated[float | None, typer.Option(min=0.0, rich_help_panel=OUTPUT, help=f"GB of disk the outputs of frozen "
                         f"blocks may take (default {DEFAULT_CACHE_BUDGET_GB:g}; 0 turns frozen-prefix caching off).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, help="Warnings only: no progress bars "
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", rich_help_panel=OUTPUT, help="Warnings only: no progress bars "
                                                                                    "or messages.")]
 Log = Annotated[str | None, typer.Option(metavar="tensorboard|mlflow", rich_help_panel=LOGGING, help="Also log settings, "
                                          "per-epoch metrics, results and the report (needs: pip install "
                                          "\"transferkit\\[log]\").")]
 LogTo = Annotated[str | None, typer.Option(metavar="DIR|URI", rich_help_panel=LOGGING, help="Where --log writes (default "
                                            "OUT/tensorboard, or $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db).")]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Json = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")]
 
 
 def classifier_for(data: str, model: str | None, text_column: str | None, label_column: str | None, options: dict):
@@ -135,6 +135,14 @@ def classifier_for(data: str, model: str | None, text_column: str | None, label_
     logging.getLogger("transferkit.cli").info("Data %s: %s, so %s.", data, why, f"{modality}s")
     columns = given(text_column=text_column, label_column=label_column)
     return CLASSIFIERS[modality](model, **columns, **given(**options))
+
+
+def wrapping_table(*columns: str, title: str | None = None) -> Table:
+    """A table whose cells wrap (fold) instead of being cut to '…' when the terminal is narrow (80 columns)."""
+    table = Table(title=title)
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    return table
 
 
 @app.command()
@@ -176,14 +184,14 @@ def fit(
                                                  "without a better validation accuracy.")] = None,
     class_weights: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="'auto': weight the loss by inverse "
                                                                                   "class frequency.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT, help="Continue an interrupted fit from "
+    resume: Annotated[bool, typer.Option("--resume", metavar="", rich_help_panel=OUTPUT, help="Continue an interrupted fit from "
                                                                                   "OUT/checkpoints.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=OUTPUT, help="Start over although OUT holds "
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar="", rich_help_panel=OUTPUT, help="Start over although OUT holds "
                                             "an unfinished fit's checkpoint (a finished run in OUT is always replaced "
                                             "whole).")] = False,
-    strict: Annotated[bool, typer.Option("--strict", rich_help_panel=DATA, help="Fail on unreadable files instead of "
+    strict: Annotated[bool, typer.Option("--strict", metavar="", rich_help_panel=DATA, help="Fail on unreadable files instead of "
                                                                                 "skipping them.")] = False,
-    no_cache: Annotated[bool, typer.Option("--no-cache", rich_help_panel=OUTPUT, help="Do not read or write the feature "
+    no_cache: Annotated[bool, typer.Option("--no-cache", metavar="", rich_help_panel=OUTPUT, help="Do not read or write the feature "
                                                                                       "cache.")] = False,
     cache_budget: CacheBudget = None,
     quiet: Quiet = False,
@@ -192,9 +200,9 @@ def fit(
 ) -> None:
     """Train a classifier on DATA and write a run directory (model, transferkit.json, metrics, report).
 
-    A checkpoint is written to OUT/checkpoints after every epoch; an interrupted fit continues exactly with
-    the same command plus --resume. On several GPUs (or CPU processes) launch it with torchrun, e.g.
-    torchrun --nproc_per_node 4 -m transferkit fit DATA --out OUT (PyTorch DDP; only rank 0 writes OUT).
+    A checkpoint is written to OUT/checkpoints after every epoch: an interrupted fit continues with --resume.
+
+    Several GPUs or CPU processes (PyTorch DDP; only rank 0 writes OUT): torchrun --nproc_per_node 4 -m transferkit fit DATA
     """
     from transferkit import distributed
     from transferkit.runs import check_out_dir
@@ -287,12 +295,20 @@ def predict(
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(key, "label", "probability", *(["other classes"] if top_k > 1 else []))
+    table = wrapping_table(key, "label", "probability", *(["other classes"] if top_k > 1 else []))
     for r in rows:
         first, rest = r["predictions"][0], r["predictions"][1:]
         extra = [", ".join(f"{p['label']} {p['probability']:.3f}" for p in rest)] if top_k > 1 else []
-        table.add_row(r[key], first["label"], f"{first['probability']:.3f}", *extra)
+        table.add_row(shown_path(r[key]) if key == "file" else r[key], first["label"], f"{first['probability']:.3f}", *extra)
     out.print(table)
+
+
+def shown_path(path: str) -> str:
+    """A path as typed, or relative to the working folder when it lies under it: the part that tells files apart."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def load_model(run: Path, device: str | None, precision: str | None = None):
@@ -475,13 +491,14 @@ def compare(
 
 
 def render_comparison(c) -> None:
-    from transferkit.report import COLUMNS, pretraining_sentence, table_rows
+    from transferkit.report import COLUMNS, TIME_NOTE, pretraining_sentence, table_rows
 
-    table = Table(*COLUMNS, title="transfer learning vs fine-tuning")
+    table = wrapping_table(*COLUMNS, title="transfer learning vs fine-tuning")
     winner = c.winner()
     for r, row in zip(c.results, table_rows(c.results)):
         table.add_row(*row, style="bold green" if r is winner else None)
     out.print(table)
+    out.print(TIME_NOTE, style="dim")
     out.print(f"[bold]{c.verdict()}[/]")
     if c.curve:
         out.print(c.crossover())

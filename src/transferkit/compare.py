@@ -108,9 +108,10 @@ def _measure(splits: DataSplits, spec: str, *, model: str | None, settings: dict
     test = clf.metrics_["test"]
     per_class = len(splits.train) / len(splits.classes)
     epochs = sum(p["epochs_run"] for p in clf.phases_ if not p["on_features"] or p.get("solver") != "lbfgs")
-    result = StrategyResult(spec, label or spec, trainable, clf.backbone_.param_counts()["total"], epochs, seconds,
+    training = sum(p["seconds"] for p in clf.phases_)
+    result = StrategyResult(spec, label or spec, trainable, clf.backbone_.param_counts()["total"], epochs, training,
                             mem.mib, clf.metrics_["val_accuracy"], test["accuracy"], test["macro_f1"], per_class,
-                            metrics=test, phases=clf.phases_, history=clf.history_)
+                            metrics=test, phases=clf.phases_, history=clf.history_, wall_seconds=seconds)
     return result, clf
 
 

@@ -35,7 +35,7 @@ class StrategyResult:
     trainable_params: int
     total_params: int
     epochs: int
-    seconds: float
+    seconds: float  # training: the strategy's phases (probe fit, epochs), the same measure for every strategy
     peak_memory_mib: float
     val_accuracy: float
     test_accuracy: float
@@ -44,13 +44,14 @@ class StrategyResult:
     metrics: dict = field(repr=False, default_factory=dict)
     phases: list = field(repr=False, default_factory=list)
     history: list = field(repr=False, default_factory=list)
+    wall_seconds: float = 0.0  # the whole fit: backbone loading, features (computed or read from the cache), test pass
 
     @property
     def trainable_share(self) -> float:
         return self.trainable_params / self.total_params
 
     def row(self) -> dict:
-        keys = ("strategy", "label", "trainable_params", "total_params", "epochs", "seconds", "peak_memory_mib",
+        keys = ("strategy", "label", "trainable_params", "total_params", "epochs", "seconds", "wall_seconds", "peak_memory_mib",
                 "val_accuracy", "test_accuracy", "macro_f1", "train_per_class")
         return {k: getattr(self, k) for k in keys} | {"trainable_share": self.trainable_share}
 
@@ -119,13 +120,18 @@ def _ratio(a: float, b: float) -> str:
     return f"{r:.1f}x" if r < 10 else f"{r:.0f}x"
 
 
-COLUMNS = ("strategy", "trainable params", "epochs", "train time", "peak memory +", "val acc", "test acc", "macro-F1")
+COLUMNS = ("strategy", "trainable params", "epochs", "train time", "fit wall time", "peak memory +", "val acc", "test acc",
+           "macro-F1")
+TIME_NOTE = ("train time: the strategy's training phases (the probe's fit, the fine-tuning epochs), measured alike for "
+             "every strategy; fit wall time adds loading the backbone, computing or reading the cached features "
+             "(computed once, by the first strategy that needs them) and the test pass.")
 
 
 def table_rows(results: list[StrategyResult]) -> list[list[str]]:
     """The comparison table as strings, one list per strategy (same columns as COLUMNS)."""
-    return [[r.label, f"{r.trainable_params:,} ({r.trainable_share:.1%})", str(r.epochs) if r.epochs else "probe", f"{r.seconds:.1f} s",
-             f"{r.peak_memory_mib:.0f} MiB", f"{r.val_accuracy:.4f}", f"{r.test_accuracy:.4f}", f"{r.macro_f1:.4f}"]
+    return [[r.label, f"{r.trainable_params:,} ({r.trainable_share:.1%})", str(r.epochs) if r.epochs else "probe",
+             _secs(r.seconds), _secs(r.wall_seconds), f"{r.peak_memory_mib:.0f} MiB", f"{r.val_accuracy:.4f}",
+             f"{r.test_accuracy:.4f}", f"{r.macro_f1:.4f}"]
             for r in results]
 
 
@@ -244,6 +250,7 @@ onerror="var d=document.body.dataset;d.failed=(+d.failed||0)+1" src="data:image/
 <p>Split: {{ split_sizes }}; seed {{ seed }}; machine: {{ machine }}</p>
 <h2>Side by side</h2>
 {{ table(columns, rows) }}
+<p>{{ time_note }}</p>
 {% if baseline %}
 <h2>Value of pretraining</h2>
 {{ table(columns, baseline.rows) }}
@@ -330,7 +337,7 @@ def comparison_html(c: Comparison) -> str:
     curve = {"crossover": c.crossover() or "", "png": plot_learning_curves(c.curve)} if c.curve else None
     return _render("comparison.html", title=f"transferkit compare: {c.data}", data=c.data, model=c.model,
                    verdict=c.verdict(), split_sizes=c.split_sizes, seed=c.seed, machine=json.dumps(c.machine),
-                   columns=COLUMNS, rows=table_rows(c.results), baseline=baseline,
+                   columns=COLUMNS, rows=table_rows(c.results), time_note=TIME_NOTE, baseline=baseline,
                    accuracy_png=plot_accuracy_vs_time(c.results), curve=curve,
                    strategies=[_strategy_section(r, classes) for r in c.results],
                    configs=json.dumps(c.configs, indent=1), versions=json.dumps(c.versions, indent=1))
@@ -351,6 +358,7 @@ def comparison_markdown(c: Comparison) -> str:
     lines = [f"# transferkit compare: {c.data} with {c.model}", "", c.verdict(), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(c.results)]
+    lines += ["", TIME_NOTE]
     if c.baseline:
         lines += ["", "## Value of pretraining", "", pretraining_sentence(c)]
     if c.curve:
@@ -385,3 +393,7 @@ def write_fit_report(out: Path, meta: dict, history: list[dict]) -> Path:
                    training=json.dumps(meta.get("training", {}), indent=1))
     write_atomic(out / "report.html", page)
     return out / "report.html"
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s"
