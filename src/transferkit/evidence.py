@@ -22,11 +22,15 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from transferkit.errors import UsageError
+
+if TYPE_CHECKING:  # annotations only: torch is imported by fold_temperature_ when called
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -508,7 +512,7 @@ def fit_temperature(logits: ArrayLike, y_true: ArrayLike) -> float:
     return t
 
 
-def fold_temperature_(linear_head, temperature: float):
+def fold_temperature_(linear_head: torch.nn.Linear, temperature: float) -> torch.nn.Linear:
     """Divide a `torch.nn.Linear`'s weight and bias by `temperature` in place; returns the same layer.
 
     Afterwards the plain model outputs logits / T, the calibrated logits, with
