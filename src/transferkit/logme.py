@@ -156,10 +156,17 @@ def spectrum(features: np.ndarray, targets: np.ndarray) -> Spectrum:
 def log_evidence(spec: Spectrum, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
     """Log marginal evidence log p(y | F, alpha, beta) of each target column.
 
+    The paper's formula, rewritten with t_i = beta s_i / alpha (no d x d matrix,
+    and finite at alpha = inf, where w = 0 and y is pure noise):
+
+        n/2 log beta - n/2 log 2pi - beta/2 (sum_i z_i^2 / (1 + t_i) + rest) - 1/2 sum_i log(1 + t_i)
+
+    (beta/2 ||Fm - y||^2 + alpha/2 m^T m sums to the beta/2 term; d/2 log alpha - 1/2 log|A| to the last.)
+
     Args:
         spec: the Spectrum of the features and targets.
-        alpha: (k,) prior precisions of the weights, > 0.
-        beta: (k,) noise precisions, > 0.
+        alpha: (k,) prior precisions of the weights, > 0 (inf allowed).
+        beta: (k,) noise precisions, > 0 and finite.
 
     Returns:
         (k,) log evidence in nats (not divided by n).
@@ -169,13 +176,9 @@ def log_evidence(spec: Spectrum, alpha: np.ndarray, beta: np.ndarray) -> np.ndar
         >>> log_evidence(spec, np.ones(2), np.ones(2)).round(4)
         array([-2.781, -2.781])
     """
-    denom = alpha + beta * spec.s[:, None]  # eigenvalues of A in the span of F, (r, k)
-    mtm = (beta**2 * spec.s[:, None] * spec.z2 / denom**2).sum(axis=0)
-    resid = (alpha**2 * spec.z2 / denom**2).sum(axis=0) + spec.rest
-    rank = len(spec.s)
-    # d/2 log alpha - 1/2 (d - r) log alpha from the null space of F^T F leaves r/2 log alpha.
-    return (spec.n / 2 * np.log(beta) + rank / 2 * np.log(alpha) - spec.n / 2 * np.log(2 * np.pi)
-            - beta / 2 * resid - alpha / 2 * mtm - np.log(denom).sum(axis=0) / 2)
+    t = beta * spec.s[:, None] / alpha  # signal-to-prior ratio of each direction, (r, k)
+    return (spec.n / 2 * np.log(beta) - spec.n / 2 * np.log(2 * np.pi)
+            - beta / 2 * ((spec.z2 / (1 + t)).sum(axis=0) + spec.rest) - np.log1p(t).sum(axis=0) / 2)
 
 
 def maximise_evidence(spec: Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -188,6 +191,13 @@ def maximise_evidence(spec: Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarra
     code, which stops after 11 steps or a 1% change of alpha / beta, this runs
     to convergence, so the score is the maximum itself, not an approximation
     that depends on the stopping rule.
+
+    The supremum can also lie at a boundary, which the iteration approaches
+    without reaching: alpha -> inf when no feature direction explains the
+    target (gamma -> 0); there the limit is taken exactly (alpha = inf,
+    beta = n / ||y||^2, w = 0). Or beta -> inf, a noiseless fit (possible when
+    n <= d; gamma -> n); there the last iterate is kept, within ~TOLERANCE
+    nats of the supremum.
 
     Args:
         spec: the Spectrum of the features and targets.
@@ -207,17 +217,17 @@ def maximise_evidence(spec: Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarra
     alpha, beta = np.ones(k), np.ones(k)
     active = np.arange(k)  # columns still iterating; each step costs O(r) per active column
     for _ in range(MAX_ITERATIONS):
-        new_alpha, new_beta, gamma = _fixed_point_step(spec.s, spec.z2[:, active], spec.rest[active], spec.n,
-                                                       alpha[active], beta[active])
-        converged = ((np.abs(new_alpha - alpha[active]) <= TOLERANCE * alpha[active])
-                     & (np.abs(new_beta - beta[active]) <= TOLERANCE * beta[active]))
-        # The supremum can lie at a boundary, approached geometrically and never reached: alpha -> inf
-        # (no feature direction explains the target; gamma -> 0 effective parameters) or beta -> inf
-        # (a noiseless fit, possible when n <= d; gamma -> n). Within TOLERANCE of either the evidence
-        # is within ~TOLERANCE nats of its supremum, so stop there, before alpha or beta overflows.
-        at_boundary = (gamma <= TOLERANCE) | (spec.n - gamma <= TOLERANCE * spec.n)
-        alpha[active], beta[active] = new_alpha, new_beta
-        active = active[~(converged | at_boundary)]
+        new_alpha, new_beta, gamma = _fixed_point_step(spec, active, alpha[active], beta[active])
+        no_weights = (gamma <= TOLERANCE) | ~np.isfinite(new_alpha)  # alpha -> inf
+        no_noise = ~no_weights & ((spec.n - gamma <= TOLERANCE * spec.n) | ~np.isfinite(new_beta))  # beta -> inf
+        moving = ~(no_weights | no_noise)
+        converged = moving & (np.abs(new_alpha - alpha[active]) <= TOLERANCE * alpha[active]) \
+            & (np.abs(new_beta - beta[active]) <= TOLERANCE * beta[active])
+        alpha[active[moving]], beta[active[moving]] = new_alpha[moving], new_beta[moving]
+        cols = active[no_weights]
+        alpha[cols] = np.inf
+        beta[cols] = spec.n / (spec.z2[:, cols].sum(axis=0) + spec.rest[cols])  # the noise-only model's optimum
+        active = active[moving & ~converged]
         if len(active) == 0:
             break
     else:
@@ -226,14 +236,18 @@ def maximise_evidence(spec: Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return log_evidence(spec, alpha, beta), alpha, beta
 
 
-def _fixed_point_step(s, z2, rest, n, alpha, beta):
-    """One MacKay update of (alpha, beta) for a group of target columns; also returns gamma at the old values."""
-    denom = alpha + beta * s[:, None]  # eigenvalues of A in the span of F, (r, k)
-    gamma = (beta * s[:, None] / denom).sum(axis=0)
-    mtm = (beta**2 * s[:, None] * z2 / denom**2).sum(axis=0)
-    resid = (alpha**2 * z2 / denom**2).sum(axis=0) + rest
-    tiny = np.finfo(np.float64).tiny  # a zero m^T m or residual must not divide by zero (the boundary test then stops it)
-    return gamma / np.maximum(mtm, tiny), (n - gamma) / np.maximum(resid, tiny), gamma
+def _fixed_point_step(spec: Spectrum, cols: np.ndarray, alpha: np.ndarray, beta: np.ndarray):
+    """One MacKay update (alpha, beta) of the target columns `cols`, and gamma at the old values.
+
+    An update is inf (or NaN) where m^T m or the residual is exactly zero: the caller treats that as the boundary.
+    """
+    z2 = spec.z2[:, cols]
+    shrink = 1 / (1 + alpha / (beta * spec.s[:, None]))  # beta s / (alpha + beta s): how much of z_i the posterior keeps
+    gamma = shrink.sum(axis=0)
+    mtm = (shrink**2 * z2 / spec.s[:, None]).sum(axis=0)  # m_i = shrink_i z_i / sqrt(s_i)
+    resid = ((1 - shrink) ** 2 * z2).sum(axis=0) + spec.rest[cols]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return gamma / mtm, (spec.n - gamma) / resid, gamma
 
 
 def kendall_tau(a: np.ndarray, b: np.ndarray) -> RankAgreement:
@@ -250,8 +264,8 @@ def kendall_tau(a: np.ndarray, b: np.ndarray) -> RankAgreement:
         UsageError: lengths differ, fewer than two items, a NaN, or a constant input (no order to compare).
 
     Example:
-        >>> kendall_tau(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])).tau
-        0.333...
+        >>> round(kendall_tau(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])).tau, 3)
+        0.333
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
