@@ -165,3 +165,17 @@ def test_kendall_tau_refuses(a, b, message):
 def test_bad_input_is_refused_with_the_fix(features, labels, message):
     with pytest.raises(UsageError, match=message):
         logme_score(features, labels)
+
+
+def test_logme_imports_only_numpy_scipy_and_the_errors_module():
+    # Pure NumPy/SciPy by design (no torch): the data doctor must run where no deep-learning stack is installed.
+    import ast
+    import pathlib
+
+    import transferkit.logme as module
+
+    tree = ast.parse(pathlib.Path(module.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    allowed = {"__future__", "logging", "dataclasses", "typing", "collections.abc", "numpy", "scipy", "scipy.stats"}
+    assert imported - allowed == {"transferkit.errors"}

@@ -199,7 +199,7 @@ def _calibrate(joint: np.ndarray, label_counts: np.ndarray) -> np.ndarray:
     arithmetic (1 * 56 / 42 and 40 * 56 / 42 both end in 1/3), and which entry gets the extra unit
     is then decided by the last bits. Splitting such ties by a fixed rule instead (exact integer
     remainders, lower or higher column first) changed the flagged set by one or two examples on
-    4 to 13 of 40 test fixtures; this order agrees on all 40. The joint is column-major, as
+    4 to 13 of 40 Gaussian-blob fixtures (3-6 classes, 200-2150 examples); this order agreed on all 40. The joint is column-major, as
     cleanlab's (a transposed confusion matrix) is, so that the total is summed in the same order.
     """
     scaled = (joint.T / joint.sum(axis=1) * label_counts).T  # row sums >= 1: the diagonal is at least 1
@@ -255,7 +255,7 @@ def _given_label_is_top(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarra
 
 
 def _check_label_inputs(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate find_label_issues's arguments; return int64 labels and float64 probabilities."""
+    """Validate find_label_issues's arguments; return int64 labels and floating-point probabilities."""
     labels = np.asarray(labels)
     pred_probs = np.asarray(pred_probs)
     if not np.issubdtype(pred_probs.dtype, np.floating):
@@ -274,7 +274,7 @@ def _check_label_inputs(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.
                          f"at index {int(np.argmax(bad))}. Pass probabilities for every class.")
     if len(np.unique(labels)) < 2:
         raise UsageError(f"labels must contain at least 2 classes; got only {np.unique(labels).tolist()}.")
-    if not np.isfinite(pred_probs).all() or (pred_probs < 0).any() or (pred_probs > 1).any():
+    if not np.isfinite(pred_probs).all() or (pred_probs < 0).any() or (pred_probs > 1 + PROB_SLACK).any():
         raise UsageError("pred_probs must be probabilities in [0, 1]; got a value outside (or NaN). "
                          "If they are logits, apply a softmax first.")
     sums = pred_probs.sum(axis=1)
@@ -288,14 +288,17 @@ def _check_label_inputs(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.
 # --- near-duplicates and leakage --------------------------------------------------------------
 
 # Cosine similarity at or above which two feature vectors count as near-duplicates. For unit
-# vectors, cosine 0.95 is a Euclidean distance of sqrt(2 * (1 - 0.95)) = 0.32, against ~1.4 for
-# unrelated directions. A re-encoded, resized or lightly cropped copy of an image lies above it in
-# the embedding of a pretrained backbone, while two different photographs of the same class
-# usually lie below; the boundary depends on the backbone, which is why it is a parameter and
-# every finding reports its similarity. A high default errs towards fewer, surer findings: a
-# false leak report costs the user's trust in every other finding.
+# vectors, cosine 0.95 is a Euclidean distance of sqrt(2 * (1 - 0.95)) = 0.32, against sqrt(2) =
+# 1.41 for orthogonal ones: the pair differs in about 5% of its direction. It is meant to catch
+# re-encoded, resized or lightly cropped copies of an example while leaving distinct examples of
+# the same class below it. Where that boundary lies depends on the backbone (post-ReLU features,
+# all positive, are more similar to each other than centred ones) and has not been measured here,
+# so it is a parameter and every finding carries its similarity for the user to sort and cut. A
+# high default errs towards fewer, surer findings: a false leak report costs the user's trust in
+# every other finding.
 DUPLICATE_THRESHOLD = 0.95
 
+# The kinds classify_pairs assigns, most serious first.
 PAIR_KINDS = ("leakage", "conflict", "duplicate")
 
 
@@ -369,20 +372,26 @@ def near_duplicates(features_a: np.ndarray, features_b: np.ndarray | None = None
     if a.shape[1] != b.shape[1]:
         raise UsageError(f"features_a and features_b must have the same width; got {a.shape[1]} and {b.shape[1]}. "
                          "Extract both sets with the same backbone.")
-    found = [_pairs_in_tile(a, b, i0, j0, block, threshold, within=features_b is None)
+    within = features_b is None
+    tiles = [_pairs_in_tile(a, b, i0, j0, block, threshold, within)
              for i0 in range(0, len(a), block)
-             for j0 in range(i0 if features_b is None else 0, len(b), block)]  # within one set: upper triangle of tiles
-    i, j, cos = (np.concatenate(parts) for parts in zip(*found)) if found else (np.array([], int),) * 2 + (np.array([]),)
+             for j0 in range(i0 if within else 0, len(b), block)]  # within one set: the upper triangle of tiles
+    i = np.concatenate([tile[0] for tile in tiles] + [np.zeros(0, dtype=np.int64)])
+    j = np.concatenate([tile[1] for tile in tiles] + [np.zeros(0, dtype=np.int64)])
+    cos = np.concatenate([tile[2] for tile in tiles] + [np.zeros(0)])
     order = np.lexsort((j, i, -cos))
     return [SimilarPair(int(i[k]), int(j[k]), float(cos[k])) for k in order]
 
 
-def _pairs_in_tile(a, b, i0, j0, block, threshold, within):
-    """(i, j, cosine) arrays of the pairs at or above threshold in one block x block tile."""
+def _pairs_in_tile(a: np.ndarray, b: np.ndarray, i0: int, j0: int, block: int, threshold: float,
+                   within: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, cosine) arrays of the pairs at or above threshold in the tile a[i0:i0+block] x b[j0:j0+block]."""
     sims = a[i0:i0 + block] @ b[j0:j0 + block].T
     ii, jj = np.nonzero(sims >= threshold)
-    keep = (ii + i0 < jj + j0) if within else slice(None)  # a diagonal tile holds each pair twice and the self pairs
-    return ii[keep] + i0, jj[keep] + j0, sims[ii[keep], jj[keep]].astype(np.float64)
+    if within:  # a diagonal tile holds each pair twice, and the self pairs
+        keep = ii + i0 < jj + j0
+        ii, jj = ii[keep], jj[keep]
+    return ii + i0, jj + j0, sims[ii, jj].astype(np.float64)
 
 
 def classify_pairs(pairs: Sequence[SimilarPair], splits_a: Sequence[str], labels_a: Sequence, *,
@@ -427,10 +436,15 @@ def classify_pairs(pairs: Sequence[SimilarPair], splits_a: Sequence[str], labels
         if not (0 <= p.i < len(splits_a) and 0 <= p.j < len(splits_b)):
             raise UsageError(f"pair ({p.i}, {p.j}) is out of range for sets of {len(splits_a)} and {len(splits_b)} examples. "
                              "Pass the splits and labels of the features given to near_duplicates.")
-        si, sj, li, lj = str(splits_a[p.i]), str(splits_b[p.j]), labels_a[p.i], labels_b[p.j]
+        si, sj, li, lj = str(splits_a[p.i]), str(splits_b[p.j]), _plain(labels_a[p.i]), _plain(labels_b[p.j])
         kind = "leakage" if si != sj else ("conflict" if li != lj else "duplicate")
         findings.append(PairFinding(p.i, p.j, p.cosine, kind, si, sj, li, lj))
     return findings
+
+
+def _plain(value: object) -> object:
+    """A NumPy scalar as the Python value it holds (for reports and JSON); anything else unchanged."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 # --- outliers ---------------------------------------------------------------------------------
@@ -523,10 +537,9 @@ def outliers(features: np.ndarray, labels: np.ndarray, *, k: int = 5, z: float =
     exceeds `z` (Iglewicz and Hoaglin, 1993: 3.5; the log makes the skewed
     distances roughly symmetric, see OUTLIER_Z). Unlike a quantile rule, which
     flags a fixed fraction of every data set, clean or not, this flags nothing
-    when no score stands out. The
-    threshold is one for the data set, so a class much more varied than the
-    others has more of its examples flagged; examples alone in their class are
-    never flagged (no neighbour to be far from).
+    when no score stands out. The threshold is one for the whole data set, so
+    a class much more varied than the others has more of its examples flagged;
+    an example alone in its class is never flagged (no neighbour to be far from).
 
     Args:
         features: (n, d) feature vectors.
@@ -544,7 +557,7 @@ def outliers(features: np.ndarray, labels: np.ndarray, *, k: int = 5, z: float =
         >>> [o.index for o in outliers(x, np.zeros(61, dtype=int))]
         [60]
     """
-    if not (isinstance(z, (int, float, np.number)) and z > 0):
+    if isinstance(z, bool) or not (isinstance(z, (int, float, np.number)) and z > 0):
         raise UsageError(f"z must be a number > 0 (a modified z-score); got {z!r}. {OUTLIER_Z} is the usual choice.")
     scores = outlier_scores(features, labels, k=k, block=block)
     logs = np.log(scores + LOG_FLOOR)
