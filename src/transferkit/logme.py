@@ -119,9 +119,10 @@ def logme_score(features: np.ndarray, labels: np.ndarray) -> float:
 def spectrum(features: np.ndarray, targets: np.ndarray) -> Spectrum:
     """Eigendecompose the smaller Gram matrix of `features` once and project `targets` on it.
 
-    For n >= d this is the d x d matrix F^T F (the reference code's choice:
-    cheaper than an SVD of a tall F); for n < d the n x n matrix F F^T. Either
-    way the cost is O(n d min(n, d)) and the memory O(min(n, d)^2).
+    For n >= d this is the d x d matrix F^T F (a matrix product and a small
+    eigendecomposition are cheaper than the SVD of a tall F); for n < d the
+    n x n matrix F F^T. Either way the cost is O(n d min(n, d)) and the memory
+    O(min(n, d)^2).
 
     Args:
         features: (n, d) float64 features, finite.
@@ -187,10 +188,12 @@ def maximise_evidence(spec: Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarra
     MacKay's fixed point: gamma = sum beta s_i / (alpha + beta s_i) (the
     effective number of parameters), alpha = gamma / m^T m,
     beta = (n - gamma) / ||F m - y||^2, from alpha = beta = 1 as in the paper,
-    until both change by less than TOLERANCE (relative). Unlike the paper's
-    code, which stops after 11 steps or a 1% change of alpha / beta, this runs
-    to convergence, so the score is the maximum itself, not an approximation
-    that depends on the stopping rule.
+    until both change by less than TOLERANCE (relative). It runs to
+    convergence rather than for a fixed few steps or to a loose (percent-level)
+    change, so the score is the maximum itself, not an approximation that
+    depends on the stopping rule. Measured: 9-20 steps on features that carry
+    the labels, hundreds to a few thousand (each O(r)) on random features,
+    whose supremum lies far out towards alpha -> inf.
 
     The supremum can also lie at a boundary, which the iteration approaches
     without reaching: alpha -> inf when no feature direction explains the
