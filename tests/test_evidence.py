@@ -20,19 +20,15 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
 from transferkit import evidence
+from transferkit.calibration import TEMPERATURE_BOUNDS, expected_calibration_error, fit_temperature, fold_temperature_, reliability_bins
 from transferkit.errors import UsageError
 from transferkit.evidence import (
-    TEMPERATURE_BOUNDS,
     bootstrap_interval,
     cross_validated_probe,
     default_cv_folds,
-    expected_calibration_error,
-    fit_temperature,
-    fold_temperature_,
     format_interval,
     paired_difference,
     ratio_phrase,
-    reliability_bins,
     score_with_intervals,
     wilson_interval,
 )
