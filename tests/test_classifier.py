@@ -139,3 +139,32 @@ def test_inspect_and_models_cover_text_backbones():
     assert info["modality"] == "text" and info["feature_dim"] == 384 and len(info["blocks"]) == 7
     listing = run_cli("models", "mini").stdout
     assert "minilm" in listing and "Built-in text backbones" in listing
+
+
+def test_a_fine_tune_that_never_beats_the_probe_keeps_the_probe(tmp_path):
+    """lr 3.0 wrecks the pretrained blocks in one epoch: the run ends with the probe's weights, and says so."""
+    root = write_folder(tmp_path / "c", per_class=8)
+    probe = ImageClassifier(strategy="feature-extraction", image_size=32, precision="fp32").fit(root)
+    wrecked = ImageClassifier(strategy="finetune:all", epochs=1, lr=3.0, image_size=32, precision="fp32").fit(root)
+    head, tune = wrecked.phases_
+    assert tune["kept_previous"] is True and tune["best_epoch"] == 0
+    assert tune["best_val_acc"] == head["best_val_acc"] == wrecked.metrics_["val_accuracy"]
+    assert wrecked.metrics_["test"]["accuracy"] == pytest.approx(probe.metrics_["test"]["accuracy"], abs=0.05)
+
+
+def test_probe_ties_on_validation_go_to_the_lower_loss_not_the_strongest_regularisation():
+    import torch
+
+    from transferkit.engine.probe import PROBE_C_GRID, fit_linear_probe
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 4
+    y = np.repeat(np.arange(3), 20)
+    x = centres[y] + rng.normal(size=(60, 16))  # separable: every C classifies validation alike
+    t = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    result = fit_linear_probe(torch.nn.Linear(16, 3), t, t, progress=False)
+    accs = [row["val_acc"] for row in result.history]
+    assert len(set(accs)) == 1, "the fixture must tie on validation accuracy"
+    chosen = result.history[result.best_epoch - 1]
+    assert chosen["C"] > min(PROBE_C_GRID)
+    assert chosen["train_loss"] < 0.5 * np.log(3)  # not the near-uniform probabilities of the strongest penalty

@@ -255,3 +255,46 @@ def test_a_save_cut_short_never_pairs_a_new_model_with_an_old_manifest(tmp_path,
     # The run being replaced stays whole (its manifest, no new model beside it), and no staging folder is left.
     assert (out / runs.META_FILE).read_text() == "{}" and not (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+def interrupt_when(proc: subprocess.Popen, ready, what: str) -> str:
+    """Send SIGINT (Ctrl-C) to `proc` once `ready()` holds; its stderr after it exits."""
+    deadline = time.monotonic() + TIMEOUT
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the process exited or timed out before {what}: {proc.communicate()}")
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    return err
+
+
+def test_ctrl_c_after_an_epoch_prints_one_pasteable_resume_command(colours, tmp_path):
+    import shlex
+
+    out = tmp_path / "my runs" / "cut"  # a space: the printed command must quote it
+    argv = [sys.executable, "-m", "transferkit", "fit", str(colours), "--strategy", "finetune:last=1",
+            "--out", str(out), *FIT]
+    progress = out / "checkpoints" / "last.json"
+    err = interrupt_when(start(argv), lambda: progress.is_file() and '"finetune"' in progress.read_text(),
+                         "a fine-tuning checkpoint")
+    lines = err.splitlines()
+    command = lines[lines.index(next(line for line in lines if "Continue with:" in line)) + 1]
+    words = shlex.split(command)
+    assert words[:2] == ["transferkit", "fit"] and words[-1] == "--resume" and str(out) in words
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_before_any_checkpoint_does_not_promise_one(tmp_path):
+    data = write_folder(tmp_path / "many", per_class=120)
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "transferkit", "fit", str(data), "--strategy", "finetune:last=1", "--image-size", "64",
+            "--precision", "fp32", "-q", "--out", str(tmp_path / "cut")]
+    features = cache / "features"
+    err = interrupt_when(start(argv, cache), lambda: features.is_dir() and any(features.glob(".tmp-*")), "extraction")
+    assert "no checkpoint to resume" in err and "--resume" not in err and "Traceback" not in err
