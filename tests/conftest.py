@@ -59,3 +59,14 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"transferkit {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(autouse=True)
+def library_logging():
+    """An in-process CLI call attaches its handler to the 'transferkit' logger; each test starts from the default."""
+    import logging
+
+    logger = logging.getLogger("transferkit")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

@@ -140,7 +140,9 @@ def test_small_data_fine_tuning_does_not_collapse_and_auto_matches_the_best(digi
     auto = ImageClassifier(progress=False).fit(small)
     acc, best = _within(auto, c.results)
     print(f"auto chose {auto.decision_.strategy.spec}: {acc:.4f} (best measured {best:.4f})")
-    assert acc >= best - 0.01
+    # 268 test images: 2 points is 5 images, inside the +-4-point interval of either number (seed noise moves
+    # these runs by 1-3 points), so this checks that auto's choice is not a bad one, not which one it is.
+    assert acc >= best - 0.02
 
 
 def test_learning_curve_crossover_and_scratch_baseline(tmp_path):

@@ -64,3 +64,32 @@ def test_a_folder_that_is_not_a_run_is_refused_and_a_run_is_replaced_whole(tmp_p
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunError, match="it is a file"):
         check_out_dir(tmp_path / "file")
+
+
+def test_a_run_of_the_other_modality_replaces_the_previous_run_whole(tmp_path):
+    from conftest import write_folder
+    from text_fixtures import topic_sentences, write_text_csv
+    from transferkit import ImageClassifier, TextClassifier, load_classifier
+
+    out = tmp_path / "run"
+    ImageClassifier(strategy="feature-extraction", image_size=32).fit(write_folder(tmp_path / "c", per_class=6)).save(out)
+    assert (out / "model.safetensors").is_file()
+    data = write_text_csv(tmp_path / "t.csv", topic_sentences(per_class=6))
+    TextClassifier(strategy="feature-extraction", max_length=16).fit(data).save(out)
+    assert not (out / "model.safetensors").exists() and (out / "encoder").is_dir()
+    assert type(load_classifier(out)) is TextClassifier
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+
+
+def test_an_unfinished_fit_is_not_started_over_without_resume_or_overwrite(tmp_path):
+    from conftest import run_cli, write_folder
+
+    root = write_folder(tmp_path / "c", per_class=6)
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.json").write_text('{"phase": "finetune", "epoch": 7}')
+    args = ["fit", str(root), "--strategy", "feature-extraction", "--image-size", "32", "-q", "--out", str(out)]
+    refused = run_cli(*args, check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    assert "epoch 7" in refused.stderr
+    assert run_cli(*args, "--overwrite").returncode == 0 and (out / "transferkit.json").is_file()

@@ -36,6 +36,8 @@ from transferkit.errors import RunError
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = {"format_version": int, "backbone": dict, "classes": list, "data_config": dict, "strategy": dict}
 META_FILE = "transferkit.json"
+# Written into a run directory during the fit, not by the save: kept when the saved run replaces the folder.
+CARRIED = ("checkpoints", "tensorboard", "mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm", "mlartifacts")
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +56,8 @@ def save_run(out: Path, backbone: Backbone, meta: dict) -> None:
     """Write a run directory as a unit: built beside `out`, then swapped in; a previous run is replaced whole.
 
     Everything (model through the backbone contract, metadata, metrics, history, report; the manifest last)
-    is written into a staging folder next to `out`, the fit's checkpoints are hard-linked into it, and only
+    is written into a staging folder next to `out`, the fit's checkpoints and experiment logs are hard-linked into it
+    (`CARRIED`), and only
     then does it replace `out` by two renames. A save cut short (kill -9) leaves `out` as it was (an
     earlier run, or the checkpoints that `--resume` finishes from) and a staging folder that the next
     save removes; a reader never sees a new model beside an old manifest or files of two runs mixed.
@@ -65,7 +68,7 @@ def save_run(out: Path, backbone: Backbone, meta: dict) -> None:
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.saving-"))
     try:
         _write_run_files(stage, backbone, meta)
-        _link_checkpoints(out / "checkpoints", stage / "checkpoints")
+        _link_carried(out, stage)
         replaced = read_meta_or_none(out)
         _swap_in(stage, out)
     except BaseException:
@@ -89,17 +92,28 @@ def _write_run_files(stage: Path, backbone: Backbone, meta: dict) -> None:
     write_json(stage / META_FILE, {"format_version": FORMAT_VERSION, **meta, "versions": library_versions()})
 
 
-def _link_checkpoints(source: Path, target: Path) -> None:
-    """The fit's checkpoints into the new run (hard links: instant, and the originals stay until the swap)."""
-    if not source.is_dir():
-        return
-    target.mkdir()
-    for f in source.iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            try:
-                os.link(f, target / f.name)
-            except OSError:  # a file system without hard links
-                shutil.copy2(f, target / f.name)
+def _link_carried(out: Path, stage: Path) -> None:
+    """What this fit wrote into `out` before the save (checkpoints, experiment logs) carries over into the new run.
+
+    Hard links: instant, the originals stay until the swap, and a logger that appends to its file by path
+    (TensorBoard) keeps writing to the same file afterwards.
+    """
+    for name in CARRIED:
+        source = out / name
+        if source.is_file():
+            _link(source, stage / name)
+        elif source.is_dir():
+            for f in source.rglob("*"):
+                if f.is_file() and not f.name.endswith(".tmp"):
+                    (stage / f.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+                    _link(f, stage / f.relative_to(out))
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
 
 
 def _swap_in(stage: Path, out: Path) -> None:
@@ -135,12 +149,13 @@ def check_out_dir(path: Path, *, resume: bool = False, overwrite: bool = True) -
         UsageError: (with overwrite=False) it holds an unfinished fit's checkpoint and `resume` was not asked for.
     """
     check_writable_dir(path)
-    if not path.is_dir() or not any(p for p in path.iterdir() if not p.name.startswith(".")):
+    if not path.is_dir():
         return
     checkpoint = path / "checkpoints" / "last.json"
-    if not (path / META_FILE).is_file() and not checkpoint.is_file():
-        raise RunError(f"{path} is a folder with other files in it, not a transferkit run; writing a run there "
-                       "would mix its files with yours. Choose a new or empty folder with --out.")
+    others = [p for p in path.iterdir() if not p.name.startswith(".") and p.name not in CARRIED]
+    if others and not (path / META_FILE).is_file():
+        raise RunError(f"{path} is a folder with other files in it ({others[0].name}, ...), not a transferkit run; writing "
+                       "a run there would mix its files with yours. Choose a new or empty folder with --out.")
     if overwrite or resume or not checkpoint.is_file():
         return
     try:
