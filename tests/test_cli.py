@@ -108,7 +108,7 @@ def test_usage_errors_exit_2_and_name_the_fix(tmp_path):
     proc = run_cli("fit", "digits", "--model", "resnet5O", "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and "Did you mean" in proc.stderr
     proc = run_cli("fit", "no/such/folder", "--out", str(tmp_path / "x"), check=False)
-    assert proc.returncode == 1 and "neither a folder" in proc.stderr
+    assert proc.returncode == 1 and "no/such/folder does not exist" in proc.stderr
     proc = run_cli("predict", str(tmp_path / "nothing"), "a.png", check=False)
     assert proc.returncode == 1 and "not a finished transferkit run" in proc.stderr
     assert "Traceback" not in proc.stderr
