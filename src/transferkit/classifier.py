@@ -88,7 +88,7 @@ class _Classifier(BaseEstimator):
         names = [k for k in self._get_param_names() if k != "tracker" and k not in TrainConfig.names()]
         own = {k: v if isinstance(v, int | float | bool | type(None)) else str(v) for k, v in
                ((k, getattr(self, k)) for k in names)}
-        return own | {"model": self.model or DEFAULT_BACKBONES[self.modality]}
+        return own | {"model": self.model or DEFAULT_BACKBONES[self.modality], "strategy_requested": own.pop("strategy")}
 
     # ------------------------------------------------------------------ predict
 
