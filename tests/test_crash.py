@@ -216,7 +216,9 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert comparable(a) == comparable(b)
     wa, wb, wc = (clf.model_.state_dict() for clf in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    # Another seed trains differently (its epochs' losses); on this easy fixture the probe's weights may still win
+    # on validation and be kept (a phase never ends worse than the one before), so the final weights can agree.
+    assert comparable(a)[1] != comparable(c)[1]
     np.testing.assert_array_equal(a.predict_proba(splits.test), b.predict_proba(splits.test))
 
 
