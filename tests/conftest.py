@@ -52,10 +52,10 @@ def image_folder(tmp_path) -> Path:
     return write_folder(tmp_path / "colours")
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real `transferkit` console entry point in a subprocess."""
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `transferkit` console entry point in a subprocess (`env` adds to the environment)."""
     proc = subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "COLUMNS": "200"}, timeout=600)
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"transferkit {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

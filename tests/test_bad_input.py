@@ -62,3 +62,30 @@ def test_bad_commands_fail_clearly_and_touch_nothing(protected, tmp_path, args, 
         assert w in output, f"{w!r} not in: {output}"
     assert snapshot(protected) == before  # nothing of the user's changed
     assert not (tmp_path / "runs").exists()  # and no default run directory was started
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket closes
+
+
+@pytest.mark.parametrize("how", ["unreachable", "HF_HUB_OFFLINE"])
+@pytest.mark.parametrize("model,data", [("resnet18", "images"), ("bert-base-uncased", "texts.csv")])
+def test_a_hub_model_without_network_fails_at_once_and_says_what_to_do(protected, tmp_path, how, model, data):
+    """No hub, no cached copy: one clear line naming the cause and the offline choices, without the retries.
+
+    huggingface_hub retries a failed connection with backoff (about 50 s); "Retrying" in the output would mean
+    the download was attempted instead of the hub's reachability being checked first.
+    """
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+    if how == "HF_HUB_OFFLINE":
+        env["HF_HUB_OFFLINE"] = "1"
+    proc = run_cli("fit", f"{protected}/{data}", "--model", model, "-q", "--out", str(tmp_path / "r"), cwd=tmp_path,
+                   check=False, env=env)
+    output = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode in (1, 2) and "Traceback" not in output and "Retrying" not in output, output
+    assert model in output and ("cannot be reached" if how == "unreachable" else "HF_HUB_OFFLINE is set") in output
+    assert "not in the local hub cache" in output and "built-in" in output

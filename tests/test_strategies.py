@@ -196,6 +196,28 @@ def test_resume_with_other_options_is_refused(tmp_path):
     other = [a if a != "finetune:last=1" else "finetune:last=2" for a in args] + ["--resume"]
     proc = subprocess.run(other, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "different run" in proc.stderr and "strategy" in proc.stderr
+    assert "'finetune:last=1' in the checkpoint, 'finetune:last=2' now" in " ".join(proc.stderr.split())
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
+    """`--resume --epochs 2` on a finished 1-epoch fit trains one more epoch from where it stopped; fewer is refused."""
+    out = tmp_path / "r"
+    args = _fit_args(out)
+    args[args.index("3")] = "1"
+    assert subprocess.run(args, capture_output=True, text=True, timeout=600).returncode == 0
+    before = (out / "history.csv").read_text().splitlines()
+    longer = [*args, "--resume"]
+    longer[longer.index("1")] = "2"
+    proc = subprocess.run(longer, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Extending the fit from 1 to 2 epochs" in " ".join(proc.stderr.split())
+    after = (out / "history.csv").read_text().splitlines()
+    assert [line.split(",")[:5] for line in after[:-1]] == [line.split(",")[:5] for line in before]
+    assert len(after) == len(before) + 1 and after[-1].startswith("finetune,2,")
+    meta = json.loads((out / "transferkit.json").read_text())
+    assert meta["strategy"]["phases"][-1]["epochs_run"] == 2
+    shorter = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
+    assert shorter.returncode == 2 and "epochs: 2 in the checkpoint, 1 now" in " ".join(shorter.stderr.split())
 
 
 def test_augmentation_levels_and_a_fit_with_light_augmentation(tiny_splits):

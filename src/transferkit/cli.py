@@ -185,7 +185,8 @@ def fit(
     class_weights: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="'auto': weight the loss by inverse "
                                                                                   "class frequency.")] = None,
     resume: Annotated[bool, typer.Option("--resume", metavar="", rich_help_panel=OUTPUT, help="Continue an interrupted fit from "
-                                                                                  "OUT/checkpoints.")] = False,
+                                                                                  "OUT/checkpoints; with a larger --epochs, "
+                                                                                  "train a fit longer.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", metavar="", rich_help_panel=OUTPUT, help="Start over although OUT holds "
                                             "an unfinished fit's checkpoint (a finished run in OUT is always replaced "
                                             "whole).")] = False,

@@ -22,8 +22,10 @@ images and texts differ behind it:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +35,8 @@ import torch
 from torch import nn
 
 from transferkit.data.examples import Examples
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -173,3 +177,55 @@ def block_modules(names: Sequence[str]) -> list[str]:
             common = common[:k]
         labels.append(".".join(common))
     return labels
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub (``HF_ENDPOINT``, else huggingface.co) cannot be reached, or None when it can.
+
+    One TCP connection with a short timeout, so a machine without network learns it in seconds instead
+    of after huggingface_hub's retries with backoff (about 50 s).
+    """
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e.strerror or e})"
+    return None
+
+
+@dataclass
+class HubReach:
+    """Whether a hub download may connect: offline by the user's choice, unreachable, or online."""
+
+    offline: bool
+    unreachable: str | None
+
+    def why(self, error: Exception) -> str:
+        """What a failed download means, in words."""
+        if self.unreachable:
+            return f"the hub is unreachable ({self.unreachable}) and the files are not in the local hub cache"
+        if self.offline:
+            return "HF_HUB_OFFLINE is set and the files are not in the local hub cache"
+        return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+@contextlib.contextmanager
+def hub_or_cache(name: str) -> Iterator[HubReach]:
+    """Download from the hub when it answers; when it does not, read the local hub cache only (no retries)."""
+    from huggingface_hub import constants
+
+    reach = HubReach(constants.HF_HUB_OFFLINE, None)
+    if not reach.offline:
+        reach.unreachable = hub_unreachable()
+    if reach.unreachable:
+        log.info("The hub is unreachable (%s): looking for %s in the local hub cache only.", reach.unreachable, name)
+        constants.HF_HUB_OFFLINE = True  # huggingface_hub reads it per call: no connection attempts, no retries
+    try:
+        yield reach
+    finally:
+        constants.HF_HUB_OFFLINE = reach.offline

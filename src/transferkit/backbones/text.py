@@ -39,6 +39,7 @@ token, which is what the model family's sequence-classification heads read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.backbones.base import Backbone, BackboneSpec, Block, file_digest, zero_head_
+from transferkit.backbones.base import Backbone, BackboneSpec, Block, HubReach, file_digest, hub_or_cache, zero_head_
 from transferkit.data.examples import Examples
 from transferkit.errors import ModelError, RunError, UsageError, did_you_mean
 
@@ -320,17 +321,18 @@ def load_text_backbone(name: str = DEFAULT_TEXT_BACKBONE, num_classes: int = 2, 
         raise UsageError(f"For a text model, weights must be None (pretrained) or 'none' (random init); got '{weights}'. "
                          "A local model is given as --model FOLDER (written by save_pretrained).")
     source, where = _source(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(source)) if weights == "none" \
-            else AutoModel.from_pretrained(source)
-    except Exception as e:  # OSError, ValueError, requests/hub errors: all mean "cannot get this model here"
-        raise ModelError(
-            f"Could not load text model '{name}' with transformers ({type(e).__name__}: {str(e)[:200]}). Give a hub "
-            "name (needs internet once; then it is cached), a local folder written by save_pretrained, or the "
-            f"built-in {', '.join(BUILTIN_TEXT_BACKBONES)} (offline)."
-        ) from e
-    model = TextModel(encoder.float(), num_classes, resolve_pooling(source, pooling))
+    with hub_or_cache(name) if where == "hub" else contextlib.nullcontext(HubReach(False, None)) as reach:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            encoder = AutoModel.from_config(AutoConfig.from_pretrained(source)) if weights == "none" \
+                else AutoModel.from_pretrained(source)
+        except Exception as e:  # OSError, ValueError, requests/hub errors: all mean "cannot get this model here"
+            raise ModelError(
+                f"Could not load text model '{name}' with transformers ({reach.why(e)}). Give a hub name (needs "
+                "internet once; then it is cached), a local folder written by save_pretrained, or the built-in "
+                f"{', '.join(BUILTIN_TEXT_BACKBONES)} (offline)."
+            ) from e
+        model = TextModel(encoder.float(), num_classes, resolve_pooling(source, pooling))
     digest = "random" if weights == "none" else _weights_digest(source, where, encoder)
     spec = BackboneSpec(name, encoder.config.model_type, "none" if weights == "none" else where, digest)
     report = "random initialisation" if weights == "none" else f"{where} weights from {source}"

@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.backbones.base import Backbone, BackboneSpec, Block, block_modules, file_digest, zero_head_
+from transferkit.backbones.base import (
+    Backbone,
+    BackboneSpec,
+    Block,
+    block_modules,
+    file_digest,
+    hub_or_cache,
+    zero_head_,
+)
 from transferkit.data.examples import Examples
 from transferkit.data.images import TransformedImages, make_transform, resolve_data_config
 from transferkit.errors import ModelError, RunError, UsageError, did_you_mean
@@ -281,14 +289,7 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
         _apply(model, mapped)
         bb.load_report = f"built-in weights ({BUILTIN_BACKBONES[name].package}): {report}"
         return bb
-    try:
-        model = timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as e:  # hub errors come from requests, huggingface_hub, urllib, ...
-        raise ModelError(
-            f"Could not get pretrained weights for '{name}' from the hub ({type(e).__name__}: {str(e)[:200]}). "
-            f"Without internet use --weights FILE (a local .safetensors/.pth for {arch}), the built-in "
-            f"'{DEFAULT_BACKBONE}', or --weights none for random initialisation."
-        ) from e
+    model = _create_from_hub(name, arch, kwargs)
     cfg = model.pretrained_cfg
     ident = cfg.get("hf_hub_id") or cfg.get("url") or name
     return ImageBackbone(model, BackboneSpec(name, arch, "hub", f"{ident}@{cfg.get('tag', '')}"), f"hub weights {ident}")
@@ -314,3 +315,19 @@ def _fnmatch(name: str, pattern: str) -> bool:
     import fnmatch
 
     return fnmatch.fnmatch(name, pattern)
+
+
+
+def _create_from_hub(name: str, arch: str, kwargs: dict) -> nn.Module:
+    """timm's pretrained model; with the hub unreachable, from the local hub cache only, failing at once if absent."""
+    import timm
+
+    with hub_or_cache(name) as reach:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:  # hub errors come from requests, httpx, huggingface_hub, urllib, ...
+            raise ModelError(
+                f"Could not get pretrained weights for '{name}' from the hub: {reach.why(e)}. Connect to the internet "
+                f"(or set HF_ENDPOINT to a mirror), or use --weights FILE (a local .safetensors/.pth for {arch}), the "
+                f"built-in '{DEFAULT_BACKBONE}', or --weights none for random initialisation."
+            ) from e

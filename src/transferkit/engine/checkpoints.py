@@ -15,6 +15,7 @@ import torch
 from transferkit import distributed
 from transferkit.atomic import write_atomic, write_json
 from transferkit.errors import RunError, UsageError
+from transferkit.strategies import DEFAULT_FINETUNE_EPOCHS
 
 
 class Checkpoints:
@@ -46,14 +47,31 @@ class Checkpoints:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling, truncated file
             raise RunError(f"Checkpoint {self.path} cannot be read ({e}); delete it and fit without --resume.") from e
-        if state.get("fingerprint") != self.fingerprint:
-            diff = "; ".join(fingerprint_diff(state.get("fingerprint") or {}, self.fingerprint))
-            raise UsageError(f"Checkpoint {self.path} was written for a different run ({diff}). Resume with the same "
-                             "data and options, or fit into another --out without --resume.")
+        saved = state.get("fingerprint") or {}
+        if saved != self.fingerprint:
+            more = _more_epochs(saved, self.fingerprint)
+            if more is None:
+                diff = "; ".join(fingerprint_diff(saved, self.fingerprint))
+                raise UsageError(f"Checkpoint {self.path} was written for a different run ({diff}). Resume with the "
+                                 "same data and options (only a larger --epochs may be given, to train longer), or "
+                                 "fit into another --out without --resume.")
+            state["extend"] = more
         return state
 
     def exists(self) -> bool:
         return self.path.is_file()
+
+
+def _more_epochs(saved: dict, now: dict) -> tuple[int, int] | None:
+    """(epochs before, epochs now) when the only difference is a larger fine-tuning epoch count, else None.
+
+    `epochs` None is the strategy's default (5), so `--epochs 8` extends a run fitted without `--epochs`.
+    """
+    before, after = (dict(f, settings={**f.get("settings", {}), "epochs": None}) for f in (saved, now))
+    if before != after:
+        return None
+    old, new = (f.get("settings", {}).get("epochs") or DEFAULT_FINETUNE_EPOCHS for f in (saved, now))
+    return (old, new) if new > old else None
 
 
 def fingerprint_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:

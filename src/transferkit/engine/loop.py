@@ -216,6 +216,9 @@ def _restore_loop(resume: dict, model, optimizer, scheduler, generator, state: d
     model.load_state_dict(resume["model"])
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
+    # The rate at the step reached on this schedule (the same value unless --epochs grew, which recomputes it).
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
     set_rng_state_(resume["rng"], generator)
     result = state["result"]
     state.update(best_state=resume["best_state"], since_best=resume["since_best"], first=resume["epoch"])

@@ -26,6 +26,7 @@ from transferkit.engine.checkpoints import Checkpoints
 from transferkit.engine.config import FINETUNE_LR, HEAD_LR, TrainConfig
 from transferkit.engine.loop import Hooks, PhaseResult, PhaseSpec, run_phase
 from transferkit.engine.probe import fit_linear_probe
+from transferkit.errors import UsageError
 from transferkit.features import FeatureCache, cached_features
 from transferkit.inference import Cut, predict_logits, prefix_cut
 from transferkit.strategies import (
@@ -63,6 +64,7 @@ class Trainer:
         self.cache_hits: dict[str, str] = {}
         self.phase_notes: dict[str, dict] = {}
         self._features: dict[str, np.ndarray] = {}
+        self._last_loop: dict | None = None  # the loop state of the latest epoch
         self.on_epochs: Callable[[list[dict]], None] = lambda rows: None  # history rows so far (experiment tracking)
 
     # ------------------------------------------------------------------ data
@@ -124,6 +126,8 @@ class Trainer:
     def run_all(self, phases: list[Phase], resume: bool = False) -> list[PhaseResult]:
         """Run every phase in order; with `resume`, skip finished phases and continue the current one exactly."""
         state = self.checkpoints.read() if resume and self.checkpoints else None
+        if state is not None and "extend" in state:
+            state = self._reopen_last_phase(state, phases)
         results: list[PhaseResult] = []
         for i, phase in enumerate(phases):
             if state is not None and i < state["phase_index"]:
@@ -138,10 +142,34 @@ class Trainer:
             self.on_epochs(results[-1].history)
             if state is not None and i == state["phase_index"]:
                 state = None
-            self._checkpoint(i + 1, "done" if i + 1 == len(phases) else phases[i + 1].name, results, None)
+            self._checkpoint(i + 1, "done" if i + 1 == len(phases) else phases[i + 1].name, results, None,
+                             final_loop=self._last_loop if i + 1 == len(phases) else None)
         if state is not None:  # every phase had finished before the interruption
             self._restore_model(state["model"])
         return results
+
+    def _reopen_last_phase(self, state: dict, phases: list[Phase]) -> dict:
+        """`--resume --epochs N` with N larger than before: the last phase continues to N epochs.
+
+        An interrupted phase simply runs on; a finished one is reopened from its last epoch (optimizer,
+        scheduler, random state and best weights as they were). The cosine schedule is recomputed for N
+        epochs, so the learning rate resumes where the longer schedule is at the epoch reached and decays to
+        zero at N; the best epoch on validation is still kept, across the old and new epochs.
+        """
+        (old, new), last = state["extend"], len(phases) - 1
+        if state["phase_index"] > last:
+            if not state.get("final_loop"):
+                raise UsageError(f"{self.checkpoints.path} holds no state of its last epoch (written by an older "
+                                 "transferkit), so it cannot be extended; fit again with --overwrite --epochs "
+                                 f"{new}.")
+            state = {**state, "phase_index": last, "loop": state["final_loop"], "results": state["results"][:last]}
+        if phases[last].on_features:
+            raise UsageError(f"--epochs {new}: this strategy's phases train on cached features only and take no "
+                             "--epochs; resume with the options it was fitted with.")
+        log.warning("Extending the fit from %d to %d epochs: the %s phase continues from epoch %d, on a cosine "
+                    "schedule recomputed for %d epochs.", old, new, phases[last].name,
+                    (state.get("loop") or {}).get("epoch", 0), new)
+        return state
 
     def _restore_model(self, state: dict) -> None:
         """Load a checkpoint's model; one saved with LoRA adapters gets them added first (a lora phase had run)."""
@@ -149,13 +177,15 @@ class Trainer:
             lora.add_adapters_(self.bb)
         self.bb.model.load_state_dict(state)
 
-    def _checkpoint(self, phase_index: int, phase_name: str, results: list[PhaseResult], loop: dict | None) -> None:
+    def _checkpoint(self, phase_index: int, phase_name: str, results: list[PhaseResult], loop: dict | None,
+                    final_loop: dict | None = None) -> None:
+        """`final_loop`: the last phase's last epoch, kept in the finished checkpoint so `--epochs` can extend it."""
         if self.checkpoints is None:
             return
         self.checkpoints.write({
             "phase_index": phase_index, "phase": phase_name, "epoch": loop["epoch"] if loop else 0,
             "trainable_blocks": self.trainable_block_names(), "bn": self.bn, "loop": loop,
-            "model": self.bb.model.state_dict() if loop is None else None,
+            "model": self.bb.model.state_dict() if loop is None else None, "final_loop": final_loop,
             "results": [vars(r) for r in results], "notes": self.phase_notes})
 
     def trainable_block_names(self) -> list[str]:
@@ -223,6 +253,7 @@ class Trainer:
             freeze.set_bn_modes_(self.bb, self.bn)
 
         def epoch_end(loop: dict) -> None:
+            self._last_loop = loop
             self._checkpoint(index, phase.name, done, loop)
             self.on_epochs(loop["history"])
 
