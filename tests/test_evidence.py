@@ -411,4 +411,5 @@ def test_module_imports_only_numpy_and_stdlib_at_top_level():
             top.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             top.add(node.module if node.module.startswith("transferkit") else node.module.split(".")[0])
-    assert top <= {"__future__", "logging", "math", "collections", "dataclasses", "typing", "numpy", "transferkit.errors"}, top
+    assert top <= {"__future__", "logging", "math", "collections", "dataclasses", "typing", "numpy", "transferkit.errors",
+                   "transferkit.wording"}, top

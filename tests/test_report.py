@@ -21,6 +21,7 @@ from transferkit.report import (
     StrategyResult,
     comparison_html,
     comparison_markdown,
+    scores_sentence,
     table_rows,
     write_comparison,
     write_fit_report,
@@ -30,8 +31,9 @@ SCRIPT = "<script>alert(1)</script>"
 QUOTES = "&\"'"
 HOSTILE = (SCRIPT, QUOTES)
 CLASSES = [f"cat {SCRIPT}", f"dog {QUOTES}", "eel"]  # eel never appears in y_true: an absent class
-COMPARISON_SECTIONS = ["Side by side", "Value of pretraining", "Accuracy vs training time", "Learning curves",
-                       "Per strategy", "Resolved configurations", "Versions"]
+COMPARISON_SECTIONS = ["Side by side", "Value of pretraining", f"Paired differences against finetune {QUOTES}",
+                       "Accuracy vs training time", "Calibration", "Learning curves", "Per strategy",
+                       "Resolved configurations", "Versions"]
 FIT_SECTIONS = ["Per class", "Strategy and phases", "Training configuration"]
 
 
@@ -150,8 +152,9 @@ def test_comparison_page_has_its_sections_tables_and_verdict(comparison, compari
     assert parsed.headings["h3"] == [f"{r.label}: per-class precision / recall" for r in comparison.results]
     text = "".join(parsed.text)
     assert comparison.verdict() in text and comparison.crossover() in text
-    # side by side + baseline + one per-class table per strategy; images: accuracy-vs-time, curves, 2 confusions
-    assert len(parsed.all("table")) == 4 and len(parsed.all("img")) == 4
+    # side by side + baseline + paired + one per-class table per strategy; images: accuracy-vs-time, reliability,
+    # curves, 2 confusions
+    assert len(parsed.all("table")) == 5 and len(parsed.all("img")) == 5
     assert parsed.all("p")[0] == {"class": "verdict"}
     for row in table_rows(comparison.results):
         assert all(cell in text for cell in row)
@@ -162,7 +165,7 @@ def test_comparison_page_without_baseline_or_curve_drops_those_sections(comparis
     plain = Comparison(data="d", model="m", seed=1, results=comparison.results)
     parsed = Page(comparison_html(plain))
     assert parsed.headings["h2"] == [s for s in COMPARISON_SECTIONS if s not in ("Value of pretraining", "Learning curves")]
-    assert len(parsed.all("img")) == 3
+    assert len(parsed.all("img")) == 4  # accuracy-vs-time, reliability, 2 confusions
 
 
 def test_absent_classes_show_a_dash_and_are_named(page):
@@ -181,8 +184,8 @@ def test_fit_report_writes_its_files_and_sections(fit_dir, fit_page):
     assert parsed.headings["h2"] == FIT_SECTIONS
     assert len(parsed.all("img")) == 2 and len(parsed.all("table")) == 1
     test = _test_metrics()
-    assert (f"Test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, top-5 {test['top5_accuracy']:.4f} "
-            f"on {test['n']} images.") in "".join(parsed.text)
+    assert f"Test {scores_sentence(test, 'images')}; top-5 {test['top5_accuracy']:.4f}." in "".join(parsed.text)
+    assert "accuracy 100.0% (95% CI 86.2-100.0)" in scores_sentence(test, "images")  # Wilson on 24 of 24
 
 
 def test_write_comparison_writes_json_markdown_and_html(comparison, tmp_path):

@@ -246,6 +246,8 @@ def say_how_to_continue(out_dir: Path, resume: bool) -> None:
 
 
 def render_fit(clf, out_dir: Path) -> None:
+    from transferkit.report import imbalance_hint, scores_sentence
+
     test, sizes = clf.metrics_["test"], clf.metrics_["split_sizes"]
     out.print(f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {clf.modality}s, "
               f"{len(clf.classes_)} classes")
@@ -253,9 +255,16 @@ def render_fit(clf, out_dir: Path) -> None:
         out.print("Feature cache: " + ", ".join(f"{k} {v}" for k, v in clf.feature_cache_.items()))
     if clf.decision_:
         out.print(f"auto chose [bold]{clf.decision_.strategy.spec}[/]: {clf.decision_.reason}")
-    out.print(f"Strategy {clf.strategy_.spec}: test accuracy [bold]{test['accuracy']:.4f}[/], "
-              f"macro-F1 {test['macro_f1']:.4f}, val accuracy {clf.metrics_['val_accuracy']:.4f}, "
-              f"{clf.metrics_['train_seconds']:.1f} s")
+    out.print(f"Strategy {clf.strategy_.spec}: test {scores_sentence(test, clf.modality + 's')}; val accuracy "
+              f"{clf.metrics_['val_accuracy']:.4f}; {clf.metrics_['train_seconds']:.1f} s", highlight=False)
+    calibration = clf.metrics_.get("calibration")
+    if calibration:
+        out.print(f"Calibrated: temperature {calibration['temperature']:.3f} (from validation), folded into the head; "
+                  f"test ECE {calibration.get('test_ece_before', 0):.3f} -> {calibration.get('test_ece_after', 0):.3f}",
+                  highlight=False)
+    hint = imbalance_hint(clf.data_summary_.get("train_class_counts", []))
+    if hint:
+        err.print(f"[yellow]{hint}[/]", highlight=False)
     what = "TEXT... or --file LINES.txt" if clf.modality == "text" else "IMAGE..."
     out.print(f"Run saved to {out_dir}. Predict with: transferkit predict {out_dir} {what}")
 
@@ -374,8 +383,10 @@ def evaluate(
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
-    out.print(f"{result['n']} {clf.modality}s of {summary.source}: accuracy [bold]{result['accuracy']:.4f}[/], top-5 "
-              f"{result['top5_accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}")
+    from transferkit.report import scores_sentence
+
+    out.print(f"{summary.source}: {scores_sentence(result, clf.modality + 's')}; top-5 {result['top5_accuracy']:.4f}",
+              highlight=False)
     table = Table("class", "precision", "recall", "f1", "support")
     for name, m in result["per_class"].items():
         table.add_row(name, *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("precision", "recall", "f1")),
@@ -453,11 +464,16 @@ def compare(
     device: Device = None,
     precision: Precision = None,
     cache_budget: CacheBudget = None,
+    seeds: Annotated[int, typer.Option(rich_help_panel=TRAIN, help="Train each strategy with this many seeds (seed, "
+                                       "seed+1, ...) on the same split; the table shows mean ± sd.")] = 1,
+    cv: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help="Folds of the cross-validated probe on train+val "
+                                           "(0: off; default 5 when train+val x feature size <= 4M values).")] = None,
     quiet: Quiet = False,
     log: Log = None,
     log_to: LogTo = None,
 ) -> None:
-    """Run strategies side by side on the same split: accuracy, time, trainable parameters, memory; name the winner."""
+    """Run strategies side by side on the same split: accuracy with intervals, time, parameters, memory; a paired test
+    names a winner only when the difference is more than noise."""
     from transferkit.compare import DEFAULT_STRATEGIES
     from transferkit.compare import compare as run_compare
     from transferkit.data.sources import load_data
@@ -483,7 +499,7 @@ def compare(
 
         specs = strategies.split(",") if strategies else list(DEFAULT_STRATEGIES)
         result = run_compare(splits, data_name=data, model=model, strategies=specs, fractions=fracs,
-                             baseline=baseline, settings=settings, on_result=live, tracker=tracker)
+                             baseline=baseline, settings=settings, on_result=live, tracker=tracker, seeds=seeds, cv=cv)
         paths = write_comparison(result, out_dir)
         if tracker is not None:
             log_comparison(tracker, result.to_dict(), paths)
@@ -492,7 +508,8 @@ def compare(
 
 
 def render_comparison(c) -> None:
-    from transferkit.report import COLUMNS, TIME_NOTE, pretraining_sentence, table_rows
+    from transferkit.evidence import format_interval
+    from transferkit.report import COLUMNS, TIME_NOTE, imbalance_hint, pretraining_sentence, table_rows
 
     table = wrapping_table(*COLUMNS, title="transfer learning vs fine-tuning")
     winner = c.winner()
@@ -500,7 +517,14 @@ def render_comparison(c) -> None:
         table.add_row(*row, style="bold green" if r is winner else None)
     out.print(table)
     out.print(TIME_NOTE, style="dim")
-    out.print(f"[bold]{c.verdict()}[/]")
+    if c.cv:
+        out.print(f"Cross-validated probe ({c.cv['k']}-fold on train+val, {c.cv['n']} {c.noun}): "
+                  f"{format_interval(c.cv['accuracy'], c.cv['low'], c.cv['high'])}, folds {c.cv['fold_mean']:.1%} ± "
+                  f"{c.cv['fold_sd']:.1%}", highlight=False)
+    out.print(f"[bold]{c.verdict()}[/]", highlight=False)
+    hint = imbalance_hint(c.train_class_counts)
+    if hint:
+        err.print(f"[yellow]{hint}[/]", highlight=False)
     if c.curve:
         out.print(c.crossover())
     if c.baseline:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 
+import numpy as np
 import psutil
 import torch
 
@@ -109,10 +110,56 @@ def _measure(splits: DataSplits, spec: str, *, model: str | None, settings: dict
     per_class = len(splits.train) / len(splits.classes)
     epochs = sum(p["epochs_run"] for p in clf.phases_ if not p["on_features"] or p.get("solver") != "lbfgs")
     training = sum(p["seconds"] for p in clf.phases_)
+    run = {"seed": clf.config_.seed, "val_accuracy": clf.metrics_["val_accuracy"], "test_accuracy": test["accuracy"],
+           "macro_f1": test["macro_f1"], "balanced_accuracy": test.get("balanced_accuracy"), "ece": test.get("ece"),
+           "seconds": training, "wall_seconds": seconds, "calibration": clf.metrics_.get("calibration"),
+           "predictions": test.get("predictions")}
     result = StrategyResult(spec, label or spec, trainable, clf.backbone_.param_counts()["total"], epochs, training,
                             mem.mib, clf.metrics_["val_accuracy"], test["accuracy"], test["macro_f1"], per_class,
-                            metrics=test, phases=clf.phases_, history=clf.history_, wall_seconds=seconds)
+                            metrics=test, phases=clf.phases_, history=clf.history_, wall_seconds=seconds, runs=[run])
     return result, clf
+
+
+def run_seeds(splits: DataSplits, spec: str, seeds: int, *, model: str | None, settings: dict,
+              tracker: Tracker | None = None) -> tuple[StrategyResult, object]:
+    """One strategy trained with `seeds` training seeds on the same split: scores are means, runs keeps each seed.
+
+    The split stays the one given; only the training seed (initialisation of the head, batch order,
+    augmentation) changes: seed, seed + 1, ... Cached features are reused, so extra seeds cost the training.
+    """
+    base = settings.get("seed") or 0
+    first, clf = run_strategy(splits, spec, model=model, settings=settings, tracker=tracker,
+                              label=None if seeds == 1 else f"{spec} seed {base}")
+    first.label = spec
+    for i in range(1, seeds):
+        more, _ = run_strategy(splits, spec, model=model, settings={**settings, "seed": base + i}, tracker=tracker,
+                               label=f"{spec} seed {base + i}")
+        first.runs += more.runs
+        first.peak_memory_mib = max(first.peak_memory_mib, more.peak_memory_mib)
+    for key in ("val_accuracy", "test_accuracy", "macro_f1", "seconds", "wall_seconds"):
+        setattr(first, key, sum(run[key] for run in first.runs) / len(first.runs))
+    return first, clf
+
+
+def cv_probe(clf, splits: DataSplits, k: int | None, seed: int) -> dict | None:
+    """The frozen-feature probe's k-fold accuracy on train + val (cached features), with its Wilson interval.
+
+    k None: 5 folds when train + val x feature size is at most evidence.MAX_CV_CELLS values, else off.
+    `clf` is a fitted feature-extraction classifier: its backbone is the pretrained one.
+    """
+    from transferkit.evidence import cross_validated_probe, default_cv_folds
+    from transferkit.features import FeatureCache, cached_features
+    from transferkit.inference import resolve_device, resolve_precision
+
+    device = resolve_device(clf.config_.device)
+    dtype = resolve_precision(clf.config_.precision, device)
+    parts = [cached_features(clf.backbone_, split, cache=FeatureCache.default(enabled=clf.cache), device=device,
+                             dtype=dtype, workers=clf.config_.workers, progress=False)[0] for split in (splits.train, splits.val)]
+    x, y = np.concatenate(parts).astype(np.float32), np.concatenate([splits.train.labels, splits.val.labels])
+    k = default_cv_folds(len(y), x.shape[1]) if k is None else k
+    if not k:
+        return None
+    return cross_validated_probe(x, y, k=k, seed=seed).to_dict() | {"n_train": len(splits.train), "n_val": len(splits.val)}
 
 
 def trainable_params(clf) -> int:
@@ -124,7 +171,7 @@ def trainable_params(clf) -> int:
 
 def compare(splits: DataSplits, *, data_name: str, model: str | None = None, strategies: Sequence[str] = DEFAULT_STRATEGIES,
             fractions: Sequence[float] = (), baseline: str | None = None, settings: dict | None = None,
-            on_result=None, tracker: Tracker | None = None) -> Comparison:
+            on_result=None, tracker: Tracker | None = None, seeds: int = 1, cv: int | None = None) -> Comparison:
     """Run every strategy on the same split and seed; optionally a learning curve and a scratch baseline.
 
     Args:
@@ -135,7 +182,13 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
         settings: classifier settings shared by every run (epochs, image_size or max_length, seed, ...).
         on_result: called with each StrategyResult as it finishes (for live output).
         tracker: an open experiment-tracking run; each strategy (and curve point, baseline) is logged as a run nested in it.
+        seeds: training seeds per strategy (seed, seed + 1, ...) on the same split; the table shows mean +- sd.
+        cv: folds of the cross-validated probe on train + val; None for the default rule (`cv_probe`), 0 for none.
     """
+    if not isinstance(seeds, int) or seeds < 1:
+        raise UsageError(f"--seeds must be a whole number of at least 1; got {seeds!r}.")
+    if cv is not None and (not isinstance(cv, int) or cv == 1 or cv < 0):
+        raise UsageError(f"--cv must be 0 (off) or at least 2 folds; got {cv!r}.")
     settings = dict(settings or {})
     specs = [parse_strategy(s).spec for s in strategies]
     if "auto" in specs:
@@ -145,11 +198,15 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
     if baseline not in (None, "scratch"):
         raise UsageError(f"--baseline must be 'scratch'; got '{baseline}'.")
     notify = on_result or (lambda r: None)
-    results = []
+    results, probe_clf = [], None
     for spec in specs:
-        result, _ = run_strategy(splits, spec, model=model, settings=settings, tracker=tracker)
+        result, clf = run_seeds(splits, spec, seeds, model=model, settings=settings, tracker=tracker)
+        probe_clf = clf if spec == "feature-extraction" else probe_clf
         results.append(result)
         notify(result)
+    if cv != 0 and probe_clf is None:  # the probe's features come from the cache whichever strategy computed them
+        probe_clf = CLASSIFIERS[splits.train.modality](model, strategy="feature-extraction", **settings).fit(splits)
+    cv_result = cv_probe(probe_clf, splits, cv, settings.get("seed") or 0) if cv != 0 else None
     curve = []
     for fraction in sorted(f for f in fractions if f < 1):
         sub = DataSplits(subsample_per_class(splits.train, fraction, settings.get("seed") or 0), splits.val, splits.test,
@@ -168,4 +225,6 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
         notify(base)
     configs = {r.strategy: r.phases for r in results}
     return Comparison(data_name, model or "default", settings.get("seed") or 0, results, curve, base, configs,
-                      machine_info(), splits.sizes(), library_versions())
+                      machine_info(), splits.sizes(), library_versions(), seeds=seeds, cv=cv_result,
+                      noun=f"{splits.train.noun}s", train_class_counts=np.bincount(splits.train.labels,
+                                                                              minlength=len(splits.classes)).tolist())

@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from transferkit.errors import UsageError
+from transferkit.wording import format_interval, ratio_phrase  # noqa: F401  (re-exported: evidence's wording)
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +372,46 @@ def paired_difference(correct_a: ArrayLike, correct_b: ArrayLike, *, n_boot: int
                             method=f"paired bootstrap ({n_boot} resamples over examples, seed {seed}); exact McNemar")
 
 
+def paired_difference_over_seeds(correct_a: ArrayLike, correct_b: ArrayLike, *, n_boot: int = 2000, seed: int = 0,
+                                 confidence: float = 0.95) -> PairedDifference:
+    """`paired_difference` for models trained with several seeds: rows are seeds, columns the same examples.
+
+    Each example's correctness is averaged over a model's seeds (a deterministic model, such as the
+    probe, has identical rows), and the paired bootstrap resamples examples of those averages, so
+    the interval covers the test examples' variation with the seeds' variation averaged in. The exact
+    McNemar test needs one right/wrong per example and model: it compares the first seed of each.
+    With one seed each this is `paired_difference` exactly.
+
+    Args:
+        correct_a: (seeds_a, examples) correctness of model A, bool or 0/1 (a 1-D array is one seed).
+        correct_b: (seeds_b, examples) correctness of model B on the same examples.
+        n_boot: Number of bootstrap resamples.
+        seed: Seed of the resampling.
+        confidence: Coverage of the interval.
+
+    Example:
+        >>> d = paired_difference_over_seeds([[1, 1, 0, 1]] * 2, [[1, 0, 0, 1], [1, 1, 0, 1]], n_boot=200)
+        >>> d.difference
+        0.125
+    """
+    a, b = (np.atleast_2d(np.asarray(x)) for x in (correct_a, correct_b))
+    rows = [_as_correct(name, row) for name, arr in (("correct_a", a), ("correct_b", b)) for row in arr]
+    a, b = np.array(rows[:len(a)]), np.array(rows[len(a):])
+    if len(a) == 1 and len(b) == 1:
+        return paired_difference(a[0], b[0], n_boot=n_boot, seed=seed, confidence=confidence)
+    first = paired_difference(a[0], b[0], n_boot=1, seed=seed, confidence=confidence)
+    alpha = _check_confidence(confidence)
+    delta = a.mean(0) - b.mean(0)
+    diffs = np.concatenate([delta[block].mean(1) for block in _resamples(len(delta), _check_positive_int("n_boot", n_boot), seed)])
+    low, high = _percentile_interval(diffs, alpha)
+    return PairedDifference(n=len(delta), accuracy_a=float(a.mean()), accuracy_b=float(b.mean()),
+                            difference=float(delta.mean()), low=low, high=high, mcnemar_p=first.mcnemar_p,
+                            only_a_correct=first.only_a_correct, only_b_correct=first.only_b_correct,
+                            confidence=confidence,
+                            method=f"paired bootstrap ({n_boot} resamples over examples of the correctness averaged "
+                                   f"over {len(a)} and {len(b)} seeds, seed {seed}); exact McNemar on the first seeds")
+
+
 # --------------------------------------------------------------------------- cross-validated probe
 
 @dataclass(frozen=True, eq=False)
@@ -525,72 +566,3 @@ def _fit_predict_fold(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
     out = np.zeros((len(x_test), len(classes)))
     out[:, np.searchsorted(classes, model.classes_)] = model.predict_proba(x_test)
     return out
-
-
-# --------------------------------------------------------------------------- wording
-
-def ratio_phrase(a_seconds: float, b_seconds: float, *, what: str = "time") -> str:
-    """How A's cost reads next to B's: "9.5x faster", "2.0x slower", "1/40 of the time", "40x the time".
-
-    Below 10x the ratio is given with one decimal; from 10x on as a whole
-    fraction or multiple, so a large gap never prints as "0.0x". Ratios that
-    round to 1.0 read "about the same time".
-
-    Args:
-        a_seconds: Cost of A in seconds (>= 0).
-        b_seconds: Cost of B in seconds (>= 0).
-        what: The noun for the cost, e.g. "training time".
-
-    Returns:
-        A phrase to follow "A took ...", e.g. "A took 1/40 of the training time of B".
-
-    Example:
-        >>> ratio_phrase(3.0, 120.0, what="training time"), ratio_phrase(10.0, 4.0)
-        ('1/40 of the training time', '2.5x slower')
-    """
-    for name, value in (("a_seconds", a_seconds), ("b_seconds", b_seconds)):
-        if not (_is_number(value) and math.isfinite(value) and value >= 0):
-            raise UsageError(f"{name} must be a finite number of seconds, at least 0; got {value!r}.")
-    if a_seconds == 0 or b_seconds == 0:
-        if a_seconds == b_seconds:
-            return f"about the same {what}"
-        return f"a negligible fraction of the {what}" if a_seconds == 0 else f"far more {what} (the other's was too short to measure)"
-    ratio = max(a_seconds, b_seconds) / min(a_seconds, b_seconds)
-    short = f"{ratio:.1f}"
-    if short == "1.0":
-        return f"about the same {what}"
-    faster = a_seconds < b_seconds
-    if float(short) < 10:
-        return f"{short}x faster" if faster else f"{short}x slower"
-    return f"1/{ratio:.0f} of the {what}" if faster else f"{ratio:.0f}x the {what}"
-
-
-def format_interval(value: float | None, low: float | None, high: float | None, percent: bool = True, *,
-                    confidence: float = 0.95) -> str:
-    """A value with its interval: "96.3% (95% CI 93.3-98.0)", or "n/a" when the value is None.
-
-    Args:
-        value: The estimate, a fraction when percent=True.
-        low: Lower end of the interval (None to show the value alone).
-        high: Upper end of the interval.
-        percent: Show fractions as percentages with one decimal; else three decimals.
-        confidence: Coverage named in the text.
-
-    Returns:
-        The text; a negative bound switches "a-b" to "a to b" so signs stay readable.
-
-    Example:
-        >>> format_interval(0.963, 0.933, 0.980), format_interval(-0.012, -0.03, 0.005)
-        ('96.3% (95% CI 93.3-98.0)', '-1.2% (95% CI -3.0 to 0.5)')
-    """
-    if value is None:
-        return "n/a"
-    scale, unit, digits = (100.0, "%", 1) if percent else (1.0, "", 3)
-
-    def num(v: float) -> str:
-        return f"{v * scale:.{digits}f}"
-
-    if low is None or high is None:
-        return f"{num(value)}{unit}"
-    sep = " to " if low < 0 or high < 0 else "-"
-    return f"{num(value)}{unit} ({confidence * 100:g}% CI {num(low)}{sep}{num(high)})"

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit import verdict as verdicts
 from transferkit.atomic import write_atomic, write_json
+from transferkit.evidence import format_interval
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -45,15 +47,34 @@ class StrategyResult:
     phases: list = field(repr=False, default_factory=list)
     history: list = field(repr=False, default_factory=list)
     wall_seconds: float = 0.0  # the whole fit: backbone loading, features (computed or read from the cache), test pass
+    runs: list = field(repr=False, default_factory=list)  # one dict per training seed (scores, per-example predictions)
 
     @property
     def trainable_share(self) -> float:
         return self.trainable_params / self.total_params
 
+    @property
+    def test_correct(self) -> np.ndarray:
+        """(seeds, test examples) booleans: which test examples each seed's model got right."""
+        preds = [run["predictions"] for run in self.runs] or [self.metrics.get("predictions") or {"true": [], "pred": []}]
+        return np.array([np.asarray(p["true"]) == np.asarray(p["pred"]) for p in preds], dtype=bool)
+
+    def spread(self, key: str) -> dict | None:
+        """Mean, sample sd, min and max of a per-seed score (None with fewer than 2 seeds)."""
+        values = [run[key] for run in self.runs]
+        if len(values) < 2:
+            return None
+        return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "min": float(min(values)),
+                "max": float(max(values)), "seeds": len(values)}
+
     def row(self) -> dict:
         keys = ("strategy", "label", "trainable_params", "total_params", "epochs", "seconds", "wall_seconds", "peak_memory_mib",
                 "val_accuracy", "test_accuracy", "macro_f1", "train_per_class")
-        return {k: getattr(self, k) for k in keys} | {"trainable_share": self.trainable_share}
+        iv = (self.metrics.get("intervals") or {}).get("accuracy") or {}
+        return {k: getattr(self, k) for k in keys} | {
+            "trainable_share": self.trainable_share, "test_accuracy_low": iv.get("low"), "test_accuracy_high": iv.get("high"),
+            "balanced_accuracy": self.metrics.get("balanced_accuracy"), "ece": self.metrics.get("ece"),
+            "test_accuracy_spread": self.spread("test_accuracy"), "val_accuracy_spread": self.spread("val_accuracy")}
 
 
 @dataclass
@@ -71,25 +92,20 @@ class Comparison:
     split_sizes: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
 
+    seeds: int = 1
+    cv: dict | None = None  # the cross-validated probe on train + val (evidence.CVProbe.to_dict())
+    noun: str = "examples"
+    train_class_counts: list = field(default_factory=list)
+
     def winner(self) -> StrategyResult:
-        return max(self.results, key=lambda r: (r.test_accuracy, r.val_accuracy, -r.seconds))
+        return verdicts.best_of(self.results)
 
     def verdict(self) -> str:
-        """The winner and the trade-off against feature extraction, in one sentence."""
-        best = self.winner()
-        fe = next((r for r in self.results if r.strategy == "feature-extraction"), None)
-        if fe is None or fe is best:
-            others = [r for r in self.results if r is not best]
-            if not others:
-                return f"{best.label} reached {best.test_accuracy:.1%} test accuracy."
-            runner = max(others, key=lambda r: r.test_accuracy)
-            return (f"{best.label} is the most accurate ({best.test_accuracy:.1%}), "
-                    f"{(best.test_accuracy - runner.test_accuracy) * 100:.1f} points above {runner.label} "
-                    f"at {_ratio(best.seconds, runner.seconds)} the training time.")
-        gain = (best.test_accuracy - fe.test_accuracy) * 100
-        return (f"{best.label} is {gain:.1f} points more accurate than feature-extraction "
-                f"({best.test_accuracy:.1%} vs {fe.test_accuracy:.1%}) at {_ratio(best.seconds, fe.seconds)} the training "
-                f"time and {best.trainable_params / max(1, fe.trainable_params):.0f}x the trainable parameters.")
+        """The winner only when the paired test says so; else no measurable difference and the cheapest within noise."""
+        return verdicts.verdict(self.results, self.seeds, self.seed)
+
+    def paired(self) -> list[dict]:
+        return verdicts.paired_rows(self.results, self.seed)
 
     def crossover(self) -> str | None:
         """Where, on this data, fine-tuning overtakes feature extraction along the learning curve."""
@@ -107,21 +123,24 @@ class Comparison:
         return "feature extraction stays at least as accurate as fine-tuning at every training size measured"
 
     def to_dict(self) -> dict:
-        return {"data": self.data, "model": self.model, "seed": self.seed, "split_sizes": self.split_sizes,
-                "results": [r.row() | {"phases": r.phases, "metrics": r.metrics} for r in self.results],
-                "winner": self.winner().strategy, "verdict": self.verdict(),
+        return {"data": self.data, "model": self.model, "seed": self.seed, "seeds": self.seeds,
+                "split_sizes": self.split_sizes,
+                "results": [r.row() | {"phases": r.phases, "metrics": _without_predictions(r.metrics),
+                                       "runs": r.runs or [{"seed": self.seed, "predictions": r.metrics.get("predictions")}]}
+                            for r in self.results],
+                "winner": self.winner().strategy, "verdict": self.verdict(), "paired": self.paired(),
+                "cross_validated_probe": self.cv, "train_class_counts": self.train_class_counts,
                 "learning_curve": [r.row() for r in self.curve], "crossover": self.crossover(),
                 "baseline": self.baseline.row() | {"metrics": self.baseline.metrics} if self.baseline else None,
                 "configs": self.configs, "machine": self.machine}
 
 
-def _ratio(a: float, b: float) -> str:
-    r = a / max(b, 1e-9)
-    return f"{r:.1f}x" if r < 10 else f"{r:.0f}x"
+def _without_predictions(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "predictions"}
 
 
-COLUMNS = ("strategy", "trainable params", "epochs", "train time", "fit wall time", "peak memory +", "val acc", "test acc",
-           "macro-F1")
+COLUMNS = ("strategy", "trainable params", "epochs", "train time", "fit wall time", "peak memory +", "val acc",
+           "test acc (95% CI)", "balanced acc", "macro-F1")
 TIME_NOTE = ("train time: the strategy's training phases (the probe's fit, the fine-tuning epochs), measured alike for "
              "every strategy; fit wall time adds loading the backbone, computing or reading the cached features "
              "(computed once, by the first strategy that needs them) and the test pass.")
@@ -130,9 +149,25 @@ TIME_NOTE = ("train time: the strategy's training phases (the probe's fit, the f
 def table_rows(results: list[StrategyResult]) -> list[list[str]]:
     """The comparison table as strings, one list per strategy (same columns as COLUMNS)."""
     return [[r.label, f"{r.trainable_params:,} ({r.trainable_share:.1%})", str(r.epochs) if r.epochs else "probe",
-             _secs(r.seconds), _secs(r.wall_seconds), f"{r.peak_memory_mib:.0f} MiB", f"{r.val_accuracy:.4f}",
-             f"{r.test_accuracy:.4f}", f"{r.macro_f1:.4f}"]
+             _secs(r.seconds), _secs(r.wall_seconds), f"{r.peak_memory_mib:.0f} MiB", _acc(r, "val_accuracy"),
+             _acc(r, "test_accuracy"), _plain(r.metrics.get("balanced_accuracy")), f"{r.macro_f1:.4f}"]
             for r in results]
+
+
+def _plain(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _acc(r: StrategyResult, key: str) -> str:
+    """One seed: the value (and for test its Wilson 95% interval); several: mean +- sd (min-max) over the seeds."""
+    spread = r.spread(key)
+    if spread and spread["min"] == spread["max"]:
+        return f"{spread['mean']:.4f} (every seed)"
+    if spread:
+        return f"{spread['mean']:.4f} ± {spread['sd']:.4f} ({spread['min']:.4f}-{spread['max']:.4f})"
+    iv = (r.metrics.get("intervals") or {}).get("accuracy") if key == "test_accuracy" else None
+    value = getattr(r, key)
+    return f"{value:.4f} ({iv['low']:.3f}-{iv['high']:.3f})" if iv else f"{value:.4f}"
 
 
 def _png(fig) -> str:
@@ -152,11 +187,14 @@ def _figure(width: float = 6, height: float = 4):
 def plot_accuracy_vs_time(results: list[StrategyResult]) -> str:
     fig, ax = _figure()
     for r in results:
-        ax.scatter(r.seconds, r.test_accuracy * 100, s=60)
+        iv = r.spread("test_accuracy") or (r.metrics.get("intervals") or {}).get("accuracy")
+        low, high = (iv["min"], iv["max"]) if iv and "min" in iv else (iv["low"], iv["high"]) if iv else (None, None)
+        err = [[max(0.0, r.test_accuracy - low) * 100], [max(0.0, high - r.test_accuracy) * 100]] if iv else None
+        ax.errorbar(r.seconds, r.test_accuracy * 100, yerr=err, fmt="o", capsize=4, markersize=7)
         ax.annotate(r.label, (r.seconds, r.test_accuracy * 100), textcoords="offset points", xytext=(5, 5), parse_math=False)
     ax.set_xscale("log")
-    ax.set_xlabel("training wall time (s, log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel("training time (s, log scale)")
+    ax.set_ylabel("test accuracy (%); bars: 95% interval, or min-max over seeds")
     ax.set_title("Accuracy vs training time")
     ax.grid(alpha=0.3)
     return _png(fig)
@@ -171,6 +209,47 @@ def plot_learning_curves(curve: list[StrategyResult]) -> str:
     ax.set_xlabel("training examples per class (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Learning curves")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_reliability(results: list[StrategyResult]) -> str:
+    """Reliability diagram: accuracy against mean confidence per confidence bin (15 bins), one line per strategy."""
+    from transferkit.calibration import reliability_bins
+
+    fig, ax = _figure(5, 5)
+    ax.plot([0, 100], [0, 100], color="#999", linestyle="--", label="perfectly calibrated")
+    for r in results:
+        p = r.metrics.get("predictions") or {}
+        if not p.get("prob"):
+            continue
+        conf = np.asarray(p["prob"], dtype=float)
+        probs = np.stack([1 - conf, conf], 1)  # confidence of the predicted class vs whether it was right
+        bins = [b for b in reliability_bins(probs, (np.asarray(p["true"]) == np.asarray(p["pred"])).astype(int))
+                if b["count"]]
+        ax.plot([b["mean_confidence"] * 100 for b in bins], [b["accuracy"] * 100 for b in bins], marker="o",
+                label=f"{r.label} (ECE {r.metrics.get('ece', 0):.3f})")
+    ax.set_xlabel("confidence of the predicted class (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Reliability (test, after temperature scaling)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_validation_curves(results: list[StrategyResult]) -> str | None:
+    """Validation accuracy per fine-tuning epoch of each strategy that has epochs (first seed)."""
+    rows = {r.label: [h for h in r.history if "C" not in h] for r in results}
+    rows = {k: v for k, v in rows.items() if v}
+    if not rows:
+        return None
+    fig, ax = _figure()
+    for label, hist in rows.items():
+        ax.plot(range(1, len(hist) + 1), [h["val_acc"] * 100 for h in hist], marker="o", label=label)
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Validation accuracy per epoch")
     ax.legend()
     ax.grid(alpha=0.3)
     return _png(fig)
@@ -256,8 +335,22 @@ onerror="var d=document.body.dataset;d.failed=(+d.failed||0)+1" src="data:image/
 {{ table(columns, baseline.rows) }}
 <p>{{ baseline.sentence }}</p>
 {% endif %}
+<h2>Paired differences against {{ best }}</h2>
+<p>Each strategy's test accuracy minus the best's on the same {{ n_test }} test examples: paired bootstrap 95% interval
+and exact McNemar p-value. An interval that includes 0 means no measurable difference. Accuracy intervals elsewhere
+are Wilson 95%; balanced accuracy and macro-F1 intervals are bootstrap over examples.</p>
+{{ table(paired_columns, paired_rows) }}
+{% if cv %}
+<p>Cross-validated probe ({{ cv.k }}-fold on train+val, {{ cv.n }} examples): {{ cv.text }}.</p>
+{% endif %}
 <h2>Accuracy vs training time</h2>
 {{ figure(accuracy_png, "accuracy vs time") }}
+<h2>Calibration</h2>
+{{ figure(reliability_png, "reliability diagram") }}
+{% if val_png %}
+<h2>Validation curves</h2>
+{{ figure(val_png, "validation accuracy per epoch") }}
+{% endif %}
 {% if curve %}
 <h2>Learning curves</h2>
 <p>{{ curve.crossover }}</p>
@@ -283,8 +376,12 @@ onerror="var d=document.body.dataset;d.failed=(+d.failed||0)+1" src="data:image/
 {% block body %}
 {% from "macros.html" import figure, per_class %}
 <h1>transferkit fit: {{ spec }} on {{ backbone }}</h1>
-<p class='verdict'>Test accuracy {{ "%.4f"|format(test["accuracy"]) }}, macro-F1 {{ "%.4f"|format(test["macro_f1"]) }}, \
-top-5 {{ "%.4f"|format(test["top5_accuracy"]) }} on {{ test["n"] }} {{ noun }}.</p>
+<p class='verdict'>Test {{ scores }}; top-5 {{ "%.4f"|format(test["top5_accuracy"]) }}.</p>
+{% if calibration %}
+<p>Calibrated by temperature scaling on validation: T = {{ "%.3f"|format(calibration["temperature"]) }}, folded into
+the head; test ECE {{ "%.3f"|format(calibration.get("test_ece_before", 0)) }} before,
+{{ "%.3f"|format(calibration.get("test_ece_after", 0)) }} after.</p>
+{% endif %}
 <div class='grid'>
 {{ figure(curves_png, "training curves") }}
 {{ figure(confusion_png, "confusion matrix") }}
@@ -338,9 +435,30 @@ def comparison_html(c: Comparison) -> str:
     return _render("comparison.html", title=f"transferkit compare: {c.data}", data=c.data, model=c.model,
                    verdict=c.verdict(), split_sizes=c.split_sizes, seed=c.seed, machine=json.dumps(c.machine),
                    columns=COLUMNS, rows=table_rows(c.results), time_note=TIME_NOTE, baseline=baseline,
-                   accuracy_png=plot_accuracy_vs_time(c.results), curve=curve,
+                   accuracy_png=plot_accuracy_vs_time(c.results), curve=curve, best=c.winner().label,
+                   n_test=c.split_sizes.get("test", ""), paired_columns=PAIRED_COLUMNS, paired_rows=paired_table(c),
+                   cv=_cv_context(c.cv), reliability_png=plot_reliability(c.results),
+                   val_png=plot_validation_curves(c.results),
                    strategies=[_strategy_section(r, classes) for r in c.results],
                    configs=json.dumps(c.configs, indent=1), versions=json.dumps(c.versions, indent=1))
+
+
+PAIRED_COLUMNS = ("strategy", "minus the best (points)", "95% CI", "McNemar p", "only best right", "only it right",
+                  "reading")
+
+
+def paired_table(c: Comparison) -> list[list[str]]:
+    """Each strategy against the best, as strings (PAIRED_COLUMNS)."""
+    return [[p["strategy"], f"{-p['difference'] * 100:+.1f}", f"{-p['high'] * 100:.1f} to {-p['low'] * 100:.1f}",
+             f"{p['mcnemar_p']:.3g}", str(p["only_a_correct"]), str(p["only_b_correct"]),
+             "measurably less accurate" if p["significant"] else "within noise"] for p in c.paired()]
+
+
+def _cv_context(cv: dict | None) -> dict | None:
+    if not cv:
+        return None
+    return {"k": cv["k"], "n": cv["n"], "text": f"{format_interval(cv['accuracy'], cv['low'], cv['high'])}, per fold "
+                                                f"{cv['fold_mean']:.1%} ± {cv['fold_sd']:.1%}"}
 
 
 def pretraining_sentence(c: Comparison) -> str:
@@ -358,7 +476,12 @@ def comparison_markdown(c: Comparison) -> str:
     lines = [f"# transferkit compare: {c.data} with {c.model}", "", c.verdict(), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(c.results)]
-    lines += ["", TIME_NOTE]
+    lines += ["", TIME_NOTE, "", f"## Paired differences against {c.winner().label}", "",
+              "| " + " | ".join(PAIRED_COLUMNS) + " |", "|" + "---|" * len(PAIRED_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in paired_table(c)]
+    if c.cv:
+        cv = _cv_context(c.cv)
+        lines += ["", f"Cross-validated probe ({cv['k']}-fold on train+val, {cv['n']} examples): {cv['text']}."]
     if c.baseline:
         lines += ["", "## Value of pretraining", "", pretraining_sentence(c)]
     if c.curve:
@@ -387,7 +510,8 @@ def write_fit_report(out: Path, meta: dict, history: list[dict]) -> Path:
     write_atomic(out / "confusion.png", base64.b64decode(confusion_png))
     write_atomic(out / "curves.png", base64.b64decode(curves_png))
     page = _render("fit.html", title="transferkit fit", spec=meta["strategy"]["spec"], backbone=meta["backbone"]["name"],
-                   test=test, noun="texts" if meta.get("modality") == "text" else "images",
+                   test=test, scores=scores_sentence(test, "texts" if meta.get("modality") == "text" else "images"),
+                   calibration=meta["metrics"].get("calibration"),
                    curves_png=curves_png, confusion_png=confusion_png, per_class_rows=_per_class_rows(test),
                    absent=test.get("absent_classes", []), strategy=json.dumps(meta["strategy"], indent=1),
                    training=json.dumps(meta.get("training", {}), indent=1))
@@ -397,3 +521,27 @@ def write_fit_report(out: Path, meta: dict, history: list[dict]) -> Path:
 
 def _secs(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def scores_sentence(m: dict, noun: str = "examples") -> str:
+    """Accuracy, balanced accuracy and macro-F1 of a metrics dict, each with its 95% interval, in one line."""
+    iv = m.get("intervals")
+    if not iv:
+        return f"accuracy {m['accuracy']:.1%}, macro-F1 {m['macro_f1']:.1%} on {m['n']} {noun}"
+    parts = [f"{name} {format_interval(e['value'], e['low'], e['high'])}" for name, e in
+             (("accuracy", iv["accuracy"]), ("balanced accuracy", iv["balanced_accuracy"]), ("macro-F1", iv["macro_f1"]))]
+    return (", ".join(parts) + f" on {m['n']} {noun} (accuracy: Wilson interval; the others: bootstrap over "
+            f"{noun})")
+
+
+IMBALANCE_RATIO = 3.0  # largest class over smallest beyond which the output suggests --class-weights auto
+
+
+def imbalance_hint(train_counts: list[int]) -> str | None:
+    """A suggestion when the training classes are imbalanced (largest > 3x the smallest), else None."""
+    counts = [c for c in train_counts if c > 0]
+    if len(counts) < 2 or max(counts) <= IMBALANCE_RATIO * min(counts):
+        return None
+    return (f"The training classes are imbalanced (largest {max(counts)}, smallest {min(counts)}: "
+            f"{max(counts) / min(counts):.1f}x); read balanced accuracy and per-class recall beside accuracy, and "
+            "try --class-weights auto.")

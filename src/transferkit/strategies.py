@@ -155,7 +155,6 @@ DEFAULT_FINETUNE_EPOCHS = 5
 
 AUTO_MIN_PER_CLASS = 5  # below this, fine-tuning's validation gain is noise
 AUTO_PROBE_CEILING = 0.995  # frozen features already separate the validation set
-AUTO_MIN_GAIN = 0.01  # fine-tuning must beat the probe by a point on validation to be kept
 
 
 @dataclass(frozen=True)
@@ -195,22 +194,38 @@ def decide_before_trial(per_class: int, probe_val: float) -> AutoDecision | None
 AUTO_CANDIDATE = Strategy("lp-ft")  # the most robust fine-tune across data sizes measured (Kumar et al. 2022)
 
 
-def decide_after_trial(per_class: int, probe_val: float, tuned_val: float, probe_seconds: float,
+def decide_after_trial(per_class: int, probe_correct, tuned_correct, probe_seconds: float,
                        tuned_seconds: float) -> AutoDecision:
-    """Keep the fine-tuned model when it beats the probe on validation by AUTO_MIN_GAIN, else the probe.
+    """Keep the fine-tuned model only when its validation gain over the probe is more than noise, else the probe.
 
-    The trial is the candidate's own run, warm-started from the probe, so
-    choosing fine-tuning costs nothing extra and choosing the probe costs one run.
+    The test: the paired bootstrap 95% interval of (fine-tuned minus probe) validation accuracy on the same
+    examples (:func:`transferkit.evidence.paired_difference`, with the exact McNemar p-value recorded) must
+    lie above 0. The trial is the candidate's own run, warm-started from the probe, so choosing fine-tuning
+    costs nothing extra and choosing the probe costs one run.
+
+    Args:
+        per_class: training examples in the smallest class.
+        probe_correct: per validation example, whether the frozen-feature probe got it right.
+        tuned_correct: the same for the fine-tuned trial, same examples in the same order.
+        probe_seconds: the probe's training time.
+        tuned_seconds: the trial's training time (probe included).
     """
-    gain = tuned_val - probe_val
-    numbers = {"min_examples_per_class": per_class, "probe_val_acc": probe_val, "trial_strategy": AUTO_CANDIDATE.spec,
-               "trial_val_acc": tuned_val, "probe_seconds": round(probe_seconds, 2),
-               "trial_seconds": round(tuned_seconds, 2)}
-    if gain >= AUTO_MIN_GAIN:
-        return AutoDecision(AUTO_CANDIDATE, f"{AUTO_CANDIDATE.spec} reaches {tuned_val:.1%} validation accuracy vs "
-                                            f"{probe_val:.1%} for the frozen-feature probe (+{gain * 100:.1f} points with "
-                                            f"{per_class}+ examples per class): the features are worth adapting.", numbers)
+    from transferkit.evidence import paired_difference, ratio_phrase
+
+    d = paired_difference(tuned_correct, probe_correct)
+    numbers = {"min_examples_per_class": per_class, "probe_val_acc": d.accuracy_b, "trial_strategy": AUTO_CANDIDATE.spec,
+               "trial_val_acc": d.accuracy_a, "probe_seconds": round(probe_seconds, 2),
+               "trial_seconds": round(tuned_seconds, 2), "val_gain": d.difference, "val_gain_low": d.low,
+               "val_gain_high": d.high, "mcnemar_p": d.mcnemar_p, "n_val": d.n, "test": d.method}
+    gain = (f"{d.difference * 100:+.1f} points of validation accuracy (95% CI {d.low * 100:.1f} to {d.high * 100:.1f}) "
+            f"on {d.n} examples")
+    if d.significant and d.difference > 0:
+        return AutoDecision(AUTO_CANDIDATE, f"{AUTO_CANDIDATE.spec} reaches {d.accuracy_a:.1%} validation accuracy vs "
+                                            f"{d.accuracy_b:.1%} for the frozen-feature probe: a gain of {gain} "
+                                            f"(paired bootstrap; McNemar p = {d.mcnemar_p:.2g}), more than noise, so "
+                                            "the features are worth adapting.", numbers)
+    cost = ratio_phrase(probe_seconds, tuned_seconds, what="cost")
     return AutoDecision(Strategy("feature-extraction"),
-                        f"{AUTO_CANDIDATE.spec} reaches {tuned_val:.1%} vs {probe_val:.1%} for the probe "
-                        f"({gain * 100:+.1f} points, under the {AUTO_MIN_GAIN * 100:.0f}-point bar): feature "
-                        f"extraction is as good here at a fraction of the cost.", numbers)
+                        f"{AUTO_CANDIDATE.spec} reaches {d.accuracy_a:.1%} vs {d.accuracy_b:.1%} for the probe: a "
+                        f"difference of {gain} (paired bootstrap; McNemar p = {d.mcnemar_p:.2g}), an interval that "
+                        f"includes 0, so feature extraction is as accurate within noise at {cost}.", numbers)

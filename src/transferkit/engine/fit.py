@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from transferkit import distributed
 from transferkit.backbones.base import Backbone
 from transferkit.data.examples import DataSplits
@@ -116,15 +118,57 @@ def fit(request: FitRequest, cfg: TrainConfig) -> Fitted:
     trainer.on_epochs = fit_log.epochs
     strategy, phases, results, decision = run_strategy(trainer, request.strategy, cfg,
                                                        lambda: request.new_backbone(splits), resume=request.resume)
-    test = metrics(trainer.test_logits(phases[-1]), splits.test.labels, list(splits.classes))
+    calibration = calibrate(trainer, phases[-1])
+    test_logits = trainer.logits("test", phases[-1])
+    test = metrics(test_logits, splits.test.labels, list(splits.classes), ids=splits.test.ids(), seed=cfg.seed)
+    if calibration is not None and len(splits.test):
+        calibration.update(test_ece_before=uncalibrated_ece(test_logits, splits.test.labels, calibration["temperature"]),
+                           test_ece_after=test["ece"])
     fitted = Fitted(trainer.bb, list(splits.classes), strategy, decision, cfg,
                     [_phase_record(p, r, trainer.phase_notes) for p, r in zip(phases, results)],
                     [row for r in results for row in r.history],
                     {"test": test, "val_accuracy": max(r.best_val_acc for r in results),
-                     "train_seconds": time.perf_counter() - started, "split_sizes": sizes},
-                    dict(trainer.cache_hits), splits.summary.to_dict())
+                     "train_seconds": time.perf_counter() - started, "split_sizes": sizes, "calibration": calibration},
+                    dict(trainer.cache_hits), {**splits.summary.to_dict(), "train_class_counts": np.bincount(
+                        splits.train.labels, minlength=len(splits.classes)).tolist()})
     fit_log.end(fitted.to_meta(request.strategy.spec))
     return fitted
+
+
+def calibrate(trainer: Trainer, last) -> dict | None:
+    """Temperature scaling (Guo et al. 2017): T fitted on validation logits, folded into the head (W/T, b/T).
+
+    Every consumer of the model (predict, export, plain timm) then gets the calibrated probabilities; the
+    argmax, hence every prediction and accuracy, is unchanged. None (and the model left as it is) when there
+    is no validation set, a single class, or a head that is not one linear layer.
+    """
+    import torch
+
+    from transferkit.calibration import fit_temperature, fold_temperature_
+
+    labels, head = trainer.splits.val.labels, trainer.bb.head()
+    if len(labels) == 0 or len(trainer.splits.classes) < 2 or not isinstance(head, torch.nn.Linear):
+        log.info("No calibration: %s.", "no validation set" if len(labels) == 0 else "a single class"
+                 if len(trainer.splits.classes) < 2 else f"the head is a {type(head).__name__}, not one linear layer")
+        return None
+    logits = trainer.logits("val", last)
+    t = fit_temperature(logits, labels)
+    fold_temperature_(head, t)
+    after = uncalibrated_ece(logits, labels, 1.0 / t)
+    log.info("Calibration: temperature %.3f fitted on %d validation %ss (ECE %.4f -> %.4f), folded into the head.",
+             t, len(labels), trainer.bb.noun, uncalibrated_ece(logits, labels, 1.0), after)
+    return {"temperature": t, "val_ece_before": uncalibrated_ece(logits, labels, 1.0), "val_ece_after": after,
+            "n_val": len(labels), "method": "temperature scaling (Guo et al. 2017) on validation logits, L-BFGS on "
+                                            "the NLL; folded into the head (weights and bias divided by T); ECE with "
+                                            "15 equal-width bins"}
+
+
+def uncalibrated_ece(logits, labels, scale: float) -> float:
+    """ECE of softmax(logits * scale): scale T undoes a folded temperature, 1/T applies one."""
+    from transferkit.calibration import expected_calibration_error
+    from transferkit.evaluate import softmax
+
+    return expected_calibration_error(softmax(logits * scale), labels)
 
 
 def _checkpoints(request: FitRequest, cfg: TrainConfig, splits: DataSplits, bb: Backbone) -> Checkpoints | None:

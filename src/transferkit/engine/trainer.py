@@ -65,6 +65,7 @@ class Trainer:
         self.phase_notes: dict[str, dict] = {}
         self._features: dict[str, np.ndarray] = {}
         self._last_loop: dict | None = None  # the loop state of the latest epoch
+        self.probe_val_pred: np.ndarray | None = None  # the latest probe's validation predictions
         self.on_epochs: Callable[[list[dict]], None] = lambda rows: None  # history rows so far (experiment tracking)
 
     # ------------------------------------------------------------------ data
@@ -210,6 +211,8 @@ class Trainer:
                                                             self.phase_notes[phase.name]))
         head.load_state_dict(state)
         self.phase_notes[phase.name] = notes
+        with torch.no_grad():  # what the probe predicts on validation: auto's paired test compares a trial with it
+            self.probe_val_pred = head.cpu().eval()(torch.from_numpy(self.features("val"))).argmax(1).numpy()
         return result
 
     def _fit_head(self, phase: Phase) -> PhaseResult:
@@ -318,13 +321,17 @@ class Trainer:
     def min_per_class(self) -> int:
         return int(np.bincount(self.splits.train.labels).min())
 
-    def test_logits(self, last: Phase) -> np.ndarray:
+    def logits(self, split: str, last: Phase) -> np.ndarray:
+        """The model's logits on a split, in order: through the head on cached features when it trained on them."""
         if last.on_features:
             head = self.bb.head().cpu().eval()
             with torch.no_grad():
-                return head(torch.from_numpy(self.features("test"))).numpy()
-        logits, _ = predict_logits(self.bb.model, self.example_loader("test", False), self.device, self.dtype)
+                return head(torch.from_numpy(self.features(split))).numpy()
+        logits, _ = predict_logits(self.bb.model, self.example_loader(split, False), self.device, self.dtype)
         return distributed.gather_rows(logits)  # each process predicted its shard
+
+    def test_logits(self, last: Phase) -> np.ndarray:
+        return self.logits("test", last)
 
 
 def _gb(n_bytes: int) -> str:
@@ -380,7 +387,9 @@ def run_strategy(trainer: Trainer, strategy: Strategy, cfg: TrainConfig, fresh_b
     phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(trainer.bb.blocks))
     results = trainer.run_all(phases, resume=resume)
     if trial:
-        decision = decide_after_trial(trainer.min_per_class(), results[0].best_val_acc, results[-1].best_val_acc,
+        labels = trainer.splits.val.labels
+        decision = decide_after_trial(trainer.min_per_class(), trainer.probe_val_pred == labels,
+                                      trainer.logits("val", phases[-1]).argmax(1) == labels,
                                       results[0].seconds, sum(r.seconds for r in results))
         if decision.strategy != strategy:  # keep the probe: back to pretrained weights, refit the head
             strategy = decision.strategy
