@@ -70,3 +70,31 @@ def library_logging():
     saved = logger.handlers[:], logger.level, logger.propagate
     yield
     logger.handlers[:], logger.level, logger.propagate = saved
+
+
+TINY = dict(image_size=32, epochs=2, batch_size=8, progress=False, precision="fp32")  # a few-second image fit
+
+
+def finetune_phase_alone(splits, spec: str, **settings):
+    """The strategy's image phase run on its own from the pretrained weights, as a fit runs it after the probe.
+
+    A fit keeps the probe's weights when no fine-tuning epoch beats it on validation, which on these few images
+    (the probe at 100%) it cannot; alone, the phase's own weights and BatchNorm statistics are what it leaves.
+    Returns the backbone and the phase's notes.
+    """
+    import torch
+
+    from transferkit.backbones import load_backbone
+    from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB, TrainConfig
+    from transferkit.engine.trainer import Precision, Trainer
+    from transferkit.features import FeatureCache
+    from transferkit.strategies import parse_strategy, plan_phases
+
+    bb = load_backbone("efficientnet_lite0", len(splits.classes))
+    bb.configure_input(TINY["image_size"], splits.train.preprocess_hint)
+    cfg = TrainConfig(epochs=TINY["epochs"], batch_size=TINY["batch_size"], precision=TINY["precision"])
+    trainer = Trainer(bb, splits, cfg, device=torch.device("cpu"), precision=Precision(None, None),
+                      cache=FeatureCache.default(), cache_budget_gb=DEFAULT_CACHE_BUDGET_GB, **settings)
+    phase = plan_phases(parse_strategy(spec), cfg.epochs, None, len(bb.blocks))[-1]
+    trainer.run(phase)
+    return bb, trainer.phase_notes[phase.name]

@@ -168,3 +168,17 @@ def test_probe_ties_on_validation_go_to_the_lower_loss_not_the_strongest_regular
     chosen = result.history[result.best_epoch - 1]
     assert chosen["C"] > min(PROBE_C_GRID)
     assert chosen["train_loss"] < 0.5 * np.log(3)  # not the near-uniform probabilities of the strongest penalty
+
+
+@pytest.mark.parametrize("cls", [ImageClassifier, TextClassifier])
+def test_every_training_setting_is_a_keyword_of_the_estimator(cls):
+    """A TrainConfig field the estimator does not take could never be set, and get_params would not show it."""
+    import inspect
+
+    from transferkit.classifier import IMAGE_ONLY
+    from transferkit.engine.config import TrainConfig
+
+    keywords = set(inspect.signature(cls.__init__).parameters)
+    expected = set(TrainConfig.names()) - (set(IMAGE_ONLY) if cls is TextClassifier else set())
+    assert expected <= keywords, sorted(expected - keywords)
+    assert expected <= set(cls().get_params())

@@ -8,15 +8,13 @@ import pytest
 import timm
 import torch
 
-from conftest import run_cli, write_folder
+from conftest import TINY, finetune_phase_alone, run_cli, write_folder
 from transferkit import ImageClassifier
 from transferkit.backbones import Backbone, BackboneSpec, ImageBackbone, load_backbone
 from transferkit.backbones.prefix import split_frozen_prefix
 from transferkit.data import load_data
 from transferkit.features import FeatureCache, cached_features, feature_key
 from transferkit.inference import prefix_cut
-
-TINY = dict(image_size=32, epochs=2, batch_size=8, progress=False, precision="fp32")
 
 
 def random_head_(bb: Backbone) -> Backbone:
@@ -111,26 +109,6 @@ def test_prefix_key_changes_with_weights_preprocessing_and_cut_not_with_the_trai
     with torch.no_grad():
         frozen.mul_(1.01)  # different weights below the cut
     assert key() != base
-
-
-def finetune_phase_alone(splits, spec: str, **settings):
-    """The strategy's image phase run on its own from the pretrained weights, as a fit runs it after the probe.
-
-    A fit keeps the probe's weights when no fine-tuning epoch beats it on validation, which on these few images
-    (the probe at 100%) it cannot; alone, the phase's own weights are what it leaves.
-    """
-    from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB, TrainConfig
-    from transferkit.engine.trainer import Precision, Trainer
-    from transferkit.strategies import parse_strategy, plan_phases
-
-    bb = load_backbone("efficientnet_lite0", len(splits.classes))
-    bb.configure_input(TINY["image_size"], splits.train.preprocess_hint)
-    cfg = TrainConfig(epochs=TINY["epochs"], batch_size=TINY["batch_size"], precision=TINY["precision"])
-    trainer = Trainer(bb, splits, cfg, device=torch.device("cpu"), precision=Precision(None, None),
-                      cache=FeatureCache.default(), cache_budget_gb=DEFAULT_CACHE_BUDGET_GB, **settings)
-    phase = plan_phases(parse_strategy(spec), cfg.epochs, None, len(bb.blocks))[-1]
-    trainer.run(phase)
-    return bb, trainer.phase_notes[phase.name]
 
 
 def test_partial_finetune_trains_the_top_on_cached_outputs_and_reuses_them(colours):

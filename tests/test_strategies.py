@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_folder
+from conftest import TINY, finetune_phase_alone, write_folder
 from transferkit import ImageClassifier
 from transferkit.backbones import load_backbone
 from transferkit.backbones.freeze import param_groups, set_bn_modes_, set_trainable_
@@ -21,7 +21,6 @@ from transferkit.errors import UsageError
 from transferkit.strategies import Strategy, parse_strategy, plan_phases
 
 STRATEGIES = ["feature-extraction", "finetune:last=2", "finetune:all", "lp-ft", "gradual"]
-TINY = dict(image_size=32, epochs=2, batch_size=8, progress=False, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -103,26 +102,6 @@ def bn_stats(model):
     return {n: m.running_mean.clone() for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
 
 
-def finetune_phase_alone(splits, spec: str, **settings):
-    """The strategy's image phase run on its own from the pretrained weights, as a fit runs it after the probe.
-
-    A fit keeps the probe's weights when no fine-tuning epoch beats it on validation, which on these few images
-    (the probe at 100%) it cannot; alone, the phase's own weights and BatchNorm statistics are what it leaves.
-    """
-    from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB, TrainConfig
-    from transferkit.engine.trainer import Precision, Trainer
-    from transferkit.features import FeatureCache
-
-    bb = load_backbone("efficientnet_lite0", len(splits.classes))
-    bb.configure_input(TINY["image_size"], splits.train.preprocess_hint)
-    cfg = TrainConfig(epochs=TINY["epochs"], batch_size=TINY["batch_size"], precision=TINY["precision"])
-    trainer = Trainer(bb, splits, cfg, device=torch.device("cpu"), precision=Precision(None, None),
-                      cache=FeatureCache.default(), cache_budget_gb=DEFAULT_CACHE_BUDGET_GB, **settings)
-    phase = plan_phases(parse_strategy(spec), cfg.epochs, None, len(bb.blocks))[-1]
-    trainer.run(phase)
-    return bb
-
-
 @pytest.mark.parametrize("policy", ["frozen-blocks", "all-frozen"])
 def test_frozen_blocks_batchnorm_statistics_do_not_drift(policy, tiny_splits):
     clf = ImageClassifier(strategy="finetune:last=1", bn=policy, **TINY)
@@ -132,7 +111,7 @@ def test_frozen_blocks_batchnorm_statistics_do_not_drift(policy, tiny_splits):
     for name, mean in bn_stats(clf.model_).items():
         if name not in top_modules or policy == "all-frozen":
             assert torch.equal(mean, initial[name]), f"{name} drifted"
-    bb = finetune_phase_alone(tiny_splits, "finetune:last=1", bn=policy)
+    bb, _ = finetune_phase_alone(tiny_splits, "finetune:last=1", bn=policy)
     after = bn_stats(bb.model)
     top = bb.blocks[-1].param_names
     top_modules = {n.rsplit(".", 1)[0] for n in top}
