@@ -464,9 +464,9 @@ def compare(
     device: Device = None,
     precision: Precision = None,
     cache_budget: CacheBudget = None,
-    seeds: Annotated[int, typer.Option(rich_help_panel=TRAIN, help="Train each strategy with this many seeds (seed, "
+    seeds: Annotated[int, typer.Option(min=1, rich_help_panel=TRAIN, help="Train each strategy with this many seeds (seed, "
                                        "seed+1, ...) on the same split; the table shows mean ± sd.")] = 1,
-    cv: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help="Folds of the cross-validated probe on train+val "
+    cv: Annotated[int | None, typer.Option(min=0, rich_help_panel=TRAIN, help="Folds of the cross-validated probe on train+val "
                                            "(0: off; default 5 when train+val x feature size <= 4M values).")] = None,
     quiet: Quiet = False,
     log: Log = None,
@@ -474,7 +474,7 @@ def compare(
 ) -> None:
     """Run strategies side by side on the same split: accuracy with intervals, time, parameters, memory; a paired test
     names a winner only when the difference is more than noise."""
-    from transferkit.compare import DEFAULT_STRATEGIES
+    from transferkit.compare import DEFAULT_STRATEGIES, check_repeats
     from transferkit.compare import compare as run_compare
     from transferkit.data.sources import load_data
     from transferkit.distributed import refuse_torchrun
@@ -485,6 +485,7 @@ def compare(
     refuse_torchrun("compare")
     show_library_messages(quiet)
     check_writable_dir(out_dir)  # before any work: a bad --out must not cost the whole comparison
+    check_repeats(seeds, cv)
     fracs = [float(f) for f in fractions.split(",")] if fractions else []
     columns = given(text_column=text_column, label_column=label_column)
     splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)

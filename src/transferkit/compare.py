@@ -169,6 +169,14 @@ def trainable_params(clf) -> int:
     return counts["head"] + sum(counts[b] for b in blocks)
 
 
+def check_repeats(seeds: int, cv: int | None) -> None:
+    """Refuse a bad seed count or fold count before any work."""
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise UsageError(f"--seeds (seeds) must be a whole number of at least 1; got {seeds!r}.")
+    if cv is not None and (not isinstance(cv, int) or isinstance(cv, bool) or cv == 1 or cv < 0):
+        raise UsageError(f"--cv (cv) must be 0 (off) or at least 2 folds; got {cv!r}.")
+
+
 def compare(splits: DataSplits, *, data_name: str, model: str | None = None, strategies: Sequence[str] = DEFAULT_STRATEGIES,
             fractions: Sequence[float] = (), baseline: str | None = None, settings: dict | None = None,
             on_result=None, tracker: Tracker | None = None, seeds: int = 1, cv: int | None = None) -> Comparison:
@@ -185,10 +193,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
         seeds: training seeds per strategy (seed, seed + 1, ...) on the same split; the table shows mean +- sd.
         cv: folds of the cross-validated probe on train + val; None for the default rule (`cv_probe`), 0 for none.
     """
-    if not isinstance(seeds, int) or seeds < 1:
-        raise UsageError(f"--seeds must be a whole number of at least 1; got {seeds!r}.")
-    if cv is not None and (not isinstance(cv, int) or cv == 1 or cv < 0):
-        raise UsageError(f"--cv must be 0 (off) or at least 2 folds; got {cv!r}.")
+    check_repeats(seeds, cv)
     settings = dict(settings or {})
     specs = [parse_strategy(s).spec for s in strategies]
     if "auto" in specs:
