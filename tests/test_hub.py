@@ -141,6 +141,17 @@ def test_card_uses_intervals_the_run_records_else_computes_them(run):
         ModelCard(text)  # still parses
 
 
+def test_card_shows_a_comparison_the_run_holds(run):
+    """A run that holds compare.json's results (its `results` rows) gets the comparison table in its card."""
+    from transferkit.report import StrategyResult
+
+    rows = [StrategyResult("feature-extraction", "feature-extraction", 3843, 3400000, 0, 1.5, 10.0, 1.0, 1.0, 1.0, 8).row(),
+            StrategyResult("lp-ft", "lp-ft", 3400000, 3400000, 5, 40.0, 300.0, 0.98, 0.97, 0.97, 8).row()]
+    text = model_card({**read_meta(run[0]), "comparison": {"results": rows}}, "run")
+    assert "## Comparison (same split and seed)" in text and "| lp-ft | 3400000 | 5 | 40 | 0.98 | 0.97 |" in text
+    ModelCard(text)
+
+
 def test_a_text_runs_card_says_how_transformers_loads_it(run):
     """The card of a text run's transferkit.json (pooling and max length in its data config) parses and loads."""
     meta = read_meta(run[0]) | {"modality": "text", "data_config": {"pooling": "mean", "max_length": 64},
