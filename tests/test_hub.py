@@ -92,6 +92,24 @@ def test_config_json_is_timms_own_hub_config(run):
     assert cfg["num_classes"] == 3 and not {"hf_hub_id", "url", "file"} & set(cfg)  # no source of the base weights
 
 
+def test_a_run_is_a_backbone_for_the_next_fit(run):
+    """--model local-dir:RUN starts from the trained weights with a new head; a bare folder name says how to give it."""
+    from transferkit.backbones import load_backbone
+
+    run_dir, _ = run
+    bb = load_backbone(f"local-dir:{run_dir}", 3)
+    assert bb.spec.arch == "tf_efficientnet_lite0" and bb.spec.weights == f"dir:{run_dir.resolve()}"
+    assert list(bb.data_config["input_size"]) == [3, 64, 64]
+    trained = load_file(run_dir / "model.safetensors")
+    state = bb.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items() if not k.startswith("classifier"))
+    assert not bb.model.get_classifier().weight.any()  # a new, zeroed head
+    with pytest.raises(UsageError, match=f"--model local-dir:{run_dir}"):
+        load_backbone(str(run_dir), 3)
+    with pytest.raises(UsageError, match="holds no config.json"):
+        load_backbone(f"local-dir:{run_dir / 'missing'}", 3)
+
+
 # --------------------------------------------------------------------------- the model card
 
 
