@@ -47,6 +47,21 @@ def write_folder(root: Path, per_class: int = 12, seed: int = 0) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def colours_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A real feature-extraction run of the built-in backbone on the generated colours (64 px): (run dir, image folder).
+
+    Shared by the modules that read a run; a test that writes into a run works on a copy (or, as the export tests do,
+    only adds export files beside the model).
+    """
+    from transferkit import ImageClassifier
+
+    root = tmp_path_factory.mktemp("colours-run")
+    images = write_folder(root / "colours")
+    clf = ImageClassifier("efficientnet_lite0", strategy="feature-extraction", image_size=64, progress=False).fit(images)
+    return clf.save(root / "run"), images
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_folder(tmp_path / "colours")

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import run_cli, write_folder
+from conftest import run_cli
 from transferkit import ImageClassifier
 from transferkit import export as ex
 from transferkit.errors import ExportError, RunError, UsageError
@@ -19,12 +19,9 @@ from transferkit.runs import load_run
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A real feature-extraction run on the built-in backbone: (run dir, image folder)."""
-    root = tmp_path_factory.mktemp("export")
-    images = write_folder(root / "colours")
-    clf = ImageClassifier("efficientnet_lite0", strategy="feature-extraction", image_size=64, progress=False).fit(images)
-    return clf.save(root / "run"), images
+def run(colours_run):
+    """A real feature-extraction run on the built-in backbone (conftest's, shared): (run dir, image folder)."""
+    return colours_run
 
 
 @pytest.fixture(scope="module")

@@ -537,14 +537,30 @@ def render_comparison(c) -> None:
 def export(
     run: Annotated[Path, typer.Argument(help="A run directory written by fit.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx (opset 18, dynamic batch axis) or torchscript.")] = "onnx",
-    out_file: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: RUN/model.onnx or "
-                                                  "RUN/model.torchscript.pt).")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: RUN/model.onnx, "
+                                                  "RUN/model.torchscript.pt, or RUN/model.int8.onnx with --int8).")] = None,
+    int8: Annotated[bool, typer.Option("--int8", metavar="", help="Also write an int8 ONNX model (ONNX Runtime static "
+                                       "quantization calibrated on the run's validation images), after measuring its test "
+                                       "accuracy and speed against the fp32 one.")] = False,
+    calibration: Annotated[str | None, typer.Option(metavar="DATA", help="With --int8: calibrate on these labelled "
+                                                    "images instead of the run's validation split.")] = None,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="With --int8: write it even if it loses more than "
+                                        "1 point of test accuracy.")] = False,
 ) -> None:
     """Export a run's model (fp32) to ONNX or TorchScript, checked to reproduce its outputs, with its preprocessing."""
     from transferkit.distributed import refuse_torchrun
     from transferkit.export import export_run
 
     refuse_torchrun("export")
+    if (calibration is not None or force) and not int8:
+        raise UsageError("--calibration and --force apply to --int8 only: add --int8, or leave them out.")
+    if int8:
+        if fmt != "onnx":
+            raise UsageError(f"--int8 writes an ONNX model; it does not combine with --format {fmt}. Use --format onnx.")
+        from transferkit.quantize import quantize_run
+
+        render_int8(quantize_run(run, out_file, calibration=calibration, force=force))
+        return
     render_export(export_run(run, fmt, out_file))
 
 
@@ -555,6 +571,39 @@ def render_export(result) -> None:
     out.print(f"Preprocessing and classes: {result.preprocess_path}")
     if result.format == "onnx":
         out.print(f"Predict with: transferkit predict {result.path} IMAGE...")
+
+
+def render_int8(r) -> None:
+    out.print(f"int8 by {r.method}, calibrated on {r.calibration}")
+    out.print(f"Test accuracy (n = {r.n_test}): fp32 {r.fp32_accuracy:.4f}, int8 {r.int8_accuracy:.4f} "
+              f"({100 * (r.int8_accuracy - r.fp32_accuracy):+.2f} points)")
+    out.print(f"Speed, batch of {r.timing_batch} in this process: fp32 {r.fp32_ms:.2f} ms/image, int8 {r.int8_ms:.2f} "
+              f"ms/image: int8 {r.speed_ratio:.2f}x the fp32 speed")
+    if r.forced and r.drop_points > 1:
+        err.print(f"[yellow]Written although int8 loses {r.drop_points:.1f} points (--force).[/]", highlight=False)
+    out.print(f"Wrote {r.path} (fp32: {r.fp32_path}). Predict with: transferkit predict {r.path} IMAGE...")
+
+
+@app.command()
+@handles_errors
+def push(
+    run: Annotated[Path, typer.Argument(help="A run directory written by fit.")],
+    repo_id: Annotated[str, typer.Argument(help="The Hub repository, owner/name (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", metavar="", help="Create the repository private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to commit to (created if missing; default: main).")] = None,
+) -> None:
+    """Upload a run (model, config.json, model card, metrics, exports; not checkpoints) to the Hugging Face Hub.
+
+    Uses the token the Hub tools use (HF_TOKEN, or hf auth login); HF_ENDPOINT selects another Hub.
+    """
+    from transferkit.hub import push_run
+
+    result = push_run(run, repo_id, private=private, revision=revision)
+    out.print(f"Pushed {len(result.files)} files ({result.bytes / 1e6:.1f} MB) to {result.url} ({result.revision}): "
+              f"{result.commit_url}")
+    source = repo_id if result.revision == "main" else f"{repo_id}@{result.revision}"
+    out.print(f'Load with timm: timm.create_model("hf-hub:{source}", pretrained=True); fine-tune further with: '
+              f"transferkit fit DATA --model hf-hub:{source}")
 
 
 def main() -> None:

@@ -111,6 +111,19 @@ def preprocess_info(meta: dict, fmt: str) -> dict:
 def export_model(model: nn.Module, preprocess: dict, fmt: str, path: Path) -> ExportResult:
     """Export `model` (fp32, eval), check parity in memory, then write it and its preprocessing atomically."""
     started = time.perf_counter()
+    data, method, parity = checked_export(model, preprocess, fmt, path)
+    write_atomic(path, data)
+    preprocess_path = path.with_name(path.name + ".json")
+    write_json(preprocess_path, preprocess)
+    return ExportResult(fmt, path, preprocess_path, method, parity, TOLERANCE, time.perf_counter() - started)
+
+
+def checked_export(model: nn.Module, preprocess: dict, fmt: str, path: Path) -> tuple[bytes, str, dict[int, float]]:
+    """The exported model's bytes, the exporter used and the parity per batch size; nothing is written.
+
+    Raises:
+        ExportError: parity is worse than TOLERANCE (the message names `path` as not written).
+    """
     model = model.eval()
     samples = sample_inputs(preprocess["data_config"]["input_size"])
     if fmt == "onnx":
@@ -124,10 +137,7 @@ def export_model(model: nn.Module, preprocess: dict, fmt: str, path: Path) -> Ex
         raise ExportError(f"The {fmt} export ({method}) does not reproduce the PyTorch model: max |logit difference| "
                           f"{worst:.3g} > tolerance {TOLERANCE:g} (per batch size: {_fmt_parity(parity)}). Nothing "
                           f"was written to {path}. Try the other format, or report the backbone to transferkit.")
-    write_atomic(path, data)
-    preprocess_path = path.with_name(path.name + ".json")
-    write_json(preprocess_path, preprocess)
-    return ExportResult(fmt, path, preprocess_path, method, parity, TOLERANCE, time.perf_counter() - started)
+    return data, method, parity
 
 
 def sample_inputs(input_size: Sequence[int], seed: int = 0) -> list[torch.Tensor]:

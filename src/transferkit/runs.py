@@ -7,6 +7,8 @@
       encoder/ head.safetensors   text runs: transformers' own format (see transferkit.backbones.text)
       transferkit.json    format version, modality, backbone, classes, data config, strategy,
                           decisions, training config, metrics, history, library versions
+      config.json         image runs: timm's hub config (timm.create_model("local-dir:RUN", pretrained=True))
+      README.md           the model card, in the Hub's format (transferkit.hubfiles)
       metrics.json  history.csv  report.html
       checkpoints/        last, for --resume
 
@@ -32,6 +34,7 @@ from transferkit.atomic import write_history_csv, write_json
 from transferkit.backbones import read_trained
 from transferkit.backbones.base import Backbone
 from transferkit.errors import RunError
+from transferkit.hubfiles import write_hub_files
 
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = {"format_version": int, "backbone": dict, "classes": list, "data_config": dict, "strategy": dict}
@@ -67,7 +70,7 @@ def save_run(out: Path, backbone: Backbone, meta: dict) -> None:
     _remove_stale_staging(out)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.saving-"))
     try:
-        _write_run_files(stage, backbone, meta)
+        _write_run_files(stage, backbone, meta, out.name)
         _link_carried(out, stage)
         replaced = read_meta_or_none(out)
         _swap_in(stage, out)
@@ -79,8 +82,9 @@ def save_run(out: Path, backbone: Backbone, meta: dict) -> None:
                  replaced.get("backbone", {}).get("name", "?"))
 
 
-def _write_run_files(stage: Path, backbone: Backbone, meta: dict) -> None:
+def _write_run_files(stage: Path, backbone: Backbone, meta: dict, name: str) -> None:
     backbone.write_trained(stage)
+    manifest = {"format_version": FORMAT_VERSION, **meta, "versions": library_versions()}
     if meta.get("history"):
         write_history_csv(stage / "history.csv", meta["history"])
     if "metrics" in meta:
@@ -89,7 +93,8 @@ def _write_run_files(stage: Path, backbone: Backbone, meta: dict) -> None:
         from transferkit.report import write_fit_report
 
         write_fit_report(stage, meta, meta.get("history", []))
-    write_json(stage / META_FILE, {"format_version": FORMAT_VERSION, **meta, "versions": library_versions()})
+    write_hub_files(stage, backbone, manifest, name)  # timm's config.json, the model card
+    write_json(stage / META_FILE, manifest)
 
 
 def _link_carried(out: Path, stage: Path) -> None:

@@ -241,7 +241,17 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
 def is_text_model(name: str) -> bool:
     """A built-in text model or a local transformers folder (hub names are only known by trying)."""
     path = Path(name).expanduser()
-    return name in BUILTIN_TEXT_BACKBONES or (path.is_dir() and (path / "config.json").is_file())
+    return name in BUILTIN_TEXT_BACKBONES or (path.is_dir() and (path / "config.json").is_file()
+                                              and not _is_timm_config(path / "config.json"))
+
+
+def _is_timm_config(path: Path) -> bool:
+    """A config.json in timm's hub layout (an image run, timm's save_for_hf), not a transformers config."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "pretrained_cfg" in config and "architecture" in config
 
 
 def _source(name: str) -> tuple[str, str]:

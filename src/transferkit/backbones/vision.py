@@ -39,6 +39,7 @@ from transferkit.data.images import TransformedImages, make_transform, resolve_d
 from transferkit.errors import ModelError, RunError, UsageError, did_you_mean
 
 MODEL_FILE = "model.safetensors"
+TIMM_SOURCES = ("hf-hub:", "local-dir:")  # timm's own sources: a Hub repository, or a folder in its hub layout
 
 
 @dataclass(frozen=True)
@@ -238,16 +239,33 @@ def _apply(model: nn.Module, mapped: dict[str, torch.Tensor]) -> None:
 
 
 def resolve_arch(name: str) -> str:
-    """The timm architecture for a backbone name; unknown names get 'did you mean'."""
+    """The timm architecture for a backbone name; unknown names get 'did you mean'.
+
+    A name with a timm source prefix (``hf-hub:owner/repo``, ``local-dir:FOLDER``) is returned as it is:
+    timm reads its architecture from the source's config.json.
+    """
     import timm
 
     if name in BUILTIN_BACKBONES:
         return BUILTIN_BACKBONES[name].arch
+    if name.startswith("local-dir:") and not (Path(name.partition(":")[2]).expanduser() / "config.json").is_file():
+        raise UsageError(f"--model {name}: {name.partition(':')[2]} holds no config.json, so it is not a folder in timm's "
+                         "hub layout (a run directory written by fit, or timm's save_for_hf).")
+    if name.startswith(TIMM_SOURCES):
+        return name
     arch = name.split(".")[0]  # timm names may carry a pretrained tag: resnet50.a1_in1k
     if timm.is_model(arch):
         return arch
+    if (Path(name).expanduser() / "config.json").is_file():
+        raise UsageError(f"--model {name} is a folder; a run or a folder in timm's hub layout is given as "
+                         f"--model local-dir:{name}")
     raise UsageError(f"Unknown model '{name}'.{did_you_mean(name, list(BUILTIN_BACKBONES) + timm.list_models())} "
                      "List them with: transferkit models [FILTER]")
+
+
+def _architecture(model: nn.Module, arch: str) -> str:
+    """The registered timm architecture a model was built as (for a prefixed source, from its config.json)."""
+    return model.pretrained_cfg.get("architecture", arch) if arch.startswith(TIMM_SOURCES) else arch
 
 
 def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *, weights: str | Path | None = None,
@@ -268,15 +286,15 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
         raise UsageError(f"num_classes must be at least 1; got {num_classes}.")
     kwargs = {"num_classes": num_classes, "drop_rate": drop_rate}
     if weights is not None and str(weights) == "none":
-        model = timm.create_model(arch, pretrained=False, **kwargs)
-        return ImageBackbone(model, BackboneSpec(name, arch, "none", "random"), "random initialisation")
+        model = _bare_model(name, arch, kwargs)
+        return ImageBackbone(model, BackboneSpec(name, _architecture(model, arch), "none", "random"), "random initialisation")
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise ModelError(f"--weights {path}: the file does not exist. Give a .safetensors or .pth file, 'none' for "
                              "random initialisation, or leave --weights out for the model's own pretrained weights.")
-        model = timm.create_model(arch, pretrained=False, **kwargs)
-        bb = ImageBackbone(model, BackboneSpec(name, arch, f"file:{path.resolve()}", file_digest(path)))
+        model = _bare_model(name, arch, kwargs)
+        bb = ImageBackbone(model, BackboneSpec(name, _architecture(model, arch), f"file:{path.resolve()}", file_digest(path)))
         mapped, report = map_state_dict(read_weights_file(path), model, bb.head_param_names)
         _apply(model, mapped)
         bb.load_report = f"{path.name}: {report}"
@@ -289,10 +307,54 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
         _apply(model, mapped)
         bb.load_report = f"built-in weights ({BUILTIN_BACKBONES[name].package}): {report}"
         return bb
-    model = _create_from_hub(name, arch, kwargs)
+    if name.startswith("local-dir:"):
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:  # a folder timm cannot read: its config or weights
+            raise hub_failure(name, arch, e) from e
+    else:
+        model = _create_from_hub(name, arch, kwargs)
     cfg = model.pretrained_cfg
+    if name.startswith("local-dir:"):
+        folder = Path(cfg.get("file") or name.partition(":")[2]).expanduser().resolve()
+        digest = file_digest(folder / MODEL_FILE) if (folder / MODEL_FILE).is_file() else ""
+        return ImageBackbone(model, BackboneSpec(name, _architecture(model, arch), f"dir:{folder}", digest),
+                             f"timm folder {folder}")
     ident = cfg.get("hf_hub_id") or cfg.get("url") or name
-    return ImageBackbone(model, BackboneSpec(name, arch, "hub", f"{ident}@{cfg.get('tag', '')}"), f"hub weights {ident}")
+    return ImageBackbone(model, BackboneSpec(name, _architecture(model, arch), "hub", f"{ident}@{cfg.get('tag', '')}"),
+                         f"hub weights {ident}")
+
+
+def _bare_model(name: str, arch: str, kwargs: dict) -> nn.Module:
+    """The architecture without pretrained weights (a prefixed source still reads its config.json)."""
+    import timm
+
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception as e:  # only a hub source can fail here (network, repository), in many types
+        if not arch.startswith(TIMM_SOURCES):
+            raise
+        raise hub_failure(name, arch, e) from e
+
+
+def hub_failure(name: str, arch: str, error: Exception) -> ModelError:
+    """Pretrained weights that could not be had from the hub: one line saying why and the three ways on."""
+    from huggingface_hub import constants
+
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    if name.startswith("local-dir:"):
+        return ModelError(f"Cannot load --model {name} with timm ({type(error).__name__}: {reason}). Give a run "
+                          "directory written by fit, or a folder written by timm's save_for_hf.")
+    if constants.is_offline_mode():
+        where = (f"HF_HUB_OFFLINE is set and '{name}' is not in the hub cache ({constants.HF_HUB_CACHE}). "
+                 "Unset HF_HUB_OFFLINE and connect to download it once")
+    else:
+        where = (f"Could not get pretrained weights for '{name}' from the hub at {constants.ENDPOINT} "
+                 f"({type(error).__name__}: {reason}). Connect to the internet (or set HF_ENDPOINT to a reachable hub) "
+                 "and run again")
+    target = arch if not arch.startswith(TIMM_SOURCES) else "this architecture"
+    return ModelError(f"{where}; or use --weights FILE (a local .safetensors/.pth for {target}), the built-in "
+                      f"'{DEFAULT_BACKBONE}', or --weights none for random initialisation.")
 
 
 def create_for_run(arch: str, num_classes: int) -> nn.Module:
@@ -321,13 +383,16 @@ def _fnmatch(name: str, pattern: str) -> bool:
 def _create_from_hub(name: str, arch: str, kwargs: dict) -> nn.Module:
     """timm's pretrained model; with the hub unreachable, from the local hub cache only, failing at once if absent."""
     import timm
+    from huggingface_hub import constants
 
     with hub_or_cache(name) as reach:
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:  # hub errors come from requests, httpx, huggingface_hub, urllib, ...
+            if not reach.unreachable:
+                raise hub_failure(name, arch, e) from e
             raise ModelError(
-                f"Could not get pretrained weights for '{name}' from the hub: {reach.why(e)}. Connect to the internet "
-                f"(or set HF_ENDPOINT to a mirror), or use --weights FILE (a local .safetensors/.pth for {arch}), the "
-                f"built-in '{DEFAULT_BACKBONE}', or --weights none for random initialisation."
-            ) from e
+                f"The hub at {constants.ENDPOINT} cannot be reached ({reach.unreachable}) and '{name}' is not in the "
+                f"hub cache ({constants.HF_HUB_CACHE}). Connect to the internet (or set HF_ENDPOINT to a reachable hub) "
+                f"and run again; or use --weights FILE (a local .safetensors/.pth for {arch}), the built-in "
+                f"'{DEFAULT_BACKBONE}', or --weights none for random initialisation.") from e
