@@ -275,6 +275,7 @@ def predict(
 ) -> None:
     """Classify image files, or texts with a text run; prints labels and probabilities."""
     from transferkit.errors import DataError
+    from transferkit.evaluate import top_predictions
 
     items = list(inputs or []) + read_lines(lines_file)
     if not items:
@@ -291,7 +292,7 @@ def predict(
                              "files, or a text run for texts.")
         if bad:
             raise DataError(f"Cannot read {len(bad)} file(s): " + ", ".join(f"{f} ({r})" for f, r in bad[:5]))
-    rows = predictions(items, clf.predict_proba(items), clf.classes_, top_k, key)
+    rows = top_predictions(items, clf.predict_proba(items), clf.classes_, top_k, key)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -335,15 +336,6 @@ def read_lines(path: Path | None) -> list[str]:
         return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"Cannot read --file {path}: {e}. Give a UTF-8 text file with one input per line.") from e
-
-
-def predictions(items: list, proba, classes: list[str], top_k: int, key: str = "file") -> list[dict]:
-    """Top-k labels with probabilities per input (a file, or a text), as plain data."""
-    rows = []
-    for f, p in zip(items, proba):
-        order = p.argsort()[::-1][:top_k]
-        rows.append({key: str(f), "predictions": [{"label": classes[i], "probability": float(p[i])} for i in order]})
-    return rows
 
 
 @app.command()
@@ -529,6 +521,63 @@ def render_export(result) -> None:
     out.print(f"Preprocessing and classes: {result.preprocess_path}")
     if result.format == "onnx":
         out.print(f"Predict with: transferkit predict {result.path} IMAGE...")
+
+
+SERVING = "Serving"
+
+
+@app.command()
+@handles_errors
+def serve(
+    run: Annotated[Path, typer.Argument(help="A run directory written by fit, or a .onnx file written by export.")],
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1, this machine only; "
+                                                  "0.0.0.0 for the network).")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port (default 8000; 0 takes a free one).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Processes, each with its own copy of the model and its "
+                                                            "share of the cores (default 1).")] = None,
+    max_batch: Annotated[int | None, typer.Option(min=1, rich_help_panel=SERVING, help="Most inputs per forward pass "
+                         "(default 64); 1 turns batching off.")] = None,
+    batch_wait: Annotated[float | None, typer.Option(min=0.0, rich_help_panel=SERVING, help="Milliseconds a request "
+                          "waits for others to share its batch (default 5).")] = None,
+    max_inputs: Annotated[int | None, typer.Option(min=1, rich_help_panel=SERVING, help="Most images or texts per "
+                          "request (default 64).")] = None,
+    max_upload_mb: Annotated[float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Most MB per request "
+                             "body (default 32).")] = None,
+    read_timeout: Annotated[float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Seconds a request "
+                            "body may take to arrive (default 30).")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Seconds a request may "
+                       "wait for its answer (default 60).")] = None,
+    device: Device = None,
+    precision: Precision = None,
+    quiet: Quiet = False,
+) -> None:
+    """Serve a trained run over HTTP: POST /predict, GET /info, /healthz, a page at / and API docs at /docs.
+
+    Ctrl-C or SIGTERM lets the requests in flight finish, then exits.
+    """
+    from transferkit.serve import require_serve
+
+    require_serve()
+    from transferkit.serve.config import ServeConfig
+    from transferkit.serve.server import open_socket, url_of
+    from transferkit.serve.server import run as run_server
+
+    show_library_messages(quiet)
+    config = ServeConfig(**given(max_batch=max_batch, batch_wait_ms=batch_wait, max_inputs=max_inputs,
+                                 max_upload_mb=max_upload_mb, read_timeout_s=read_timeout, timeout_s=timeout))
+    sock = open_socket(host, port)  # a taken port fails now, not after the model has loaded
+    if workers and workers > 1:  # each process gets its share of the cores, not all of them
+        import os
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+    def ready(info: dict) -> None:
+        what = f"{len(info['classes'])} classes" if "classes" in info else f"{info['workers']} workers"
+        out.print(f"Serving {run} ({what}) at {url_of(sock)}: the page at /, POST /predict, API docs at /docs. "
+                  "Ctrl-C stops.", highlight=False)
+
+    run_server(run, sock, config=config, on_ready=ready, **given(workers=workers, device=device, precision=precision))
+    out.print("Stopped.")
 
 
 def main() -> None:
