@@ -537,8 +537,8 @@ def serve(
                                                             "share of the cores (default 1).")] = None,
     max_batch: Annotated[int | None, typer.Option(min=1, rich_help_panel=SERVING, help="Most inputs per forward pass "
                          "(default 64); 1 turns batching off.")] = None,
-    batch_wait: Annotated[float | None, typer.Option(min=0.0, rich_help_panel=SERVING, help="Milliseconds a request "
-                          "waits for others to share its batch (default 5).")] = None,
+    batch_wait: Annotated[float | None, typer.Option(min=0.0, rich_help_panel=SERVING, help="Milliseconds a batch may "
+                          "wait for requests still arriving to join it (default 5).")] = None,
     max_inputs: Annotated[int | None, typer.Option(min=1, rich_help_panel=SERVING, help="Most images or texts per "
                           "request (default 64).")] = None,
     max_upload_mb: Annotated[float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Most MB per request "

@@ -34,63 +34,84 @@ log = logging.getLogger(__name__)
 
 def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastAPI:
     """The ASGI application serving `predictor` (run it with uvicorn, or `transferkit.serve.server.run`)."""
-    config = config or ServeConfig()
-    reader = READERS[predictor.modality]
-    batcher = Batcher(predictor.infer, max_batch=config.max_batch, wait_s=config.batch_wait_ms / 1000,
-                      max_queued=config.max_queued)
-    pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="transferkit-prepare")
-    info = {**predictor.info(), "input": {"content_type": reader.content_type, "field": reader.field,
-                                          "example": reader.example}, "limits": config.to_dict(),
-            "server": {"transferkit": __version__}}
-    started = time.monotonic()
+    service = Service(predictor, config or ServeConfig())
+    app = FastAPI(title="transferkit serve", version=__version__, lifespan=service.lifespan,
+                  description=f"Classify {predictor.modality}s with {service.info['source']} "
+                              f"({len(predictor.classes)} classes).")
+    app.state.info = service.info
+    add_error_handlers(app)
+    add_routes(app, service)
+    return app
+
+
+class Service:
+    """What the routes share: the predictor, how its requests read, the batcher, the preprocessing threads."""
+
+    def __init__(self, predictor: Predictor, config: ServeConfig):
+        self.predictor, self.config, self.reader = predictor, config, READERS[predictor.modality]
+        self.batcher = Batcher(predictor.infer, max_batch=config.max_batch, wait_s=config.batch_wait_ms / 1000,
+                               max_queued=config.max_queued)
+        self.pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="transferkit-prepare")
+        reader = self.reader
+        self.info = {**predictor.info(), "limits": config.to_dict(), "server": {"transferkit": __version__},
+                     "input": {"content_type": reader.content_type, "field": reader.field, "example": reader.example}}
+        self.started = time.monotonic()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher.start()
-        await batcher.submit(predictor.prepare(reader.sample()), config.timeout_s)  # warm-up: kernels, allocator
-        log.info("Serving %d classes (%s) from %s", len(predictor.classes), info["inference"], info["source"])
+    async def lifespan(self, app: FastAPI):
+        self.batcher.start()
+        # Warm-up: the first pass builds kernels and allocates; no client should pay for it.
+        await self.batcher.submit(self.predictor.prepare(self.reader.sample()), self.config.timeout_s)
+        engine = self.info["inference"]
+        log.info("Serving %d classes from %s: %s on %s, %s; batches of up to %d inputs, waiting %g ms",
+                 len(self.predictor.classes), self.info["source"], engine["engine"], engine.get("device", "cpu"),
+                 engine["precision"], self.config.max_batch, self.config.batch_wait_ms)
         yield
-        await batcher.stop()  # after uvicorn has answered every request in flight
-        pool.shutdown(wait=True)
+        await self.batcher.stop()  # after uvicorn has answered every request in flight
+        self.pool.shutdown(wait=True)
 
-    app = FastAPI(title="transferkit serve", version=__version__, lifespan=lifespan,
-                  description=f"Classify {predictor.modality}s with {info['source']} "
-                              f"({len(predictor.classes)} classes).")
-    app.state.info = info
-    add_error_handlers(app)
+    async def predict(self, request: Request, top_k: int) -> JSONResponse:
+        reader, config = self.reader, self.config
+        if media_type(request) != reader.content_type:
+            raise RequestError(f"POST /predict takes {reader.content_type} for this {reader.modality} model; got "
+                               f"'{media_type(request) or 'no content type'}'. Example: {reader.example}", 415)
+        with self.batcher.expect():
+            body = await read_body(request, config)
+            raw = await reader.read(request, body, config)
+            names, items = await asyncio.get_running_loop().run_in_executor(self.pool, self.prepare, raw)
+        proba = await self.batcher.submit(items, config.timeout_s)
+        return JSONResponse({"predictions": top_predictions(names, proba, self.predictor.classes, top_k, reader.key)})
 
+    def prepare(self, raw) -> tuple[list[str], list]:
+        """In a preprocessing thread: decode (images checked as the scanner checks them), then the model's inputs."""
+        names, inputs = self.reader.decode(raw, self.config)
+        return names, self.predictor.prepare(inputs)
+
+    def health(self) -> JSONResponse:
+        b = self.batcher
+        body = {"status": "ok" if b.alive else "stopped", "queued": b.queued, "batches": b.batches, "inputs": b.inputs,
+                "uptime_s": round(time.monotonic() - self.started, 1)}
+        return JSONResponse(body, status_code=200 if b.alive else 503)
+
+
+def add_routes(app: FastAPI, service: Service) -> None:
     @app.post("/predict", summary="Top-k labels with probabilities for each input",
-              openapi_extra=request_body(reader), responses=PREDICT_RESPONSES)
+              openapi_extra=request_body(service.reader), responses=PREDICT_RESPONSES)
     async def predict(request: Request, top_k: int = Query(1, ge=1, description="Labels per input, most probable "
                                                                                  "first.")) -> JSONResponse:
-        if media_type(request) != reader.content_type:
-            raise RequestError(f"POST /predict takes {reader.content_type} for this {predictor.modality} model; got "
-                               f"'{media_type(request) or 'no content type'}'. Example: {reader.example}", 415)
-        body = await read_body(request, config)
-        raw = await reader.read(request, body, config)
-        names, items = await asyncio.get_running_loop().run_in_executor(pool, prepare, raw)
-        proba = await batcher.submit(items, config.timeout_s)
-        return JSONResponse({"predictions": top_predictions(names, proba, predictor.classes, top_k, reader.key)})
-
-    def prepare(raw) -> tuple[list[str], list]:
-        names, inputs = reader.decode(raw, config)
-        return names, predictor.prepare(inputs)
+        return await service.predict(request, top_k)
 
     @app.get("/healthz", summary="Whether the server answers and its inference loop runs")
     async def healthz() -> JSONResponse:
-        body = {"status": "ok" if batcher.alive else "stopped", "queued": batcher.queued, "batches": batcher.batches,
-                "inputs": batcher.inputs, "uptime_s": round(time.monotonic() - started, 1)}
-        return JSONResponse(body, status_code=200 if batcher.alive else 503)
+        return service.health()
 
     @app.get("/info", summary="The model: classes, backbone, preprocessing, metrics, limits")
-    async def get_info() -> dict:
-        return info
+    async def info() -> dict:
+        return service.info
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE, headers=PAGE_HEADERS)
-
-    return app
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -1,6 +1,8 @@
 """Dynamic batching: inputs of requests that arrive together share one forward pass, on one inference thread.
 
-The oldest waiting request waits at most `wait_s` (from its arrival) for others to join; a batch holds up
+A batch starts as soon as the inference thread is free, with every request waiting by then. It waits for
+more only while other requests are still arriving (being read or decoded: `expect`), and at most `wait_s`
+from the oldest request's arrival: waiting for nobody would only leave the thread idle. A batch holds up
 to `max_batch` inputs, never splits a request, and a request larger than `max_batch` runs alone. While a
 batch computes (torch releases the GIL), the event loop keeps accepting requests and answering
 ``/healthz``, and the next batch gathers. A batch that fails is retried request by request, so one bad
@@ -10,6 +12,7 @@ request never fails the others, and nothing that happens in a batch ends the loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +40,8 @@ class Batcher:
 
         batcher = Batcher(predictor.infer, max_batch=64, wait_s=0.005, max_queued=1024)
         batcher.start()
+        with batcher.expect():          # while the request is read and decoded
+            items = prepare(request)
         proba = await batcher.submit(items, timeout=60)
         await batcher.stop()
     """
@@ -44,6 +49,7 @@ class Batcher:
     def __init__(self, infer: Callable[[list], np.ndarray], *, max_batch: int, wait_s: float, max_queued: int):
         self.infer, self.max_batch, self.wait_s, self.max_queued = infer, max_batch, wait_s, max_queued
         self.queued = 0  # inputs waiting (not yet in a batch)
+        self.arriving = 0  # requests being read or decoded, that will be submitted soon
         self.batches = self.inputs = 0  # computed so far
         self._pending: deque[_Job] = deque()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="transferkit-inference")
@@ -54,6 +60,17 @@ class Batcher:
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="transferkit-batcher")
+
+    @contextlib.contextmanager
+    def expect(self):
+        """Around reading and decoding a request: a batch may wait (up to `wait_s`) for it to join."""
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
+            if self._wakeup is not None:
+                self._wakeup.set()  # a waiting batch need not wait for this one any longer
 
     @property
     def alive(self) -> bool:
@@ -115,7 +132,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         batch: list[_Job] = []
         size = self._take(batch, 0)
-        while batch and size < self.max_batch and not self._pending and not self._closing:
+        while batch and size < self.max_batch and not self._pending and self.arriving and not self._closing:
             remaining = batch[0].arrived + self.wait_s - loop.time()
             if remaining <= 0:
                 break

@@ -19,8 +19,9 @@ class ServeConfig:
         max_batch: most inputs in one forward pass. Requests arriving together share a pass up to this many
             inputs; a larger request runs alone. 64 is `predict`'s batch, so one request of up to 64 inputs is
             computed exactly as ``transferkit predict`` computes the same inputs.
-        batch_wait_ms: how long the oldest waiting request may wait for others to join its batch (ms);
-            0 batches only what is already waiting.
+        batch_wait_ms: how long (ms) a batch may wait, from its oldest request's arrival, for requests that are
+            still arriving (being read or decoded) to join it; it never waits when none is. 0 batches only what
+            is already waiting when the inference thread is free.
         max_inputs: most images (or texts) in one request; more is answered 413.
         max_upload_mb: most bytes in one request body, in MB (10^6 bytes); more is answered 413.
         max_pixels: most pixels an image may declare in its header (width x height), checked before it is

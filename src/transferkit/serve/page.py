@@ -24,7 +24,8 @@ h1{font-size:1.3rem;margin:.2rem 0}
 #drop input{display:block;margin:.6rem auto 0;max-width:100%}
 #text{width:100%;min-height:7rem;font:inherit;padding:.6rem;border:1px solid #8c959f;border-radius:.4rem}
 button{font:inherit;margin-top:.5rem;padding:.5rem 1.2rem;border:0;border-radius:.4rem;background:#0969da;color:#fff}
-#preview{display:block;max-width:100%;max-height:18rem;margin:1rem auto;border-radius:.4rem}
+#preview{display:block;max-width:100%;min-height:8rem;max-height:18rem;object-fit:contain;margin:1rem auto;
+  border-radius:.4rem}
 #status{min-height:1.4rem;color:#57606a}
 #status.error{color:#cf222e}
 ol{list-style:none;padding:0;margin:0}

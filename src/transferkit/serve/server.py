@@ -45,10 +45,12 @@ def open_socket(host: str | None = None, port: int | None = None) -> socket.sock
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535; got {port}.")
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family, kind, proto, _, _ = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
         raise ServeError(f"--host {host} is neither an address nor a name this machine resolves ({e.strerror}).") from e
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say they
+    # are TCP, and with it on, each response waits for the client's delayed ACK (40 ms on Linux).
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -75,18 +77,30 @@ def run(source: str | Path, sock: socket.socket, *, config: ServeConfig | None =
     if not isinstance(workers, int) or workers < 1:
         raise UsageError(f"workers must be an integer >= 1; got {workers!r}.")
     settings = {"source": str(source), "device": device, "precision": precision, "config": config.to_dict()}
-    if workers == 1:
-        app = app_from_settings(settings)
-        if on_ready:
-            on_ready(app.state.info)
-        server = GracefulServer(uvicorn_config(app, sock, config))
-        server.run(sockets=[sock])
-        if not server.started:
-            raise ServeError("The server did not start; the messages above say why.")
-        return
-    if not (Path(source).suffix == ".onnx" and Path(source).is_file()):
-        read_meta(Path(source))  # a bad run is one message here, not one per worker
-    os.environ[ENVIRONMENT] = json.dumps(settings)
+    try:
+        if workers == 1:
+            _serve_here(settings, sock, config, on_ready)
+        else:
+            _serve_in_workers(settings, sock, config, workers, on_ready)
+    finally:
+        sock.close()
+
+
+def _serve_here(settings: dict, sock: socket.socket, config: ServeConfig, on_ready) -> None:
+    app = app_from_settings(settings)
+    if on_ready:
+        on_ready(app.state.info)
+    server = GracefulServer(uvicorn_config(app, sock, config))
+    server.run(sockets=[sock])
+    if not server.started:
+        raise ServeError("The server did not start; the messages above say why.")
+
+
+def _serve_in_workers(settings: dict, sock: socket.socket, config: ServeConfig, workers: int, on_ready) -> None:
+    source = Path(settings["source"])
+    if not (source.suffix == ".onnx" and source.is_file()):
+        read_meta(source)  # a bad run is one message here, not one per worker
+    os.environ[ENVIRONMENT] = json.dumps(settings)  # spawned workers read their settings from it
     if on_ready:
         on_ready({"source": str(source), "workers": workers})
     Multiprocess(uvicorn_config(f"{__name__}:app_from_environment", sock, config, workers=workers), sockets=[sock]).run()
