@@ -108,6 +108,23 @@ class Server:
     def post_json(self, data, path: str = "/predict?top_k=2"):
         return self.request("POST", path, json.dumps(data).encode(), {"content-type": "application/json"})
 
+    def start_post(self, path: str, content_type: str, length: int, first: bytes) -> http.client.HTTPConnection:
+        """A POST whose headers declare `length` bytes of body, of which only `first` is sent so far."""
+        conn = self.connection()
+        conn.putrequest("POST", path)
+        conn.putheader("content-type", content_type)
+        conn.putheader("content-length", str(length))
+        conn.endheaders()
+        conn.send(first)
+        return conn
+
+    @staticmethod
+    def answer(conn: http.client.HTTPConnection) -> tuple[int, dict]:
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        conn.close()
+        return response.status, answer
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -280,31 +297,17 @@ def test_every_bad_request_is_a_4xx_json_error_and_the_server_lives_on(server, i
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     """A declared Content-Length over --max-upload-mb (32 MB) is answered 413 after a few bytes of it."""
-    conn = server.connection()
-    conn.putrequest("POST", "/predict")
-    conn.putheader("content-type", "multipart/form-data; boundary=b")
-    conn.putheader("content-length", str(40_000_000))
-    conn.endheaders()
-    conn.send(b"--b\r\n")
-    response = conn.getresponse()
-    answer = json.loads(response.read())
-    conn.close()
-    assert response.status == 413 and "40,000,000 bytes" in answer["error"]
+    conn = server.start_post("/predict", "multipart/form-data; boundary=b", 40_000_000, b"--b\r\n")
+    status, answer = server.answer(conn)
+    assert status == 413 and "40,000,000 bytes" in answer["error"]
     assert server.get("/healthz")[0] == 200
 
 
 def test_a_body_that_arrives_too_slowly_is_answered_408(server):
     """--read-timeout 1: a client that stops sending half way gets 408, and the server goes on."""
-    conn = server.connection()
-    conn.putrequest("POST", "/predict")
-    conn.putheader("content-type", "multipart/form-data; boundary=b")
-    conn.putheader("content-length", "1000")
-    conn.endheaders()
-    conn.send(b"--b\r\n")
-    response = conn.getresponse()
-    answer = json.loads(response.read())
-    conn.close()
-    assert response.status == 408 and "did not arrive within 1 s" in answer["error"]
+    conn = server.start_post("/predict", "multipart/form-data; boundary=b", 1000, b"--b\r\n")
+    status, answer = server.answer(conn)
+    assert status == 408 and "did not arrive within 1 s" in answer["error"]
     assert server.get("/healthz")[0] == 200
 
 
@@ -435,18 +438,13 @@ def test_text_run_served_and_a_request_in_flight_survives_sigterm(text_run, tmp_
                     srv.post_json({"text": "singular"}), srv.post_json({"texts": []}), srv.post_json({"texts": [3]}),
                     srv.post_json({"texts": ["   "]}), srv.post_files([("a.jpg", b"x")])]
         body = json.dumps({"texts": texts}).encode()
-        conn = srv.connection()  # a request in flight: half its body sent when SIGTERM arrives
-        conn.putrequest("POST", "/predict?top_k=2")
-        conn.putheader("content-type", "application/json")
-        conn.putheader("content-length", str(len(body)))
-        conn.endheaders()
-        conn.send(body[:20])
+        # A request in flight: part of its body sent when SIGTERM arrives, the rest after.
+        conn = srv.start_post("/predict?top_k=2", "application/json", len(body), body[:20])
         time.sleep(0.3)
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         conn.send(body[20:])
-        response = conn.getresponse()
-        status, answer = response.status, json.loads(response.read())
+        status, answer = srv.answer(conn)
         code = srv.proc.wait(60)
     finally:
         srv.stop()
