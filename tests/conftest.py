@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,18 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict |
     if check and proc.returncode != 0:
         raise AssertionError(f"transferkit {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu")  # Debian's chromium as root in a container
+
+
+def chromium_path() -> str:
+    """Debian's chromium: skipped outside CI when it is missing, required in CI (.ci/run installs it)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None and not os.environ.get("CI"):
+        pytest.skip("chromium is not installed here (.ci/run installs it)")
+    assert path, "CI must install Debian's chromium (see .ci/run)"
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -1,16 +1,14 @@
 """compare, reports and auto: on a tiny generated folder, in real headless Chromium, and on the digits demo."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli, write_folder
+from conftest import CHROMIUM_FLAGS, chromium_path, run_cli, write_folder
 from transferkit import ImageClassifier
 from transferkit.compare import compare
 from transferkit.data import DataSplits, load_data, subsample_per_class
@@ -51,19 +49,11 @@ def test_report_html_is_self_contained(tiny_compare):
     assert page.count("data:image/png;base64,") >= 3  # accuracy-vs-time + one confusion matrix per strategy
 
 
-def _chromium():
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None and not os.environ.get("CI"):
-        pytest.skip("chromium is not installed here (.ci/run installs it)")
-    assert path, "CI must install Debian's chromium (see .ci/run)"
-    return path
-
-
 def test_report_renders_in_headless_chromium(tiny_compare, tmp_path):
     out, _ = tiny_compare
-    browser = _chromium()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=5000", "--enable-logging=stderr", "--v=0"]
+    browser = chromium_path()
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+             "--enable-logging=stderr", "--v=0"]
     url = (out / "report.html").as_uri()
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     n_images = (out / "report.html").read_text().count("<img ")

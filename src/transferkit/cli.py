@@ -12,17 +12,26 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from transferkit import __version__
+from transferkit.cli_render import (
+    err,
+    out,
+    render_comparison,
+    render_export,
+    render_fit,
+    render_int8,
+    say_how_to_continue,
+    shown_path,
+    wrapping_table,
+)
 from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB, TrainConfig
 from transferkit.errors import TransferkitError, UsageError
 
@@ -31,9 +40,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Adapt a pretrained model to your labelled images or texts: transfer learning (feature "
                        "extraction), fine-tuning or LoRA, measured on your data.")
-# Pipes and CI logs get a wide fixed width so tables are not squeezed into 80 columns.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
 DATA, MODEL, TRAIN, OUTPUT, LOGGING = "Data", "Model", "Training", "Output", "Logging"
 
 
@@ -137,14 +143,6 @@ def classifier_for(data: str, model: str | None, text_column: str | None, label_
     return CLASSIFIERS[modality](model, **columns, **given(**options))
 
 
-def wrapping_table(*columns: str, title: str | None = None) -> Table:
-    """A table whose cells wrap (fold) instead of being cut to '…' when the terminal is narrow (80 columns)."""
-    table = Table(title=title)
-    for name in columns:
-        table.add_column(name, overflow="fold")
-    return table
-
-
 @app.command()
 @handles_errors
 def fit(
@@ -233,42 +231,6 @@ def fit(
         render_fit(clf, out_dir)
 
 
-def say_how_to_continue(out_dir: Path, resume: bool) -> None:
-    """After Ctrl-C: the command that continues (one shell-quoted line) when a checkpoint exists, else what rerunning does."""
-    if (out_dir / "checkpoints" / "last.pt").is_file():
-        again = shlex.join(["transferkit", *sys.argv[1:], *([] if resume else ["--resume"])])
-        err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. Continue with:",
-                  highlight=False)
-        err.print(again, markup=False, highlight=False, soft_wrap=True, overflow="ignore", crop=False)
-    else:
-        err.print("[yellow]Interrupted[/] before the first epoch finished, so there is no checkpoint to resume. Run the "
-                  "same command again: features already computed are kept in the feature cache.", highlight=False)
-
-
-def render_fit(clf, out_dir: Path) -> None:
-    from transferkit.report import imbalance_hint, scores_sentence
-
-    test, sizes = clf.metrics_["test"], clf.metrics_["split_sizes"]
-    out.print(f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {clf.modality}s, "
-              f"{len(clf.classes_)} classes")
-    if clf.feature_cache_:
-        out.print("Feature cache: " + ", ".join(f"{k} {v}" for k, v in clf.feature_cache_.items()))
-    if clf.decision_:
-        out.print(f"auto chose [bold]{clf.decision_.strategy.spec}[/]: {clf.decision_.reason}")
-    out.print(f"Strategy {clf.strategy_.spec}: test {scores_sentence(test, clf.modality + 's')}; val accuracy "
-              f"{clf.metrics_['val_accuracy']:.4f}; {clf.metrics_['train_seconds']:.1f} s", highlight=False)
-    calibration = clf.metrics_.get("calibration")
-    if calibration:
-        out.print(f"Calibrated: temperature {calibration['temperature']:.3f} (from validation), folded into the head; "
-                  f"test ECE {calibration.get('test_ece_before', 0):.3f} -> {calibration.get('test_ece_after', 0):.3f}",
-                  highlight=False)
-    hint = imbalance_hint(clf.data_summary_.get("train_class_counts", []))
-    if hint:
-        err.print(f"[yellow]{hint}[/]", highlight=False)
-    what = "TEXT... or --file LINES.txt" if clf.modality == "text" else "IMAGE..."
-    out.print(f"Run saved to {out_dir}. Predict with: transferkit predict {out_dir} {what}")
-
-
 @app.command()
 @handles_errors
 def predict(
@@ -285,6 +247,7 @@ def predict(
 ) -> None:
     """Classify image files, or texts with a text run; prints labels and probabilities."""
     from transferkit.errors import DataError
+    from transferkit.evaluate import top_predictions
 
     items = list(inputs or []) + read_lines(lines_file)
     if not items:
@@ -301,7 +264,7 @@ def predict(
                              "files, or a text run for texts.")
         if bad:
             raise DataError(f"Cannot read {len(bad)} file(s): " + ", ".join(f"{f} ({r})" for f, r in bad[:5]))
-    rows = predictions(items, clf.predict_proba(items), clf.classes_, top_k, key)
+    rows = top_predictions(items, clf.predict_proba(items), clf.classes_, top_k, key)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -311,14 +274,6 @@ def predict(
         extra = [", ".join(f"{p['label']} {p['probability']:.3f}" for p in rest)] if top_k > 1 else []
         table.add_row(shown_path(r[key]) if key == "file" else r[key], first["label"], f"{first['probability']:.3f}", *extra)
     out.print(table)
-
-
-def shown_path(path: str) -> str:
-    """A path as typed, or relative to the working folder when it lies under it: the part that tells files apart."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return path
 
 
 def load_model(run: Path, device: str | None, precision: str | None = None):
@@ -345,15 +300,6 @@ def read_lines(path: Path | None) -> list[str]:
         return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"Cannot read --file {path}: {e}. Give a UTF-8 text file with one input per line.") from e
-
-
-def predictions(items: list, proba, classes: list[str], top_k: int, key: str = "file") -> list[dict]:
-    """Top-k labels with probabilities per input (a file, or a text), as plain data."""
-    rows = []
-    for f, p in zip(items, proba):
-        order = p.argsort()[::-1][:top_k]
-        rows.append({key: str(f), "predictions": [{"label": classes[i], "probability": float(p[i])} for i in order]})
-    return rows
 
 
 @app.command()
@@ -508,30 +454,6 @@ def compare(
     out.print(f"Reports: {paths['html']}, {paths['markdown']}, {paths['json']}")
 
 
-def render_comparison(c) -> None:
-    from transferkit.evidence import format_interval
-    from transferkit.report import COLUMNS, TIME_NOTE, imbalance_hint, pretraining_sentence, table_rows
-
-    table = wrapping_table(*COLUMNS, title="transfer learning vs fine-tuning")
-    winner = c.winner()
-    for r, row in zip(c.results, table_rows(c.results)):
-        table.add_row(*row, style="bold green" if r is winner else None)
-    out.print(table)
-    out.print(TIME_NOTE, style="dim")
-    if c.cv:
-        out.print(f"Cross-validated probe ({c.cv['k']}-fold on train+val, {c.cv['n']} {c.noun}): "
-                  f"{format_interval(c.cv['accuracy'], c.cv['low'], c.cv['high'])}, folds {c.cv['fold_mean']:.1%} ± "
-                  f"{c.cv['fold_sd']:.1%}", highlight=False)
-    out.print(f"[bold]{c.verdict()}[/]", highlight=False)
-    hint = imbalance_hint(c.train_class_counts)
-    if hint:
-        err.print(f"[yellow]{hint}[/]", highlight=False)
-    if c.curve:
-        out.print(c.crossover())
-    if c.baseline:
-        out.print(pretraining_sentence(c))
-
-
 @app.command()
 @handles_errors
 def export(
@@ -564,24 +486,7 @@ def export(
     render_export(export_run(run, fmt, out_file))
 
 
-def render_export(result) -> None:
-    parity = ", ".join(f"batch {n} {d:.2e}" for n, d in result.parity.items())
-    out.print(f"Exported {result.format} with {result.method} to {result.path} ({result.seconds:.1f} s)")
-    out.print(f"Parity with PyTorch, max |logit difference|: {parity} (tolerance {result.tolerance:.0e})")
-    out.print(f"Preprocessing and classes: {result.preprocess_path}")
-    if result.format == "onnx":
-        out.print(f"Predict with: transferkit predict {result.path} IMAGE...")
-
-
-def render_int8(r) -> None:
-    out.print(f"int8 by {r.method}, calibrated on {r.calibration}")
-    out.print(f"Test accuracy (n = {r.n_test}): fp32 {r.fp32_accuracy:.4f}, int8 {r.int8_accuracy:.4f} "
-              f"({100 * (r.int8_accuracy - r.fp32_accuracy):+.2f} points)")
-    out.print(f"Speed, batch of {r.timing_batch} in this process: fp32 {r.fp32_ms:.2f} ms/image, int8 {r.int8_ms:.2f} "
-              f"ms/image: int8 {r.speed_ratio:.2f}x the fp32 speed")
-    if r.forced and r.drop_points > 1:
-        err.print(f"[yellow]Written although int8 loses {r.drop_points:.1f} points (--force).[/]", highlight=False)
-    out.print(f"Wrote {r.path} (fp32: {r.fp32_path}). Predict with: transferkit predict {r.path} IMAGE...")
+SERVING = "Serving"
 
 
 @app.command()
@@ -604,6 +509,60 @@ def push(
     source = repo_id if result.revision == "main" else f"{repo_id}@{result.revision}"
     out.print(f'Load with timm: timm.create_model("hf-hub:{source}", pretrained=True); fine-tune further with: '
               f"transferkit fit DATA --model hf-hub:{source}")
+
+
+@app.command()
+@handles_errors
+def serve(
+    run: Annotated[Path, typer.Argument(help="A run directory written by fit, or a .onnx file written by export.")],
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1, this machine only; "
+                                                  "0.0.0.0 for the network).")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port (default 8000; 0 takes a free one).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Processes, each with its own copy of the model and its "
+                                                            "share of the cores (default 1).")] = None,
+    max_batch: Annotated[int | None, typer.Option(min=1, rich_help_panel=SERVING, help="Most inputs per forward pass "
+                         "(default 64); 1 turns batching off.")] = None,
+    batch_wait: Annotated[float | None, typer.Option(min=0.0, rich_help_panel=SERVING, help="Milliseconds a batch may "
+                          "wait for requests still arriving to join it (default 5).")] = None,
+    max_inputs: Annotated[int | None, typer.Option(min=1, rich_help_panel=SERVING, help="Most images or texts per "
+                          "request (default 64).")] = None,
+    max_upload_mb: Annotated[float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Most MB per request "
+                             "body (default 32).")] = None,
+    read_timeout: Annotated[float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Seconds a request "
+                            "body may take to arrive (default 30).")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Seconds a request may "
+                       "wait for its answer (default 60).")] = None,
+    device: Device = None,
+    precision: Precision = None,
+    quiet: Quiet = False,
+) -> None:
+    """Serve a trained run over HTTP: POST /predict, GET /info, /healthz, a page at / and API docs at /docs.
+
+    Ctrl-C or SIGTERM lets the requests in flight finish, then exits.
+    """
+    from transferkit.serve import require_serve
+
+    require_serve()
+    from transferkit.serve.config import ServeConfig
+    from transferkit.serve.server import open_socket, url_of
+    from transferkit.serve.server import run as run_server
+
+    show_library_messages(quiet)
+    config = ServeConfig(**given(max_batch=max_batch, batch_wait_ms=batch_wait, max_inputs=max_inputs,
+                                 max_upload_mb=max_upload_mb, read_timeout_s=read_timeout, timeout_s=timeout))
+    sock = open_socket(host, port)  # a taken port fails now, not after the model has loaded
+    if workers and workers > 1:  # each process gets its share of the cores, not all of them
+        import os
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+    def ready(info: dict) -> None:
+        what = f"{len(info['classes'])} classes" if "classes" in info else f"{info['workers']} workers"
+        out.print(f"Serving {run} ({what}) at {url_of(sock)}: the page at /, POST /predict, API docs at /docs. "
+                  "Ctrl-C stops.", highlight=False)
+
+    run_server(run, sock, config=config, on_ready=ready, **given(workers=workers, device=device, precision=precision))
+    out.print("Stopped.")
 
 
 def main() -> None:

@@ -51,6 +51,23 @@ class TrackingError(TransferkitError):
     """Experiment logging cannot start: its library is not installed, or the tracking store refuses the run."""
 
 
+class ServeError(TransferkitError):
+    """The model server cannot start: its packages are missing, or the address cannot be listened on."""
+
+
+class RequestError(TransferkitError):
+    """An HTTP request to the model server cannot be answered as sent.
+
+    `status` is the HTTP status to answer with (4xx for what the client can fix, 503 for an overloaded
+    server); `details` go into the JSON body beside the message (the file concerned, the reason).
+    """
+
+    def __init__(self, message: str, status: int = 400, **details: object):
+        super().__init__(message)
+        self.status = status
+        self.details = details
+
+
 class NotFittedError(TransferkitError, AttributeError):
     """A method that needs a fitted model was called before `fit`."""
 

@@ -1,8 +1,11 @@
 """Metrics: accuracy, top-k, macro-F1, per-class precision/recall/F1, confusion matrix (computed by scikit-learn),
-each headline score with its 95% interval, the calibration error, and the per-example predictions behind them.
+each headline score with its 95% interval, the calibration error, and the per-example predictions behind them;
+the top-k predictions per input, as predict and serve give them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, top_k_accuracy_score
@@ -108,3 +111,17 @@ def _empty(classes: list[str]) -> dict:
             "per_class": {c: _class_scores(0.0, 0.0, 0.0, 0) for c in classes}, "absent_classes": list(classes),
             "confusion": [[0] * k for _ in range(k)], "intervals": None, "ece": None,
             "predictions": {"id": [], "true": [], "pred": [], "prob": []}}
+
+
+def top_predictions(items: Sequence, proba: np.ndarray, classes: Sequence[str], top_k: int,
+                    key: str = "file") -> list[dict]:
+    """The `top_k` labels with their probabilities per input (a file, or a text), as plain JSON-ready data.
+
+    What ``transferkit predict --json`` prints and ``POST /predict`` of ``transferkit serve`` answers:
+    ``[{key: item, "predictions": [{"label": ..., "probability": ...}, ...]}, ...]``, most probable first.
+    """
+    rows = []
+    for item, p in zip(items, proba):
+        order = p.argsort()[::-1][:top_k]
+        rows.append({key: str(item), "predictions": [{"label": classes[i], "probability": float(p[i])} for i in order]})
+    return rows

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from transferkit.atomic import write_atomic, write_json
@@ -285,28 +286,35 @@ class OnnxClassifier:
         clf.preprocess_ = read_onnx_preprocess(Path(path), clf.session_)
         clf.classes_ = list(clf.preprocess_["classes"])
         clf.data_config_ = {k: tuple(v) if isinstance(v, list) else v for k, v in clf.preprocess_["data_config"].items()}
+        from transferkit.data.images import make_transform
+
+        clf.transform_ = make_transform(clf.data_config_)  # a decoded RGB image -> the model's input tensor
         return clf
 
-    def decision_function(self, paths: Sequence[str | Path], batch_size: int = 64) -> np.ndarray:
-        """Raw logits, one row per image file."""
-        from transferkit.data.images import make_transform, open_image
+    def decision_function(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
+        """Raw logits, one row per image (files, or RGB PIL images already decoded by `open_image`)."""
+        from transferkit.data.images import open_image
 
-        transform = make_transform(self.data_config_)
         logits = []
-        for start in range(0, len(paths), batch_size):
-            x = torch.stack([transform(open_image(p)) for p in paths[start:start + batch_size]])
-            logits.append(self.session_.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            x = torch.stack([self.transform_(p if isinstance(p, Image.Image) else open_image(p)) for p in chunk])
+            logits.append(self.logits(x))
         return np.concatenate(logits) if logits else np.zeros((0, len(self.classes_)), np.float32)
 
-    def predict_proba(self, paths: Sequence[str | Path], batch_size: int = 64) -> np.ndarray:
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        """The model's logits for a batch of preprocessed inputs (N, C, H, W)."""
+        return self.session_.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+
+    def predict_proba(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
         """Class probabilities, one row per image (columns follow `classes_`)."""
         from scipy.special import softmax
 
-        return softmax(self.decision_function(paths, batch_size), axis=1)
+        return softmax(self.decision_function(images, batch_size), axis=1)
 
-    def predict(self, paths: Sequence[str | Path]) -> list[str]:
+    def predict(self, images: Sequence) -> list[str]:
         """Predicted class names."""
-        return [self.classes_[i] for i in self.decision_function(paths).argmax(1)]
+        return [self.classes_[i] for i in self.decision_function(images).argmax(1)]
 
 
 def onnx_providers(device: str) -> list:

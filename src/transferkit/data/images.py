@@ -120,14 +120,21 @@ def inspect_image(path: str | Path) -> FileCheck:
         data = Path(path).read_bytes()
     except OSError:
         return FileCheck("unreadable")
-    return FileCheck(_decode_problem(data), hashlib.blake2b(data, digest_size=16).hexdigest())
+    return FileCheck(image_problem(data), hashlib.blake2b(data, digest_size=16).hexdigest())
 
 
-def _decode_problem(data: bytes) -> str | None:
+def image_problem(data: bytes, max_pixels: int | None = None) -> str | None:
+    """Why `data` cannot be used as an image (``empty``, ``too large``, ``truncated``, ``unreadable``), or None.
+
+    `max_pixels` (default ``PIL.Image.MAX_IMAGE_PIXELS``) is checked against the size the header declares,
+    before any pixel buffer is allocated: a decompression bomb is refused without being decoded.
+    """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if not data:
+        return "empty"
     try:
         with Image.open(io.BytesIO(data)) as img:
-            # Refuse by the header's declared size, before any pixel buffer is allocated.
-            if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+            if limit and img.width * img.height > limit:
                 return "too large"
             img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads every byte
             img.load()
