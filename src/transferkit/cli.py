@@ -418,8 +418,10 @@ def compare(
     log: Log = None,
     log_to: LogTo = None,
 ) -> None:
-    """Run strategies side by side on the same split: accuracy with intervals, time, parameters, memory; a paired test
-    names a winner only when the difference is more than noise."""
+    """Run strategies side by side on one split: accuracy with intervals, time, parameters, memory; a paired test.
+
+    The verdict names a winner only when the paired test says the difference is more than noise.
+    """
     from transferkit.compare import DEFAULT_STRATEGIES, check_repeats
     from transferkit.compare import compare as run_compare
     from transferkit.data.sources import load_data
