@@ -142,7 +142,10 @@ def test_the_cards_timm_snippet_runs_and_agrees_with_transferkit(run):
 def test_card_uses_intervals_the_run_records_else_computes_them(run):
     run_dir, _ = run
     meta = read_meta(run_dir)
-    test = meta["metrics"]["test"]
+    recorded = meta["metrics"]["test"]["intervals"]["accuracy"]  # what fit measured: the card shows it as given
+    assert (metric_intervals(meta["metrics"]["test"], 3)["accuracy"]["low"], metric_intervals(
+        meta["metrics"]["test"], 3)["accuracy"]["high"]) == (recorded["low"], recorded["high"])
+    test = {k: v for k, v in meta["metrics"]["test"].items() if k != "intervals"}  # a run without them
     computed = metric_intervals(test, 3)
     y_true = np.repeat(np.repeat(np.arange(3), 3), np.ravel(test["confusion"]))
     y_pred = np.repeat(np.tile(np.arange(3), 3), np.ravel(test["confusion"]))
