@@ -75,8 +75,7 @@ def metrics(logits: np.ndarray, y_true: np.ndarray, classes: list[str], ids: lis
         "absent_classes": [c for c, s in zip(classes, support) if s == 0],
         "confusion": cm.tolist(),
         "intervals": intervals,
-        # To 6 decimals, as the probabilities: a resumed run's convolutions may differ from the original's in the
-        # last bits (memory layout), which must not make its metrics differ.
+        # 6 decimals, as the probabilities: a resumed run's last-bit differences must not change its metrics.
         "ece": round(expected_calibration_error(probs, y_true), 6) if len(classes) > 1 else 0.0,
         "predictions": _predictions(probs, y_true, pred, ids),
     }
