@@ -413,3 +413,14 @@ def test_module_imports_only_numpy_and_stdlib_at_top_level():
             top.add(node.module if node.module.startswith("transferkit") else node.module.split(".")[0])
     assert top <= {"__future__", "logging", "math", "collections", "dataclasses", "typing", "numpy", "transferkit.errors",
                    "transferkit.wording"}, top
+
+
+def test_confidence_bins_equal_reliability_bins_from_the_top_class_alone():
+    """A run keeps only each prediction's probability; with 10 classes many are below 0.5 and must bin as they are."""
+    from transferkit.calibration import confidence_bins, reliability_bins
+
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(10) * 0.7, size=500)
+    y = rng.integers(0, 10, 500)
+    assert (p.max(1) < 0.5).sum() > 100
+    assert confidence_bins(p.max(1), p.argmax(1) == y) == reliability_bins(p, y)

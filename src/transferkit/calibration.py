@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from transferkit.errors import UsageError
-from transferkit.evidence import _as_labels, _check_positive_int, _check_same_length, _is_number
+from transferkit.evidence import _as_correct, _as_labels, _check_positive_int, _check_same_length, _is_number
 
 if TYPE_CHECKING:  # annotations only: torch is imported by fold_temperature_ when called
     import torch
@@ -44,9 +44,9 @@ def _check_probabilities(probabilities: ArrayLike, y_true: ArrayLike, n_bins: in
     return p, y
 
 
-def _bin_statistics(p: np.ndarray, y: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _bin_statistics(confidence: np.ndarray, correct: np.ndarray,
+                    n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width bin (m-1)/M < confidence <= m/M (Guo et al. 2017): edges, counts, summed confidence, hits."""
-    confidence, correct = p.max(1), (p.argmax(1) == y)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # side="left" puts a confidence equal to an edge in the bin below it; 0 (impossible for a max) joins bin 0.
     bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
@@ -74,7 +74,7 @@ def expected_calibration_error(probabilities: ArrayLike, y_true: ArrayLike, n_bi
         0.35
     """
     p, y = _check_probabilities(probabilities, y_true, n_bins)
-    _, counts, conf_sum, hits = _bin_statistics(p, y, n_bins)
+    _, counts, conf_sum, hits = _bin_statistics(p.max(1), p.argmax(1) == y, n_bins)
     return float(np.abs(hits - conf_sum).sum() / len(y))  # per bin count * |acc - conf| = |hits - sum(conf)|
 
 
@@ -97,7 +97,22 @@ def reliability_bins(probabilities: ArrayLike, y_true: ArrayLike, n_bins: int = 
         [0, 2]
     """
     p, y = _check_probabilities(probabilities, y_true, n_bins)
-    edges, counts, conf_sum, hits = _bin_statistics(p, y, n_bins)
+    return confidence_bins(p.max(1), p.argmax(1) == y, n_bins)
+
+
+def confidence_bins(confidence: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> list[dict]:
+    """`reliability_bins` from each prediction's top-class confidence and whether it was right.
+
+    What a saved run or compare.json keeps per example (the probability of the predicted class), so a
+    reliability diagram can be drawn without the full probability rows.
+    """
+    conf = np.asarray(confidence, dtype=np.float64)
+    right = _as_correct("correct", correct)
+    _check_positive_int("n_bins", n_bins)
+    _check_same_length("confidence and correct", conf, right)
+    if not np.all(np.isfinite(conf)) or conf.min() < 0 or conf.max() > 1:
+        raise UsageError("confidence must hold probabilities in [0, 1]: the probability of each predicted class.")
+    edges, counts, conf_sum, hits = _bin_statistics(conf, right, n_bins)
     return [{"low": float(edges[i]), "high": float(edges[i + 1]), "count": int(counts[i]),
              "mean_confidence": float(conf_sum[i] / counts[i]) if counts[i] else None,
              "accuracy": float(hits[i] / counts[i]) if counts[i] else None} for i in range(n_bins)]

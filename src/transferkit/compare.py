@@ -231,5 +231,4 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
     configs = {r.strategy: r.phases for r in results}
     return Comparison(data_name, model or "default", settings.get("seed") or 0, results, curve, base, configs,
                       machine_info(), splits.sizes(), library_versions(), seeds=seeds, cv=cv_result,
-                      noun=f"{splits.train.noun}s", train_class_counts=np.bincount(splits.train.labels,
-                                                                              minlength=len(splits.classes)).tolist())
+                      noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()))

@@ -88,9 +88,10 @@ def _predictions(probs: np.ndarray, y_true: np.ndarray, pred: np.ndarray, ids: l
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
+    """Row-wise softmax in float64 (scipy's, numerically stable)."""
+    from scipy.special import softmax as scipy_softmax
+
+    return scipy_softmax(np.asarray(logits, dtype=np.float64), axis=1)
 
 
 def _top_k_accuracy(logits: np.ndarray, y_true: np.ndarray, labels: np.ndarray) -> float:

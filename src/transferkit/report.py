@@ -102,10 +102,15 @@ class Comparison:
 
     def verdict(self) -> str:
         """The winner only when the paired test says so; else no measurable difference and the cheapest within noise."""
-        return verdicts.verdict(self.results, self.seeds, self.seed)
+        return verdicts.verdict(self.results, self._pairs, self.seeds)
 
     def paired(self) -> list[dict]:
-        return verdicts.paired_rows(self.results, self.seed)
+        return verdicts.paired_rows(self.results, self._pairs)
+
+    @functools.cached_property
+    def _pairs(self) -> list:
+        """The paired tests against the best, computed once for the verdict, the tables and compare.json."""
+        return verdicts.paired_against_best(self.results, self.seed)
 
     def crossover(self) -> str | None:
         """Where, on this data, fine-tuning overtakes feature extraction along the learning curve."""
@@ -187,9 +192,8 @@ def _figure(width: float = 6, height: float = 4):
 def plot_accuracy_vs_time(results: list[StrategyResult]) -> str:
     fig, ax = _figure()
     for r in results:
-        iv = r.spread("test_accuracy") or (r.metrics.get("intervals") or {}).get("accuracy")
-        low, high = (iv["min"], iv["max"]) if iv and "min" in iv else (iv["low"], iv["high"]) if iv else (None, None)
-        err = [[max(0.0, r.test_accuracy - low) * 100], [max(0.0, high - r.test_accuracy) * 100]] if iv else None
+        span = _accuracy_span(r)
+        err = [[max(0.0, r.test_accuracy - span[0]) * 100], [max(0.0, span[1] - r.test_accuracy) * 100]] if span else None
         ax.errorbar(r.seconds, r.test_accuracy * 100, yerr=err, fmt="o", capsize=4, markersize=7)
         ax.annotate(r.label, (r.seconds, r.test_accuracy * 100), textcoords="offset points", xytext=(5, 5), parse_math=False)
     ax.set_xscale("log")
@@ -214,9 +218,18 @@ def plot_learning_curves(curve: list[StrategyResult]) -> str:
     return _png(fig)
 
 
+def _accuracy_span(r: StrategyResult) -> tuple[float, float] | None:
+    """What an error bar spans: min-max over the seeds, else the Wilson 95% interval of the one run."""
+    spread = r.spread("test_accuracy")
+    if spread:
+        return spread["min"], spread["max"]
+    iv = (r.metrics.get("intervals") or {}).get("accuracy")
+    return (iv["low"], iv["high"]) if iv else None
+
+
 def plot_reliability(results: list[StrategyResult]) -> str:
     """Reliability diagram: accuracy against mean confidence per confidence bin (15 bins), one line per strategy."""
-    from transferkit.calibration import reliability_bins
+    from transferkit.calibration import confidence_bins
 
     fig, ax = _figure(5, 5)
     ax.plot([0, 100], [0, 100], color="#999", linestyle="--", label="perfectly calibrated")
@@ -224,10 +237,7 @@ def plot_reliability(results: list[StrategyResult]) -> str:
         p = r.metrics.get("predictions") or {}
         if not p.get("prob"):
             continue
-        conf = np.asarray(p["prob"], dtype=float)
-        probs = np.stack([1 - conf, conf], 1)  # confidence of the predicted class vs whether it was right
-        bins = [b for b in reliability_bins(probs, (np.asarray(p["true"]) == np.asarray(p["pred"])).astype(int))
-                if b["count"]]
+        bins = [b for b in confidence_bins(p["prob"], np.asarray(p["true"]) == np.asarray(p["pred"])) if b["count"]]
         ax.plot([b["mean_confidence"] * 100 for b in bins], [b["accuracy"] * 100 for b in bins], marker="o",
                 label=f"{r.label} (ECE {r.metrics.get('ece', 0):.3f})")
     ax.set_xlabel("confidence of the predicted class (%)")

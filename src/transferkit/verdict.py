@@ -46,13 +46,15 @@ def _points(d: PairedDifference) -> str:
             f"{d.mcnemar_p:.2g})")
 
 
-def verdict(results: list, seeds: int = 1, seed: int = 0) -> str:
-    """One or two sentences: the winner with its evidence, or no measurable difference and the cheapest within noise."""
+def verdict(results: list, paired: list[tuple[object, PairedDifference]], seeds: int = 1) -> str:
+    """One or two sentences: the winner with its evidence, or no measurable difference and the cheapest within noise.
+
+    `paired` is `paired_against_best(results)`, computed once by the caller for the verdict and the table.
+    """
     best = best_of(results)
     n = len(best.test_correct[0]) if len(best.test_correct) else 0
     if len(results) == 1:
         return f"{best.label} reached {best.test_accuracy:.1%} test accuracy on {n} test examples."
-    paired = paired_against_best(results, seed)
     within = [r for r, d in paired if not d.significant]
     worse = [r for r, d in paired if d.significant]
     noise = "" if seeds > 1 else (" With one training seed, differences inside these intervals are noise; "
@@ -77,7 +79,7 @@ def verdict(results: list, seeds: int = 1, seed: int = 0) -> str:
     return text + noise
 
 
-def paired_rows(results: list, seed: int = 0) -> list[dict]:
-    """The paired-difference table: each strategy against the best, JSON-ready."""
+def paired_rows(results: list, paired: list[tuple[object, PairedDifference]]) -> list[dict]:
+    """The paired-difference table (`paired` from `paired_against_best`): each strategy against the best, JSON-ready."""
     best = best_of(results)
-    return [{"strategy": r.label, "against": best.label, **d.to_dict()} for r, d in paired_against_best(results, seed)]
+    return [{"strategy": r.label, "against": best.label, **d.to_dict()} for r, d in paired]

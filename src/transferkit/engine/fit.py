@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from transferkit import distributed
 from transferkit.backbones.base import Backbone
 from transferkit.data.examples import DataSplits
@@ -122,15 +120,15 @@ def fit(request: FitRequest, cfg: TrainConfig) -> Fitted:
     test_logits = trainer.logits("test", phases[-1])
     test = metrics(test_logits, splits.test.labels, list(splits.classes), ids=splits.test.ids(), seed=cfg.seed)
     if calibration is not None and len(splits.test):
-        calibration.update(test_ece_before=uncalibrated_ece(test_logits, splits.test.labels, calibration["temperature"]),
+        calibration.update(test_ece_before=scaled_ece(test_logits, splits.test.labels, calibration["temperature"]),
                            test_ece_after=test["ece"])
     fitted = Fitted(trainer.bb, list(splits.classes), strategy, decision, cfg,
                     [_phase_record(p, r, trainer.phase_notes) for p, r in zip(phases, results)],
                     [row for r in results for row in r.history],
                     {"test": test, "val_accuracy": max(r.best_val_acc for r in results),
                      "train_seconds": time.perf_counter() - started, "split_sizes": sizes, "calibration": calibration},
-                    dict(trainer.cache_hits), {**splits.summary.to_dict(), "train_class_counts": np.bincount(
-                        splits.train.labels, minlength=len(splits.classes)).tolist()})
+                    dict(trainer.cache_hits), {**splits.summary.to_dict(),
+                                                    "train_class_counts": list(splits.train.class_counts().values())})
     fit_log.end(fitted.to_meta(request.strategy.spec))
     return fitted
 
@@ -154,16 +152,16 @@ def calibrate(trainer: Trainer, last) -> dict | None:
     logits = trainer.logits("val", last)
     t = fit_temperature(logits, labels)
     fold_temperature_(head, t)
-    after = uncalibrated_ece(logits, labels, 1.0 / t)
+    before, after = scaled_ece(logits, labels, 1.0), scaled_ece(logits, labels, 1.0 / t)
     log.info("Calibration: temperature %.3f fitted on %d validation %ss (ECE %.4f -> %.4f), folded into the head.",
-             t, len(labels), trainer.bb.noun, uncalibrated_ece(logits, labels, 1.0), after)
-    return {"temperature": t, "val_ece_before": uncalibrated_ece(logits, labels, 1.0), "val_ece_after": after,
+             t, len(labels), trainer.bb.noun, before, after)
+    return {"temperature": t, "val_ece_before": before, "val_ece_after": after,
             "n_val": len(labels), "method": "temperature scaling (Guo et al. 2017) on validation logits, L-BFGS on "
                                             "the NLL; folded into the head (weights and bias divided by T); ECE with "
                                             "15 equal-width bins"}
 
 
-def uncalibrated_ece(logits, labels, scale: float) -> float:
+def scaled_ece(logits, labels, scale: float) -> float:
     """ECE of softmax(logits * scale): scale T undoes a folded temperature, 1/T applies one."""
     from transferkit.calibration import expected_calibration_error
     from transferkit.evaluate import softmax
