@@ -153,7 +153,7 @@ def calibrate(trainer: Trainer, last) -> dict | None:
     t = fit_temperature(logits, labels)
     fold_temperature_(head, t)
     before, after = scaled_ece(logits, labels, 1.0), scaled_ece(logits, labels, 1.0 / t)
-    log.info("Calibration: temperature %.3f fitted on %d validation %ss (ECE %.4f -> %.4f), folded into the head.",
+    log.info("Calibration: temperature %.3f fitted on %d validation %s (ECE %.4f -> %.4f), folded into the head.",
              t, len(labels), trainer.bb.noun, before, after)
     return {"temperature": t, "val_ece_before": before, "val_ece_after": after,
             "n_val": len(labels), "method": "temperature scaling (Guo et al. 2017) on validation logits, L-BFGS on "
