@@ -424,3 +424,24 @@ def test_confidence_bins_equal_reliability_bins_from_the_top_class_alone():
     y = rng.integers(0, 10, 500)
     assert (p.max(1) < 0.5).sum() > 100
     assert confidence_bins(p.max(1), p.argmax(1) == y) == reliability_bins(p, y)
+
+
+def test_seed_averaged_difference_is_exact_so_a_zero_lower_end_is_not_significant():
+    """Digits, lp-ft vs finetune:all over 3 seeds (session 5): per-example differences in thirds whose float sums
+    gave a lower end of 8e-19, read as "excludes 0" and a winner. In exact arithmetic the end is 0: no winner."""
+    from fractions import Fraction
+
+    from transferkit.evidence import paired_difference_over_seeds
+
+    n, k = 268, 3
+    thirds = {35: 1, 66: 1, 105: 1, 117: 2, 123: 2, 133: 1, 200: 1, 237: -2, 258: 1}  # A right minus B right, in seeds
+    a, b = np.ones((k, n), bool), np.ones((k, n), bool)
+    for i, d in thirds.items():
+        (b if d > 0 else a)[: abs(d), i] = False
+    got = paired_difference_over_seeds(a, b)
+    rng = np.random.default_rng(0)
+    units = a.sum(0).astype(int) * k - b.sum(0).astype(int) * k
+    exact = [float(Fraction(int(units[rng.integers(0, n, size=n)].sum()), n * k * k)) for _ in range(2000)]
+    assert (got.low, got.high) == tuple(np.quantile(exact, [0.025, 0.975]))
+    assert got.low == 0.0 and not got.significant
+    assert got.difference == pytest.approx(sum(thirds.values()) / (k * n))

@@ -76,3 +76,24 @@ def test_costs_read_right(seconds, phrase):
 
     a, b = (_result(name, [_right(200)], s) for name, s in zip("ab", seconds))
     assert cost_phrase(a, b) == phrase
+
+
+def test_a_winner_whose_interval_starts_just_above_zero_never_prints_a_zero_end():
+    """A significant difference whose lower end rounds to 0.0 shows more digits: "0.0-2.1" read as "includes 0"."""
+    from transferkit.evidence import PairedDifference
+    from transferkit.verdict import _points
+
+    d = PairedDifference(n=268, accuracy_a=0.994, accuracy_b=0.984, difference=0.0104, low=0.0004, high=0.021,
+                         mcnemar_p=0.016, only_a_correct=4, only_b_correct=0)
+    assert "(95% CI 0.04-2.1;" in _points(d)
+    assert "(95% CI 0.0-" not in _points(d)
+
+
+def test_several_seeds_average_balanced_accuracy_and_say_how_the_table_summarises():
+    from transferkit.report import table_note
+
+    a = _result("finetune:all", [_right(250), _right(260)], 30.0)
+    for run, value in zip(a.runs, (0.90, 0.96)):
+        run["balanced_accuracy"] = value
+    assert table_rows([a])[0][8] == "0.9300"
+    assert "mean ± sd (min-max) over the seeds" in table_note(2) and "seeds" not in table_note(1)

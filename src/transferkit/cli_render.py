@@ -71,14 +71,14 @@ def shown_path(path: str) -> str:
 
 def render_comparison(c) -> None:
     from transferkit.evidence import format_interval
-    from transferkit.report import COLUMNS, TIME_NOTE, imbalance_hint, pretraining_sentence, table_rows
+    from transferkit.report import COLUMNS, imbalance_hint, pretraining_sentence, table_note, table_rows
 
     table = wrapping_table(*COLUMNS, title="transfer learning vs fine-tuning")
     winner = c.winner()
     for r, row in zip(c.results, table_rows(c.results)):
         table.add_row(*row, style="bold green" if r is winner else None)
     out.print(table)
-    out.print(TIME_NOTE, style="dim")
+    out.print(table_note(c.seeds), style="dim")
     if c.cv:
         out.print(f"Cross-validated probe ({c.cv['k']}-fold on train+val, {c.cv['n']} {c.noun}): "
                   f"{format_interval(c.cv['accuracy'], c.cv['low'], c.cv['high'])}, folds {c.cv['fold_mean']:.1%} ± "

@@ -401,8 +401,13 @@ def paired_difference_over_seeds(correct_a: ArrayLike, correct_b: ArrayLike, *, 
         return paired_difference(a[0], b[0], n_boot=n_boot, seed=seed, confidence=confidence)
     first = paired_difference(a[0], b[0], n_boot=1, seed=seed, confidence=confidence)
     alpha = _check_confidence(confidence)
-    delta = a.mean(0) - b.mean(0)
-    diffs = np.concatenate([delta[block].mean(1) for block in _resamples(len(delta), _check_positive_int("n_boot", n_boot), seed)])
+    # Per example, in units of 1 / (seeds_a * seeds_b): integers, so resampled sums are exact and a difference of
+    # exactly 0 stays 0 (float means of thirds summed to 8e-19 once, and read as "excludes 0").
+    units = a.sum(0).astype(np.int64) * len(b) - b.sum(0).astype(np.int64) * len(a)
+    scale = len(units) * len(a) * len(b)
+    delta = units / (len(a) * len(b))
+    diffs = np.concatenate([units[block].sum(1) / scale
+                            for block in _resamples(len(units), _check_positive_int("n_boot", n_boot), seed)])
     low, high = _percentile_interval(diffs, alpha)
     return PairedDifference(n=len(delta), accuracy_a=float(a.mean()), accuracy_b=float(b.mean()),
                             difference=float(delta.mean()), low=low, high=high, mcnemar_p=first.mcnemar_p,

@@ -151,12 +151,26 @@ TIME_NOTE = ("train time: the strategy's training phases (the probe's fit, the f
              "(computed once, by the first strategy that needs them) and the test pass.")
 
 
+def table_note(seeds: int) -> str:
+    """What the table's columns mean; with several seeds, how they are summarised."""
+    if seeds < 2:
+        return TIME_NOTE
+    return (f"{TIME_NOTE} With {seeds} training seeds on the same split: val and test acc are mean ± sd (min-max) over "
+            "the seeds; times, balanced acc and macro-F1 are means; peak memory the largest.")
+
+
 def table_rows(results: list[StrategyResult]) -> list[list[str]]:
     """The comparison table as strings, one list per strategy (same columns as COLUMNS)."""
     return [[r.label, f"{r.trainable_params:,} ({r.trainable_share:.1%})", str(r.epochs) if r.epochs else "probe",
              _secs(r.seconds), _secs(r.wall_seconds), f"{r.peak_memory_mib:.0f} MiB", _acc(r, "val_accuracy"),
-             _acc(r, "test_accuracy"), _plain(r.metrics.get("balanced_accuracy")), f"{r.macro_f1:.4f}"]
+             _acc(r, "test_accuracy"), _plain(_seed_mean(r, "balanced_accuracy")), f"{r.macro_f1:.4f}"]
             for r in results]
+
+
+def _seed_mean(r: StrategyResult, key: str) -> float | None:
+    """A test score averaged over the seeds (the one run's with one seed), None when a run lacks it."""
+    values = [run.get(key) for run in r.runs] or [r.metrics.get(key)]
+    return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def _plain(value: float | None) -> str:
@@ -444,7 +458,7 @@ def comparison_html(c: Comparison) -> str:
     curve = {"crossover": c.crossover() or "", "png": plot_learning_curves(c.curve)} if c.curve else None
     return _render("comparison.html", title=f"transferkit compare: {c.data}", data=c.data, model=c.model,
                    verdict=c.verdict(), split_sizes=c.split_sizes, seed=c.seed, machine=json.dumps(c.machine),
-                   columns=COLUMNS, rows=table_rows(c.results), time_note=TIME_NOTE, baseline=baseline,
+                   columns=COLUMNS, rows=table_rows(c.results), time_note=table_note(c.seeds), baseline=baseline,
                    accuracy_png=plot_accuracy_vs_time(c.results), curve=curve, best=c.winner().label,
                    n_test=c.split_sizes.get("test", ""), paired_columns=PAIRED_COLUMNS, paired_rows=paired_table(c),
                    cv=_cv_context(c.cv), reliability_png=plot_reliability(c.results),
@@ -486,7 +500,7 @@ def comparison_markdown(c: Comparison) -> str:
     lines = [f"# transferkit compare: {c.data} with {c.model}", "", c.verdict(), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(c.results)]
-    lines += ["", TIME_NOTE, "", f"## Paired differences against {c.winner().label}", "",
+    lines += ["", table_note(c.seeds), "", f"## Paired differences against {c.winner().label}", "",
               "| " + " | ".join(PAIRED_COLUMNS) + " |", "|" + "---|" * len(PAIRED_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in paired_table(c)]
     if c.cv:

@@ -42,8 +42,18 @@ def cost_phrase(a, b) -> str:
 
 def _points(d: PairedDifference) -> str:
     sep = " to " if d.low < 0 or d.high < 0 else "-"
-    return (f"{d.difference * 100:+.1f} points (95% CI {d.low * 100:.1f}{sep}{d.high * 100:.1f}; McNemar p = "
+    return (f"{d.difference * 100:+.1f} points (95% CI {_bound(d.low)}{sep}{_bound(d.high)}; McNemar p = "
             f"{d.mcnemar_p:.2g})")
+
+
+def _bound(fraction: float) -> str:
+    """An interval end in points, one decimal; more when one would print a nonzero end as 0.0 (it reads as 'includes 0')."""
+    points = fraction * 100
+    for digits in (1, 2, 3):
+        text = f"{points:.{digits}f}"
+        if points == 0 or float(text) != 0:
+            return text
+    return f"{points:.1e}"
 
 
 def verdict(results: list, paired: list[tuple[object, PairedDifference]], seeds: int = 1) -> str:
