@@ -33,6 +33,7 @@ from transferkit.cli_common import (
     LogTo,
     MaxLength,
     Model,
+    Models,
     Precision,
     Quiet,
     Seed,
@@ -307,8 +308,10 @@ def inspect(
 def compare(
     data: Annotated[str, typer.Argument(help="Labelled data as for fit; default: the built-in digits demo.")] = "digits",
     model: Model = None,
+    models: Models = None,
     strategies: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="Comma-separated strategies to run on the "
-                          "same split (default feature-extraction,finetune:last=2,finetune:all,lp-ft).")] = None,
+                          "same split (default feature-extraction,finetune:last=2,finetune:all,lp-ft; with several "
+                          "--models, feature-extraction only).")] = None,
     fractions: Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Training fractions per class for a learning "
                                                   "curve, e.g. 0.05,0.2,1.0.")] = None,
     baseline: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="'scratch': also train the architecture "
@@ -338,7 +341,7 @@ def compare(
 
     The verdict names a winner only when the paired test says the difference is more than noise.
     """
-    from transferkit.compare import DEFAULT_STRATEGIES, check_repeats
+    from transferkit.compare import check_models, check_repeats
     from transferkit.compare import compare as run_compare
     from transferkit.data.sources import load_data
     from transferkit.distributed import refuse_torchrun
@@ -351,20 +354,23 @@ def compare(
     check_writable_dir(out_dir)  # before any work: a bad --out must not cost the whole comparison
     check_repeats(seeds, cv)
     fracs = [float(f) for f in fractions.split(",")] if fractions else []
+    check_models(model, models.split(",") if models else None, fracs, baseline, cv)
     columns = given(text_column=text_column, label_column=label_column)
     splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)
     settings = given(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
                      image_size=image_size, cache_budget_gb=cache_budget, max_length=max_length) | columns
     settings["progress"] = not quiet
-    out.print(f"Comparing on {data}: {splits.sizes()} {splits.train.noun}s, {len(splits.classes)} classes, "
-              f"model {model or 'default'}")
+    sizes = " / ".join(f"{n:,} {k}" for k, n in splits.sizes().items())
+    out.print(f"Comparing on {data}: {sizes} {splits.train.noun}s, {len(splits.classes)} classes; "
+              f"{'backbones ' + models if models else 'backbone ' + (model or 'the default')}")
     with open_run(log, out=out_dir, run_name=f"{out_dir.name}-compare", to=log_to) as tracker:
         def live(r):
             out.print(f"  {r.label}: test {r.test_accuracy:.4f} in {r.seconds:.1f} s")
 
-        specs = strategies.split(",") if strategies else list(DEFAULT_STRATEGIES)
-        result = run_compare(splits, data_name=data, model=model, strategies=specs, fractions=fracs,
-                             baseline=baseline, settings=settings, on_result=live, tracker=tracker, seeds=seeds, cv=cv)
+        specs = strategies.split(",") if strategies else None
+        result = run_compare(splits, data_name=data, model=model, strategies=specs, fractions=fracs, baseline=baseline,
+                             settings=settings, on_result=live, tracker=tracker, seeds=seeds, cv=cv,
+                             models=models.split(",") if models else None)
         paths = write_comparison(result, out_dir)
         if tracker is not None:
             log_comparison(tracker, result.to_dict(), paths)

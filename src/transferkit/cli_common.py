@@ -85,6 +85,9 @@ def given(**options) -> dict:
 Model = Annotated[str | None, typer.Option("--model", "-m", rich_help_panel=MODEL, help="Images: built-in efficientnet_lite0 "
                                            "(offline, the default) or any timm model. Texts: built-in minilm (offline, the "
                                            "default), a hub name or a save_pretrained folder.")]
+Models = Annotated[str | None, typer.Option(rich_help_panel=MODEL, help="Several backbones, comma-separated (e.g. "
+                                            "builtin:efficientnet_lite0,builtin:efficientnet_lite1): each is measured on "
+                                            "your data and ranked by the cross-validated probe, with its costs.")]
 TextColumn = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Text data: the column holding the text "
                                                                            "(default 'text').")]
 LabelColumn = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Text data: the column holding the label "

@@ -73,6 +73,8 @@ def render_comparison(c) -> None:
     from transferkit.evidence import format_interval
     from transferkit.report import COLUMNS, imbalance_hint, pretraining_sentence, table_note, table_rows
 
+    if c.ranking:
+        render_ranking(c.ranking)
     table = wrapping_table(*COLUMNS, title="transfer learning vs fine-tuning")
     winner = c.winner()
     for r, row in zip(c.results, table_rows(c.results)):
@@ -91,6 +93,18 @@ def render_comparison(c) -> None:
         out.print(c.crossover())
     if c.baseline:
         out.print(pretraining_sentence(c))
+
+
+def render_ranking(r) -> None:
+    from transferkit.ranking_view import RANK_COLUMNS, agreement_sentence, method_note, ranking_rows
+
+    table = wrapping_table(*RANK_COLUMNS, title="which backbone? (best first by the cross-validated probe)")
+    for row in ranking_rows(r):
+        table.add_row(*row, style="bold green" if row[1].endswith(" *") else None)
+    out.print(table)
+    out.print(method_note(r), style="dim", highlight=False)
+    out.print(agreement_sentence(r), highlight=False)
+    out.print(f"[bold]{r.reason}[/]", highlight=False)
 
 
 def render_export(result) -> None:

@@ -26,6 +26,7 @@ from transferkit.classifier import CLASSIFIERS
 from transferkit.data.examples import DataSplits
 from transferkit.data.splits import subsample_per_class
 from transferkit.errors import UsageError
+from transferkit.ranking import Ranking
 from transferkit.report import Comparison, StrategyResult
 from transferkit.runs import library_versions
 from transferkit.strategies import parse_strategy
@@ -121,24 +122,40 @@ def _measure(splits: DataSplits, spec: str, *, model: str | None, settings: dict
 
 
 def run_seeds(splits: DataSplits, spec: str, seeds: int, *, model: str | None, settings: dict,
-              tracker: Tracker | None = None) -> tuple[StrategyResult, object]:
+              tracker: Tracker | None = None, label: str | None = None) -> tuple[StrategyResult, object]:
     """One strategy trained with `seeds` training seeds on the same split: scores are means, runs keeps each seed.
 
     The split stays the one given; only the training seed (initialisation of the head, batch order,
     augmentation) changes: seed, seed + 1, ... Cached features are reused, so extra seeds cost the training.
+    `label` names the result (default: the spec).
     """
-    base = settings.get("seed") or 0
+    base, label = settings.get("seed") or 0, label or spec
     first, clf = run_strategy(splits, spec, model=model, settings=settings, tracker=tracker,
-                              label=None if seeds == 1 else f"{spec} seed {base}")
-    first.label = spec
+                              label=label if seeds == 1 else f"{label} seed {base}")
+    first.label = label
     for i in range(1, seeds):
         more, _ = run_strategy(splits, spec, model=model, settings={**settings, "seed": base + i}, tracker=tracker,
-                               label=f"{spec} seed {base + i}")
+                               label=f"{label} seed {base + i}")
         first.runs += more.runs
         first.peak_memory_mib = max(first.peak_memory_mib, more.peak_memory_mib)
     for key in ("val_accuracy", "test_accuracy", "macro_f1", "seconds", "wall_seconds"):
         setattr(first, key, sum(run[key] for run in first.runs) / len(first.runs))
     return first, clf
+
+
+def train_val_features(clf, splits: DataSplits) -> tuple[np.ndarray, np.ndarray]:
+    """The pretrained backbone's pooled features (from the cache) and labels of train + val, in that order.
+
+    `clf` is a fitted feature-extraction classifier: below its head, its backbone is the pretrained one.
+    """
+    from transferkit.features import FeatureCache, cached_features
+    from transferkit.inference import resolve_device, resolve_precision
+
+    device = resolve_device(clf.config_.device)
+    dtype = resolve_precision(clf.config_.precision, device)
+    parts = [cached_features(clf.backbone_, split, cache=FeatureCache.default(enabled=clf.cache), device=device,
+                             dtype=dtype, workers=clf.config_.workers, progress=False)[0] for split in (splits.train, splits.val)]
+    return np.concatenate(parts).astype(np.float32), np.concatenate([splits.train.labels, splits.val.labels])
 
 
 def cv_probe(clf, splits: DataSplits, k: int | None, seed: int) -> dict | None:
@@ -148,18 +165,25 @@ def cv_probe(clf, splits: DataSplits, k: int | None, seed: int) -> dict | None:
     `clf` is a fitted feature-extraction classifier: its backbone is the pretrained one.
     """
     from transferkit.evidence import cross_validated_probe, default_cv_folds
-    from transferkit.features import FeatureCache, cached_features
-    from transferkit.inference import resolve_device, resolve_precision
 
-    device = resolve_device(clf.config_.device)
-    dtype = resolve_precision(clf.config_.precision, device)
-    parts = [cached_features(clf.backbone_, split, cache=FeatureCache.default(enabled=clf.cache), device=device,
-                             dtype=dtype, workers=clf.config_.workers, progress=False)[0] for split in (splits.train, splits.val)]
-    x, y = np.concatenate(parts).astype(np.float32), np.concatenate([splits.train.labels, splits.val.labels])
+    x, y = train_val_features(clf, splits)
     k = default_cv_folds(len(y), x.shape[1]) if k is None else k
     if not k:
         return None
     return cross_validated_probe(x, y, k=k, seed=seed).to_dict() | {"n_train": len(splits.train), "n_val": len(splits.val)}
+
+
+def rank_backbones(probes: dict[str, tuple[StrategyResult, object]], splits: DataSplits, k: int | None,
+                   seed: int) -> Ranking:
+    """Each backbone's cross-validated probe, LogME and costs from its feature-extraction run; ranked (ranking.rank)."""
+    from transferkit.ranking import RANKING_FOLDS, rank, score_backbone
+
+    scores = []
+    for name, (result, clf) in probes.items():
+        x, y = train_val_features(clf, splits)
+        scores.append(score_backbone(name, clf, x, y, result, k=k or RANKING_FOLDS, seed=seed,
+                                     examples=splits.test if len(splits.test) else splits.val))
+    return rank(scores)
 
 
 def trainable_params(clf) -> int:
@@ -177,14 +201,37 @@ def check_repeats(seeds: int, cv: int | None) -> None:
         raise UsageError(f"--cv (cv) must be 0 (off) or at least 2 folds; got {cv!r}.")
 
 
-def compare(splits: DataSplits, *, data_name: str, model: str | None = None, strategies: Sequence[str] = DEFAULT_STRATEGIES,
+def check_models(model: str | None, models: Sequence[str] | None, fractions: Sequence[float], baseline: str | None,
+                 cv: int | None) -> list[str | None]:
+    """The backbones to compare ([model] without --models); contradictory options refused before any work."""
+    if not models:
+        return [model]
+    names = [m.strip() for m in models]
+    if model is not None:
+        raise UsageError(f"Give --model (one backbone) or --models (several), not both; got --model {model} and "
+                         f"--models {','.join(names)}.")
+    if any(not m for m in names) or len(set(names)) != len(names):
+        raise UsageError(f"--models needs distinct, comma-separated backbone names; got '{','.join(names)}'.")
+    if len(names) > 1 and (fractions or baseline):
+        raise UsageError("--fractions and --baseline run on one backbone; with --models, rank the backbones first, "
+                         "then run them with --model on the one chosen.")
+    if len(names) > 1 and cv == 0:
+        raise UsageError("--cv 0 turns off the cross-validated probe, which is what ranks several --models; leave --cv "
+                         "out (5 folds) or give at least 2.")
+    return names
+
+
+def compare(splits: DataSplits, *, data_name: str, model: str | None = None, strategies: Sequence[str] | None = None,
             fractions: Sequence[float] = (), baseline: str | None = None, settings: dict | None = None,
-            on_result=None, tracker: Tracker | None = None, seeds: int = 1, cv: int | None = None) -> Comparison:
+            on_result=None, tracker: Tracker | None = None, seeds: int = 1, cv: int | None = None,
+            models: Sequence[str] | None = None) -> Comparison:
     """Run every strategy on the same split and seed; optionally a learning curve and a scratch baseline.
 
     Args:
         splits: the data, split once for every strategy.
-        strategies: strategy specs (no 'auto': compare measures what auto would choose from).
+        model: the backbone (None: the default one).
+        strategies: strategy specs (no 'auto': compare measures what auto would choose from); None: the four of
+            DEFAULT_STRATEGIES with one backbone, feature-extraction alone (the cheap ranking) with several.
         fractions: training-set fractions per class for a learning curve (1.0 = the full run above).
         baseline: "scratch" adds the same architecture trained from random initialisation (finetune:all).
         settings: classifier settings shared by every run (epochs, image_size or max_length, seed, ...).
@@ -192,9 +239,13 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
         tracker: an open experiment-tracking run; each strategy (and curve point, baseline) is logged as a run nested in it.
         seeds: training seeds per strategy (seed, seed + 1, ...) on the same split; the table shows mean +- sd.
         cv: folds of the cross-validated probe on train + val; None for the default rule (`cv_probe`), 0 for none.
+        models: several backbones: every backbone x strategy on the split, and the backbones ranked
+            (`Comparison.ranking`: cross-validated probe, LogME, costs, the fastest within noise of the best).
     """
     check_repeats(seeds, cv)
+    names = check_models(model, models, fractions, baseline, cv)
     settings = dict(settings or {})
+    strategies = strategies or (("feature-extraction",) if len(names) > 1 else DEFAULT_STRATEGIES)
     specs = [parse_strategy(s).spec for s in strategies]
     if "auto" in specs:
         raise UsageError("compare measures concrete strategies; leave 'auto' out (fit --strategy auto uses them).")
@@ -203,15 +254,38 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
     if baseline not in (None, "scratch"):
         raise UsageError(f"--baseline must be 'scratch'; got '{baseline}'.")
     notify = on_result or (lambda r: None)
-    results, probe_clf = [], None
-    for spec in specs:
-        result, clf = run_seeds(splits, spec, seeds, model=model, settings=settings, tracker=tracker)
-        probe_clf = clf if spec == "feature-extraction" else probe_clf
-        results.append(result)
-        notify(result)
-    if cv != 0 and probe_clf is None:  # the probe's features come from the cache whichever strategy computed them
-        probe_clf = CLASSIFIERS[splits.train.modality](model, strategy="feature-extraction", **settings).fit(splits)
-    cv_result = cv_probe(probe_clf, splits, cv, settings.get("seed") or 0) if cv != 0 else None
+    results, probes = [], {}
+    for name in names:
+        for spec in specs:
+            label = f"{name} / {spec}" if len(names) > 1 else spec
+            result, clf = run_seeds(splits, spec, seeds, model=name, settings=settings, tracker=tracker, label=label)
+            if spec == "feature-extraction":
+                probes[name] = (result, clf)
+            results.append(result)
+            notify(result)
+        if name not in probes and (cv != 0 or len(names) > 1):  # the probe's features come from the cache
+            probes[name] = run_strategy(splits, "feature-extraction", model=name, settings=settings)
+    seed = settings.get("seed") or 0
+    ranking = rank_backbones(probes, splits, cv, seed) if len(names) > 1 else None
+    cv_result = cv_probe(probes[names[0]][1], splits, cv, seed) if cv != 0 and ranking is None else None
+    curve = _learning_curve(splits, specs, fractions, model, settings, tracker, notify)
+    if curve:
+        curve.extend(results)
+    base = None
+    if baseline == "scratch":
+        base, _ = run_strategy(splits, "finetune:all", model=model, settings=settings, weights="none",
+                               label="scratch (random init, finetune:all)", tracker=tracker)
+        notify(base)
+    configs = {r.label: r.phases for r in results}
+    return Comparison(data_name, ",".join(n or "default" for n in names), seed, results, curve, base, configs,
+                      machine_info(), splits.sizes(), library_versions(), seeds=seeds, cv=cv_result,
+                      noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()),
+                      ranking=ranking)
+
+
+def _learning_curve(splits: DataSplits, specs: list[str], fractions: Sequence[float], model: str | None, settings: dict,
+                    tracker: Tracker | None, notify) -> list[StrategyResult]:
+    """Every strategy again on per-class fractions of the training split (the same val and test)."""
     curve = []
     for fraction in sorted(f for f in fractions if f < 1):
         sub = DataSplits(subsample_per_class(splits.train, fraction, settings.get("seed") or 0), splits.val, splits.test,
@@ -221,14 +295,4 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
                                      tracker=tracker)
             curve.append(result)
             notify(result)
-    if curve:
-        curve.extend(results)
-    base = None
-    if baseline == "scratch":
-        base, _ = run_strategy(splits, "finetune:all", model=model, settings=settings, weights="none",
-                               label="scratch (random init, finetune:all)", tracker=tracker)
-        notify(base)
-    configs = {r.strategy: r.phases for r in results}
-    return Comparison(data_name, model or "default", settings.get("seed") or 0, results, curve, base, configs,
-                      machine_info(), splits.sizes(), library_versions(), seeds=seeds, cv=cv_result,
-                      noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()))
+    return curve

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,9 @@ import numpy as np
 from transferkit import verdict as verdicts
 from transferkit.atomic import write_atomic, write_json
 from transferkit.evidence import format_interval
+from transferkit.plots import new_figure, png_base64
+from transferkit.ranking import Ranking
+from transferkit.ranking_view import ranking_context, ranking_markdown
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -96,6 +98,7 @@ class Comparison:
     cv: dict | None = None  # the cross-validated probe on train + val (evidence.CVProbe.to_dict())
     noun: str = "examples"
     train_class_counts: list = field(default_factory=list)
+    ranking: Ranking | None = None  # several backbones (compare --models): ranked with their costs
 
     def winner(self) -> StrategyResult:
         return verdicts.best_of(self.results)
@@ -137,7 +140,8 @@ class Comparison:
                 "cross_validated_probe": self.cv, "train_class_counts": self.train_class_counts,
                 "learning_curve": [r.row() for r in self.curve], "crossover": self.crossover(),
                 "baseline": self.baseline.row() | {"metrics": self.baseline.metrics} if self.baseline else None,
-                "configs": self.configs, "machine": self.machine}
+                "configs": self.configs, "machine": self.machine,
+                "backbone_ranking": self.ranking.to_dict() if self.ranking else None}
 
 
 def _without_predictions(metrics: dict) -> dict:
@@ -189,22 +193,8 @@ def _acc(r: StrategyResult, key: str) -> str:
     return f"{value:.4f} ({iv['low']:.3f}-{iv['high']:.3f})" if iv else f"{value:.4f}"
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _figure(width: float = 6, height: float = 4):
-    """A figure and its axes from matplotlib's object API: pyplot's global state and backend stay untouched."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    return fig, fig.subplots()
-
-
 def plot_accuracy_vs_time(results: list[StrategyResult]) -> str:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for r in results:
         span = _accuracy_span(r)
         err = [[max(0.0, r.test_accuracy - span[0]) * 100], [max(0.0, span[1] - r.test_accuracy) * 100]] if span else None
@@ -215,11 +205,11 @@ def plot_accuracy_vs_time(results: list[StrategyResult]) -> str:
     ax.set_ylabel("test accuracy (%); bars: 95% interval, or min-max over seeds")
     ax.set_title("Accuracy vs training time")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_learning_curves(curve: list[StrategyResult]) -> str:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for spec in dict.fromkeys(r.strategy for r in curve):
         pts = sorted((r.train_per_class, r.test_accuracy * 100) for r in curve if r.strategy == spec)
         ax.plot(*zip(*pts), marker="o", label=spec)
@@ -229,7 +219,7 @@ def plot_learning_curves(curve: list[StrategyResult]) -> str:
     ax.set_title("Learning curves")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _accuracy_span(r: StrategyResult) -> tuple[float, float] | None:
@@ -245,7 +235,7 @@ def plot_reliability(results: list[StrategyResult]) -> str:
     """Reliability diagram: accuracy against mean confidence per confidence bin (15 bins), one line per strategy."""
     from transferkit.calibration import confidence_bins
 
-    fig, ax = _figure(5, 5)
+    fig, ax = new_figure(5, 5)
     ax.plot([0, 100], [0, 100], color="#999", linestyle="--", label="perfectly calibrated")
     for r in results:
         p = r.metrics.get("predictions") or {}
@@ -259,7 +249,7 @@ def plot_reliability(results: list[StrategyResult]) -> str:
     ax.set_title("Reliability (test, after temperature scaling)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_validation_curves(results: list[StrategyResult]) -> str | None:
@@ -268,7 +258,7 @@ def plot_validation_curves(results: list[StrategyResult]) -> str | None:
     rows = {k: v for k, v in rows.items() if v}
     if not rows:
         return None
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for label, hist in rows.items():
         ax.plot(range(1, len(hist) + 1), [h["val_acc"] * 100 for h in hist], marker="o", label=label)
     ax.set_xlabel("fine-tuning epoch")
@@ -276,13 +266,13 @@ def plot_validation_curves(results: list[StrategyResult]) -> str | None:
     ax.set_title("Validation accuracy per epoch")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], title: str) -> str:
     m = np.asarray(matrix)
     size = min(8, 2 + 0.4 * len(classes))
-    fig, ax = _figure(size, size)
+    fig, ax = new_figure(size, size)
     ax.imshow(m, cmap="Blues")
     if len(classes) <= 20:
         ax.set_xticks(range(len(classes)), classes, rotation=90, parse_math=False)
@@ -292,11 +282,11 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], title: str) -> s
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, parse_math=False)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_history(history: list[dict], title: str) -> str:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     rows = [r for r in history if "C" not in r]
     if rows:
         ax.plot(range(1, len(rows) + 1), [r["val_acc"] * 100 for r in rows], marker="o", label="validation")
@@ -311,7 +301,7 @@ def plot_history(history: list[dict], title: str) -> str:
     ax.set_title(title, parse_math=False)
     ax.legend()
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
 _PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
@@ -351,6 +341,14 @@ onerror="var d=document.body.dataset;d.failed=(+d.failed||0)+1" src="data:image/
 <h1>transferkit compare: {{ data }} with {{ model }}</h1>
 <p class='verdict'>{{ verdict }}</p>
 <p>Split: {{ split_sizes }}; seed {{ seed }}; machine: {{ machine }}</p>
+{% if ranking %}
+<h2>Backbones</h2>
+<p class='verdict'>{{ ranking.reason }}</p>
+{{ table(ranking.columns, ranking.rows) }}
+<p>{{ ranking.agreement }}</p>
+<p>{{ ranking.note }}</p>
+{{ figure(ranking.png, "backbones: accuracy vs latency, Pareto front") }}
+{% endif %}
 <h2>Side by side</h2>
 {{ table(columns, rows) }}
 <p>{{ time_note }}</p>
@@ -462,7 +460,7 @@ def comparison_html(c: Comparison) -> str:
                    accuracy_png=plot_accuracy_vs_time(c.results), curve=curve, best=c.winner().label,
                    n_test=c.split_sizes.get("test", ""), paired_columns=PAIRED_COLUMNS, paired_rows=paired_table(c),
                    cv=_cv_context(c.cv), reliability_png=plot_reliability(c.results),
-                   val_png=plot_validation_curves(c.results),
+                   val_png=plot_validation_curves(c.results), ranking=ranking_context(c.ranking),
                    strategies=[_strategy_section(r, classes) for r in c.results],
                    configs=json.dumps(c.configs, indent=1), versions=json.dumps(c.versions, indent=1))
 
@@ -497,8 +495,9 @@ def pretraining_sentence(c: Comparison) -> str:
 
 
 def comparison_markdown(c: Comparison) -> str:
-    lines = [f"# transferkit compare: {c.data} with {c.model}", "", c.verdict(), "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [f"# transferkit compare: {c.data} with {c.model}", "", c.verdict(), ""]
+    lines += ranking_markdown(c.ranking) if c.ranking else []
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(c.results)]
     lines += ["", table_note(c.seeds), "", f"## Paired differences against {c.winner().label}", "",
               "| " + " | ".join(PAIRED_COLUMNS) + " |", "|" + "---|" * len(PAIRED_COLUMNS)]

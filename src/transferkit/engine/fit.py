@@ -126,7 +126,8 @@ def fit(request: FitRequest, cfg: TrainConfig) -> Fitted:
                     [_phase_record(p, r, trainer.phase_notes) for p, r in zip(phases, results)],
                     [row for r in results for row in r.history],
                     {"test": test, "val_accuracy": max(r.best_val_acc for r in results),
-                     "train_seconds": time.perf_counter() - started, "split_sizes": sizes, "calibration": calibration},
+                     "train_seconds": time.perf_counter() - started, "split_sizes": sizes, "calibration": calibration,
+                     "feature_seconds": dict(trainer.feature_seconds)},
                     dict(trainer.cache_hits), {**splits.summary.to_dict(),
                                                     "train_class_counts": list(splits.train.class_counts().values())})
     fit_log.end(fitted.to_meta(request.strategy.spec))

@@ -11,6 +11,7 @@ can, and writes a checkpoint after every epoch. The loop itself is
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ class Trainer:
         self.cache = cache or FeatureCache.default(enabled=False)
         self.cache_budget = int(cache_budget_gb * 1e9)
         self.cache_hits: dict[str, str] = {}
+        self.feature_seconds: dict[str, float] = {}  # per split: computing (miss) or reading (hit) its pooled features
         self.phase_notes: dict[str, dict] = {}
         self._features: dict[str, np.ndarray] = {}
         self._last_loop: dict | None = None  # the loop state of the latest epoch
@@ -72,7 +74,9 @@ class Trainer:
 
     def features(self, split: str) -> np.ndarray:
         if split not in self._features:
+            start = time.perf_counter()
             arr, self.cache_hits[split] = self._cached(split)
+            self.feature_seconds[split] = round(time.perf_counter() - start, 3)
             self._features[split] = np.asarray(arr, dtype=np.float32)
         return self._features[split]
 

@@ -1,0 +1,238 @@
+"""Which pretrained backbone? Each candidate measured on the user's data, with its costs.
+
+Kornblith, Shlens and Le ("Do Better ImageNet Models Transfer Better?", CVPR
+2019) found ImageNet accuracy predicts transfer accuracy across 16 networks, yet
+on a given folder the order can turn round, so `compare --models a,b,c` measures
+it. For every backbone, on its cached features:
+
+* the frozen-feature probe's stratified k-fold accuracy on train + val with its
+  Wilson interval (`evidence.cross_validated_probe`): the ranking's evidence,
+  validation data only; the test accuracy of its feature-extraction run is shown
+  beside it, not used;
+* LogME (`logme.logme_score`, You et al., ICML 2021), a score from the features
+  and labels alone, and how its order agrees with the probe's (Kendall's tau);
+* costs: parameters, GFLOPs per example at the input size used
+  (`torch.utils.flop_counter`, 2 FLOPs per multiply-add), latency per example at
+  batch 1 and batch 32 through the forward pass `predict` runs (eval mode,
+  channels-last, the precision's autocast), feature dimension, extraction time
+  and peak memory.
+
+Every backbone's out-of-fold predictions cover the same examples in the same
+folds (same labels, same fold seed), so backbones are compared pairwise on them
+(`evidence.paired_difference`); the recommendation is the fastest backbone
+within noise of the best: "a is as accurate as b within noise and 2.1x faster".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from transferkit.evidence import PairedDifference, cross_validated_probe, paired_difference
+from transferkit.logme import RankAgreement, kendall_tau, logme_score
+from transferkit.wording import format_interval, ratio_phrase
+
+log = logging.getLogger(__name__)
+
+RANKING_FOLDS = 5  # with several backbones the cross-validated probe always runs: it is the ranking
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What one backbone costs to run; latencies are milliseconds per example, median of repeated timed passes."""
+
+    params: int
+    gflops: float | None  # per example at the input used; None where the flop counter cannot trace the model
+    latency_ms_batch1: float
+    latency_ms_batch32: float
+    feature_dim: int
+    extraction_seconds: float  # the pooled features of train, val and test: computed, or read from the cache
+    extraction: str  # "computed", "cached" or "mixed"
+    peak_memory_mib: float
+    engine: str  # how latency was measured, e.g. "torch bfloat16 (cpu)"
+
+
+@dataclass
+class BackboneScore:
+    """One backbone: the probe's cross-validated accuracy (the ranking), LogME, test accuracy beside, costs."""
+
+    model: str
+    cv: dict  # evidence.CVProbe.to_dict() without the probabilities
+    logme: float
+    test_accuracy: float
+    test_low: float | None
+    test_high: float | None
+    costs: Costs
+    oof_correct: np.ndarray = field(repr=False)  # (train + val,) out-of-fold correctness, the paired test's input
+    against_best: PairedDifference | None = None  # this one's accuracy minus the best's, on the out-of-fold predictions
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "cv": self.cv, "logme": self.logme, "test_accuracy": self.test_accuracy,
+                "test_low": self.test_low, "test_high": self.test_high, "costs": asdict(self.costs),
+                "oof_correct": self.oof_correct.astype(int).tolist(),
+                "against_best": self.against_best.to_dict() if self.against_best else None}
+
+
+@dataclass
+class Ranking:
+    """Backbones best first by the cross-validated probe, with the recommendation and its reason."""
+
+    scores: list[BackboneScore]
+    agreement: RankAgreement | None  # LogME's order against the probe's; None when either is constant
+    recommended: str
+    reason: str
+    front: list[str]  # the Pareto front of (probe accuracy, batch-1 latency): no other backbone is better at both
+
+    @property
+    def best(self) -> BackboneScore:
+        return self.scores[0]
+
+    def to_dict(self) -> dict:
+        return {"scores": [s.to_dict() for s in self.scores], "recommended": self.recommended, "reason": self.reason,
+                "pareto_front": self.front, "logme_vs_probe_kendall": asdict(self.agreement) if self.agreement else None,
+                "method": "rank: stratified k-fold linear probe on train+val (Wilson 95% CI); pairs: paired bootstrap "
+                          "and exact McNemar on the out-of-fold predictions; LogME (You et al. 2021) on the same "
+                          "features; latency: median ms per example through predict's forward pass"}
+
+
+def score_backbone(model: str, clf, features: np.ndarray, labels: np.ndarray, result, *, k: int, seed: int,
+                   examples) -> BackboneScore:
+    """Everything the ranking shows for one backbone, from its fitted feature-extraction run and train+val features.
+
+    `clf` is the feature-extraction classifier fitted on the split (its backbone is the pretrained one below the head),
+    `result` its StrategyResult, `examples` a split to time the forward pass on (real examples, preprocessed as predict does).
+    """
+    cv = cross_validated_probe(features, labels, k=k, seed=seed)
+    iv = (result.metrics.get("intervals") or {}).get("accuracy") or {}
+    return BackboneScore(model, cv.to_dict(), logme_score(features, labels), result.test_accuracy, iv.get("low"),
+                         iv.get("high"), measure_costs(clf, examples, result), cv.classes[cv.probabilities.argmax(1)] == labels)
+
+
+def measure_costs(clf, examples, result) -> Costs:
+    """Parameters, GFLOPs, latency at batch 1 and 32, feature size, extraction time, memory of one fitted backbone."""
+    import torch
+
+    from transferkit.inference import resolve_device, resolve_precision
+
+    bb = clf.backbone_
+    device = resolve_device(clf.config_.device)
+    dtype = resolve_precision(clf.config_.precision, device)
+    batch = _real_batch(bb, examples, 32)
+    model = bb.model.to(device).eval()
+    seconds = clf.metrics_.get("feature_seconds") or {}
+    status = set(clf.feature_cache_.values()) if clf.feature_cache_ else {"off"}
+    extraction = "cached" if status == {"hit"} else "computed" if "hit" not in status else "mixed"
+    with torch.inference_mode():
+        gflops = _gflops(model, batch[:1].to(device))
+        b1, b32 = (_latency_ms(model, _repeat_to(batch, n).to(device), device, dtype) for n in (1, 32))
+    engine = f"torch {str(dtype).replace('torch.', '') if dtype is not None else 'float32'} ({device.type})"
+    return Costs(bb.param_counts()["total"], gflops, b1, b32, bb.num_features, round(sum(seconds.values()), 3),
+                 extraction, result.peak_memory_mib, engine)
+
+
+def _real_batch(bb, examples, n: int):
+    """Up to n examples through the backbone's own preprocessing and collation: what predict feeds the model."""
+    data = bb.dataset(examples)
+    return bb.collate([data[i] for i in range(min(n, len(data)))])[0]
+
+
+def _repeat_to(x, n: int):
+    """Exactly n rows: the first n, or the rows repeated when the split is smaller."""
+    reps = -(-n // len(x))
+    return x.repeat(reps, *([1] * (x.ndim - 1)))[:n] if reps > 1 else x[:n]
+
+
+def _gflops(model, x) -> float | None:
+    """Forward GFLOPs per example (torch's flop counter: matmuls and convolutions, 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x)
+        return round(counter.get_total_flops() / 1e9 / len(x), 4)
+    except Exception as e:  # a model the counter cannot trace: its costs are still shown, without FLOPs
+        log.info("No FLOP count for this model (%s: %s).", type(e).__name__, e)
+        return None
+
+
+def _latency_ms(model, x, device, dtype, *, budget_s: float = 1.0, min_reps: int = 3) -> float:
+    """Median milliseconds per example of model(x) as predict runs it, after one warm-up pass."""
+    import torch
+
+    from transferkit.inference import autocast, to_channels_last
+
+    model = model.to(memory_format=torch.channels_last) if x.ndim == 4 else model
+    x = to_channels_last(x)
+
+    def once() -> float:
+        start = time.perf_counter()
+        with autocast(device, dtype):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    first = once()  # warm-up: allocations, kernel selection
+    times, spent = [], first
+    while len(times) < min_reps or spent < budget_s and len(times) < 50:
+        times.append(once())
+        spent += times[-1]
+    return round(float(np.median(times)) * 1000 / len(x), 3)
+
+
+def rank(scores: list[BackboneScore]) -> Ranking:
+    """Order by the probe's cross-validated accuracy, pair each backbone with the best, recommend, mark the front."""
+    scores = sorted(scores, key=lambda s: -s.cv["accuracy"])
+    best = scores[0]
+    for s in scores[1:]:
+        s.against_best = paired_difference(s.oof_correct, best.oof_correct)
+    agreement = _agreement(scores)
+    recommended, reason = recommend(scores)
+    return Ranking(scores, agreement, recommended, reason, pareto_front(scores))
+
+
+def _agreement(scores: list[BackboneScore]) -> RankAgreement | None:
+    acc = np.array([s.cv["accuracy"] for s in scores])
+    lm = np.array([s.logme for s in scores])
+    if len(scores) < 2 or np.all(acc == acc[0]) or np.all(lm == lm[0]):
+        return None
+    return kendall_tau(lm, acc)
+
+
+def recommend(scores: list[BackboneScore]) -> tuple[str, str]:
+    """The fastest backbone (batch-1 latency) within noise of the best, and the sentence that says why."""
+    best = scores[0]
+    within = [best] + [s for s in scores[1:] if not s.against_best.significant]
+    fastest = min(within, key=lambda s: s.costs.latency_ms_batch1)
+    n, k = best.cv["n"], best.cv["k"]
+    evidence = f"the {k}-fold probe on {n} train+val examples"
+    if len(scores) == 1:
+        return best.model, f"{best.model}: {_cv_text(best)} by {evidence} (one backbone: nothing to rank)."
+    if fastest is best:
+        rest = ("every other backbone is measurably less accurate" if len(within) == 1 else
+                f"{', '.join(s.model for s in within[1:])} within noise of it but slower")
+        return best.model, (f"{best.model} is the most accurate by {evidence} ({_cv_text(best)}) and the fastest of "
+                            f"those within noise ({rest}): choose it.")
+    d = fastest.against_best
+    speed = ratio_phrase(fastest.costs.latency_ms_batch1, best.costs.latency_ms_batch1, what="latency")
+    gap = format_interval(d.difference, d.low, d.high)
+    return fastest.model, (f"{fastest.model} is as accurate as {best.model} within noise by {evidence} "
+                           f"({fastest.cv['accuracy']:.1%} vs {best.cv['accuracy']:.1%}; difference {gap.replace('%', ' points', 1)}"
+                           f", McNemar p = {d.mcnemar_p:.2g}) and {speed} at batch 1: choose it.")
+
+
+def _cv_text(s: BackboneScore) -> str:
+    return format_interval(s.cv["accuracy"], s.cv["low"], s.cv["high"])
+
+
+def pareto_front(scores: list[BackboneScore]) -> list[str]:
+    """Backbones no other beats on both probe accuracy (higher) and batch-1 latency (lower), fastest first."""
+    def dominated(a: BackboneScore) -> bool:
+        return any(b.cv["accuracy"] >= a.cv["accuracy"] and b.costs.latency_ms_batch1 <= a.costs.latency_ms_batch1
+                   and (b.cv["accuracy"], b.costs.latency_ms_batch1) != (a.cv["accuracy"], a.costs.latency_ms_batch1)
+                   for b in scores)
+    return [s.model for s in sorted(scores, key=lambda s: s.costs.latency_ms_batch1) if not dominated(s)]
