@@ -193,7 +193,7 @@ def lite0_repo_files(tmp_path) -> dict[str, bytes]:
     from transferkit.backbones.vision import BUILTIN_BACKBONES, map_state_dict, read_weights_file
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    source = read_weights_file(BUILTIN_BACKBONES["efficientnet_lite0"].weights_path())
+    source = read_weights_file(BUILTIN_BACKBONES["builtin:efficientnet_lite0"].weights_path())
     mapped, _ = map_state_dict(source, model, ("classifier.weight", "classifier.bias"))
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)

