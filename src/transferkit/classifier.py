@@ -150,14 +150,15 @@ class _Classifier(BaseEstimator):
 
     def _run_settings(self) -> dict:
         """Settings a loaded run needs again (a text run's columns, to score files); the rest is in the model."""
-        return {}
+        return self._eval_columns()
 
     # ------------------------------------------------------------------ persistence
 
     def run_meta(self) -> dict:
         """What transferkit.json holds about this fitted classifier (plain JSON values)."""
         self._check_fitted()
-        return {**self._fitted.to_meta(self.strategy), "settings": self._run_settings()}
+        choice = {"backbone_choice": self.backbone_choice_} if getattr(self, "backbone_choice_", None) else {}
+        return {**self._fitted.to_meta(self.strategy), "settings": self._run_settings(), **choice}
 
     def save(self, path: str | Path) -> Path:
         """Write a run directory (model, transferkit.json, metrics, history, report); under torchrun rank 0 only."""
@@ -318,9 +319,6 @@ class TextClassifier(_Classifier):
         return {k: v for k, v in (("text_column", self.text_column), ("label_column", self.label_column)) if v}
 
     def _eval_columns(self) -> dict:
-        return self._columns()
-
-    def _run_settings(self) -> dict:
         return self._columns()
 
     def _splits(self, X, y, seed: int):

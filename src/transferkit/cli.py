@@ -69,6 +69,7 @@ def fit(
     out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Run directory to write.")] =
         Path("runs/latest"),
     model: Model = None,
+    models: Models = None,
     strategy: Annotated[str | None, typer.Option("--strategy", "-s", rich_help_panel=TRAIN, help="auto (default: measures, "
                         "chooses and says why), feature-extraction, finetune:last=N, finetune:all, lp-ft, gradual, lora.")] = None,
     text_column: TextColumn = None,
@@ -134,8 +135,13 @@ def fit(
                    optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
                    class_weights=class_weights, image_size=image_size, bn=bn, augment=augment,
                    cache_budget_gb=cache_budget, max_length=max_length, pooling=pooling)
+    choice = None
+    if models:
+        choice = choose_for_fit(data, models, model, resume, options, given(text_column=text_column, label_column=label_column))
+        model = choice.chosen
     with open_run(log, out=out_dir, run_name=f"{out_dir.name}-{strategy or 'auto'}", to=log_to) as tracker:
         clf = classifier_for(data, model, text_column, label_column, options | {"tracker": tracker})
+        clf.backbone_choice_ = choice.to_dict() if choice else None
         try:
             clf.fit(data)
         except KeyboardInterrupt:
@@ -146,6 +152,21 @@ def fit(
             log_fit_report(tracker, clf.run_meta(), out_dir)
     if distributed.is_main():
         render_fit(clf, out_dir)
+
+
+def choose_for_fit(data: str, models: str, model: str | None, resume: bool, options: dict, columns: dict):
+    """fit --models: the backbone ranked first on DATA's split by the cross-validated probe (compare.choose_backbone)."""
+    from transferkit.compare import choose_backbone
+    from transferkit.data.sources import load_data
+    from transferkit.distributed import refuse_torchrun
+
+    refuse_torchrun("fit --models")
+    if model is not None or resume:
+        raise UsageError(f"--models chooses the backbone; leave {'--model' if model else '--resume'} out (a resumed fit "
+                         "continues the backbone in its checkpoint).")
+    splits = load_data(data, **given(split=options["split"], seed=options["seed"]), **columns)
+    keep = ("seed", "device", "precision", "image_size", "max_length", "pooling", "cache", "progress", "cache_budget_gb")
+    return choose_backbone(splits, models.split(","), settings=given(**{k: options.get(k) for k in keep}))
 
 
 @app.command()

@@ -45,6 +45,9 @@ def render_fit(clf, out_dir: Path) -> None:
               f"{len(clf.classes_)} classes")
     if clf.feature_cache_:
         out.print("Feature cache: " + ", ".join(f"{k} {v}" for k, v in clf.feature_cache_.items()))
+    choice = getattr(clf, "backbone_choice_", None)
+    if choice:
+        out.print(f"Backbone [bold]{choice['chosen']}[/]: {choice['reason']}", highlight=False)
     if clf.decision_:
         out.print(f"auto chose [bold]{clf.decision_.strategy.spec}[/]: {clf.decision_.reason}")
     out.print(f"Strategy {clf.strategy_.spec}: test {scores_sentence(test, clf.modality + 's')}; val accuracy "

@@ -11,12 +11,14 @@ extraction?) and a from-scratch baseline (what is pretraining worth here?).
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import platform
 import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import psutil
@@ -31,6 +33,9 @@ from transferkit.report import Comparison, StrategyResult
 from transferkit.runs import library_versions
 from transferkit.strategies import parse_strategy
 from transferkit.tracking import Tracker, log_strategy_result
+from transferkit.wording import format_interval
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STRATEGIES = ("feature-extraction", "finetune:last=2", "finetune:all", "lp-ft")
 
@@ -175,15 +180,63 @@ def cv_probe(clf, splits: DataSplits, k: int | None, seed: int) -> dict | None:
 
 def rank_backbones(probes: dict[str, tuple[StrategyResult, object]], splits: DataSplits, k: int | None,
                    seed: int) -> Ranking:
-    """Each backbone's cross-validated probe, LogME and costs from its feature-extraction run; ranked (ranking.rank)."""
-    from transferkit.ranking import RANKING_FOLDS, rank, score_backbone
+    """Each backbone's cross-validated probe, LogME and costs from its feature-extraction run; ranked (ranking.rank).
 
+    Latencies are timed last, for every backbone in interleaved rounds (`ranking.time_backbones`).
+    """
+    from transferkit.ranking import RANKING_FOLDS, rank, score_backbone, time_backbones, with_latency
+
+    examples = splits.test if len(splits.test) else splits.val
     scores = []
     for name, (result, clf) in probes.items():
         x, y = train_val_features(clf, splits)
-        scores.append(score_backbone(name, clf, x, y, result, k=k or RANKING_FOLDS, seed=seed,
-                                     examples=splits.test if len(splits.test) else splits.val))
-    return rank(scores)
+        scores.append(score_backbone(name, clf, x, y, result, k=k or RANKING_FOLDS, seed=seed, examples=examples))
+    latencies = time_backbones([clf for _, clf in probes.values()], examples)
+    return rank([with_latency(s, *ms) for s, ms in zip(scores, latencies)])
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    """auto's backbone step (`fit --models`): the backbone chosen, why, and the ranking behind it."""
+
+    chosen: str
+    reason: str
+    ranking: Ranking
+
+    def to_dict(self) -> dict:
+        """transferkit.json's `backbone_choice` (the out-of-fold arrays left out: they are compare.json's)."""
+        ranking = self.ranking.to_dict()
+        for score in ranking["scores"]:
+            score.pop("oof_correct")
+        return {"chosen": self.chosen, "reason": self.reason, "ranking": ranking}
+
+
+def choose_backbone(splits: DataSplits, models: Sequence[str], *, settings: dict | None = None,
+                    cv: int | None = None) -> BackboneChoice:
+    """Rank `models` on the split by the frozen-feature probe's k-fold accuracy on train + val; the first is chosen.
+
+    Each backbone's features are extracted once (then cached), so a second call costs the probes. The most
+    accurate by the cross-validated probe is chosen (accuracy first, as auto decides strategies); when another
+    is as accurate within noise and faster, the reason says so and how to pick it.
+
+    Example:
+        >>> choice = choose_backbone(load_data("digits"), ["builtin:efficientnet_lite0", "builtin:efficientnet_lite1"])  # doctest: +SKIP
+        >>> ImageClassifier(choice.chosen).fit("digits")  # doctest: +SKIP
+    """
+    names = check_models(None, models, (), None, cv)
+    if len(names) < 2:
+        raise UsageError(f"--models needs at least two backbones to choose from; got '{','.join(names)}'. Give one "
+                         "backbone with --model.")
+    settings = dict(settings or {})
+    probes = {name: run_strategy(splits, "feature-extraction", model=name, settings=settings) for name in names}
+    ranking = rank_backbones(probes, splits, cv, settings.get("seed") or 0)
+    best = ranking.best
+    reason = (f"{best.model} ranks first of {len(names)} backbones by the {best.cv['k']}-fold probe on {best.cv['n']} "
+              f"train+val {splits.train.noun}s: {format_interval(best.cv['accuracy'], best.cv['low'], best.cv['high'])}")
+    if ranking.recommended != best.model:
+        reason += f"; {ranking.reason.removesuffix(': choose it.')}: pass --model {ranking.recommended} to prefer speed"
+    log.info("Backbone: %s.", reason)
+    return BackboneChoice(best.model, reason + ".", ranking)
 
 
 def trainable_params(clf) -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -100,19 +100,19 @@ class Ranking:
 
 def score_backbone(model: str, clf, features: np.ndarray, labels: np.ndarray, result, *, k: int, seed: int,
                    examples) -> BackboneScore:
-    """Everything the ranking shows for one backbone, from its fitted feature-extraction run and train+val features.
+    """Everything the ranking shows for one backbone but its latency (`time_backbones` adds it, for all at once).
 
     `clf` is the feature-extraction classifier fitted on the split (its backbone is the pretrained one below the head),
-    `result` its StrategyResult, `examples` a split to time the forward pass on (real examples, preprocessed as predict does).
+    `result` its StrategyResult, `features`/`labels` its train + val features, `examples` real examples to count FLOPs on.
     """
     cv = cross_validated_probe(features, labels, k=k, seed=seed)
     iv = (result.metrics.get("intervals") or {}).get("accuracy") or {}
     return BackboneScore(model, cv.to_dict(), logme_score(features, labels), result.test_accuracy, iv.get("low"),
-                         iv.get("high"), measure_costs(clf, examples, result), cv.classes[cv.probabilities.argmax(1)] == labels)
+                         iv.get("high"), static_costs(clf, result, examples), cv.classes[cv.probabilities.argmax(1)] == labels)
 
 
-def measure_costs(clf, examples, result) -> Costs:
-    """Parameters, GFLOPs, latency at batch 1 and 32, feature size, extraction time, memory of one fitted backbone."""
+def static_costs(clf, result, examples) -> Costs:
+    """Parameters, GFLOPs, feature size, extraction time and memory of one fitted backbone (latency left at 0)."""
     import torch
 
     from transferkit.inference import resolve_device, resolve_precision
@@ -120,23 +120,76 @@ def measure_costs(clf, examples, result) -> Costs:
     bb = clf.backbone_
     device = resolve_device(clf.config_.device)
     dtype = resolve_precision(clf.config_.precision, device)
-    batch = _real_batch(bb, examples, 32)
-    model = bb.model.to(device).eval()
     seconds = clf.metrics_.get("feature_seconds") or {}
     status = set(clf.feature_cache_.values()) if clf.feature_cache_ else {"off"}
     extraction = "cached" if status == {"hit"} else "computed" if "hit" not in status else "mixed"
+    example = _real_batch(bb, examples, 1).to(device)
     with torch.inference_mode():
-        gflops = _gflops(model, batch[:1].to(device))
-        b1, b32 = (_latency_ms(model, _repeat_to(batch, n).to(device), device, dtype) for n in (1, 32))
+        gflops = _gflops(bb.model.to(device).eval(), example)
     engine = f"torch {str(dtype).replace('torch.', '') if dtype is not None else 'float32'} ({device.type})"
-    return Costs(bb.param_counts()["total"], gflops, b1, b32, bb.num_features, round(sum(seconds.values()), 3),
+    return Costs(bb.param_counts()["total"], gflops, 0.0, 0.0, bb.num_features, round(sum(seconds.values()), 3),
                  extraction, result.peak_memory_mib, engine)
+
+
+def time_backbones(clfs: list, examples, *, budget_s: float = 2.0, min_rounds: int = 5,
+                   max_rounds: int = 40) -> list[tuple[float, float]]:
+    """(batch-1, batch-32) median ms per example for each fitted classifier, timed in interleaved rounds.
+
+    Round r times every backbone once at each batch size before round r + 1 starts, so a change of load
+    on the machine (other processes) falls on every backbone alike instead of on whichever ran then.
+    Three warm-up passes each first (allocations, oneDNN kernel selection for the shape).
+    """
+    import torch
+
+    from transferkit.inference import resolve_device, resolve_precision
+
+    jobs = []
+    for clf in clfs:
+        device = resolve_device(clf.config_.device)
+        dtype = resolve_precision(clf.config_.precision, device)
+        batch = _real_batch(clf.backbone_, examples, 32)
+        model = clf.backbone_.model.to(device).eval()
+        jobs.append([_timer(model, _repeat_to(batch, n).to(device), device, dtype) for n in (1, 32)])
+    times: list[list[list[float]]] = [[[], []] for _ in jobs]
+    with torch.inference_mode():
+        for pair in jobs:
+            for run in pair:
+                for _ in range(3):
+                    run()
+        start, rounds = time.perf_counter(), 0
+        while rounds < min_rounds or (time.perf_counter() - start < budget_s * len(jobs) and rounds < max_rounds):
+            for i, pair in enumerate(jobs):
+                for j, run in enumerate(pair):
+                    times[i][j].append(run())
+            rounds += 1
+    return [tuple(round(float(np.median(t)) * 1000 / n, 3) for t, n in zip(pair, (1, 32))) for pair in times]
+
+
+def _timer(model, x, device, dtype):
+    """A function timing one forward pass of model(x) as predict runs it (eval, channels-last, autocast), in seconds."""
+    import torch
+
+    from transferkit.inference import autocast, to_channels_last
+
+    model = model.to(memory_format=torch.channels_last) if x.ndim == 4 else model
+    x = to_channels_last(x)
+
+    def once() -> float:
+        begin = time.perf_counter()
+        with autocast(device, dtype):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - begin
+    return once
 
 
 def _real_batch(bb, examples, n: int):
     """Up to n examples through the backbone's own preprocessing and collation: what predict feeds the model."""
+    from torch.utils.data import default_collate
+
     data = bb.dataset(examples)
-    return bb.collate([data[i] for i in range(min(n, len(data)))])[0]
+    return (bb.collate or default_collate)([data[i] for i in range(min(n, len(data)))])[0]
 
 
 def _repeat_to(x, n: int):
@@ -159,29 +212,10 @@ def _gflops(model, x) -> float | None:
         return None
 
 
-def _latency_ms(model, x, device, dtype, *, budget_s: float = 1.0, min_reps: int = 3) -> float:
-    """Median milliseconds per example of model(x) as predict runs it, after one warm-up pass."""
-    import torch
-
-    from transferkit.inference import autocast, to_channels_last
-
-    model = model.to(memory_format=torch.channels_last) if x.ndim == 4 else model
-    x = to_channels_last(x)
-
-    def once() -> float:
-        start = time.perf_counter()
-        with autocast(device, dtype):
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    first = once()  # warm-up: allocations, kernel selection
-    times, spent = [], first
-    while len(times) < min_reps or spent < budget_s and len(times) < 50:
-        times.append(once())
-        spent += times[-1]
-    return round(float(np.median(times)) * 1000 / len(x), 3)
+def with_latency(score: BackboneScore, batch1_ms: float, batch32_ms: float) -> BackboneScore:
+    """The score with its measured latencies (ms per example)."""
+    score.costs = replace(score.costs, latency_ms_batch1=batch1_ms, latency_ms_batch32=batch32_ms)
+    return score
 
 
 def rank(scores: list[BackboneScore]) -> Ranking:
