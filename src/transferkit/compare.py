@@ -229,6 +229,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
                                label="scratch (random init, finetune:all)", tracker=tracker)
         notify(base)
     configs = {r.strategy: r.phases for r in results}
-    return Comparison(data_name, model or "default", settings.get("seed") or 0, results, curve, base, configs,
+    shown = clf.backbone_.spec.name if results else model or "default"  # the name it goes by, not the spelling given
+    return Comparison(data_name, shown, settings.get("seed") or 0, results, curve, base, configs,
                       machine_info(), splits.sizes(), library_versions(), seeds=seeds, cv=cv_result,
                       noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()))
