@@ -52,7 +52,7 @@ def main() -> None:
     header(f"data pipeline: decode+transform of {N_IMAGES} JPEGs (256x256) vs model extraction, EfficientNet-Lite0")
     cpu = torch.device("cpu")
     dtype = resolve_precision("auto", cpu)
-    bb = load_backbone("efficientnet_lite0", 4)
+    bb = load_backbone("builtin:efficientnet_lite0", 4)
     with tempfile.TemporaryDirectory(prefix="tk-bench-e-") as tmp:
         paths = write_jpegs(Path(tmp), N_IMAGES)
         images = FileImages(paths, [int(p.parent.name[-1]) for p in paths], [f"class{i}" for i in range(4)])

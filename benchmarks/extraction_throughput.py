@@ -64,7 +64,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     splits = load_data("digits", seed=SEED)
     images = load_digits_images().subset(range(N_TIMED))
-    bb = load_backbone("efficientnet_lite0", len(splits.classes))
+    bb = load_backbone("builtin:efficientnet_lite0", len(splits.classes))
     bb.configure_input(None, images.preprocess_hint)
     transform = make_transform(bb.data_config)  # the backbone's own preprocessing, for ready tensors
     cpu = torch.device("cpu")
@@ -72,7 +72,7 @@ def main() -> None:
     name = str(dtype).replace("torch.", "") if dtype else "fp32"
     print(f"transferkit's extraction precision on this CPU: {name}")
 
-    nchw = load_backbone("efficientnet_lite0", len(splits.classes)).model.eval()  # untouched copy: NCHW fp32
+    nchw = load_backbone("builtin:efficientnet_lite0", len(splits.classes)).model.eval()  # untouched copy: NCHW fp32
     loader = torch.utils.data.DataLoader(bb.dataset(images), batch_size=BATCH, num_workers=0)
     ready = tensor_batches(images, transform, BATCH)
     n = len(images)

@@ -48,7 +48,7 @@ def transferkit_fit() -> tuple[float, float]:
     os.environ["TRANSFERKIT_CACHE"] = str(cache)  # empty: extraction is part of the time
     try:
         start = time.perf_counter()
-        clf = ImageClassifier("efficientnet_lite0", strategy="feature-extraction", head_epochs=EPOCHS, seed=SEED,
+        clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", head_epochs=EPOCHS, seed=SEED,
                               progress=False).fit("digits")
         return time.perf_counter() - start, clf.metrics_["test"]["accuracy"]
     finally:
@@ -92,7 +92,7 @@ def naive_setup():
     """The frozen fp32 NCHW model (head trainable), its head and image loaders in the same order as transferkit's."""
     generator = seed_everything(SEED)
     splits = load_data("digits", seed=SEED)
-    bb = load_backbone("efficientnet_lite0", len(splits.classes))
+    bb = load_backbone("builtin:efficientnet_lite0", len(splits.classes))
     model = bb.model.eval()  # fp32, NCHW, BatchNorm with its stored statistics
     for p in model.parameters():
         p.requires_grad_(False)

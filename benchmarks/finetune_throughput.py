@@ -51,7 +51,7 @@ class Steps:
 
 def fresh_backbone(n_classes: int) -> bbs.Backbone:
     torch.manual_seed(SEED)
-    return bbs.load_backbone("efficientnet_lite0", n_classes)
+    return bbs.load_backbone("builtin:efficientnet_lite0", n_classes)
 
 
 def plain_step_fn(n_classes: int, steps: Steps, *, channels_last: bool = False, dtype: torch.dtype | None = None):

@@ -65,7 +65,7 @@ def main() -> None:
     table([f"matmul {MATMUL_N}x{MATMUL_N}", "GFLOP/s"], [["fp32", fp32_peak], ["bf16", bf16_peak]])
     dtype = resolve_precision("auto", torch.device("cpu"))
     name = "fp32" if dtype is None else str(dtype)[6:]
-    cases = [("resnet18", "none", 224, 32), ("efficientnet_lite0", None, 224, 32), ("efficientnet_lite0", None, 64, 128)]
+    cases = [("resnet18", "none", 224, 32), ("builtin:efficientnet_lite0", None, 224, 32), ("builtin:efficientnet_lite0", None, 64, 128)]
     rows, fractions = [], {}
     for arch, weights, size, batch in cases:
         bb = load_backbone(arch, 1000, weights=weights)

@@ -51,7 +51,7 @@ def child(folder: Path, n: int, cache: Path) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     paths = sorted(folder.rglob("*.jpg"))[:n]
     images = FileImages(paths, [int(p.parent.name[-1]) for p in paths], [f"class{i}" for i in range(4)])
-    bb = load_backbone("efficientnet_lite0", 4)
+    bb = load_backbone("builtin:efficientnet_lite0", 4)
     bb.configure_input(IMAGE_SIZE)
     cpu = torch.device("cpu")
     before = peak_rss_mb()

@@ -59,7 +59,7 @@ def colours_run(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("colours-run")
     images = write_folder(root / "colours")
-    clf = ImageClassifier("efficientnet_lite0", strategy="feature-extraction", image_size=64, progress=False).fit(images)
+    clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=64, progress=False).fit(images)
     return clf.save(root / "run"), images
 
 
@@ -118,7 +118,7 @@ def finetune_phase_alone(splits, spec: str, **settings):
     from transferkit.features import FeatureCache
     from transferkit.strategies import parse_strategy, plan_phases
 
-    bb = load_backbone("efficientnet_lite0", len(splits.classes))
+    bb = load_backbone("builtin:efficientnet_lite0", len(splits.classes))
     bb.configure_input(TINY["image_size"], splits.train.preprocess_hint)
     cfg = TrainConfig(epochs=TINY["epochs"], batch_size=TINY["batch_size"], precision=TINY["precision"])
     trainer = Trainer(bb, splits, cfg, device=torch.device("cpu"), precision=Precision(None, None),

@@ -16,7 +16,7 @@ from transferkit.errors import ModelError, UsageError
 
 @pytest.fixture(scope="module")
 def imagenet_lite0():
-    return load_backbone("efficientnet_lite0", num_classes=1000)
+    return load_backbone("builtin:efficientnet_lite0", num_classes=1000)
 
 
 @pytest.mark.parametrize(("name", "expected"), [("china.jpg", 698), ("flower.jpg", 985)])
@@ -49,7 +49,7 @@ def test_builtin_reports_how_weights_were_mapped(imagenet_lite0):
 
 
 def test_blocks_are_ordered_and_cover_every_backbone_parameter_once():
-    bb = load_backbone("efficientnet_lite0", num_classes=4)
+    bb = load_backbone("builtin:efficientnet_lite0", num_classes=4)
     names = [n for b in bb.blocks for n in b.param_names]
     assert len(names) == len(set(names))
     all_params = {n for n, _ in bb.model.named_parameters()}
@@ -76,17 +76,17 @@ def test_unknown_model_suggests_close_names():
 
 
 def test_local_safetensors_maps_by_name(tmp_path):
-    src = load_backbone("efficientnet_lite0", num_classes=1000)
+    src = load_backbone("builtin:efficientnet_lite0", num_classes=1000)
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(path))
-    bb = load_backbone("efficientnet_lite0", num_classes=7, weights=path)
+    bb = load_backbone("builtin:efficientnet_lite0", num_classes=7, weights=path)
     assert "by name" in bb.load_report and "newly initialised" in bb.load_report
     torch.testing.assert_close(bb.model.state_dict()["conv_stem.weight"], src.model.state_dict()["conv_stem.weight"])
 
 
 def test_local_pth_in_foreign_names_maps_by_order():
     path = BUILTIN_BACKBONES["builtin:efficientnet_lite0"].weights_path()
-    bb = load_backbone("efficientnet_lite0", num_classes=5, weights=path)
+    bb = load_backbone("builtin:efficientnet_lite0", num_classes=5, weights=path)
     assert "by order and shape" in bb.load_report
 
 
@@ -95,7 +95,7 @@ def test_mismatched_weights_file_is_a_clear_error(tmp_path):
     save_file({k: v.contiguous() for k, v in load_backbone("resnet18", 10, weights="none").model.state_dict().items()},
               str(path))
     with pytest.raises(ModelError, match="do not fit"):
-        load_backbone("efficientnet_lite0", num_classes=3, weights=path)
+        load_backbone("builtin:efficientnet_lite0", num_classes=3, weights=path)
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path):
@@ -108,18 +108,18 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"conv_stem.weight": Evil()}, path)
     with pytest.raises(ModelError, match="weights_only=True"):
-        load_backbone("efficientnet_lite0", num_classes=3, weights=path)
+        load_backbone("builtin:efficientnet_lite0", num_classes=3, weights=path)
     assert not marker.exists()
 
 
 def test_describe_counts_add_up():
-    info = load_backbone("efficientnet_lite0", num_classes=10).describe()
+    info = load_backbone("builtin:efficientnet_lite0", num_classes=10).describe()
     assert sum(b["params"] for b in info["blocks"]) + info["head"]["params"] == info["total_params"]
     assert info["feature_dim"] == 1280 and info["input"]["mean"] == [0.5, 0.5, 0.5]
 
 
 def test_param_groups_cover_trainable_params_once_with_decaying_lr():
-    bb = load_backbone("efficientnet_lite0", num_classes=3)
+    bb = load_backbone("builtin:efficientnet_lite0", num_classes=3)
     set_trainable_(bb, 2)
     groups = param_groups(bb, 2, backbone_lr_scale=0.1, layer_decay=0.5, weight_decay=0.01)
     ids = [id(p) for g in groups for p in g["params"]]

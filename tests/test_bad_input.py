@@ -33,9 +33,9 @@ def protected(tmp_path_factory) -> Path:
 CORPUS = [  # (arguments with {p} for the protected folder, words the message must hold)
     (["fit", "{p}/missing.csv"], ["missing.csv", "does not exist"]),
     (["fit", "{p}/images", "--weights", "{p}/nothere.pth"], ["nothere.pth", "does not exist", "--weights"]),
-    (["inspect", "efficientnet_lite0", "--weights", "{p}/nothere.safetensors"], ["nothere.safetensors", "does not exist"]),
+    (["inspect", "builtin:efficientnet_lite0", "--weights", "{p}/nothere.safetensors"], ["nothere.safetensors", "does not exist"]),
     (["fit", "{p}/images", "--model", "minilm"], ["minilm", "text model", "images"]),
-    (["fit", "{p}/texts.csv", "--model", "efficientnet_lite0"], ["efficientnet_lite0", "image model", "texts"]),
+    (["fit", "{p}/texts.csv", "--model", "builtin:efficientnet_lite0"], ["builtin:efficientnet_lite0", "image model", "texts"]),
     (["fit", "{p}/texts.csv", "--model", "minilmm"], ["minilmm", "Did you mean: minilm"]),
     (["fit", "{p}/images", "--optimizer", "adam"], ["optimizer", "adam", "adamw"]),
     (["fit", "{p}/images", "--strategy", "finetune:lst=1"], ["finetune:lst=1", "finetune:last=N"]),

@@ -38,7 +38,7 @@ def compute_together(root: str, out: str, barrier) -> None:
         return commit(self, meta)
 
     FeatureWriter.commit = commit_together
-    bb = load_backbone("efficientnet_lite0", 2)
+    bb = load_backbone("builtin:efficientnet_lite0", 2)
     bb.configure_input(64)
     arr, hit = cached_features(bb, tiny_images(), cache=FeatureCache(Path(root)), device=torch.device("cpu"),
                                dtype=None, progress=False)

@@ -32,7 +32,7 @@ def sklearn_reference(run_dir) -> float:
 
     splits = load_data("digits", seed=0)
     device = resolve_device("cpu")
-    bb = load_backbone("efficientnet_lite0", 10)
+    bb = load_backbone("builtin:efficientnet_lite0", 10)
     bb.configure_input(None, splits.train.preprocess_hint)
     assert bb.data_config == clf.data_config_
     trainer = Trainer(bb, splits, TrainConfig(), device=device, precision=Precision(resolve_precision("auto", device), None),
@@ -116,6 +116,27 @@ def test_usage_errors_exit_2_and_name_the_fix(tmp_path):
 
 def test_help_and_inspect():
     assert "feature-extraction" in run_cli("fit", "--help").stdout
-    info = json.loads(run_cli("inspect", "efficientnet_lite0", "--json").stdout)
+    info = json.loads(run_cli("inspect", "builtin:efficientnet_lite0", "--json").stdout)
     assert info["feature_dim"] == 1280 and len(info["blocks"]) == 8
-    assert "efficientnet_lite0" in run_cli("models", "lite0").stdout
+    assert "builtin:efficientnet_lite0" in run_cli("models", "lite0").stdout
+
+
+def test_models_lists_the_three_builtins_and_a_recommended_table_with_sources():
+    listed = run_cli("models", "efficientnet_lite*").stdout
+    builtins = listed.split("Built-in text")[0]
+    assert [n for n in ("builtin:efficientnet_lite0", "builtin:efficientnet_lite1", "builtin:efficientnet_lite2")
+            if n in builtins] == ["builtin:efficientnet_lite0", "builtin:efficientnet_lite1", "builtin:efficientnet_lite2"]
+    assert "240 px" in builtins and "260 px" in builtins
+    proc = run_cli("models", "--recommended", env={"HF_HUB_OFFLINE": "1"})  # offline: it downloads nothing
+    text = proc.stdout
+    from transferkit.backbones.recommended import RECOMMENDED
+    assert all(r.name in text for r in RECOMMENDED)
+    assert "resnet50.a1_in1k" in text and "25.6M" in text and "81.2% @ 288 px" in text  # counted; timm's CSV
+    assert "apache-2.0" in text and "results-imagenet.csv" in text and "Oquab et al. 2023" in text
+    assert "Traceback" not in proc.stderr
+
+
+def test_legacy_model_name_is_said_once_in_the_cli():
+    proc = run_cli("inspect", "efficientnet_lite0", "--json")
+    assert json.loads(proc.stdout)["name"] == "builtin:efficientnet_lite0"
+    assert proc.stderr.count("now names the built-in for compatibility") == 1, proc.stderr

@@ -114,7 +114,7 @@ def _within(auto: ImageClassifier, results) -> tuple[float, float]:
 
 
 def test_fine_tuning_beats_feature_extraction_on_digits_and_auto_matches_the_best(digits, tmp_path):
-    c = compare(digits, data_name="digits", model="efficientnet_lite0", strategies=["feature-extraction", "lp-ft"],
+    c = compare(digits, data_name="digits", model="builtin:efficientnet_lite0", strategies=["feature-extraction", "lp-ft"],
                 settings={"progress": False})
     fe, lpft = c.results
     print(f"digits 64px: feature-extraction {fe.test_accuracy:.4f}, lp-ft {lpft.test_accuracy:.4f}")
@@ -142,7 +142,7 @@ def test_fine_tuning_beats_feature_extraction_on_digits_and_auto_matches_the_bes
 def test_small_data_fine_tuning_does_not_collapse_and_auto_matches_the_best(digits):
     small = DataSplits(subsample_per_class(digits.train, 10, 0), digits.val, digits.test, digits.summary)
     assert len(small.train) == 100
-    c = compare(small, data_name="digits@10", model="efficientnet_lite0",
+    c = compare(small, data_name="digits@10", model="builtin:efficientnet_lite0",
                 strategies=["feature-extraction", "lp-ft", "finetune:all"], settings={"progress": False})
     fe, lpft, ft = c.results
     print(f"digits 10/class: feature-extraction {fe.test_accuracy:.4f}, lp-ft {lpft.test_accuracy:.4f}, "
@@ -169,7 +169,7 @@ def test_learning_curve_crossover_and_scratch_baseline(tmp_path):
 
     splits = load_data(write_folder(tmp_path / "colours", per_class=12), seed=0)
     settings = {"image_size": 32, "epochs": 1, "batch_size": 8, "progress": False, "precision": "fp32"}
-    c = compare(splits, data_name="colours", model="efficientnet_lite0",
+    c = compare(splits, data_name="colours", model="builtin:efficientnet_lite0",
                 strategies=["feature-extraction", "finetune:last=1"], fractions=[0.5, 1.0], baseline="scratch",
                 settings=settings)
     assert len(c.curve) == 4  # 2 strategies x (0.5, full)

@@ -11,7 +11,7 @@ from transferkit.features import FeatureCache, cached_features, feature_key
 
 @pytest.fixture(scope="module")
 def setup():
-    bb = load_backbone("efficientnet_lite0", 10)
+    bb = load_backbone("builtin:efficientnet_lite0", 10)
     images = load_data("digits").val.subset(range(40))
     bb.configure_input(None, images.preprocess_hint)
     return bb, images, bb.data_config
@@ -49,7 +49,7 @@ def test_key_changes_with_weights_preprocessing_inputs_and_cut(setup):
     ids = images.identities()
     base = feature_key(bb, cfg, "float32", ids)
     assert base == feature_key(bb, dict(cfg), "float32", list(ids))
-    other_weights = load_backbone("efficientnet_lite0", 10, weights="none")
+    other_weights = load_backbone("builtin:efficientnet_lite0", 10, weights="none")
     assert feature_key(other_weights, cfg, "float32", ids) != base
     assert feature_key(bb, {**cfg, "input_size": (3, 96, 96)}, "float32", ids) != base
     assert feature_key(bb, cfg, "bfloat16", ids) != base

@@ -233,7 +233,7 @@ def test_fit_downloads_from_the_hub_caches_and_works_offline(run, tmp_path):
     print(message)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr and message.count("\n") == 0
     assert message.startswith("Error: HF_HUB_OFFLINE is set and 'tf_efficientnet_lite0.in1k' is not in the hub cache")
-    assert all(s in message for s in ("connect", "--weights FILE", "the built-in 'efficientnet_lite0'", "--weights none"))
+    assert all(s in message for s in ("connect", "--weights FILE", "the built-in 'builtin:efficientnet_lite0'", "--weights none"))
 
 
 # --------------------------------------------------------------------------- push

@@ -31,7 +31,7 @@ def small_vit() -> Backbone:
 
 @pytest.fixture(scope="module")
 def lite0():
-    return random_head_(load_backbone("efficientnet_lite0", 3))
+    return random_head_(load_backbone("builtin:efficientnet_lite0", 3))
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,9 @@ def colours(tmp_path_factory):
     return load_data(write_folder(tmp_path_factory.mktemp("prefix") / "colours", per_class=10), seed=0)
 
 
-@pytest.mark.parametrize("make", [lambda: load_backbone("efficientnet_lite0", 3),
+@pytest.mark.parametrize("make", [lambda: load_backbone("builtin:efficientnet_lite0", 3),
                                   lambda: load_backbone("resnet18", 3, weights="none"), small_vit],
-                         ids=["efficientnet_lite0", "resnet18", "vit"])
+                         ids=["builtin:efficientnet_lite0", "resnet18", "vit"])
 def test_suffix_of_prefix_is_the_model_at_every_cut(make):
     bb = random_head_(make())
     bb.model.eval()
@@ -87,7 +87,7 @@ def test_cached_prefix_outputs_give_the_uncached_logits_within_bf16_tolerance(li
 
 
 def test_prefix_key_changes_with_weights_preprocessing_and_cut_not_with_the_trained_top(colours):
-    bb = random_head_(load_backbone("efficientnet_lite0", 3))
+    bb = random_head_(load_backbone("builtin:efficientnet_lite0", 3))
     bb.configure_input(64)
     cfg = bb.data_config
     ids = colours.train.identities()
@@ -112,7 +112,7 @@ def test_prefix_key_changes_with_weights_preprocessing_and_cut_not_with_the_trai
 
 
 def test_partial_finetune_trains_the_top_on_cached_outputs_and_reuses_them(colours):
-    pretrained = load_backbone("efficientnet_lite0", 3).model.state_dict()
+    pretrained = load_backbone("builtin:efficientnet_lite0", 3).model.state_dict()
     clf = ImageClassifier(strategy="finetune:last=1", **TINY).fit(colours)
     note = clf.phases_[-1]["prefix_cache"]
     assert note["used"] and (note["train"], note["val"]) == ("miss", "miss") and note["bytes"] > 0

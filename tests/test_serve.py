@@ -166,7 +166,7 @@ def trained(tmp_path_factory) -> Path:
     """A real feature-extraction run on generated colour images (the built-in backbone at 64 px, an AdamW head)."""
     root = tmp_path_factory.mktemp("serve")
     data = write_folder(root / "colours", per_class=8)
-    clf = ImageClassifier("efficientnet_lite0", strategy="feature-extraction", image_size=64, head_epochs=5).fit(data)
+    clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=64, head_epochs=5).fit(data)
     return clf.save(root / "run")
 
 
@@ -218,7 +218,7 @@ def test_info_health_and_docs(server, trained):
     status, info = server.get("/info")
     meta = json.loads((trained / "transferkit.json").read_text())
     assert status == 200 and info["classes"] == meta["classes"] and info["modality"] == "image"
-    assert info["backbone"]["name"] == "efficientnet_lite0" and info["preprocessing"] == meta["data_config"]
+    assert info["backbone"]["name"] == "builtin:efficientnet_lite0" and info["preprocessing"] == meta["data_config"]
     assert info["metrics"]["test"]["accuracy"] == meta["metrics"]["test"]["accuracy"]
     assert info["limits"]["max_inputs"] == 16 and info["input"]["field"] == "files"
     status, health = server.get("/healthz")

@@ -55,7 +55,7 @@ def test_last_n_larger_than_the_backbone_is_rejected():
 
 @pytest.mark.parametrize("spec", STRATEGIES)
 def test_strategy_freezes_what_it_declares_and_groups_cover_trainables_once(spec):
-    bb = load_backbone("efficientnet_lite0", num_classes=3)
+    bb = load_backbone("builtin:efficientnet_lite0", num_classes=3)
     n = len(bb.blocks)
     for phase in plan_phases(parse_strategy(spec), 3, None, n):
         for epoch in range(phase.epochs):
@@ -105,7 +105,7 @@ def bn_stats(model):
 @pytest.mark.parametrize("policy", ["frozen-blocks", "all-frozen"])
 def test_frozen_blocks_batchnorm_statistics_do_not_drift(policy, tiny_splits):
     clf = ImageClassifier(strategy="finetune:last=1", bn=policy, **TINY)
-    initial = bn_stats(load_backbone("efficientnet_lite0", 3).model)
+    initial = bn_stats(load_backbone("builtin:efficientnet_lite0", 3).model)
     clf.fit(tiny_splits)
     top_modules = {n.rsplit(".", 1)[0] for n in clf.backbone_.blocks[-1].param_names}
     for name, mean in bn_stats(clf.model_).items():
@@ -123,7 +123,7 @@ def test_frozen_blocks_batchnorm_statistics_do_not_drift(policy, tiny_splits):
 
 
 def test_bn_modes_match_requires_grad():
-    bb = load_backbone("efficientnet_lite0", 3)
+    bb = load_backbone("builtin:efficientnet_lite0", 3)
     set_trainable_(bb, 1)
     bb.model.train()
     n = set_bn_modes_(bb, "frozen-blocks")
@@ -153,7 +153,7 @@ def test_sigint_saves_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert "--resume" in err and not (tmp_path / "cut" / "transferkit.json").exists()
     state = json.loads(progress.read_text())
     assert state["phase"] == "finetune"
-    assert state["trainable_blocks"] == [load_backbone("efficientnet_lite0", 10).blocks[-1].name]
+    assert state["trainable_blocks"] == [load_backbone("builtin:efficientnet_lite0", 10).blocks[-1].name]
     resumed = subprocess.run(_fit_args(tmp_path / "cut") + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     a = json.loads((tmp_path / "full" / "transferkit.json").read_text())

@@ -108,7 +108,7 @@ def test_python_api_logs_to_mlflow_tracking_uri_and_marks_failures(image_folder,
     metrics = json.loads((out / "metrics.json").read_text())
     assert done.data.metrics["test_accuracy"] == metrics["test"]["accuracy"]
     assert done.data.metrics["train_seconds"] == metrics["train_seconds"]
-    assert done.data.params["model"] == "efficientnet_lite0" and done.data.params["auto"] == "not used"
+    assert done.data.params["model"] == "builtin:efficientnet_lite0" and done.data.params["auto"] == "not used"
     assert {a.path for a in client.list_artifacts(done.info.run_id)} == {"report.html", "metrics.json",
                                                                           "transferkit.json", "summary.md"}
     assert (tmp_path / "shared" / "mlartifacts").is_dir()

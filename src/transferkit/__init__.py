@@ -5,8 +5,8 @@ The public names are imported when first used, so ``import transferkit`` (and
 
 Example:
     >>> from transferkit import ImageClassifier
-    >>> ImageClassifier("efficientnet_lite0", strategy="feature-extraction")
-    ImageClassifier(model='efficientnet_lite0', strategy='feature-extraction')
+    >>> ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction")
+    ImageClassifier(model='builtin:efficientnet_lite0', strategy='feature-extraction')
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and in how their inputs become examples. `load_classifier(run)` returns the
 right one for a run directory.
 
 Example:
-    >>> clf = ImageClassifier("efficientnet_lite0", strategy="feature-extraction")
+    >>> clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction")
     >>> clf.fit("digits").score("digits")      # doctest: +SKIP
     0.96
 """
@@ -201,7 +201,7 @@ class ImageClassifier(_Classifier):
     """Adapt a pretrained image backbone to labelled images.
 
     Args:
-        model: built-in name (``efficientnet_lite0``, the default) or any timm model name.
+        model: a built-in (``builtin:efficientnet_lite0``, the default, ``_lite1``, ``_lite2``) or a timm name (``timm:NAME``).
         strategy: ``feature-extraction``, ``finetune:last=N``, ``finetune:all``, ``lp-ft``, ``gradual``,
             ``lora`` (transformers such as ``vit_*``) or ``auto``.
         weights: a local .safetensors/.pth file, ``"none"`` for random init, or None for the default source.

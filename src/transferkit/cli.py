@@ -53,6 +53,7 @@ from transferkit.cli_render import (
     render_export,
     render_fit,
     render_int8,
+    render_recommended,
     say_how_to_continue,
     shown_path,
     wrapping_table,
@@ -282,10 +283,17 @@ def evaluate(
 
 @app.command()
 @handles_errors
-def models(filter: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 'resnet*' or 'vit'.")] = "") -> None:
+def models(filter: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 'resnet*' or 'vit'.")] = "",
+           recommended: Annotated[bool, typer.Option("--recommended", help="A short curated table of hub backbones "
+                                                     "known to transfer well, with where each number comes from "
+                                                     "(downloads nothing).")] = False) -> None:
     """List built-in (offline) image and text backbones and timm architectures matching FILTER."""
     from transferkit.backbones import BUILTIN_BACKBONES, BUILTIN_TEXT_BACKBONES, list_models
 
+    if recommended:
+        from transferkit.backbones.recommended import recommended_table
+
+        return render_recommended(recommended_table())
     found = list_models(filter)
     out.print("[bold]Built-in image backbones (offline weights):[/]")
     for name in found["builtin"]:
@@ -301,8 +309,8 @@ def models(filter: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 're
 @app.command()
 @handles_errors
 def inspect(
-    model: Annotated[str, typer.Argument(help="Backbone name: built-in (efficientnet_lite0, minilm), timm, or a "
-                                              "transformers folder.")] = "efficientnet_lite0",
+    model: Annotated[str, typer.Argument(help="Backbone name: built-in (builtin:efficientnet_lite0, minilm), timm, or a "
+                                              "transformers folder.")] = "builtin:efficientnet_lite0",
     weights: Annotated[str | None, typer.Option(help="Local weights file, or 'none' for random init.")] = None,
     as_json: Json = False,
 ) -> None:

@@ -15,7 +15,7 @@ from rich.markup import escape
 from transferkit import __version__
 from transferkit.cli_render import err, out
 from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB, TrainConfig
-from transferkit.errors import TransferkitError
+from transferkit.errors import NameDeprecationWarning, TransferkitError
 
 DEFAULTS = TrainConfig()
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -35,6 +35,10 @@ def version_callback(value: bool) -> None:
 def main_options(version: Annotated[bool, typer.Option("--version", metavar="", callback=version_callback, is_eager=True,
                                                        help="Print the version and exit.")] = False) -> None:
     """Adapt a pretrained model to your labelled images or texts, measured on your data."""
+    import warnings
+
+    # A deprecated name is said once on the transferkit logger; Python's warning would repeat it with a source line.
+    warnings.filterwarnings("ignore", category=NameDeprecationWarning)
 
 
 def show_library_messages(quiet: bool) -> None:
@@ -82,9 +86,11 @@ def given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-Model = Annotated[str | None, typer.Option("--model", "-m", rich_help_panel=MODEL, help="Images: built-in efficientnet_lite0 "
-                                           "(offline, the default) or any timm model. Texts: built-in minilm (offline, the "
-                                           "default), a hub name or a save_pretrained folder.")]
+Model = Annotated[str | None, typer.Option("--model", "-m", rich_help_panel=MODEL, help="Images: a built-in (offline) "
+                                           "builtin:efficientnet_lite0 (the default), builtin:efficientnet_lite1 or "
+                                           "builtin:efficientnet_lite2; or any timm model by its timm name (timm:NAME is "
+                                           "always timm's). Texts: built-in minilm (offline, the default), a hub name or "
+                                           "a save_pretrained folder.")]
 Models = Annotated[str | None, typer.Option(rich_help_panel=MODEL, help="Several backbones, comma-separated (e.g. "
                                             "builtin:efficientnet_lite0,builtin:efficientnet_lite1): each is measured on "
                                             "your data and ranked by the cross-validated probe, with its costs.")]

@@ -128,3 +128,19 @@ def render_int8(r) -> None:
     if r.forced and r.drop_points > 1:
         err.print(f"[yellow]Written although int8 loses {r.drop_points:.1f} points (--force).[/]", highlight=False)
     out.print(f"Wrote {r.path} (fp32: {r.fp32_path}). Predict with: transferkit predict {r.path} IMAGE...")
+
+
+def render_recommended(rows: list[dict]) -> None:
+    """The curated hub backbones (transferkit.backbones.recommended): numbers, then where each comes from."""
+    from transferkit.backbones.recommended import LICENCE_SOURCE, PARAMS_SOURCE
+
+    table = wrapping_table("model (--model)", "params", "ImageNet top-1", "pretraining data", "licence", "top-1 source")
+    sources = list(dict.fromkeys(r["top1_source"] for r in rows))
+    for r in rows:
+        table.add_row(r["name"], f"{r['params'] / 1e6:.1f}M", f"{r['top1']:.1f}% @ {r['top1_px']} px", r["pretraining"],
+                      r["licence"], f"[{sources.index(r['top1_source']) + 1}]")
+    out.print("[bold]Hub backbones known to transfer well[/] (weights download on first use; nothing is downloaded now):")
+    out.print(table)
+    for i, source in enumerate(sources, 1):
+        out.print(f"[{i}] {source}", markup=False, highlight=False)
+    out.print(f"params: {PARAMS_SOURCE}; licence: {LICENCE_SOURCE}.", highlight=False)

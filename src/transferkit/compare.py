@@ -307,11 +307,12 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
     if baseline not in (None, "scratch"):
         raise UsageError(f"--baseline must be 'scratch'; got '{baseline}'.")
     notify = on_result or (lambda r: None)
-    results, probes = [], {}
+    results, probes, shown = [], {}, {}
     for name in names:
         for spec in specs:
             label = f"{name} / {spec}" if len(names) > 1 else spec
             result, clf = run_seeds(splits, spec, seeds, model=name, settings=settings, tracker=tracker, label=label)
+            shown[name] = clf.backbone_.spec.name  # the name it goes by, not the spelling given
             if spec == "feature-extraction":
                 probes[name] = (result, clf)
             results.append(result)
@@ -330,7 +331,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
                                label="scratch (random init, finetune:all)", tracker=tracker)
         notify(base)
     configs = {r.label: r.phases for r in results}
-    return Comparison(data_name, ",".join(n or "default" for n in names), seed, results, curve, base, configs,
+    return Comparison(data_name, ",".join(shown.get(n, n or "default") for n in names), seed, results, curve, base, configs,
                       machine_info(), splits.sizes(), library_versions(), seeds=seeds, cv=cv_result,
                       noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()),
                       ranking=ranking)

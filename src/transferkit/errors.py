@@ -72,6 +72,10 @@ class NotFittedError(TransferkitError, AttributeError):
     """A method that needs a fitted model was called before `fit`."""
 
 
+class NameDeprecationWarning(FutureWarning):
+    """A name that will mean something else in the next release (the CLI shows its log line instead)."""
+
+
 def did_you_mean(value: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ' Did you mean: a, b?' for the closest choices, or ''."""
     # 0.5: short names one character apart ('fp8' / 'fp16') still match; choices deduplicated (names listed twice).

@@ -33,6 +33,7 @@ from pathlib import Path
 from transferkit.atomic import write_history_csv, write_json
 from transferkit.backbones import read_trained
 from transferkit.backbones.base import Backbone
+from transferkit.backbones.names import LEGACY_NAMES
 from transferkit.errors import RunError
 from transferkit.hubfiles import write_hub_files
 
@@ -247,7 +248,17 @@ def read_meta(run_dir: Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"Cannot read {path}: {e}. The run directory is damaged; fit again.") from e
-    return validate_meta(meta, path)
+    return current_names(validate_meta(meta, path))
+
+
+def current_names(meta: dict) -> dict:
+    """A run saved before the built-ins had their ``builtin:`` names records the built-in Lite0 as
+    'efficientnet_lite0'; its weights ("builtin") say which model that was, so it reads as the name it has now,
+    without a deprecation message."""
+    backbone = meta["backbone"]
+    if backbone.get("weights") == "builtin" and backbone.get("name") in LEGACY_NAMES:
+        backbone["name"] = LEGACY_NAMES[backbone["name"]]
+    return meta
 
 
 def run_modality(run_dir: str | Path) -> str:

@@ -1,13 +1,13 @@
 """Pretrained networks behind one contract for both modalities (:mod:`transferkit.backbones.base`).
 
 :mod:`~transferkit.backbones.vision` loads timm image models (built-in weights,
-the hub, a file, or none), :mod:`~transferkit.backbones.text` transformers
+the hub, a file, or none; :mod:`~transferkit.backbones.names` says what a name means), :mod:`~transferkit.backbones.text` transformers
 encoders; :mod:`~transferkit.backbones.freeze` holds the freeze / BatchNorm /
 param-group helpers, :mod:`~transferkit.backbones.prefix` the frozen-prefix
 split and :mod:`~transferkit.backbones.lora` the LoRA adapters.
 
 Example:
-    >>> bb = load_backbone("efficientnet_lite0", num_classes=10)
+    >>> bb = load_backbone("builtin:efficientnet_lite0", num_classes=10)
     >>> bb.modality, [b.name for b in bb.blocks][:2]
     ('image', ['conv_stem+bn1', 'blocks.0'])
 """
@@ -17,6 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from transferkit.backbones.base import Backbone, BackboneSpec, Block
+from transferkit.backbones.names import (
+    BUILTIN_BACKBONES,
+    DEFAULT_BACKBONE,
+    builtin_for,
+    canonical_name,
+    timm_name,
+)
 from transferkit.backbones.text import (
     BUILTIN_TEXT_BACKBONES,
     DEFAULT_TEXT_BACKBONE,
@@ -24,15 +31,7 @@ from transferkit.backbones.text import (
     is_text_model,
     load_text_backbone,
 )
-from transferkit.backbones.vision import (
-    BUILTIN_BACKBONES,
-    DEFAULT_BACKBONE,
-    ImageBackbone,
-    builtin_for,
-    list_image_models,
-    load_image_backbone,
-    resolve_arch,
-)
+from transferkit.backbones.vision import ImageBackbone, list_image_models, load_image_backbone, resolve_arch
 from transferkit.errors import UsageError
 
 BACKBONE_TYPES: dict[str, type[Backbone]] = {"image": ImageBackbone, "text": TextBackbone}
@@ -45,7 +44,7 @@ def model_modality(name: str) -> str | None:
 
     if is_text_model(name):
         return "text"
-    if builtin_for(name) is not None or timm.is_model(name.split(".")[0]):
+    if builtin_for(name) is not None or timm.is_model(timm_name(name).split(".")[0]):
         return "image"
     return None
 
@@ -98,4 +97,5 @@ def list_models(filter: str = "") -> dict[str, list[str]]:
 __all__ = ["Backbone", "BackboneSpec", "Block", "ImageBackbone", "TextBackbone", "BACKBONE_TYPES", "BUILTIN_BACKBONES",
            "BUILTIN_TEXT_BACKBONES", "DEFAULT_BACKBONE", "DEFAULT_TEXT_BACKBONE", "DEFAULT_BACKBONES", "load_backbone",
            "load_image_backbone", "load_text_backbone", "model_modality", "read_trained", "list_models", "resolve_arch",
+           "canonical_name", "timm_name",
            "is_text_model", "refuse_other_modality"]

