@@ -83,7 +83,7 @@ def doctor(
 
 def render_diagnosis(d) -> None:
     """The summary table: each kind of finding, its count, its most certain examples."""
-    from transferkit.diagnose import KINDS
+    from transferkit.findings import KINDS
 
     table = wrapping_table("finding", "count", "first", title=f"doctor: {d.data} ({d.model})")
     for kind, n in d.counts().items():

@@ -203,11 +203,12 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
     if baseline not in (None, "scratch"):
         raise UsageError(f"--baseline must be 'scratch'; got '{baseline}'.")
     notify = on_result or (lambda r: None)
-    results, probe_clf = [], None
+    results, probe_clf, fitted = [], None, {}
     for spec in specs:
         result, clf = run_seeds(splits, spec, seeds, model=model, settings=settings, tracker=tracker)
         probe_clf = clf if spec == "feature-extraction" else probe_clf
         results.append(result)
+        fitted[spec] = clf
         notify(result)
     if cv != 0 and probe_clf is None:  # the probe's features come from the cache whichever strategy computed them
         probe_clf = CLASSIFIERS[splits.train.modality](model, strategy="feature-extraction", **settings).fit(splits)
@@ -229,6 +230,19 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
                                label="scratch (random init, finetune:all)", tracker=tracker)
         notify(base)
     configs = {r.strategy: r.phases for r in results}
-    return Comparison(data_name, model or "default", settings.get("seed") or 0, results, curve, base, configs,
-                      machine_info(), splits.sizes(), library_versions(), seeds=seeds, cv=cv_result,
-                      noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()))
+    c = Comparison(data_name, model or "default", settings.get("seed") or 0, results, curve, base, configs,
+                   machine_info(), splits.sizes(), library_versions(), seeds=seeds, cv=cv_result,
+                   noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()))
+    c.extras = report_extras(fitted, c.winner().strategy, data_name)
+    return c
+
+
+def report_extras(fitted: dict, best: str, data_name: str) -> dict | None:
+    """The report's mistakes gallery (of the best strategy's first seed) and data doctor (from whichever fit cached
+    the features of every split; no extra work), as each fit computed them."""
+    extras = getattr(fitted[best]._fitted, "report_extras", None)
+    if not extras:
+        return None
+    diagnosis = next((clf._fitted.report_extras["diagnosis"] for clf in fitted.values()
+                      if (clf._fitted.report_extras or {}).get("diagnosis") is not None), None)
+    return extras | {"diagnosis": diagnosis, "data": data_name, "best": best}

@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 from transferkit.atomic import write_atomic, write_json
-from transferkit.diagnose import CSV_COLUMNS, KINDS, Diagnosis, Finding
+from transferkit.findings import CSV_COLUMNS, KINDS, Diagnosis, Finding
 from transferkit.gallery import GALLERY_CSS, environment, example_view
 
 SHOWN_PER_KIND = 60  # findings of one kind shown with thumbnails; issues.csv has all of them
@@ -118,3 +118,57 @@ def write_doctor_report(d: Diagnosis, out: Path) -> dict[str, Path]:
     write_json(paths["json"], d.to_dict())
     write_atomic(paths["html"], doctor_html(d))
     return paths
+
+
+# --- the fit and compare reports' part -------------------------------------------------------
+
+_SECTION = """<style>{{ css|safe }}</style>
+<h2 id="doctor">The data doctor</h2>
+{% if summary %}
+<p>{{ summary }} On the features this fit cached: near-duplicates (leakage across splits, conflicts and duplicates
+within one) at a centred cosine of {{ threshold }} or more, and outliers.
+<a href="doctor.html">doctor.html</a> shows each finding with its thumbnails; issues.csv lists them.</p>
+{% else %}
+<p>This fit trained on {{ noun }} without caching the pretrained features of every split, so the data doctor did not
+run here.</p>
+{% endif %}
+<p>Likely label errors need k-fold probes on train + val and are not looked for here: run
+<code>{{ command }}</code>.</p>
+{% if best %}<p>The mistakes below are those of {{ best }}, the best strategy (its first seed).</p>{% endif %}
+{{ gallery|safe }}
+"""
+
+
+def fit_extras(splits, test_probs, features: dict | None, *, data_name: str, model_name: str) -> dict:
+    """What a fit adds to its report, computed while its examples are at hand: the mistakes gallery and the doctor.
+
+    `features`: the pretrained features of every split when the fit cached them (None otherwise); the
+    doctor then runs its checks without probes (folds=0: near-duplicates, leakage, outliers), in
+    milliseconds for thousands of examples.
+    """
+    from transferkit.findings import diagnose_features
+    from transferkit.gallery import mistakes_html
+
+    diagnosis = None
+    if features is not None:
+        diagnosis = diagnose_features(splits, features, data_name=data_name, model_name=model_name, folds=0)
+    return {"gallery": mistakes_html(splits.test, test_probs, list(splits.classes)), "diagnosis": diagnosis,
+            "data": data_name, "model": model_name, "noun": f"{splits.train.noun}s"}
+
+
+def report_section(extras: dict | None) -> str:
+    """The HTML the fit and compare reports include: the doctor's summary with its link, and the mistakes gallery."""
+    if not extras:
+        return ""
+    d = extras.get("diagnosis")
+    command = f"transferkit doctor {extras['data']} --model {extras['model']}"
+    return environment().from_string(_SECTION).render(
+        css=GALLERY_CSS, summary=d.summary_line() if d is not None else None, noun=extras.get("noun", "examples"),
+        threshold=d.threshold if d is not None else "", command=command, gallery=extras.get("gallery", ""),
+        best=extras.get("best"))
+
+
+def write_extras(extras: dict | None, out: Path) -> None:
+    """doctor.html, issues.csv and doctor.json of a fit's or comparison's diagnosis into `out`, when there is one."""
+    if extras and extras.get("diagnosis") is not None:
+        write_doctor_report(extras["diagnosis"], out)
