@@ -202,7 +202,7 @@ def test_texts_are_diagnosed_the_same_way_and_shown_as_text(tmp_path):
 def test_diagnose_features_returns_plain_data():
     splits = load_data("digits")
     rng = np.random.default_rng(0)
-    features = {s: rng.normal(size=(len(getattr(splits, s)), 16)).astype(np.float32) for s in ("train", "val", "test")}
+    features = {s: rng.normal(size=(len(getattr(splits, s)), 256)).astype(np.float32) for s in ("train", "val", "test")}
     features["test"][0] = features["train"][3]  # one exact leak
     d = diagnose_features(splits, features, data_name="digits", model_name="random", folds=0)
     leak = d.of_kind("leakage")
@@ -224,3 +224,37 @@ def test_bad_settings_are_refused_before_any_data_is_read(kwargs, message):
 def test_cli_bad_threshold_is_a_clear_usage_error(tmp_path):
     proc = run_cli("doctor", "digits", "--threshold", "2", "--out", str(tmp_path / "d"), check=False)
     assert proc.returncode == 2 and "--threshold" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- the mistakes gallery and the reports -----------------------------------------------------
+
+
+def test_mistakes_are_grouped_by_the_most_confused_pairs_and_sorted_by_loss():
+    from transferkit.gallery import mistakes
+
+    classes = ["a", "b", "c"]
+    labels = np.array([0, 0, 0, 1, 1, 2, 2])
+    probs = np.array([[0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.9, 0.05, 0.05],  # two a -> b, one right
+                      [0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.1, 0.7], [0.05, 0.05, 0.9]])
+    groups = mistakes(probs, labels, classes, [f"x{i}" for i in range(7)])
+    assert [(pair, n) for pair, n, _ in groups] == [(("a", "b"), 2), (("b", "a"), 1)]
+    first = groups[0][2]
+    assert [m.id for m in first] == ["x0", "x1"] and first[0].loss > first[1].loss  # p(true) 0.1 before 0.3
+    assert first[0].prob_pred == pytest.approx(0.8) and first[0].pred == "b"
+
+
+def test_fit_report_holds_the_gallery_and_the_doctor_summary_with_its_link(leaky_folder, tmp_path):
+    from transferkit import ImageClassifier
+
+    root, copies = leaky_folder
+    clf = ImageClassifier("efficientnet_lite0", strategy="feature-extraction", image_size=32, precision="fp32",
+                          progress=False).fit(root)
+    run = clf.save(tmp_path / "run")
+    page = (run / "report.html").read_text()
+    assert "Mistakes on the test split" in page and 'href="doctor.html"' in page
+    assert f"transferkit doctor {root} --model efficientnet_lite0" in page
+    assert (run / "doctor.html").is_file() and (run / "issues.csv").is_file()
+    assert "doctor" not in json.loads((run / "transferkit.json").read_text())  # the diagnosis is not run metadata
+    wrong = sum(t != p for t, p in zip(clf.metrics_["test"]["predictions"]["true"],
+                                       clf.metrics_["test"]["predictions"]["pred"]))
+    assert page.count('class="example"') == min(wrong, 6 * 8)

@@ -109,7 +109,7 @@ most confident mistakes first (highest loss, −log p(true)).</p>
 # One example cell: an <img> that counts itself into <body data-loaded / data-failed> (as report.py's figures do,
 # so a headless browser can check that every thumbnail decoded), or the text in a box.
 SHOW_MACRO = """{%- macro show(view, alt) -%}
-{% if view.src %}<img alt="{{ alt }}" src="{{ view.src }}" \
+{% if view.src is defined %}<img alt="{{ alt }}" src="{{ view.src }}" \
 onload="var d=document.body.dataset;d.loaded=(+d.loaded||0)+1" \
 onerror="var d=document.body.dataset;d.failed=(+d.failed||0)+1">\
 {% else %}<blockquote class="text">{{ view.text }}</blockquote>{% endif %}
