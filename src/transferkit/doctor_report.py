@@ -17,6 +17,10 @@ from transferkit.findings import CSV_COLUMNS, KINDS, Diagnosis, Finding
 from transferkit.gallery import GALLERY_CSS, environment, example_view
 
 SHOWN_PER_KIND = 60  # findings of one kind shown with thumbnails; issues.csv has all of them
+# A fit's report runs the doctor's checks only up to this many examples (all splits): the pair search is
+# O(n^2 d), ~5e11 multiply-adds at 20,000 examples of 1280-d features, seconds on a CPU; beyond, it points
+# to `transferkit doctor`, whose time the user chooses to spend.
+MAX_REPORT_EXAMPLES = 20_000
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -129,8 +133,9 @@ _SECTION = """<style>{{ css|safe }}</style>
 within one) at a centred cosine of {{ threshold }} or more, and outliers.
 <a href="doctor.html">doctor.html</a> shows each finding with its thumbnails; issues.csv lists them.</p>
 {% else %}
-<p>This fit trained on {{ noun }} without caching the pretrained features of every split, so the data doctor did not
-run here.</p>
+<p>The data doctor did not run with this fit: a fit has the pretrained features of every split at hand only when
+its head trained on them (feature-extraction, or auto choosing it), and the report runs the checks up to {{ limit }}
+{{ noun }}.</p>
 {% endif %}
 <p>Likely label errors need k-fold probes on train + val and are not looked for here: run
 <code>{{ command }}</code>.</p>
@@ -150,7 +155,7 @@ def fit_extras(splits, test_probs, features: dict | None, *, data_name: str, mod
     from transferkit.gallery import mistakes_html
 
     diagnosis = None
-    if features is not None:
+    if features is not None and sum(splits.sizes().values()) <= MAX_REPORT_EXAMPLES:
         diagnosis = diagnose_features(splits, features, data_name=data_name, model_name=model_name, folds=0)
     return {"gallery": mistakes_html(splits.test, test_probs, list(splits.classes)), "diagnosis": diagnosis,
             "data": data_name, "model": model_name, "noun": f"{splits.train.noun}s"}
@@ -165,7 +170,7 @@ def report_section(extras: dict | None) -> str:
     return environment().from_string(_SECTION).render(
         css=GALLERY_CSS, summary=d.summary_line() if d is not None else None, noun=extras.get("noun", "examples"),
         threshold=d.threshold if d is not None else "", command=command, gallery=extras.get("gallery", ""),
-        best=extras.get("best"))
+        best=extras.get("best"), limit=f"{MAX_REPORT_EXAMPLES:,}")
 
 
 def write_extras(extras: dict | None, out: Path) -> None:
