@@ -42,7 +42,7 @@ def diagnose(data, *, model: str | None = None, threshold: float = DUPLICATE_THR
     Example:
         >>> d = diagnose("digits")                   # doctest: +SKIP
         >>> d.counts()["label"], d.to_rows()[0]["kind"]  # doctest: +SKIP
-        (3, 'leakage')
+        (9, 'leakage')
     """
     from transferkit.classifier import CLASSIFIERS
     from transferkit.data.sources import detect_modality, load_data
@@ -53,8 +53,9 @@ def diagnose(data, *, model: str | None = None, threshold: float = DUPLICATE_THR
     given = isinstance(data, DataSplits)
     modality = data.train.modality if given else detect_modality(data, **columns)[0]
     clf = CLASSIFIERS[modality](model, device=device, precision=precision, seed=seed,
+                                **({"split": split} if split is not None else {}),
                                 **{k: v for k, v in data_options.items() if v is not None})
-    clf._validated()  # every setting checked before the data is read
+    clf._validated()  # every setting (the split's fractions too) checked before the data is read
     if given:
         splits, name = data, data.summary.source
     else:
