@@ -258,3 +258,18 @@ def test_fit_report_holds_the_gallery_and_the_doctor_summary_with_its_link(leaky
     wrong = sum(t != p for t, p in zip(clf.metrics_["test"]["predictions"]["true"],
                                        clf.metrics_["test"]["predictions"]["pred"]))
     assert page.count('class="example"') == min(wrong, 6 * 8)
+
+
+def test_compare_report_links_the_doctor_written_beside_it(leaky_folder, tmp_path):
+    from transferkit.compare import compare
+    from transferkit.report import write_comparison
+
+    root, _ = leaky_folder
+    splits = load_data(root)
+    c = compare(splits, data_name=str(root), strategies=["feature-extraction"], cv=0,
+                settings={"image_size": 32, "precision": "fp32", "progress": False})
+    paths = write_comparison(c, tmp_path / "cmp")
+    page = paths["html"].read_text()
+    assert 'href="doctor.html"' in page and "Mistakes on the test split" in page
+    assert paths["doctor"].is_file() and (tmp_path / "cmp" / "issues.csv").is_file()
+    assert "extras" not in json.loads(paths["json"].read_text())
