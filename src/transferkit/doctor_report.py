@@ -25,7 +25,7 @@ MAX_REPORT_EXAMPLES = 20_000
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.finding{border:1px solid #ddd;padding:.5em;
-margin:0;width:230px;font-size:.8em}.finding.wide{width:440px}""" + GALLERY_CSS
+margin:0;width:230px;font-size:.8em}.finding.wide{width:440px}td:last-child{text-align:left}""" + GALLERY_CSS
 
 _PAGE = """<!doctype html>
 <html><head><meta charset='utf-8'><title>transferkit doctor: {{ d.data }}</title><style>{{ css|safe }}</style></head>
