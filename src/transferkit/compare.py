@@ -243,6 +243,6 @@ def report_extras(fitted: dict, best: str, data_name: str) -> dict | None:
     extras = getattr(fitted[best]._fitted, "report_extras", None)
     if not extras:
         return None
-    diagnosis = next((clf._fitted.report_extras["diagnosis"] for clf in fitted.values()
-                      if (clf._fitted.report_extras or {}).get("diagnosis") is not None), None)
-    return extras | {"diagnosis": diagnosis, "data": data_name, "best": best}
+    doctor = next((clf._fitted.report_extras["doctor"] for clf in fitted.values()
+                   if (clf._fitted.report_extras or {}).get("doctor")), None)
+    return extras | {"doctor": doctor, "data": data_name, "best": best}

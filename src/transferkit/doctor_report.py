@@ -145,19 +145,25 @@ its head trained on them (feature-extraction, or auto choosing it), and the repo
 
 
 def fit_extras(splits, test_probs, features: dict | None, *, data_name: str, model_name: str) -> dict:
-    """What a fit adds to its report, computed while its examples are at hand: the mistakes gallery and the doctor.
+    """What a fit adds to its report, made while its examples are at hand: the mistakes gallery and the doctor.
 
     `features`: the pretrained features of every split when the fit cached them (None otherwise); the
     doctor then runs its checks without probes (folds=0: near-duplicates, leakage, outliers), in
-    milliseconds for thousands of examples.
+    milliseconds for thousands of examples. Its files are rendered now, as text, so that the
+    estimator does not keep the examples (the thumbnails' source) alive after the fit.
     """
+    import json
+
     from transferkit.findings import diagnose_features
     from transferkit.gallery import mistakes_html
 
-    diagnosis = None
+    doctor = None
     if features is not None and sum(splits.sizes().values()) <= MAX_REPORT_EXAMPLES:
-        diagnosis = diagnose_features(splits, features, data_name=data_name, model_name=model_name, folds=0)
-    return {"gallery": mistakes_html(splits.test, test_probs, list(splits.classes)), "diagnosis": diagnosis,
+        d = diagnose_features(splits, features, data_name=data_name, model_name=model_name, folds=0)
+        doctor = {"summary": d.summary_line(), "threshold": d.threshold,
+                  "files": {"doctor.html": doctor_html(d), "issues.csv": issues_csv(d),
+                            "doctor.json": json.dumps(d.to_dict(), indent=2, default=str) + "\n"}}
+    return {"gallery": mistakes_html(splits.test, test_probs, list(splits.classes)), "doctor": doctor,
             "data": data_name, "model": model_name, "noun": f"{splits.train.noun}s"}
 
 
@@ -165,15 +171,15 @@ def report_section(extras: dict | None) -> str:
     """The HTML the fit and compare reports include: the doctor's summary with its link, and the mistakes gallery."""
     if not extras:
         return ""
-    d = extras.get("diagnosis")
+    d = extras.get("doctor")
     command = f"transferkit doctor {extras['data']} --model {extras['model']}"
     return environment().from_string(_SECTION).render(
-        css=GALLERY_CSS, summary=d.summary_line() if d is not None else None, noun=extras.get("noun", "examples"),
-        threshold=d.threshold if d is not None else "", command=command, gallery=extras.get("gallery", ""),
+        css=GALLERY_CSS, summary=d["summary"] if d else None, noun=extras.get("noun", "examples"),
+        threshold=d["threshold"] if d else "", command=command, gallery=extras.get("gallery", ""),
         best=extras.get("best"), limit=f"{MAX_REPORT_EXAMPLES:,}")
 
 
 def write_extras(extras: dict | None, out: Path) -> None:
-    """doctor.html, issues.csv and doctor.json of a fit's or comparison's diagnosis into `out`, when there is one."""
-    if extras and extras.get("diagnosis") is not None:
-        write_doctor_report(extras["diagnosis"], out)
+    """doctor.html, issues.csv and doctor.json of a fit's or comparison's doctor into `out`, when it ran."""
+    for name, text in ((extras or {}).get("doctor") or {}).get("files", {}).items():
+        write_atomic(Path(out) / name, text)

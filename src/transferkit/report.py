@@ -515,7 +515,7 @@ def write_comparison(c: Comparison, out: Path) -> dict[str, Path]:
     write_json(paths["json"], c.to_dict())
     write_atomic(paths["markdown"], comparison_markdown(c))
     write_atomic(paths["html"], comparison_html(c))
-    if c.extras and c.extras.get("diagnosis") is not None:
+    if c.extras and c.extras.get("doctor"):
         from transferkit.doctor_report import write_extras
 
         write_extras(c.extras, out)
