@@ -167,7 +167,7 @@ class _Classifier(BaseEstimator):
 
         self._check_fitted()
         if distributed.is_main():
-            save_run(Path(path), self.backbone_, self.run_meta())
+            save_run(Path(path), self.backbone_, self.run_meta(), report_extras=self._fitted.report_extras)
         return Path(path)
 
     @classmethod

@@ -46,6 +46,7 @@ from transferkit.cli_common import (
     parse_split,
     show_library_messages,
 )
+from transferkit.cli_doctor import doctor
 from transferkit.cli_render import (
     err,
     out,
@@ -516,6 +517,9 @@ def serve(
 
     run_server(run, sock, config=config, on_ready=ready, **given(workers=workers, device=device, precision=precision))
     out.print("Stopped.")
+
+
+app.command()(doctor)
 
 
 def main() -> None:

@@ -307,7 +307,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
     if baseline not in (None, "scratch"):
         raise UsageError(f"--baseline must be 'scratch'; got '{baseline}'.")
     notify = on_result or (lambda r: None)
-    results, probes, shown = [], {}, {}
+    results, probes, shown, fitted = [], {}, {}, {}
     for name in names:
         for spec in specs:
             label = f"{name} / {spec}" if len(names) > 1 else spec
@@ -316,6 +316,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
             if spec == "feature-extraction":
                 probes[name] = (result, clf)
             results.append(result)
+            fitted[label] = clf
             notify(result)
         if name not in probes and (cv != 0 or len(names) > 1):  # the probe's features come from the cache
             probes[name] = run_strategy(splits, "feature-extraction", model=name, settings=settings)
@@ -331,10 +332,12 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
                                label="scratch (random init, finetune:all)", tracker=tracker)
         notify(base)
     configs = {r.label: r.phases for r in results}
-    return Comparison(data_name, ",".join(shown.get(n, n or "default") for n in names), seed, results, curve, base, configs,
-                      machine_info(), splits.sizes(), library_versions(), seeds=seeds, cv=cv_result,
-                      noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()),
-                      ranking=ranking)
+    c = Comparison(data_name, ",".join(shown.get(n, n or "default") for n in names), seed, results, curve, base, configs,
+                   machine_info(), splits.sizes(), library_versions(), seeds=seeds, cv=cv_result,
+                   noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()),
+                   ranking=ranking)
+    c.extras = report_extras(fitted, c.winner().label, data_name)
+    return c
 
 
 def _learning_curve(splits: DataSplits, specs: list[str], fractions: Sequence[float], model: str | None, settings: dict,
@@ -350,3 +353,14 @@ def _learning_curve(splits: DataSplits, specs: list[str], fractions: Sequence[fl
             curve.append(result)
             notify(result)
     return curve
+
+
+def report_extras(fitted: dict, best: str, data_name: str) -> dict | None:
+    """The report's mistakes gallery (of the best strategy's first seed) and data doctor (from whichever fit cached
+    the features of every split; no extra work), as each fit computed them."""
+    extras = getattr(fitted[best]._fitted, "report_extras", None)
+    if not extras:
+        return None
+    doctor = next((clf._fitted.report_extras["doctor"] for clf in fitted.values()
+                   if (clf._fitted.report_extras or {}).get("doctor")), None)
+    return extras | {"doctor": doctor, "data": data_name, "best": best}

@@ -99,6 +99,7 @@ class Comparison:
     noun: str = "examples"
     train_class_counts: list = field(default_factory=list)
     ranking: Ranking | None = None  # several backbones (compare --models): ranked with their costs
+    extras: dict | None = field(default=None, repr=False)  # mistakes gallery and data doctor (doctor_report.fit_extras)
 
     def winner(self) -> StrategyResult:
         return verdicts.best_of(self.results)
@@ -388,6 +389,7 @@ are Wilson 95%; balanced accuracy and macro-F1 intervals are bootstrap over exam
 <h3>{{ s.label }}: per-class precision / recall</h3>
 {{ per_class(s.per_class, s.absent) }}
 {% endfor %}
+{{ extra|safe }}
 <h2>Resolved configurations</h2>
 <pre>{{ configs }}</pre>
 <h2>Versions</h2>
@@ -410,6 +412,7 @@ the head; test ECE {{ "%.3f"|format(calibration.get("test_ece_before", 0)) }} be
 </div>
 <h2>Per class</h2>
 {{ per_class(per_class_rows, absent) }}
+{{ extra|safe }}
 <h2>Strategy and phases</h2>
 <pre>{{ strategy }}</pre>
 <h2>Training configuration</h2>
@@ -451,6 +454,8 @@ def _strategy_section(r: StrategyResult, classes: list[str]) -> dict:
 
 def comparison_html(c: Comparison) -> str:
     """The self-contained report.html of a comparison: tables, verdict, plots inlined as PNG data URIs."""
+    from transferkit.doctor_report import report_section
+
     classes = list(c.results[0].metrics["per_class"])
     baseline = {"rows": table_rows([c.baseline]), "sentence": pretraining_sentence(c)} if c.baseline else None
     curve = {"crossover": c.crossover() or "", "png": plot_learning_curves(c.curve)} if c.curve else None
@@ -462,7 +467,8 @@ def comparison_html(c: Comparison) -> str:
                    cv=_cv_context(c.cv), reliability_png=plot_reliability(c.results),
                    val_png=plot_validation_curves(c.results), ranking=ranking_context(c.ranking),
                    strategies=[_strategy_section(r, classes) for r in c.results],
-                   configs=json.dumps(c.configs, indent=1), versions=json.dumps(c.versions, indent=1))
+                   configs=json.dumps(c.configs, indent=1), versions=json.dumps(c.versions, indent=1),
+                   extra=report_section(c.extras))
 
 
 PAIRED_COLUMNS = ("strategy", "minus the best (points)", "95% CI", "McNemar p", "only best right", "only it right",
@@ -522,11 +528,19 @@ def write_comparison(c: Comparison, out: Path) -> dict[str, Path]:
     write_json(paths["json"], c.to_dict())
     write_atomic(paths["markdown"], comparison_markdown(c))
     write_atomic(paths["html"], comparison_html(c))
+    if c.extras and c.extras.get("doctor"):
+        from transferkit.doctor_report import write_extras
+
+        write_extras(c.extras, out)
+        paths["doctor"] = out / "doctor.html"
     return paths
 
 
-def write_fit_report(out: Path, meta: dict, history: list[dict]) -> Path:
-    """A single run's report.html, confusion.png and curves.png."""
+def write_fit_report(out: Path, meta: dict, history: list[dict], extras: dict | None = None) -> Path:
+    """A single run's report.html, confusion.png and curves.png; with `extras` (doctor_report.fit_extras) the
+    mistakes gallery and the data doctor's summary, and doctor.html / issues.csv beside it."""
+    from transferkit.doctor_report import report_section, write_extras
+
     test = meta["metrics"]["test"]
     confusion_png = plot_confusion(test["confusion"], meta["classes"], "confusion (test)")
     curves_png = plot_history(history, f"{meta['strategy']['spec']}: training")
@@ -537,7 +551,8 @@ def write_fit_report(out: Path, meta: dict, history: list[dict]) -> Path:
                    calibration=meta["metrics"].get("calibration"),
                    curves_png=curves_png, confusion_png=confusion_png, per_class_rows=_per_class_rows(test),
                    absent=test.get("absent_classes", []), strategy=json.dumps(meta["strategy"], indent=1),
-                   training=json.dumps(meta.get("training", {}), indent=1))
+                   training=json.dumps(meta.get("training", {}), indent=1), extra=report_section(extras))
+    write_extras(extras, out)
     write_atomic(out / "report.html", page)
     return out / "report.html"
 

@@ -56,7 +56,7 @@ def library_versions() -> dict[str, str]:
     return out | {"python": platform.python_version()}
 
 
-def save_run(out: Path, backbone: Backbone, meta: dict) -> None:
+def save_run(out: Path, backbone: Backbone, meta: dict, report_extras: dict | None = None) -> None:
     """Write a run directory as a unit: built beside `out`, then swapped in; a previous run is replaced whole.
 
     Everything (model through the backbone contract, metadata, metrics, history, report; the manifest last)
@@ -71,7 +71,7 @@ def save_run(out: Path, backbone: Backbone, meta: dict) -> None:
     _remove_stale_staging(out)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.saving-"))
     try:
-        _write_run_files(stage, backbone, meta, out.name)
+        _write_run_files(stage, backbone, meta, out.name, report_extras)
         _link_carried(out, stage)
         replaced = read_meta_or_none(out)
         _swap_in(stage, out)
@@ -83,7 +83,7 @@ def save_run(out: Path, backbone: Backbone, meta: dict) -> None:
                  replaced.get("backbone", {}).get("name", "?"))
 
 
-def _write_run_files(stage: Path, backbone: Backbone, meta: dict, name: str) -> None:
+def _write_run_files(stage: Path, backbone: Backbone, meta: dict, name: str, report_extras: dict | None = None) -> None:
     backbone.write_trained(stage)
     manifest = {"format_version": FORMAT_VERSION, **meta, "versions": library_versions()}
     if meta.get("history"):
@@ -93,7 +93,7 @@ def _write_run_files(stage: Path, backbone: Backbone, meta: dict, name: str) -> 
     if "test" in meta.get("metrics", {}):
         from transferkit.report import write_fit_report
 
-        write_fit_report(stage, meta, meta.get("history", []))
+        write_fit_report(stage, meta, meta.get("history", []), report_extras)
     write_hub_files(stage, backbone, manifest, name)  # timm's config.json, the model card
     write_json(stage / META_FILE, manifest)
 

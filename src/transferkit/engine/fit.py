@@ -45,6 +45,7 @@ class Fitted:
     metrics: dict
     feature_cache: dict
     data_summary: dict
+    report_extras: dict | None = None  # the report's mistakes gallery and data doctor (doctor_report.fit_extras); not saved
 
     def attributes(self) -> dict:
         """The estimator's fitted attributes (names end in `_`)."""
@@ -130,8 +131,22 @@ def fit(request: FitRequest, cfg: TrainConfig) -> Fitted:
                      "feature_seconds": dict(trainer.feature_seconds)},
                     dict(trainer.cache_hits), {**splits.summary.to_dict(),
                                                     "train_class_counts": list(splits.train.class_counts().values())})
+    fitted.report_extras = _report_extras(trainer, splits, test_logits)
     fit_log.end(fitted.to_meta(request.strategy.spec))
     return fitted
+
+
+def _report_extras(trainer: Trainer, splits: DataSplits, test_logits) -> dict | None:
+    """The report's mistakes gallery and the data doctor's cheap checks, on features the fit already cached."""
+    from transferkit.doctor_report import fit_extras
+    from transferkit.evaluate import softmax
+
+    if not distributed.is_main():
+        return None
+    cached = all(s in trainer.cache_hits for s in ("train", "val", "test"))  # else computing them costs a pass
+    features = {s: trainer.features(s) for s in ("train", "val", "test")} if cached else None
+    return fit_extras(splits, softmax(test_logits), features, data_name=splits.summary.source,
+                      model_name=trainer.bb.spec.name)
 
 
 def calibrate(trainer: Trainer, last) -> dict | None:
