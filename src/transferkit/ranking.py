@@ -249,7 +249,7 @@ def recommend(scores: list[BackboneScore]) -> tuple[str, str]:
     if fastest is best:
         rest = ("every other backbone is measurably less accurate" if len(within) == 1 else
                 f"{', '.join(s.model for s in within[1:])} within noise of it but slower")
-        return best.model, (f"{best.model} is the most accurate by {evidence} ({_cv_text(best)}) and the fastest of "
+        return best.model, (f"{best.model} is the most accurate by {evidence}, {_cv_text(best)}, and the fastest of "
                             f"those within noise ({rest}): choose it.")
     d = fastest.against_best
     speed = ratio_phrase(fastest.costs.latency_ms_batch1, best.costs.latency_ms_batch1, what="latency")
