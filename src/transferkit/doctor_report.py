@@ -62,8 +62,9 @@ def method_sentence(d: Diagnosis) -> str:
              f"train and val example, each from {d.folds}-fold probes that never saw it (logistic regression and "
              f"cosine k-NN, averaged; accuracy {d.probe_accuracy:.1%}); estimated share of wrong labels "
              f"{d.estimated_label_errors:.1%}." if d.folds else "Label errors: not checked.")
-    return (f"{label} Near-duplicates: cosine similarity of centred {d.model} features at or above {d.threshold:g} "
-            "(across splits: leakage; within a split: conflict under different labels, duplicate under the same). "
+    return (f"{label} Near-duplicates: {d.measure} at or above {d.threshold:g}, searched over every pair "
+            f"(across splits: leakage; within a split: conflict under different labels, duplicate under the same); "
+            f"each pair also shows the cosine similarity of its centred {d.model} features, which does not decide. "
             "Outliers: mean cosine distance to their 5 nearest same-class neighbours, modified z-score of its log "
             "above 3.5.")
 
@@ -72,7 +73,7 @@ def _caption(f: Finding) -> str:
     if f.kind == "label":
         return f"given {f.given_label}, suggested {f.suggested_label}; score {f.score:.3f} (1 - p(given))"
     if f.other_id is not None:
-        return f"cosine {f.score:.3f}"
+        return f"similarity {f.score:.3f}, feature cosine {f.cosine:.3f}" if f.cosine is not None else f"similarity {f.score:.3f}"
     if f.kind == "outlier":
         return f"mean distance to its nearest same-class neighbours {f.score:.3f}"
     return "byte-identical to a file in an earlier split"
@@ -130,7 +131,7 @@ _SECTION = """<style>{{ css|safe }}</style>
 <h2 id="doctor">The data doctor</h2>
 {% if summary %}
 <p>{{ summary }} On the features this fit cached: near-duplicates (leakage across splits, conflicts and duplicates
-within one) at a centred cosine of {{ threshold }} or more, and outliers.
+within one) at an input similarity of {{ threshold }} or more (thumbnail correlation or 3-gram Jaccard), and outliers.
 <a href="doctor.html">doctor.html</a> shows each finding with its thumbnails; issues.csv lists them.</p>
 {% else %}
 <p>The data doctor did not run with this fit: a fit has the pretrained features of every split at hand only when
