@@ -6,8 +6,9 @@ on one (n, d) feature array per split and returns a `Diagnosis`:
 * likely label errors among train + val: out-of-sample class probabilities for
   every example, each from probes that never saw it (stratified k-fold), then
   confident learning (`doctor.find_label_issues`);
-* near-duplicates across splits (leakage: train/val, train/test, val/test) and
-  within a split (a conflict under different labels, or a plain duplicate);
+* near-copies, found in input space (`near_copies`: image thumbnails, text 3-grams), across splits
+  (leakage: train/val, train/test, val/test) and within a split (a conflict under different labels,
+  or a plain duplicate);
 * outliers: examples far from every neighbour of their own class;
 * byte-identical files across splits, as the data scanner already reports them.
 
