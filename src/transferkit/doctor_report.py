@@ -17,8 +17,9 @@ from transferkit.findings import CSV_COLUMNS, KINDS, Diagnosis, Finding
 from transferkit.gallery import GALLERY_CSS, environment, example_view
 
 SHOWN_PER_KIND = 60  # findings of one kind shown with thumbnails; issues.csv has all of them
-# A fit's report runs the doctor's checks only up to this many examples (all splits): the pair search is
-# O(n^2 d), ~5e11 multiply-adds at 20,000 examples of 1280-d features, seconds on a CPU; beyond, it points
+# A fit's report runs the doctor's checks only up to this many examples (all splits): the outlier search is
+# O(n^2 d / classes) on 1280-d features and the near-copy search O(n^2) on 256-pixel thumbnails (~1e11
+# multiply-adds at 20,000 examples, seconds on a CPU) after one decode of every example; beyond, it points
 # to `transferkit doctor`, whose time the user chooses to spend.
 MAX_REPORT_EXAMPLES = 20_000
 
@@ -149,8 +150,8 @@ def fit_extras(splits, test_probs, features: dict | None, *, data_name: str, mod
     """What a fit adds to its report, made while its examples are at hand: the mistakes gallery and the doctor.
 
     `features`: the pretrained features of every split when the fit cached them (None otherwise); the
-    doctor then runs its checks without probes (folds=0: near-duplicates, leakage, outliers), in
-    milliseconds for thousands of examples. Its files are rendered now, as text, so that the
+    doctor then runs its checks without probes (folds=0: near-duplicates, leakage, outliers): seconds
+    for thousands of examples, most of it decoding each image once more for its thumbnail. Its files are rendered now, as text, so that the
     estimator does not keep the examples (the thumbnails' source) alive after the fit.
     """
     import json
