@@ -36,8 +36,10 @@ def doctor(
     model: Model = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Where doctor.html, issues.csv and "
                                                                                       "doctor.json go.")] = Path("doctor"),
-    threshold: Annotated[float | None, typer.Option(rich_help_panel=MODEL, help="Cosine similarity of centred features at "
-                                                    "and above which two examples are near-duplicates (default 0.8).")] = None,
+    threshold: Annotated[float | None, typer.Option(rich_help_panel=MODEL, help="Input similarity at and above which two "
+                                                    "examples are near-duplicates: images, Pearson correlation of 16x16 "
+                                                    "grey thumbnails (default 0.98); texts, Jaccard index of character "
+                                                    "3-grams (default 0.9).")] = None,
     folds: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help="Folds of the out-of-sample probes for the "
                                               "label check (default 5; 0 skips it).")] = None,
     text_column: TextColumn = None,
@@ -91,6 +93,8 @@ def render_diagnosis(d) -> None:
         table.add_row(kind, str(n), first)
     out.print(table)
     out.print(d.summary_line(), highlight=False)
+    out.print(f"  near-duplicates: {d.measure} >= {d.threshold:g}; each pair also carries its centred feature cosine.",
+              highlight=False)
     for kind in KINDS:
         if d.counts()[kind]:
             out.print(f"  {kind}: {KINDS[kind]}", highlight=False)
@@ -102,5 +106,5 @@ def _short(f) -> str:
     if f.kind == "label":
         return f"{f.id} ({f.given_label} -> {f.suggested_label})"
     if f.other_id is not None:
-        return f"{f.id} ~ {f.other_id} ({f.score:.2f})"
+        return f"{f.id} ~ {f.other_id} ({f.score:.3f})"
     return f.id

@@ -14,12 +14,12 @@ import time
 import numpy as np
 
 from transferkit.data.examples import SPLIT_NAMES, DataSplits
-from transferkit.findings import DEFAULT_FOLDS, DUPLICATE_THRESHOLD, Diagnosis, check_settings, diagnose_features
+from transferkit.findings import DEFAULT_FOLDS, Diagnosis, check_settings, diagnose_features
 
 log = logging.getLogger(__name__)
 
 
-def diagnose(data, *, model: str | None = None, threshold: float = DUPLICATE_THRESHOLD,
+def diagnose(data, *, model: str | None = None, threshold: float | None = None,
              folds: int = DEFAULT_FOLDS, seed: int = 0, split=None, cache: bool = True, progress: bool = False,
              device: str = "auto", precision: str = "auto", **data_options) -> Diagnosis:
     """Look for label errors, near-duplicates, leakage and outliers in labelled data.
@@ -28,7 +28,9 @@ def diagnose(data, *, model: str | None = None, threshold: float = DUPLICATE_THR
         data: what `fit` takes: an image folder, a CSV, ``digits``, a torchvision name, a text
             CSV/TSV/JSONL, or a `DataSplits`.
         model: the backbone whose pooled features are compared (None: the modality's default).
-        threshold: cosine similarity at and above which two examples are near-duplicates.
+        threshold: input similarity at and above which two examples are near-duplicates: images, the
+            Pearson correlation of 16x16 grey thumbnails (None: 0.98); texts, the Jaccard index of
+            character 3-grams (None: 0.9). See `transferkit.near_copies`.
         folds: folds of the out-of-sample probes for the label check (0 skips it).
         seed: the split's seed (as `fit`'s) and the folds' shuffle.
         split: train/val/test fractions when the data gives no split (None: fit's default).

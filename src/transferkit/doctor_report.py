@@ -17,8 +17,9 @@ from transferkit.findings import CSV_COLUMNS, KINDS, Diagnosis, Finding
 from transferkit.gallery import GALLERY_CSS, environment, example_view
 
 SHOWN_PER_KIND = 60  # findings of one kind shown with thumbnails; issues.csv has all of them
-# A fit's report runs the doctor's checks only up to this many examples (all splits): the pair search is
-# O(n^2 d), ~5e11 multiply-adds at 20,000 examples of 1280-d features, seconds on a CPU; beyond, it points
+# A fit's report runs the doctor's checks only up to this many examples (all splits): the outlier search is
+# O(n^2 d / classes) on 1280-d features and the near-copy search O(n^2) on 256-pixel thumbnails (~1e11
+# multiply-adds at 20,000 examples, seconds on a CPU) after one decode of every example; beyond, it points
 # to `transferkit doctor`, whose time the user chooses to spend.
 MAX_REPORT_EXAMPLES = 20_000
 
@@ -62,8 +63,9 @@ def method_sentence(d: Diagnosis) -> str:
              f"train and val example, each from {d.folds}-fold probes that never saw it (logistic regression and "
              f"cosine k-NN, averaged; accuracy {d.probe_accuracy:.1%}); estimated share of wrong labels "
              f"{d.estimated_label_errors:.1%}." if d.folds else "Label errors: not checked.")
-    return (f"{label} Near-duplicates: cosine similarity of centred {d.model} features at or above {d.threshold:g} "
-            "(across splits: leakage; within a split: conflict under different labels, duplicate under the same). "
+    return (f"{label} Near-duplicates: {d.measure} at or above {d.threshold:g}, searched over every pair "
+            f"(across splits: leakage; within a split: conflict under different labels, duplicate under the same); "
+            f"each pair also shows the cosine similarity of its centred {d.model} features, which does not decide. "
             "Outliers: mean cosine distance to their 5 nearest same-class neighbours, modified z-score of its log "
             "above 3.5.")
 
@@ -72,7 +74,7 @@ def _caption(f: Finding) -> str:
     if f.kind == "label":
         return f"given {f.given_label}, suggested {f.suggested_label}; score {f.score:.3f} (1 - p(given))"
     if f.other_id is not None:
-        return f"cosine {f.score:.3f}"
+        return f"similarity {f.score:.3f}, feature cosine {f.cosine:.3f}" if f.cosine is not None else f"similarity {f.score:.3f}"
     if f.kind == "outlier":
         return f"mean distance to its nearest same-class neighbours {f.score:.3f}"
     return "byte-identical to a file in an earlier split"
@@ -130,7 +132,7 @@ _SECTION = """<style>{{ css|safe }}</style>
 <h2 id="doctor">The data doctor</h2>
 {% if summary %}
 <p>{{ summary }} On the features this fit cached: near-duplicates (leakage across splits, conflicts and duplicates
-within one) at a centred cosine of {{ threshold }} or more, and outliers.
+within one) at an input similarity of {{ threshold }} or more (thumbnail correlation or 3-gram Jaccard), and outliers.
 <a href="doctor.html">doctor.html</a> shows each finding with its thumbnails; issues.csv lists them.</p>
 {% else %}
 <p>The data doctor did not run with this fit: a fit has the pretrained features of every split at hand only when
@@ -148,8 +150,8 @@ def fit_extras(splits, test_probs, features: dict | None, *, data_name: str, mod
     """What a fit adds to its report, made while its examples are at hand: the mistakes gallery and the doctor.
 
     `features`: the pretrained features of every split when the fit cached them (None otherwise); the
-    doctor then runs its checks without probes (folds=0: near-duplicates, leakage, outliers), in
-    milliseconds for thousands of examples. Its files are rendered now, as text, so that the
+    doctor then runs its checks without probes (folds=0: near-duplicates, leakage, outliers): seconds
+    for thousands of examples, most of it decoding each image once more for its thumbnail. Its files are rendered now, as text, so that the
     estimator does not keep the examples (the thumbnails' source) alive after the fit.
     """
     import json

@@ -6,8 +6,9 @@ on one (n, d) feature array per split and returns a `Diagnosis`:
 * likely label errors among train + val: out-of-sample class probabilities for
   every example, each from probes that never saw it (stratified k-fold), then
   confident learning (`doctor.find_label_issues`);
-* near-duplicates across splits (leakage: train/val, train/test, val/test) and
-  within a split (a conflict under different labels, or a plain duplicate);
+* near-copies, found in input space (`near_copies`: image thumbnails, text 3-grams), across splits
+  (leakage: train/val, train/test, val/test) and within a split (a conflict under different labels,
+  or a plain duplicate);
 * outliers: examples far from every neighbour of their own class;
 * byte-identical files across splits, as the data scanner already reports them.
 
@@ -39,20 +40,19 @@ import numpy as np
 from transferkit import doctor
 from transferkit.data.examples import SPLIT_NAMES, DataSplits
 from transferkit.errors import UsageError
+from transferkit.near_copies import MATCH_THRESHOLD, MEASURES, default_threshold, find_copies
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FOLDS = 5
 KNN_NEIGHBOURS = 10  # neighbours of the k-NN probe; distance-weighted, so the nearest count most
-# Near-duplicates are compared by the cosine similarity of *centred* features (the mean feature of all
-# examples subtracted): pooled post-activation features share a large positive component, so on raw
-# features distinct images look alike (generated images of one class: up to 0.93) while re-encoded
-# copies (JPEG quality 95 -> 85, resized 128 -> 124 px) of the same images reached only 0.91 to 0.97,
-# and no threshold separated them. Centred, the distinct images were at most 0.68 and the copies 0.70
-# to 0.89 (median 0.84), with efficientnet_lite0 at 224 px. The default 0.8 finds most such copies
-# while leaving look-alike examples alone: on digits, whose 8x8 images are often nearly identical, a
-# lower threshold reports most of the test split as leaked. Every finding carries its similarity.
-DUPLICATE_THRESHOLD = 0.8
+# Near-duplicates are searched in input space (transferkit.near_copies: images by the Pearson correlation of
+# 16x16 grey thumbnails, texts by the Jaccard index of character 3-grams), not by feature cosine: centred
+# backbone features could not separate copies from look-alikes. A centred cosine of 0.8 paired 5,579 digits
+# (2,686 of them "leaked" across splits, most of the test split), while re-encoded copies of generated
+# pictures fell to 0.56 (JPEG 95 -> 85, 128 -> 124 px) and heavily re-compressed ones to 0.14 (JPEG 20).
+# The threshold is the modality's near_copies.MATCH_THRESHOLD unless given; each pair's centred feature
+# cosine is reported beside its input similarity.
 # What each kind of finding means, most serious first (reports and the terminal table use this order).
 KINDS = {
     "leakage": "near-duplicates across splits: an evaluation example the model has, in effect, trained on",
@@ -62,7 +62,7 @@ KINDS = {
     "duplicate": "near-duplicates in one split under the same label",
     "outlier": "far from every example of its own class",
 }
-CSV_COLUMNS = ("kind", "split", "id", "given_label", "suggested_label", "score", "other_split", "other_id", "other_label")
+CSV_COLUMNS = ("kind", "split", "id", "given_label", "suggested_label", "score", "cosine", "other_split", "other_id", "other_label")
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,11 @@ class Finding:
         given_label: the example's label as given.
         suggested_label: for "label", the probes' top class; None otherwise.
         score: "label": 1 - the out-of-sample probability of the given label (higher = surer);
-            pairs: their cosine similarity; "outlier": the mean cosine distance to its nearest
-            same-class neighbours; "identical-file": 1.0.
+            pairs: their input similarity (`near_copies`: thumbnail correlation, text 3-gram
+            Jaccard); "outlier": the mean cosine distance to its nearest same-class neighbours;
+            "identical-file": 1.0.
         other_split, other_index, other_id, other_label: the second example of a pair, else None.
+        cosine: for a pair, the cosine similarity of the two centred backbone features (reported, does not decide).
     """
 
     kind: str
@@ -91,11 +93,13 @@ class Finding:
     other_index: int | None = None
     other_id: str | None = None
     other_label: str | None = None
+    cosine: float | None = None
 
     def row(self) -> dict:
         """The finding as one issues.csv row (CSV_COLUMNS; empty strings for what does not apply)."""
         values = {k: getattr(self, k) for k in CSV_COLUMNS}
         values["score"] = f"{self.score:.4f}"
+        values["cosine"] = None if self.cosine is None else f"{self.cosine:.4f}"
         return {k: "" if v is None else v for k, v in values.items()}
 
 
@@ -107,7 +111,8 @@ class Diagnosis:
         data, model, modality: what was diagnosed, with which backbone.
         classes: the class names; sizes: examples per split.
         findings: every Finding, by kind (KINDS order), most certain first within a kind.
-        threshold: the cosine similarity at and above which a pair is a near-duplicate.
+        threshold: the input similarity (`near_copies.MEASURES[modality]`) at and above which a pair
+            is a near-duplicate.
         folds: folds of the out-of-sample probes (0: the label check did not run, see notes).
         probe_accuracy: accuracy of the averaged out-of-fold probabilities on train + val.
         estimated_label_errors: off-diagonal share of confident learning's joint: the estimated
@@ -154,13 +159,18 @@ class Diagnosis:
         return f"{parts} among {sum(self.sizes.values())} {self.noun}s (near-duplicate threshold {self.threshold:g})."
 
     @property
+    def measure(self) -> str:
+        """What the near-duplicate threshold is a threshold on, in words."""
+        return MEASURES.get(self.modality, MEASURES["image"])
+
+    @property
     def noun(self) -> str:
         return "text" if self.modality == "text" else "image"
 
     def to_dict(self) -> dict:
         """JSON-ready: settings, counts and every finding."""
         return {"data": self.data, "model": self.model, "modality": self.modality, "classes": list(self.classes),
-                "sizes": self.sizes, "threshold": self.threshold, "folds": self.folds,
+                "sizes": self.sizes, "threshold": self.threshold, "measure": self.measure, "folds": self.folds,
                 "probe_accuracy": self.probe_accuracy, "estimated_label_errors": self.estimated_label_errors,
                 "counts": self.counts(), "notes": list(self.notes), "seconds": self.seconds,
                 "findings": [f.row() | {"index": f.index, "other_index": f.other_index} for f in self.findings]}
@@ -172,11 +182,13 @@ def _kind_word(kind: str, n: int) -> str:
     return words[kind] + ("s" if n != 1 else "")
 
 
-def check_settings(*, threshold: float, folds: int, seed: int) -> None:
-    """Refuse bad doctor settings before any data is read."""
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
-        raise UsageError(f"--threshold (threshold) must be a cosine similarity in (0, 1]; got {threshold!r}. "
-                         f"The default, {DUPLICATE_THRESHOLD}, finds re-encoded or resized copies.")
+def check_settings(*, threshold: float | None, folds: int, seed: int) -> None:
+    """Refuse bad doctor settings before any data is read (threshold None: the modality's default)."""
+    bad = isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1
+    if threshold is not None and bad:
+        raise UsageError(f"--threshold (threshold) must be an input similarity in (0, 1]; got {threshold!r}. "
+                         f"It is the {MEASURES['image']} for images ({MATCH_THRESHOLD['image']} if not given) "
+                         f"and the {MEASURES['text']} for texts ({MATCH_THRESHOLD['text']}).")
     if isinstance(folds, bool) or not isinstance(folds, int) or folds == 1 or folds < 0:
         raise UsageError(f"--folds (folds) must be 0 (no label check) or at least 2; got {folds!r}. "
                          f"{DEFAULT_FOLDS} is the usual choice.")
@@ -185,11 +197,16 @@ def check_settings(*, threshold: float, folds: int, seed: int) -> None:
 
 
 def diagnose_features(splits: DataSplits, features: Mapping[str, np.ndarray], *, data_name: str, model_name: str,
-                      threshold: float = DUPLICATE_THRESHOLD, folds: int = DEFAULT_FOLDS, seed: int = 0,
+                      threshold: float | None = None, folds: int = DEFAULT_FOLDS, seed: int = 0,
                       started: float | None = None) -> Diagnosis:
-    """The checks on features already at hand (one (n, d) array per split): what `diagnose` and the reports run."""
+    """The checks on features already at hand (one (n, d) array per split): what `diagnose` and the reports run.
+
+    `threshold` is the input similarity of near-duplicates (None: `near_copies.MATCH_THRESHOLD` of the
+    modality); the examples are loaded once each for it (images to thumbnails).
+    """
     started = time.perf_counter() if started is None else started
     check_settings(threshold=threshold, folds=folds, seed=seed)
+    threshold = default_threshold(splits.train.modality) if threshold is None else threshold
     ids = {s: getattr(splits, s).ids() for s in SPLIT_NAMES}
     notes: list[str] = []
     labels, accuracy, noise, used, scores = _label_findings(splits, features, ids, folds, seed, notes)
@@ -256,19 +273,24 @@ def _label_findings(splits: DataSplits, features: Mapping[str, np.ndarray], ids:
 
 
 def _pair_findings(splits: DataSplits, features: Mapping[str, np.ndarray], ids: dict, threshold: float) -> list[Finding]:
-    """Near-duplicate pairs over all splits at once, classified as leakage, conflict or duplicate."""
-    x = np.concatenate([features[s] for s in SPLIT_NAMES])
-    x = x - x.mean(axis=0)  # centred: see DUPLICATE_THRESHOLD
+    """Near-copies over all splits at once (input similarity), classified as leakage, conflict or duplicate."""
+    loaded = (getattr(splits, s).load(i) for s in SPLIT_NAMES for i in range(len(getattr(splits, s))))
+    copies = find_copies(loaded, splits.train.modality, threshold=threshold)
+    x = np.concatenate([features[s] for s in SPLIT_NAMES]).astype(np.float64)
+    x = x - x.mean(axis=0)  # centred: pooled features share a large positive component
+    norms = np.linalg.norm(x, axis=1)
     where = [(s, i) for s in SPLIT_NAMES for i in range(len(features[s]))]
     split_of = [s for s, _ in where]
     labels = np.concatenate([getattr(splits, s).labels for s in SPLIT_NAMES])
-    pairs = doctor.near_duplicates(x, threshold=threshold)
+    pairs = [doctor.SimilarPair(p.i, p.j, p.similarity) for p in copies]
     classes = splits.classes
     out = []
     for p in doctor.classify_pairs(pairs, split_of, labels):
         (si, i), (sj, j) = where[p.i], where[p.j]
+        scale = norms[p.i] * norms[p.j]
+        cosine = float(x[p.i] @ x[p.j] / scale) if scale > 0 else 0.0
         out.append(Finding(p.kind, si, i, ids[si][i], classes[p.label_i], None, p.cosine, sj, j, ids[sj][j],
-                           classes[p.label_j]))
+                           classes[p.label_j], cosine=cosine))
     return out
 
 
