@@ -260,12 +260,12 @@ def test_fit_report_holds_the_gallery_and_the_doctor_summary_with_its_link(leaky
     from transferkit import ImageClassifier
 
     root, copies = leaky_folder
-    clf = ImageClassifier("efficientnet_lite0", strategy="feature-extraction", image_size=32, precision="fp32",
+    clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=32, precision="fp32",
                           progress=False).fit(root)
     run = clf.save(tmp_path / "run")
     page = (run / "report.html").read_text()
     assert "Mistakes on the test split" in page and 'href="doctor.html"' in page
-    assert f"transferkit doctor {root} --model efficientnet_lite0" in page
+    assert f"transferkit doctor {root} --model builtin:efficientnet_lite0" in page
     assert (run / "doctor.html").is_file() and (run / "issues.csv").is_file()
     assert "doctor" not in json.loads((run / "transferkit.json").read_text())  # the diagnosis is not run metadata
     wrong = sum(t != p for t, p in zip(clf.metrics_["test"]["predictions"]["true"],
