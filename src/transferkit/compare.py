@@ -154,7 +154,8 @@ def cv_probe(clf, splits: DataSplits, k: int | None, seed: int) -> dict | None:
     device = resolve_device(clf.config_.device)
     dtype = resolve_precision(clf.config_.precision, device)
     parts = [cached_features(clf.backbone_, split, cache=FeatureCache.default(enabled=clf.cache), device=device,
-                             dtype=dtype, workers=clf.config_.workers, progress=False)[0] for split in (splits.train, splits.val)]
+                             dtype=dtype, workers=clf.config_.workers, progress=False, engine=clf.config_.engine)[0]
+             for split in (splits.train, splits.val)]
     x, y = np.concatenate(parts).astype(np.float32), np.concatenate([splits.train.labels, splits.val.labels])
     k = default_cv_folds(len(y), x.shape[1]) if k is None else k
     if not k:

@@ -14,6 +14,7 @@ OPTIMIZERS = ("adamw", "sgd")
 AUGMENTATIONS = ("none", "light", "strong")
 CLASS_WEIGHTS = (None, "auto")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ENGINES = ("auto", "torch", "openvino")  # the engines of frozen passes (transferkit.ovengine); no torch needed here
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
 HEAD_LR = 3e-3  # AdamW on pooled features: converges within 30 epochs on every backbone tried
@@ -46,12 +47,14 @@ class TrainConfig:
     precision: str = "auto"
     workers: int | None = None  # data loader processes; None = automatic
     augment: str = "none"
+    engine: str = "auto"  # frozen passes (extraction, prediction): auto, torch or openvino (ovengine.ENGINES)
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("class_weights", self.class_weights, CLASS_WEIGHTS)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("engine", self.engine, ENGINES)
         check_device(self.device)
         for name, *rule in _RANGES:
             _check_number(name, *rule, getattr(self, name))
