@@ -106,6 +106,7 @@ class Cut:
     fn: Callable[[torch.Tensor], torch.Tensor]
     shape: tuple[int, ...]
     module: nn.Module | None = None  # the module owning fn's weights: what another engine converts
+    unused: tuple[str, ...] = ()  # parameters of `module` fn never reads (the head): outside the engine's cache key
 
 
     @property
@@ -115,7 +116,7 @@ class Cut:
 
 def pooled_cut(backbone: Backbone) -> Cut:
     """The pooled pre-logits features, what the classifier head sees."""
-    return Cut(CUT_POINT, backbone.features, (backbone.num_features,), backbone.model)
+    return Cut(CUT_POINT, backbone.features, (backbone.num_features,), backbone.model, tuple(backbone.head_param_names))
 
 
 def prefix_cut(split, input_size: Sequence[int]) -> Cut:

@@ -155,7 +155,7 @@ def frozen_runner(model_or_cut, example_input_shape: Sequence[int], *, device: t
         (run, EngineInfo(name, precision, reason)). A failed conversion returns the torch runner, with the
         failure as the reason (also logged as one warning line).
     """
-    fn, module, cut_name = _unpack(model_or_cut)
+    fn, module, cut_name, unused = _unpack(model_or_cut)
     info = plan_engine(engine, device, precision, image_input=len(example_input_shape) == 3)
     if info.name == "openvino" and module is None:
         info = EngineInfo("torch", precision_name(precision), "the cut names no module to convert")
@@ -163,7 +163,8 @@ def frozen_runner(model_or_cut, example_input_shape: Sequence[int], *, device: t
         return torch_runner(fn, device, precision), info
     check_choice("route", route, ROUTES)
     try:
-        compiled, actual = _compile(module, fn, cut_name, tuple(example_input_shape), info.precision, route,
+        key = model_key(module, cut_name, tuple(example_input_shape), route, unused)
+        compiled, actual = _compile(module, fn, key, tuple(example_input_shape), info.precision, route,
                                     cache_root or default_root())
     except Exception as e:  # noqa: BLE001  (any conversion failure: unsupported op, tracing error, ...)
         reason = f"OpenVINO could not convert the model ({conversion_failure(e)}); torch runs it"
@@ -172,10 +173,10 @@ def frozen_runner(model_or_cut, example_input_shape: Sequence[int], *, device: t
     return openvino_runner(compiled), EngineInfo("openvino", actual, info.reason)
 
 
-def _unpack(model_or_cut) -> tuple[Callable, nn.Module | None, str]:
+def _unpack(model_or_cut) -> tuple[Callable, nn.Module | None, str, tuple[str, ...]]:
     if isinstance(model_or_cut, nn.Module):
-        return model_or_cut, model_or_cut, "module"
-    return model_or_cut.fn, getattr(model_or_cut, "module", None), model_or_cut.name
+        return model_or_cut, model_or_cut, "module", ()
+    return model_or_cut.fn, getattr(model_or_cut, "module", None), model_or_cut.name, getattr(model_or_cut, "unused", ())
 
 
 def torch_runner(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
@@ -218,27 +219,33 @@ def default_root() -> Path:
     return cache_dir() / "openvino"
 
 
-def model_key(module: nn.Module, cut_name: str, input_shape: tuple[int, ...], route: str) -> str:
-    """A hex key that changes with the OpenVINO version, the route, the module's structure and weights, cut and input."""
+def model_key(module: nn.Module, cut_name: str, input_shape: tuple[int, ...], route: str, unused: Sequence[str] = ()) -> str:
+    """A hex key that changes with the OpenVINO version, the route, the module's structure and weights, cut and input.
+
+    Parameters in `unused` (those the cut never reads, such as the head under pooled features) are left out,
+    so a trained or recalibrated head does not cost a new conversion of the same backbone.
+    """
     import openvino
 
     h = hashlib.sha256()
     header = {"format": FORMAT, "openvino": openvino.__version__, "route": route, "cut": cut_name,
               "input": list(input_shape), "structure": hashlib.sha256(repr(module).encode()).hexdigest()}
     h.update(json.dumps(header, sort_keys=True).encode())
+    skip = set(unused)
     for name, t in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items()):
+        if name in skip:
+            continue
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
 
 
-def _compile(module: nn.Module, fn: Callable, cut_name: str, input_shape: tuple[int, ...], precision: str, route: str,
+def _compile(module: nn.Module, fn: Callable, key: str, input_shape: tuple[int, ...], precision: str, route: str,
              root: Path):
-    """The compiled model (converted or read from the cache) and the precision it actually runs at."""
+    """The compiled model (converted or read from the cache under `key`) and the precision it actually runs at."""
     import openvino as ov
 
-    key = model_key(module, cut_name, input_shape, route)
     model = read_cached(root, key)
     if model is None:
         started = time.perf_counter()
@@ -246,7 +253,10 @@ def _compile(module: nn.Module, fn: Callable, cut_name: str, input_shape: tuple[
         write_cached_(root, key, model)
         log.info("OpenVINO: converted %s (%s route) in %.1f s; cached under %s", type(module).__name__, route,
                  time.perf_counter() - started, root / key)
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"})
+    # No pinning: pinned OpenVINO threads slowed torch's work after it in the same process (the probe took
+    # 1.7x as long after an OpenVINO pass), and on a shared machine a pinned core may be another job's.
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "ENABLE_CPU_PINNING": False}
+    compiled = ov.Core().compile_model(model, "CPU", config)
     return compiled, "bf16" if compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "fp32"
 
 
