@@ -8,20 +8,34 @@ batch size, measured in alternating rounds in one process. Two views:
 
 Then the accuracy cost of bf16: a logistic-regression probe (scikit-learn,
 C chosen on the validation split) on transferkit's bf16 features vs on fp32
-features, test accuracy. Run: python benchmarks/extraction_throughput.py
+features, test accuracy.
+
+Then the engines at 224 px, batch 32 (EfficientNet-Lite0 with its built-in weights,
+ResNet-18 at random init: there are no ResNet-18 weights offline, and speed does not
+depend on them): torch fp32 NCHW, torch bf16 autocast + channels_last (the torch
+path), and OpenVINO by both conversion routes (ov.convert_model on the module, and
+an in-memory torch.onnx.export(dynamo=True) read by OpenVINO), model only; then
+end to end (generated 256 px JPEGs, decode + resize + forward) through
+extract_features with engine torch vs openvino.
+
+Run: python benchmarks/extraction_throughput.py [--engines-only]
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
-from _common import goal, header, interleaved_rates, table, tensor_batches
+from _common import goal, header, interleaved_rates, table, tensor_batches, write_jpegs
 
 from transferkit.backbones import load_backbone
-from transferkit.data import load_data, load_digits_images, make_transform
-from transferkit.inference import autocast, extract_features, resolve_precision, to_channels_last
+from transferkit.data import DataSummary, load_data, load_digits_images, make_transform, read_paths
+from transferkit.inference import autocast, extract_features, pooled_cut, resolve_precision, to_channels_last
+from transferkit.ovengine import frozen_runner
 
 BATCH = 128  # extract_features' default
 N_TIMED = 512  # images per timed pass (4 batches); the probe uses all 1,797
@@ -112,6 +126,60 @@ def main() -> None:
     goal(f"probe test accuracy, {name} vs fp32 features, within 0.5 point", f"{diff:+.2f} points", abs(diff) <= 0.5)
 
 
+ENGINE_BATCH, ENGINE_SIZE, N_JPEGS = 32, 224, 256  # 256: the fewest images that get decoding workers
+# (arch, weights, goal model only, goal end to end): OpenVINO against the torch path (bf16 + channels_last)
+ENGINE_CASES = (("efficientnet_lite0", None, 2.5, 1.8), ("resnet18", "none", 1.4, 1.4))
+
+
+def engine_rows(paths: list[Path]) -> None:
+    """Model-only and end-to-end images/s of every engine at 224 px, ratios to the torch path."""
+    images = read_paths(paths, [p.parent.name for p in paths], DataSummary("paths"), True)
+    ready = list(torch.randn(2 * ENGINE_BATCH, 3, ENGINE_SIZE, ENGINE_SIZE).split(ENGINE_BATCH))
+    for arch, weights, model_goal, e2e_goal in ENGINE_CASES:
+        bb = load_backbone(arch, 4, weights=weights)
+        bb.configure_input(ENGINE_SIZE, None)
+        plain = load_backbone(arch, 4, weights=weights).model.eval()
+        rates = model_only_rates(bb, plain, ready)
+        base = rates["torch bf16+cl"]
+        table([f"{arch} {ENGINE_SIZE}px model only, batch {ENGINE_BATCH}", "img/s", "vs torch path"],
+              [[name, r, r / base] for name, r in rates.items()])
+        e2e = end_to_end_rates(bb, images)
+        e2e_ratio = e2e["openvino"] / e2e["torch"]
+        table([f"{arch} end to end, {len(images)} JPEGs 256 px, {images.loader_workers()} workers", "img/s"],
+              [[f"extract_features engine={k}", v] for k, v in e2e.items()])
+        best = max(r for name, r in rates.items() if name.startswith("openvino") and "f32" not in name)
+        goal(f"{arch}: OpenVINO >= {model_goal}x the torch path, model only", f"{best / base:.2f}x", best / base >= model_goal)
+        goal(f"{arch}: OpenVINO >= {e2e_goal}x the torch path, end to end", f"{e2e_ratio:.2f}x", e2e_ratio >= e2e_goal)
+
+
+def model_only_rates(bb, plain: torch.nn.Module, ready: list[torch.Tensor]) -> dict[str, float]:
+    """Images/s on ready tensors: torch fp32 NCHW, the torch path, OpenVINO f32 and bf16 by both routes."""
+    cpu, dtype = torch.device("cpu"), resolve_precision("auto", torch.device("cpu"))
+    cut, shape = pooled_cut(bb), (3, ENGINE_SIZE, ENGINE_SIZE)
+    bb.model.eval()
+    runners = {f"openvino {info.precision} ({route})": run for route in ("direct", "onnx")
+               for run, info in [frozen_runner(cut, shape, device=cpu, precision=dtype, engine="openvino", route=route)]}
+    runners["openvino f32 (direct)"] = frozen_runner(cut, shape, device=cpu, precision=None, engine="openvino")[0]
+    bb.model.to(memory_format=torch.channels_last)
+    contenders = {"torch fp32 NCHW": lambda: plain_forward(plain, ready),
+                  "torch bf16+cl": lambda: transferkit_model_only(bb, ready, dtype)}
+    contenders |= {name: (lambda r=run: [r(x) for x in ready]) for name, run in runners.items()}
+    return interleaved_rates(contenders, len(ready) * ENGINE_BATCH)
+
+
+def end_to_end_rates(bb, images) -> dict[str, float]:
+    """Images/s of extract_features (decode, resize, forward; compiling included) per engine."""
+    cpu, dtype = torch.device("cpu"), resolve_precision("auto", torch.device("cpu"))
+    return interleaved_rates({engine: lambda e=engine: extract_features(bb, images, device=cpu, dtype=dtype,
+                                                                       batch_size=ENGINE_BATCH, progress=False, engine=e)
+                              for engine in ("torch", "openvino")}, len(images))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(os.cpu_count() or 1)
-    main()
+    if "--engines-only" not in sys.argv:
+        main()
+    else:
+        header("extraction throughput: engines at 224 px")
+    with tempfile.TemporaryDirectory() as tmp:
+        engine_rows(write_jpegs(Path(tmp), N_JPEGS))

@@ -6,7 +6,8 @@ each in a fresh subprocess with an empty cache (`cached_features`, the path
 peak resident memory (VmHWM; ru_maxrss where /proc is missing). The baseline
 is the same subprocess's peak after loading torch, the data and the backbone,
 just before extraction. Decoding workers are separate processes; their peak
-is reported from RUSAGE_CHILDREN.
+is reported from RUSAGE_CHILDREN. Extraction runs in the default engine (OpenVINO on a CPU
+where it is installed); each subprocess gets its own TRANSFERKIT_CACHE, so both convert the model.
 
 Run: python benchmarks/memory_flat.py [--n 300]
 """
@@ -45,7 +46,7 @@ def child(folder: Path, n: int, cache: Path) -> None:
 
     from transferkit.backbones import load_backbone
     from transferkit.data import FileImages
-    from transferkit.features import FeatureCache, cached_features
+    from transferkit.features import FeatureCache, cached_features_info
     from transferkit.inference import resolve_precision
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -55,17 +56,17 @@ def child(folder: Path, n: int, cache: Path) -> None:
     bb.configure_input(IMAGE_SIZE)
     cpu = torch.device("cpu")
     before = peak_rss_mb()
-    feats, hit = cached_features(bb, images, cache=FeatureCache(cache), device=cpu,
-                                 dtype=resolve_precision("auto", cpu), progress=False)
+    feats, hit, info = cached_features_info(bb, images, cache=FeatureCache(cache), device=cpu,
+                                            dtype=resolve_precision("auto", cpu), progress=False)
     assert not hit and feats.shape == (n, bb.num_features)
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"before": before, "peak": peak_rss_mb(), "workers": workers}))
+    print(json.dumps({"before": before, "peak": peak_rss_mb(), "workers": workers, "engine": f"{info.name} {info.precision}"}))
 
 
 def measure(folder: Path, n: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="tk-bench-f-cache-") as cache:
         out = subprocess.run([sys.executable, __file__, "--child", str(folder), str(n), cache], check=True,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env={**os.environ, "TRANSFERKIT_CACHE": cache})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -81,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tk-bench-f-") as tmp:
         write_jpegs(Path(tmp), 4 * args.n)
         runs = {n: measure(Path(tmp), n) for n in (args.n, 4 * args.n)}
-    rows = [[f"{n} images", r["before"], r["peak"], r["peak"] - r["before"], r["workers"]] for n, r in runs.items()]
+    rows = [[f"{n} images ({r['engine']})", r["before"], r["peak"], r["peak"] - r["before"], r["workers"]] for n, r in runs.items()]
     table(["run (fresh process each)", "RSS before MiB", "peak MiB", "extraction adds MiB", "worker peak MiB"], rows)
     small, large = runs[args.n]["peak"], runs[4 * args.n]["peak"]
     ratio = large / small

@@ -53,7 +53,8 @@ def test_fit_digits_feature_extraction_matches_sklearn_probe(digits_run):
     assert acc >= 0.94
     assert acc >= reference - 0.005
     assert meta["strategy"]["spec"] == "feature-extraction"
-    assert meta["feature_cache"] == {"train": "miss", "val": "miss", "test": "miss"}
+    assert {k: v for k, v in meta["feature_cache"].items() if k != "engine"} == {"train": "miss", "val": "miss", "test": "miss"}
+    assert meta["feature_cache"]["engine"].startswith("torch ")  # the default engine, with its precision
     assert "test accuracy" in proc.stdout
     for name in ("model.safetensors", "metrics.json", "history.csv"):
         assert (out / name).is_file()
@@ -63,7 +64,8 @@ def test_second_fit_reuses_the_feature_cache(digits_run, tmp_path):
     out, _ = digits_run
     again = run_cli("fit", "digits", "--strategy", "feature-extraction", "--out", str(tmp_path / "d2"), "-q")
     meta = json.loads((tmp_path / "d2" / "transferkit.json").read_text())
-    assert meta["feature_cache"] == {"train": "hit", "val": "hit", "test": "hit"}
+    assert {k: v for k, v in meta["feature_cache"].items() if k != "engine"} == {"train": "hit", "val": "hit", "test": "hit"}
+    assert meta["feature_cache"]["engine"].startswith("torch ")  # the default engine, with its precision
     assert "Feature cache: train hit, val hit, test hit" in again.stdout
     first = json.loads((out / "transferkit.json").read_text())["metrics"]["test"]["accuracy"]
     assert meta["metrics"]["test"]["accuracy"] == first

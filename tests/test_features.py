@@ -64,7 +64,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_features(setup, caplo
     # The CLI, run in-process by other tests, stops transferkit's logger propagating; caplog listens at the root.
     monkeypatch.setattr(logging.getLogger("transferkit"), "propagate", True)
     bb, images, cfg = setup
-    kw = dict(device=torch.device("cpu"), dtype=None, progress=False, batch_size=32)
+    kw = dict(device=torch.device("cpu"), dtype=None, progress=False, batch_size=32, engine="torch")  # CUDA's engine
     expected = extract_features(bb, images, **kw)
     real = bb.features
 

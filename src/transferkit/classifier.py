@@ -112,11 +112,8 @@ class _Classifier(BaseEstimator):
         dtype = resolve_precision(self.precision or "auto", device)
         loader = torch.utils.data.DataLoader(self.backbone_.dataset(examples), batch_size=batch_size,
                                              num_workers=examples.loader_workers(), collate_fn=self.backbone_.collate)
-        model = self.model_.to(device)
-        if dtype is not None:
-            model = model.to(memory_format=torch.channels_last)
-        logits, _ = predict_logits(model, loader, device, dtype)
-        return logits
+        model = self.model_.to(device, memory_format=torch.channels_last if dtype is not None else torch.preserve_format)
+        return predict_logits(model, loader, device, dtype, engine=self.engine or self.config_.engine)[0]
 
     def predict_proba(self, X, batch_size: int = 64):
         """Class probabilities, one row per input (columns follow `classes_`)."""
@@ -215,6 +212,7 @@ class ImageClassifier(_Classifier):
         split: train/val/test fractions when the data gives no split.
         strict: unreadable files are an error instead of skipped and counted.
         cache: use the on-disk feature cache.
+        engine: frozen passes (extraction, predict): ``auto`` (OpenVINO on a CPU if installed), ``torch``, ``openvino``.
         cache_budget_gb: most disk (GB) the frozen blocks' outputs may take for frozen-prefix caching
             (default 10; 0 turns it off; a larger cache is refused with a message and training runs on images).
         checkpoint_dir: where to write a checkpoint after every epoch (None: no checkpoints).
@@ -235,7 +233,8 @@ class ImageClassifier(_Classifier):
                  weight_decay: float | None = None, optimizer: str | None = None, class_weights: str | None = None,
                  batch_size: int | None = None, label_smoothing: float | None = None, grad_clip: float | None = None,
                  accumulate: int | None = None, patience: int | None = None, seed: int | None = None,
-                 device: str | None = None, precision: str | None = None, workers: int | None = None, **unknown):
+                 device: str | None = None, precision: str | None = None, workers: int | None = None,
+                 engine: str | None = None, **unknown):
         self._store(locals())
 
     def _validate_modality_settings(self) -> None:
@@ -305,7 +304,8 @@ class TextClassifier(_Classifier):
                  weight_decay: float | None = None, optimizer: str | None = None, class_weights: str | None = None,
                  batch_size: int | None = None, label_smoothing: float | None = None, grad_clip: float | None = None,
                  accumulate: int | None = None, patience: int | None = None, seed: int | None = None,
-                 device: str | None = None, precision: str | None = None, workers: int | None = None, **unknown):
+                 device: str | None = None, precision: str | None = None, workers: int | None = None,
+                 engine: str | None = None, **unknown):
         self._store(locals())
 
     def _validate_modality_settings(self) -> None:

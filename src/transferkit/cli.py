@@ -25,6 +25,7 @@ from transferkit.cli_common import (
     BatchSize,
     CacheBudget,
     Device,
+    Engine,
     Epochs,
     ImageSize,
     Json,
@@ -91,6 +92,7 @@ def fit(
     seed: Seed = None,
     device: Device = None,
     precision: Precision = None,
+    engine: Engine = None,
     bn: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="BatchNorm while fine-tuning: all-frozen (default) "
                                            "or frozen-blocks.")] = None,
     augment: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="Image augmentation: none (default), light "
@@ -136,7 +138,7 @@ def fit(
                    head_epochs=head_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision,
                    optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
                    class_weights=class_weights, image_size=image_size, bn=bn, augment=augment,
-                   cache_budget_gb=cache_budget, max_length=max_length, pooling=pooling)
+                   cache_budget_gb=cache_budget, max_length=max_length, pooling=pooling, engine=engine)
     choice = None
     if models:
         choice = choose_for_fit(data, models, model, resume, options, given(text_column=text_column, label_column=label_column))
@@ -167,7 +169,8 @@ def choose_for_fit(data: str, models: str, model: str | None, resume: bool, opti
         raise UsageError(f"--models chooses the backbone; leave {'--model' if model else '--resume'} out (a resumed fit "
                          "continues the backbone in its checkpoint).")
     splits = load_data(data, **given(split=options["split"], seed=options["seed"]), **columns)
-    keep = ("seed", "device", "precision", "image_size", "max_length", "pooling", "cache", "progress", "cache_budget_gb")
+    keep = ("seed", "device", "precision", "image_size", "max_length", "pooling", "cache", "progress", "cache_budget_gb",
+            "engine")
     return choose_backbone(splits, models.split(","), settings=given(**{k: options.get(k) for k in keep}))
 
 
@@ -184,6 +187,7 @@ def predict(
     device: Device = None,
     precision: Annotated[str | None, typer.Option(help="auto (default: bf16 where the CPU or GPU has it), bf16, fp16 or "
                                                        "fp32; fp32 gives the ONNX export's probabilities within 1e-4.")] = None,
+    engine: Engine = None,
 ) -> None:
     """Classify image files, or texts with a text run; prints labels and probabilities."""
     from transferkit.errors import DataError
@@ -192,7 +196,7 @@ def predict(
     items = list(inputs or []) + read_lines(lines_file)
     if not items:
         raise UsageError("Nothing to predict: give inputs after the run directory, or --file LINES.txt.")
-    clf = load_model(run, device, precision)
+    clf = load_model(run, device, precision, engine)
     key = "text" if getattr(clf, "modality", "image") == "text" else "file"
     if key == "file":
         from transferkit.data.images import check_image
@@ -216,7 +220,7 @@ def predict(
     out.print(table)
 
 
-def load_model(run: Path, device: str | None, precision: str | None = None):
+def load_model(run: Path, device: str | None, precision: str | None = None, engine: str | None = None):
     """A run directory's classifier, or an exported ONNX model's."""
     if run.is_file() and run.suffix != ".onnx":
         raise UsageError(f"{run} is a file, and predict takes a run directory or an ONNX export (.onnx). A TorchScript "
@@ -227,7 +231,7 @@ def load_model(run: Path, device: str | None, precision: str | None = None):
         return OnnxClassifier.load(run, device=device or "auto")
     from transferkit.classifier import load_classifier
 
-    return load_classifier(run, progress=False, **given(device=device, precision=precision))
+    return load_classifier(run, progress=False, **given(device=device, precision=precision, engine=engine))
 
 
 def read_lines(path: Path | None) -> list[str]:
@@ -253,13 +257,14 @@ def evaluate(
     as_json: Json = False,
     device: Device = None,
     precision: Precision = None,
+    engine: Engine = None,
 ) -> None:
     """Measure a trained run on labelled data: accuracy, top-5, macro-F1, per-class scores."""
     from transferkit.classifier import load_classifier
     from transferkit.data.sources import load_eval
     from transferkit.evaluate import metrics
 
-    clf = load_classifier(run, progress=False, **given(device=device, precision=precision, text_column=text_column,
+    clf = load_classifier(run, progress=False, **given(device=device, precision=precision, engine=engine, text_column=text_column,
                                                        label_column=label_column))
     examples, summary = load_eval(data, clf.classes_, modality=clf.modality,
                                   **given(text_column=text_column, label_column=label_column))
@@ -358,6 +363,7 @@ def compare(
     seed: Seed = None,
     device: Device = None,
     precision: Precision = None,
+    engine: Engine = None,
     cache_budget: CacheBudget = None,
     seeds: Annotated[int, typer.Option(min=1, rich_help_panel=TRAIN, help="Train each strategy with this many seeds (seed, "
                                        "seed+1, ...) on the same split; the table shows mean ± sd.")] = 1,
@@ -387,7 +393,7 @@ def compare(
     check_models(model, models.split(",") if models else None, fracs, baseline, cv)
     columns = given(text_column=text_column, label_column=label_column)
     splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)
-    settings = given(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
+    settings = given(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision, engine=engine,
                      image_size=image_size, cache_budget_gb=cache_budget, max_length=max_length) | columns
     settings["progress"] = not quiet
     sizes = " / ".join(f"{n:,} {k}" for k, n in splits.sizes().items())

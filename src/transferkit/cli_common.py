@@ -106,6 +106,9 @@ Seed = Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=f"Random s
                                                                       f"data order (default {DEFAULTS.seed}).")]
 Device = Annotated[str | None, typer.Option(help="auto (default), cpu, cuda or cuda:N.")]
 Precision = Annotated[str | None, typer.Option(help="auto (default: bf16 where the hardware has it), bf16, fp16 or fp32.")]
+Engine = Annotated[str | None, typer.Option(metavar="auto|torch|openvino", help="Engine of frozen passes (extraction, "
+                                            "predict): torch (default), auto (OpenVINO on the CPU when installed, else "
+                                            "torch) or openvino.")]
 BatchSize = Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help=f"Fine-tuning batch size (default "
                                                f"{DEFAULTS.batch_size}; under torchrun the global batch).")]
 Epochs = Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Fine-tuning epochs (default 5).")]

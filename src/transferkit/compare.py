@@ -159,7 +159,8 @@ def train_val_features(clf, splits: DataSplits) -> tuple[np.ndarray, np.ndarray]
     device = resolve_device(clf.config_.device)
     dtype = resolve_precision(clf.config_.precision, device)
     parts = [cached_features(clf.backbone_, split, cache=FeatureCache.default(enabled=clf.cache), device=device,
-                             dtype=dtype, workers=clf.config_.workers, progress=False)[0] for split in (splits.train, splits.val)]
+                             dtype=dtype, workers=clf.config_.workers, progress=False, engine=clf.config_.engine)[0]
+             for split in (splits.train, splits.val)]
     return np.concatenate(parts).astype(np.float32), np.concatenate([splits.train.labels, splits.val.labels])
 
 

@@ -1,7 +1,7 @@
 """The feature cache: frozen computations done once, stored on disk, keyed by what determines them.
 
 The key covers the backbone identity and weights digest, the cut point, the
-preprocessing, the compute precision and every input's identity. Features are
+preprocessing, the engine and its compute precision and every input's identity. Features are
 stored as float16 ``.npy`` with a manifest holding the file's sha256, written
 to a temporary folder and renamed into place (atomic), verified on read and
 rebuilt when stale or corrupt. Extraction streams batches into a memory-mapped
@@ -39,9 +39,13 @@ from transferkit import distributed
 from transferkit.backbones.base import Backbone
 from transferkit.data.examples import Examples
 from transferkit.data.named import cache_dir
-from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB  # noqa: F401  (re-exported: the cache's budget)
+from transferkit.engine.config import (
+    DEFAULT_CACHE_BUDGET_GB,  # noqa: F401  (re-exported: the cache's budget)
+    DEFAULT_ENGINE,
+)
 from transferkit.errors import CacheError
-from transferkit.inference import CUT_POINT, Cut, extract_features, pooled_cut
+from transferkit.inference import CUT_POINT, Cut, extract_features, input_shape, pooled_cut
+from transferkit.ovengine import EngineInfo, frozen_runner, plan_engine
 
 FORMAT = 1
 
@@ -214,35 +218,59 @@ def cache_failure(e: OSError, root: Path) -> CacheError:
 
 def cached_features(backbone: Backbone, images: Examples, *, cache: FeatureCache, device: torch.device,
                     dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
-                    progress: bool = True, label: str = "features", cut: Cut | None = None) -> tuple[np.ndarray, bool]:
+                    progress: bool = True, label: str = "features", cut: Cut | None = None,
+                    engine: str = DEFAULT_ENGINE) -> tuple[np.ndarray, bool]:
     """The `cut`'s outputs (default: pooled features) for `images` from the cache, computed and stored on a miss.
 
-    The key takes the preprocessing from `backbone.data_config`.
+    The key takes the preprocessing from `backbone.data_config`, and the engine and its precision.
 
     Returns:
         (float16 array of shape (N, cut.size), True when it came from the cache).
     """
+    arr, hit, _ = cached_features_info(backbone, images, cache=cache, device=device, dtype=dtype, batch_size=batch_size,
+                                       workers=workers, progress=progress, label=label, cut=cut, engine=engine)
+    return arr, hit
+
+
+def cached_features_info(backbone: Backbone, images: Examples, *, cache: FeatureCache, device: torch.device,
+                         dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
+                         progress: bool = True, label: str = "features", cut: Cut | None = None,
+                         engine: str = DEFAULT_ENGINE) -> tuple[np.ndarray, bool, EngineInfo]:
+    """:func:`cached_features`, and the engine that computed the outputs (the planned one on a hit).
+
+    The key holds the planned engine; when conversion falls back to torch, the torch key is looked up again.
+    """
     cut = cut or pooled_cut(backbone)
-    precision = str(dtype).replace("torch.", "") if dtype is not None else "float32"
-    key = feature_key(backbone, backbone.data_config, precision, images.identities(), cut.name)
-    hit = cache.load(key)
+    plan = plan_engine(engine, device, dtype, image_input=len(input_shape(backbone)) == 3)
+
+    def key_for(info: EngineInfo) -> str:
+        return feature_key(backbone, backbone.data_config, info.cache_tag, images.identities(), cut.name)
+
+    hit = cache.load(key_for(plan))
     if distributed.all_true(hit is not None):
-        return hit, True
+        return hit, True, plan
+    runner = frozen_runner(cut, input_shape(backbone), device=device, precision=dtype, engine=engine)
+    info = runner[1]
+    if info.cache_tag != plan.cache_tag:
+        hit = cache.load(key_for(info))
+        if distributed.all_true(hit is not None):
+            return hit, True, info
+    key = key_for(info)
     extract = dict(device=device, dtype=dtype, batch_size=batch_size, workers=workers, progress=progress, label=label,
-                   cut=cut)
-    meta = {"backbone": backbone.spec.to_dict(), "cut": cut.name, "precision": precision,
+                   cut=cut, runner=runner)
+    meta = {"backbone": backbone.spec.to_dict(), "cut": cut.name, "precision": info.cache_tag, "engine": info.to_dict(),
             "shape": [len(images), cut.size], "item_shape": list(cut.shape), "images": images.name}
     if distributed.active():
-        return sharded_features(backbone, images, cache, key, meta, extract), False
+        return sharded_features(backbone, images, cache, key, meta, extract), False, info
     if not cache.enabled:
-        return extract_features(backbone, images, **extract), False
+        return extract_features(backbone, images, **extract), False, info
     writer = cache.writer(key, len(images), cut.size)
     try:
         extract_features(backbone, images, out=writer.array, **extract)
     except BaseException:
         writer.abort()
         raise
-    return writer.commit(meta), False
+    return writer.commit(meta), False, info
 
 
 def sharded_features(backbone: Backbone, images: Examples, cache: FeatureCache, key: str, meta: dict,

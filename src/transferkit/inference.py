@@ -11,7 +11,6 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +19,9 @@ from torch import nn
 
 from transferkit.backbones.base import Backbone
 from transferkit.data.examples import Examples
-from transferkit.engine.config import PRECISIONS, check_device
+from transferkit.engine.config import DEFAULT_ENGINE, PRECISIONS, check_device
 from transferkit.errors import ResourceError, UsageError, did_you_mean
+from transferkit.ovengine import EngineInfo, autocast, cpu_supports_bf16, frozen_runner, to_channels_last  # noqa: F401  (re-export)
 from transferkit.progress import make_progress
 
 log = logging.getLogger(__name__)
@@ -37,16 +37,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} was asked for but CUDA is not available here. Use --device cpu or auto.")
     return torch.device(device)
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 
 
 def resolve_precision(precision: str, device: torch.device, training: bool = False) -> torch.dtype | None:
@@ -71,28 +61,30 @@ def resolve_precision(precision: str, device: torch.device, training: bool = Fal
     return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() and not training else None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """An autocast context for `dtype`, or a no-op for fp32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def to_channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
-
-
 # --------------------------------------------------------------------------- inference
 
 
+MIN_OPENVINO_BATCHES = 2  # engine auto: a pass over fewer batches runs in torch (compiling costs more than it saves)
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels for every batch of (inputs, labels, ...) in `loader`, in order."""
+def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
+                   engine: str = "torch") -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for every batch of (inputs, labels, ...) in `loader`, in order.
+
+    `engine` as in :func:`transferkit.ovengine.frozen_runner`; the runner is built at the first batch, for its shape.
+    """
     was_training = model.training
     model.eval()
-    out, labels = [], []
+    if engine == "auto" and hasattr(loader, "__len__") and len(loader) < MIN_OPENVINO_BATCHES:
+        engine = "torch"
+    out, labels, run = [], [], None
     for batch in loader:
-        x, y = batch[0].to(device), batch[1]
-        with autocast(device, dtype):
-            out.append(model(to_channels_last(x)).float().cpu())
+        x, y = batch[0], batch[1]
+        if run is None:
+            run, info = frozen_runner(model, tuple(x.shape[1:]), device=device, precision=dtype, engine=engine)
+            log.debug("predict: %s %s (%s)", info.name, info.precision, info.reason)
+        out.append(run(x).cpu())
         labels.append(torch.as_tensor(y))
     model.train(was_training)
     if not out:  # an empty shard: more processes than images
@@ -113,6 +105,9 @@ class Cut:
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     shape: tuple[int, ...]
+    module: nn.Module | None = None  # the module owning fn's weights: what another engine converts
+    unused: tuple[str, ...] = ()  # parameters of `module` fn never reads (the head): outside the engine's cache key
+
 
     @property
     def size(self) -> int:
@@ -121,7 +116,7 @@ class Cut:
 
 def pooled_cut(backbone: Backbone) -> Cut:
     """The pooled pre-logits features, what the classifier head sees."""
-    return Cut(CUT_POINT, backbone.features, (backbone.num_features,))
+    return Cut(CUT_POINT, backbone.features, (backbone.num_features,), backbone.model, tuple(backbone.head_param_names))
 
 
 def prefix_cut(split, input_size: Sequence[int]) -> Cut:
@@ -137,16 +132,23 @@ def prefix_cut(split, input_size: Sequence[int]) -> Cut:
     device = next(split.prefix.parameters()).device
     with torch.no_grad():
         shape = tuple(split.prefix.eval()(torch.zeros(1, *input_size, device=device)).shape[1:])
-    return Cut(f"prefix:{split.cut}:{'x'.join(map(str, shape))}:{h.hexdigest()[:16]}", split.prefix, shape)
+    return Cut(f"prefix:{split.cut}:{'x'.join(map(str, shape))}:{h.hexdigest()[:16]}", split.prefix, shape, split.prefix)
+
+
+def input_shape(backbone: Backbone) -> tuple[int, ...]:
+    """One input's shape for the engines: (C, H, W) for images, () when the inputs are not one tensor."""
+    return tuple(backbone.data_config.get("input_size", ())) if backbone.modality == "image" else ()
 
 
 def extract_features(backbone: Backbone, images: Examples, *, device: torch.device,
                      dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
                      out: np.ndarray | None = None, progress: bool = True, label: str = "features",
-                     cut: Cut | None = None) -> np.ndarray:
+                     cut: Cut | None = None, engine: str = DEFAULT_ENGINE,
+                     runner: tuple[Callable, EngineInfo] | None = None) -> np.ndarray:
     """The `cut`'s output (default: pooled features) for every example, in order, flattened into `out` (float16).
 
-    Examples go through the backbone's own preprocessing (`dataset`) and batching (`collate`).
+    Examples go through the backbone's own preprocessing (`dataset`) and batching (`collate`); the
+    forward runs in `runner` (a :func:`~transferkit.ovengine.frozen_runner` result) or one made for `engine`.
     """
     cut = cut or pooled_cut(backbone)
     model = backbone.model.to(device).eval()
@@ -155,31 +157,31 @@ def extract_features(backbone: Backbone, images: Examples, *, device: torch.devi
     loader = torch.utils.data.DataLoader(backbone.dataset(images), batch_size=batch_size, collate_fn=backbone.collate,
                                          num_workers=images.loader_workers() if workers is None else workers)
     out = np.zeros((len(images), cut.size), np.float16) if out is None else out
+    run, info = runner or frozen_runner(cut, input_shape(backbone), device=device, precision=dtype, engine=engine)
     start = 0
     # inference_mode only around the loop: converting the model inside it would turn its
     # parameters into inference tensors that fine-tuning can no longer train.
     with make_progress(progress) as bar, torch.inference_mode():
-        task = bar.add_task(f"extract {label}", total=len(images), info="")
+        task = bar.add_task(f"extract {label}", total=len(images), info=f"{info.name} {info.precision}")
         chunk = batch_size  # shrinks on GPU out-of-memory and stays shrunk
         for x, _, _ in loader:
             for i in range(0, len(x), chunk):
-                f, chunk = _features_fitting_memory(cut.fn, x[i:i + chunk], device, dtype)
+                f, chunk = _features_fitting_memory(run, x[i:i + chunk], device)
                 out[start:start + len(f)] = f
                 start += len(f)
             bar.update(task, advance=len(x))
     return out
 
 
-def _features_fitting_memory(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device,
-                             dtype: torch.dtype | None) -> tuple[np.ndarray, int]:
+def _features_fitting_memory(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                             device: torch.device) -> tuple[np.ndarray, int]:
     """Features of one batch; on CUDA out-of-memory, halve the batch and retry (said in the log).
 
     Returns the features and the batch size that worked.
     """
     try:
-        with autocast(device, dtype):
-            f = fn(to_channels_last(x.to(device)))
-        return f.float().cpu().reshape(len(x), -1).numpy().astype(np.float16), len(x)
+        f = run(x)
+        return f.cpu().reshape(len(x), -1).numpy().astype(np.float16), len(x)
     except torch.OutOfMemoryError as e:
         if len(x) == 1:
             raise ResourceError(f"Out of {device} memory with a single image ({e}). Use a smaller --image-size, "
@@ -188,6 +190,6 @@ def _features_fitting_memory(fn: Callable[[torch.Tensor], torch.Tensor], x: torc
             torch.cuda.empty_cache()
         half = len(x) // 2
         log.warning("%s out of memory at batch size %d: halving to %d and retrying", device, len(x), half)
-        first, size = _features_fitting_memory(fn, x[:half], device, dtype)
-        rest = [_features_fitting_memory(fn, x[i:i + size], device, dtype)[0] for i in range(half, len(x), size)]
+        first, size = _features_fitting_memory(run, x[:half], device)
+        rest = [_features_fitting_memory(run, x[i:i + size], device)[0] for i in range(half, len(x), size)]
         return np.concatenate([first, *rest]), size

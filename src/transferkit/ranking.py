@@ -112,72 +112,71 @@ def score_backbone(model: str, clf, features: np.ndarray, labels: np.ndarray, re
 
 
 def static_costs(clf, result, examples) -> Costs:
-    """Parameters, GFLOPs, feature size, extraction time and memory of one fitted backbone (latency left at 0)."""
+    """Parameters, GFLOPs, feature size, extraction time and memory of one fitted backbone (latency: `time_backbones`)."""
     import torch
 
-    from transferkit.inference import resolve_device, resolve_precision
+    from transferkit.inference import resolve_device
 
     bb = clf.backbone_
     device = resolve_device(clf.config_.device)
-    dtype = resolve_precision(clf.config_.precision, device)
     seconds = clf.metrics_.get("feature_seconds") or {}
-    status = set(clf.feature_cache_.values()) if clf.feature_cache_ else {"off"}
+    status = {v for k, v in (clf.feature_cache_ or {}).items() if k in ("train", "val", "test")} or {"off"}
     extraction = "cached" if status == {"hit"} else "computed" if "hit" not in status else "mixed"
     example = _real_batch(bb, examples, 1).to(device)
     with torch.inference_mode():
         gflops = _gflops(bb.model.to(device).eval(), example)
-    engine = f"torch {str(dtype).replace('torch.', '') if dtype is not None else 'float32'} ({device.type})"
     return Costs(bb.param_counts()["total"], gflops, 0.0, 0.0, bb.num_features, round(sum(seconds.values()), 3),
-                 extraction, result.peak_memory_mib, engine)
+                 extraction, result.peak_memory_mib, "")
 
 
 def time_backbones(clfs: list, examples, *, budget_s: float = 2.0, min_rounds: int = 5,
-                   max_rounds: int = 40) -> list[tuple[float, float]]:
-    """(batch-1, batch-32) median ms per example for each fitted classifier, timed in interleaved rounds.
+                   max_rounds: int = 40) -> list[tuple[float, float, str]]:
+    """(batch-1, batch-32 median ms per example, engine) for each fitted classifier, timed in interleaved rounds.
 
-    Round r times every backbone once at each batch size before round r + 1 starts, so a change of load
-    on the machine (other processes) falls on every backbone alike instead of on whichever ran then.
-    Three warm-up passes each first (allocations, oneDNN kernel selection for the shape).
+    Each model runs through `ovengine.frozen_runner` with the classifier's engine and precision: the forward
+    pass predict runs. Round r times every backbone once at each batch size before round r + 1 starts, so a
+    change of load on the machine (other processes) falls on every backbone alike instead of on whichever ran
+    then. Three warm-up passes each first (allocations, kernel selection for the shape).
     """
     import torch
 
     from transferkit.inference import resolve_device, resolve_precision
+    from transferkit.ovengine import frozen_runner
 
-    jobs = []
+    jobs, engines = [], []
     for clf in clfs:
         device = resolve_device(clf.config_.device)
         dtype = resolve_precision(clf.config_.precision, device)
         batch = _real_batch(clf.backbone_, examples, 32)
         model = clf.backbone_.model.to(device).eval()
-        jobs.append([_timer(model, _repeat_to(batch, n).to(device), device, dtype) for n in (1, 32)])
+        if batch.ndim == 4 and dtype is not None:
+            model = model.to(memory_format=torch.channels_last)
+        run, info = frozen_runner(model, tuple(batch.shape[1:]), device=device, precision=dtype, engine=clf.config_.engine)
+        jobs.append([_timer(run, _repeat_to(batch, n).to(device), device) for n in (1, 32)])
+        engines.append(f"{info.name} {info.precision} ({device.type})")
     times: list[list[list[float]]] = [[[], []] for _ in jobs]
     with torch.inference_mode():
         for pair in jobs:
-            for run in pair:
+            for once in pair:
                 for _ in range(3):
-                    run()
+                    once()
         start, rounds = time.perf_counter(), 0
         while rounds < min_rounds or (time.perf_counter() - start < budget_s * len(jobs) and rounds < max_rounds):
             for i, pair in enumerate(jobs):
-                for j, run in enumerate(pair):
-                    times[i][j].append(run())
+                for j, once in enumerate(pair):
+                    times[i][j].append(once())
             rounds += 1
-    return [tuple(round(float(np.median(t)) * 1000 / n, 3) for t, n in zip(pair, (1, 32))) for pair in times]
+    return [(*(round(float(np.median(t)) * 1000 / n, 3) for t, n in zip(pair, (1, 32))), engine)
+            for pair, engine in zip(times, engines)]
 
 
-def _timer(model, x, device, dtype):
-    """A function timing one forward pass of model(x) as predict runs it (eval, channels-last, autocast), in seconds."""
+def _timer(run, x, device):
+    """A function timing one call of run(x) (a frozen runner: autocast, channels-last or OpenVINO), in seconds."""
     import torch
-
-    from transferkit.inference import autocast, to_channels_last
-
-    model = model.to(memory_format=torch.channels_last) if x.ndim == 4 else model
-    x = to_channels_last(x)
 
     def once() -> float:
         begin = time.perf_counter()
-        with autocast(device, dtype):
-            model(x)
+        run(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - begin
@@ -212,9 +211,9 @@ def _gflops(model, x) -> float | None:
         return None
 
 
-def with_latency(score: BackboneScore, batch1_ms: float, batch32_ms: float) -> BackboneScore:
-    """The score with its measured latencies (ms per example)."""
-    score.costs = replace(score.costs, latency_ms_batch1=batch1_ms, latency_ms_batch32=batch32_ms)
+def with_latency(score: BackboneScore, batch1_ms: float, batch32_ms: float, engine: str) -> BackboneScore:
+    """The score with its measured latencies (ms per example) and the engine that ran them."""
+    score.costs = replace(score.costs, latency_ms_batch1=batch1_ms, latency_ms_batch32=batch32_ms, engine=engine)
     return score
 
 

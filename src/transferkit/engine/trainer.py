@@ -28,7 +28,7 @@ from transferkit.engine.config import FINETUNE_LR, HEAD_LR, TrainConfig
 from transferkit.engine.loop import Hooks, PhaseResult, PhaseSpec, run_phase
 from transferkit.engine.probe import fit_linear_probe
 from transferkit.errors import UsageError
-from transferkit.features import FeatureCache, cached_features
+from transferkit.features import FeatureCache, cached_features_info
 from transferkit.inference import Cut, predict_logits, prefix_cut
 from transferkit.strategies import (
     AUTO_CANDIDATE,
@@ -84,9 +84,10 @@ class Trainer:
         """The cut's outputs (default pooled features) for a split, and 'hit', 'miss' or 'off' for the cache."""
         examples = getattr(self.splits, split)
         what = "features" if cut is None else "frozen blocks"
-        arr, hit = cached_features(self.bb, examples, cache=self.cache, device=self.device, dtype=self.dtype,
-                                   workers=self.cfg.workers, progress=self.progress,
-                                   label=f"{what}: {split} ({len(examples)} {self.bb.noun})", cut=cut)
+        arr, hit, engine = cached_features_info(self.bb, examples, cache=self.cache, device=self.device, dtype=self.dtype,
+                                                workers=self.cfg.workers, progress=self.progress, engine=self.cfg.engine,
+                                                label=f"{what}: {split} ({len(examples)} {self.bb.noun})", cut=cut)
+        self.cache_hits["engine"] = f"{engine.name} {engine.precision}"  # transferkit.json's feature_cache.engine
         status = "hit" if hit else ("miss" if self.cache.enabled else "off")
         log.info("%s of %s %s: %s", what.capitalize(), split, self.bb.noun, {"hit": "from the feature cache",
                  "miss": "computed and cached", "off": "computed (cache off)"}[status])
@@ -331,7 +332,8 @@ class Trainer:
             head = self.bb.head().cpu().eval()
             with torch.no_grad():
                 return head(torch.from_numpy(self.features(split))).numpy()
-        logits, _ = predict_logits(self.bb.model, self.example_loader(split, False), self.device, self.dtype)
+        logits, _ = predict_logits(self.bb.model, self.example_loader(split, False), self.device, self.dtype,
+                                   engine=self.cfg.engine)
         return distributed.gather_rows(logits)  # each process predicted its shard
 
     def test_logits(self, last: Phase) -> np.ndarray:
