@@ -118,6 +118,7 @@ def without_volatile(meta: dict) -> dict:
     for key in ("versions", "feature_cache", "history"):
         meta.pop(key)
     meta["metrics"].pop("train_seconds")
+    meta["metrics"].pop("feature_seconds")
     for phase in meta["strategy"]["phases"]:
         phase.pop("seconds")
     return meta

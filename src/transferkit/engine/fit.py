@@ -129,8 +129,8 @@ def fit(request: FitRequest, cfg: TrainConfig) -> Fitted:
                     {"test": test, "val_accuracy": max(r.best_val_acc for r in results),
                      "train_seconds": time.perf_counter() - started, "split_sizes": sizes, "calibration": calibration,
                      "feature_seconds": dict(trainer.feature_seconds)},
-                    dict(trainer.cache_hits), {**splits.summary.to_dict(),
-                                                    "train_class_counts": list(splits.train.class_counts().values())})
+                    dict(trainer.cache_hits) | ({"engine": trainer.feature_engine} if trainer.feature_engine else {}),
+                    {**splits.summary.to_dict(), "train_class_counts": list(splits.train.class_counts().values())})
     fitted.report_extras = _report_extras(trainer, splits, test_logits)
     fit_log.end(fitted.to_meta(request.strategy.spec))
     return fitted

@@ -62,7 +62,8 @@ class Trainer:
         self.bn, self.progress, self.checkpoints = bn, progress, checkpoints
         self.cache = cache or FeatureCache.default(enabled=False)
         self.cache_budget = int(cache_budget_gb * 1e9)
-        self.cache_hits: dict[str, str] = {}
+        self.cache_hits: dict[str, str] = {}  # per split: "hit", "miss" or "off"
+        self.feature_engine: str | None = None  # the engine and precision that computed (or cached) the features
         self.feature_seconds: dict[str, float] = {}  # per split: computing (miss) or reading (hit) its pooled features
         self.phase_notes: dict[str, dict] = {}
         self._features: dict[str, np.ndarray] = {}
@@ -87,7 +88,7 @@ class Trainer:
         arr, hit, engine = cached_features_info(self.bb, examples, cache=self.cache, device=self.device, dtype=self.dtype,
                                                 workers=self.cfg.workers, progress=self.progress, engine=self.cfg.engine,
                                                 label=f"{what}: {split} ({len(examples)} {self.bb.noun})", cut=cut)
-        self.cache_hits["engine"] = f"{engine.name} {engine.precision}"  # transferkit.json's feature_cache.engine
+        self.feature_engine = f"{engine.name} {engine.precision}"  # transferkit.json's feature_cache.engine
         status = "hit" if hit else ("miss" if self.cache.enabled else "off")
         log.info("%s of %s %s: %s", what.capitalize(), split, self.bb.noun, {"hit": "from the feature cache",
                  "miss": "computed and cached", "off": "computed (cache off)"}[status])
