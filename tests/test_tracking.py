@@ -76,7 +76,7 @@ def test_compare_logs_one_mlflow_run_per_strategy_under_a_parent(tmp_path):
     parent, *children = runs
     assert parent.info.run_name == "cmp-compare" and parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"report.html", "report.md", "compare.json",
-                                                                            "summary.md"}
+                                                                            "summary.md", "doctor.html"}
     results = {r["strategy"]: r for r in json.loads((out / "compare.json").read_text())["results"]}
     assert [c.info.run_name for c in children] == list(results)
     assert parent.data.params["winner"] in results

@@ -44,7 +44,9 @@ def render_fit(clf, out_dir: Path) -> None:
     out.print(f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {clf.modality}s, "
               f"{len(clf.classes_)} classes")
     if clf.feature_cache_:
-        out.print("Feature cache: " + ", ".join(f"{k} {v}" for k, v in clf.feature_cache_.items()))
+        states = {k: v for k, v in clf.feature_cache_.items() if k != "engine"}
+        engine = f" ({clf.feature_cache_['engine']})" if "engine" in clf.feature_cache_ else ""
+        out.print("Feature cache: " + ", ".join(f"{k} {v}" for k, v in states.items()) + engine)
     choice = getattr(clf, "backbone_choice_", None)
     if choice:
         out.print(f"Backbone [bold]{choice['chosen']}[/]: {choice['reason']}", highlight=False)
