@@ -126,7 +126,7 @@ def render_int8(r) -> None:
     out.print(f"Test accuracy (n = {r.n_test}): fp32 {r.fp32_accuracy:.4f}, int8 {r.int8_accuracy:.4f} "
               f"({100 * (r.int8_accuracy - r.fp32_accuracy):+.2f} points)")
     out.print(f"Speed, batch of {r.timing_batch} in this process: fp32 {r.fp32_ms:.2f} ms/image, int8 {r.int8_ms:.2f} "
-              f"ms/image: int8 {r.speed_ratio:.2f}x the fp32 speed")
+              f"ms/image: int8 {round(r.speed_ratio, 3):.2f}x the fp32 speed")
     if r.forced and r.drop_points > 1:
         err.print(f"[yellow]Written although int8 loses {r.drop_points:.1f} points (--force).[/]", highlight=False)
     out.print(f"Wrote {r.path} (fp32: {r.fp32_path}). Predict with: transferkit predict {r.path} IMAGE...")
