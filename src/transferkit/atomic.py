@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -52,3 +53,25 @@ def current_umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
         return mask
+
+
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256 hex digest, read in 4 MiB chunks (memory stays flat for large files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (its temporary files are in use); True where that cannot be told."""
+    if os.name == "nt":  # os.kill there terminates the process: rely on the age alone
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from transferkit import distributed
+from transferkit.atomic import pid_alive, sha256_file
 from transferkit.backbones.base import Backbone
 from transferkit.data.examples import Examples
 from transferkit.data.named import cache_dir
@@ -62,12 +63,6 @@ def feature_key(backbone: Backbone, data_config: dict, precision: str, identitie
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -94,7 +89,7 @@ class FeatureCache:
         try:  # from here a missing file means a damaged entry, which would also block the commit's rename
             manifest = json.loads((folder / "manifest.json").read_text())
             data = folder / "features.npy"
-            if manifest.get("key") != key or manifest.get("sha256") != _sha256(data):
+            if manifest.get("key") != key or manifest.get("sha256") != sha256_file(data):
                 raise ValueError("manifest does not match the data")
             arr = np.load(data, mmap_mode="r")
             if list(arr.shape) != manifest["shape"]:
@@ -135,7 +130,7 @@ class FeatureWriter:
             self.array.flush()
             del self.array
             data = self.tmp / "features.npy"
-            manifest = {"format": FORMAT, "key": self.key, "sha256": _sha256(data), "created": time.time(), **meta}
+            manifest = {"format": FORMAT, "key": self.key, "sha256": sha256_file(data), "created": time.time(), **meta}
             (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         except OSError as e:
             self.abort()
@@ -174,22 +169,12 @@ def remove_abandoned_tmp_(root: Path) -> list[Path]:
             pid, age = int(parts[2]), time.time() - tmp.stat().st_mtime
         except (IndexError, ValueError, OSError):
             continue  # not ours, or removed meanwhile
-        if pid != os.getpid() and (not _pid_alive(pid) or age > STALE_TMP_SECONDS):
+        if pid != os.getpid() and (not pid_alive(pid) or age > STALE_TMP_SECONDS):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill there terminates the process: rely on the age alone
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive, another user's
-        return True
-    return True
 
 
 def _reserve_disk(path: Path) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transferkit.atomic import pid_alive, sha256_file
 from transferkit.engine.config import ENGINES
 from transferkit.errors import UsageError, check_choice
 
@@ -299,7 +300,7 @@ def read_cached(root: Path, key: str):
         return None
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
-        if manifest.get("key") != key or any(manifest["sha256"][f] != _sha256(folder / f) for f in ("model.xml", "model.bin")):
+        if manifest.get("key") != key or any(manifest["sha256"][f] != sha256_file(folder / f) for f in ("model.xml", "model.bin")):
             raise ValueError("manifest does not match the files")
         return ov.Core().read_model(str(folder / "model.xml"))
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError):
@@ -318,7 +319,7 @@ def write_cached_(root: Path, key: str, model) -> None:
         tmp.mkdir()
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         manifest = {"format": FORMAT, "key": key, "created": time.time(),
-                    "sha256": {f: _sha256(tmp / f) for f in ("model.xml", "model.bin")}}
+                    "sha256": {f: sha256_file(tmp / f) for f in ("model.xml", "model.bin")}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, root / key)  # fails when another process committed the key first: theirs stays
     except OSError as e:
@@ -334,25 +335,5 @@ def _remove_stale_tmp_(root: Path) -> None:
             pid, age = int(tmp.name.split("-")[2]), time.time() - tmp.stat().st_mtime
         except (IndexError, ValueError, OSError):
             continue
-        if pid != os.getpid() and (age > STALE_TMP_SECONDS or not _pid_alive(pid)):
+        if pid != os.getpid() and (age > STALE_TMP_SECONDS or not pid_alive(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill there terminates the process: rely on the age alone
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
