@@ -115,7 +115,8 @@ Epochs = Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="
 ImageSize = Annotated[int | None, typer.Option(min=16, rich_help_panel=MODEL, help="Input size in pixels (default: the "
                                                                                    "backbone's).")]
 CacheBudget = Annotated[float | None, typer.Option(min=0.0, rich_help_panel=OUTPUT, help=f"GB of disk the outputs of frozen "
-                        f"blocks may take (default {DEFAULT_CACHE_BUDGET_GB:g}; 0 turns frozen-prefix caching off).")]
+                        f"blocks, and training images decoded once, may take (default {DEFAULT_CACHE_BUDGET_GB:g}; 0 turns both "
+                        "off).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", rich_help_panel=OUTPUT, help="Warnings only: no progress bars "
                                                                                    "or messages.")]
 Log = Annotated[str | None, typer.Option(metavar="tensorboard|mlflow", rich_help_panel=LOGGING, help="Also log settings, "

@@ -99,18 +99,18 @@ class FeatureCache:
             shutil.rmtree(folder, ignore_errors=True)  # corrupt: rebuild
             return None
 
-    def writer(self, key: str, n: int, dim: int) -> FeatureWriter:
-        return FeatureWriter(self, key, n, dim)
+    def writer(self, key: str, n: int, dim: int, dtype: type = np.float16) -> FeatureWriter:
+        return FeatureWriter(self, key, n, dim, dtype)
 
 
 class FeatureWriter:
-    """Streams rows into a memory-mapped float16 file in a temporary folder; `commit` renames it in.
+    """Streams rows into a memory-mapped file (float16 features; uint8 pixels) in a temporary folder; `commit` renames it in.
 
     Raises:
         CacheError: the cache folder cannot be written or its disk is full.
     """
 
-    def __init__(self, cache: FeatureCache, key: str, n: int, dim: int):
+    def __init__(self, cache: FeatureCache, key: str, n: int, dim: int, dtype: type = np.float16):
         self.cache, self.key = cache, key
         self.tmp = cache.root / f".tmp-{key}-{os.getpid()}-{time.time_ns()}"
         try:
@@ -118,7 +118,7 @@ class FeatureWriter:
             remove_abandoned_tmp_(cache.root)
             self.tmp.mkdir()
             data = self.tmp / "features.npy"
-            self.array = np.lib.format.open_memmap(data, mode="w+", dtype=np.float16, shape=(n, dim))
+            self.array = np.lib.format.open_memmap(data, mode="w+", dtype=dtype, shape=(n, dim))
             _reserve_disk(data)
         except OSError as e:
             self.abort()

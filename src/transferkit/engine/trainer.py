@@ -23,6 +23,7 @@ from transferkit import distributed
 from transferkit.backbones import freeze, lora
 from transferkit.backbones.base import Backbone
 from transferkit.data.examples import DataSplits
+from transferkit.decoded import decode_once
 from transferkit.engine.checkpoints import Checkpoints
 from transferkit.engine.config import FINETUNE_LR, HEAD_LR, TrainConfig
 from transferkit.engine.loop import Hooks, PhaseResult, PhaseSpec, run_phase
@@ -121,6 +122,14 @@ class Trainer:
                                            sampler=distributed.train_sampler(len(data), self.cfg.seed), generator=gen,
                                            num_workers=workers, drop_last=len(data) > self.cfg.batch_size,
                                            collate_fn=collate)
+
+    def _example_loaders(self, phase_name: str) -> tuple:
+        """Train and validation loaders over examples: stored pixels where they allow it (decode once), else decoding."""
+        splits = {"train": (self.splits.train, self.cfg.augment), "val": (self.splits.val, "none")}
+        data, self.phase_notes[phase_name]["decoded_cache"] = decode_once(
+            self.bb, splits, self.cache, self.cache_budget, workers=self.cfg.workers, progress=self.progress)
+        return tuple(self._loader(data[s], s == "train") if s in data else self.example_loader(s, s == "train")
+                     for s in splits)
 
     def _class_weights(self) -> torch.Tensor | None:
         if self.cfg.class_weights is None:
@@ -255,7 +264,7 @@ class Trainer:
                                         "lrs": {g["name"]: lr * g["lr_scale"] for g in groups}, "bn": self.bn,
                                         "prefix_cache": prefix_note}
         if loaders is None:
-            loaders = self.example_loader("train", True), self.example_loader("val", False), model
+            loaders = (*self._example_loaders(phase.name), model)
 
         def train_mode() -> None:
             model.train()
