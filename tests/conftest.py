@@ -14,6 +14,11 @@ from PIL import Image
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
+# The suite's frozen passes run in torch, the same on every CI machine (a bf16 CPU would make OpenVINO's numbers
+# differ from torch's); tests/test_openvino.py runs the OpenVINO engine and the `auto` default explicitly. The CLI
+# subprocesses inherit the variable.
+os.environ["TRANSFERKIT_ENGINE"] = "torch"
+
 
 @pytest.fixture(autouse=True, scope="session")
 def isolated_cache(tmp_path_factory):

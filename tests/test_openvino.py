@@ -162,3 +162,40 @@ def test_a_bad_engine_is_refused_before_any_work():
 
     with pytest.raises(UsageError, match="engine must be one of"):
         ImageClassifier(engine="onnx").fit("no-such-folder")
+
+
+def test_the_default_engine_is_auto_unless_the_variable_names_another(monkeypatch):
+    from transferkit.engine.config import TrainConfig, default_engine
+
+    monkeypatch.delenv("TRANSFERKIT_ENGINE")
+    assert default_engine() == "auto" and TrainConfig().engine == "auto"
+    monkeypatch.setenv("TRANSFERKIT_ENGINE", "torch")
+    assert TrainConfig().engine == "torch" and TrainConfig(engine="openvino").engine == "openvino"
+    monkeypatch.setenv("TRANSFERKIT_ENGINE", "openvno")
+    with pytest.raises(UsageError, match="TRANSFERKIT_ENGINE='openvno' is not an engine.*openvino"):
+        TrainConfig()
+
+
+def test_cli_fit_runs_openvino_by_default_and_refuses_a_bad_variable(tmp_path):
+    from conftest import run_cli, write_folder
+
+    data = write_folder(tmp_path / "colours", per_class=6)
+    out = tmp_path / "run"
+    run_cli("fit", str(data), "--image-size", "32", "--out", str(out), "-q", env={"TRANSFERKIT_ENGINE": ""})
+    assert json.loads((out / "transferkit.json").read_text())["feature_cache"]["engine"].startswith("openvino ")
+    bad = run_cli("fit", str(data), "--out", str(tmp_path / "bad"), check=False, env={"TRANSFERKIT_ENGINE": "gpu"})
+    assert bad.returncode != 0 and "TRANSFERKIT_ENGINE='gpu' is not an engine" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_partial_finetune_caches_its_frozen_prefix_through_openvino(tmp_path, caplog):
+    from conftest import TINY, write_folder
+    from transferkit import ImageClassifier
+
+    data = write_folder(tmp_path / "colours", per_class=6)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        clf = ImageClassifier(strategy="finetune:last=1", engine="auto", **TINY).fit(data)
+    note = clf.phases_[-1]["prefix_cache"]
+    assert note["used"], note
+    assert "could not convert" not in caplog.text
+    assert clf.feature_cache_["engine"].startswith("openvino "), clf.feature_cache_

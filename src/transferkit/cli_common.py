@@ -14,10 +14,10 @@ from rich.markup import escape
 
 from transferkit import __version__
 from transferkit.cli_render import err, out
-from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB, TrainConfig
+from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB, DEFAULT_ENGINE, TrainConfig
 from transferkit.errors import NameDeprecationWarning, TransferkitError
 
-DEFAULTS = TrainConfig()
+DEFAULTS = TrainConfig(engine=DEFAULT_ENGINE)  # for help texts; a bad $TRANSFERKIT_ENGINE is refused by the command
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Adapt a pretrained model to your labelled images or texts: transfer learning (feature "
@@ -107,8 +107,9 @@ Seed = Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=f"Random s
 Device = Annotated[str | None, typer.Option(help="auto (default), cpu, cuda or cuda:N.")]
 Precision = Annotated[str | None, typer.Option(help="auto (default: bf16 where the hardware has it), bf16, fp16 or fp32.")]
 Engine = Annotated[str | None, typer.Option(metavar="auto|torch|openvino", help="Engine of frozen passes (extraction, "
-                                            "predict): torch (default), auto (OpenVINO on the CPU when installed, else "
-                                            "torch) or openvino.")]
+                                            "predict): auto (default: OpenVINO on the CPU when the openvino extra is "
+                                            "installed, else torch; $TRANSFERKIT_ENGINE sets another default), torch or "
+                                            "openvino.")]
 BatchSize = Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help=f"Fine-tuning batch size (default "
                                                f"{DEFAULTS.batch_size}; under torchrun the global batch).")]
 Epochs = Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Fine-tuning epochs (default 5).")]

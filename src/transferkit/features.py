@@ -42,7 +42,7 @@ from transferkit.data.examples import Examples
 from transferkit.data.named import cache_dir
 from transferkit.engine.config import (
     DEFAULT_CACHE_BUDGET_GB,  # noqa: F401  (re-exported: the cache's budget)
-    DEFAULT_ENGINE,
+    default_engine,
 )
 from transferkit.errors import CacheError
 from transferkit.inference import CUT_POINT, Cut, extract_features, input_shape, pooled_cut
@@ -204,7 +204,7 @@ def cache_failure(e: OSError, root: Path) -> CacheError:
 def cached_features(backbone: Backbone, images: Examples, *, cache: FeatureCache, device: torch.device,
                     dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
                     progress: bool = True, label: str = "features", cut: Cut | None = None,
-                    engine: str = DEFAULT_ENGINE) -> tuple[np.ndarray, bool]:
+                    engine: str | None = None) -> tuple[np.ndarray, bool]:
     """The `cut`'s outputs (default: pooled features) for `images` from the cache, computed and stored on a miss.
 
     The key takes the preprocessing from `backbone.data_config`, and the engine and its precision.
@@ -220,12 +220,13 @@ def cached_features(backbone: Backbone, images: Examples, *, cache: FeatureCache
 def cached_features_info(backbone: Backbone, images: Examples, *, cache: FeatureCache, device: torch.device,
                          dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
                          progress: bool = True, label: str = "features", cut: Cut | None = None,
-                         engine: str = DEFAULT_ENGINE) -> tuple[np.ndarray, bool, EngineInfo]:
+                         engine: str | None = None) -> tuple[np.ndarray, bool, EngineInfo]:
     """:func:`cached_features`, and the engine that computed the outputs (the planned one on a hit).
 
     The key holds the planned engine; when conversion falls back to torch, the torch key is looked up again.
     """
     cut = cut or pooled_cut(backbone)
+    engine = engine or default_engine()
     plan = plan_engine(engine, device, dtype, image_input=len(input_shape(backbone)) == 3)
 
     def key_for(info: EngineInfo) -> str:

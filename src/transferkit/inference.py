@@ -19,7 +19,7 @@ from torch import nn
 
 from transferkit.backbones.base import Backbone
 from transferkit.data.examples import Examples
-from transferkit.engine.config import DEFAULT_ENGINE, PRECISIONS, check_device
+from transferkit.engine.config import PRECISIONS, check_device, default_engine
 from transferkit.errors import ResourceError, UsageError, did_you_mean
 from transferkit.ovengine import EngineInfo, autocast, cpu_supports_bf16, frozen_runner, to_channels_last  # noqa: F401  (re-export)
 from transferkit.progress import make_progress
@@ -143,7 +143,7 @@ def input_shape(backbone: Backbone) -> tuple[int, ...]:
 def extract_features(backbone: Backbone, images: Examples, *, device: torch.device,
                      dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
                      out: np.ndarray | None = None, progress: bool = True, label: str = "features",
-                     cut: Cut | None = None, engine: str = DEFAULT_ENGINE,
+                     cut: Cut | None = None, engine: str | None = None,
                      runner: tuple[Callable, EngineInfo] | None = None) -> np.ndarray:
     """The `cut`'s output (default: pooled features) for every example, in order, flattened into `out` (float16).
 
@@ -151,6 +151,7 @@ def extract_features(backbone: Backbone, images: Examples, *, device: torch.devi
     forward runs in `runner` (a :func:`~transferkit.ovengine.frozen_runner` result) or one made for `engine`.
     """
     cut = cut or pooled_cut(backbone)
+    engine = engine or default_engine()
     model = backbone.model.to(device).eval()
     if device.type == "cpu" or dtype is not None:
         model = model.to(memory_format=torch.channels_last)

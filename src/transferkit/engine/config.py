@@ -6,7 +6,8 @@ feature extracted, with the parameter, the value received and the valid choices.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import asdict, dataclass, field, fields
 
 from transferkit.errors import UsageError, check_choice, did_you_mean
 
@@ -15,9 +16,11 @@ AUGMENTATIONS = ("none", "light", "strong")
 CLASS_WEIGHTS = (None, "auto")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ENGINES = ("auto", "torch", "openvino")  # the engines of frozen passes (transferkit.ovengine); no torch needed here
-# torch until OpenVINO meets its acceptance as the default (issue 17: a cold feature-extraction fit 2x faster with the
-# same accuracy; measured 1.76x and -1.1 points on digits at 224 px): auto and openvino are opt-in.
-DEFAULT_ENGINE = "torch"
+# auto: OpenVINO for frozen passes on the CPU when the openvino extra is installed (installing it is the opt-in), torch
+# otherwise. A cold feature-extraction fit of digits at 224 px: 1.69-1.81x faster on an AVX2 EPYC (f32, same accuracy),
+# 1.76x on an AMX Xeon (bf16); README, Performance. TRANSFERKIT_ENGINE names another default (the test suite pins torch).
+DEFAULT_ENGINE = "auto"
+ENGINE_VARIABLE = "TRANSFERKIT_ENGINE"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
 HEAD_LR = 3e-3  # AdamW on pooled features: converges within 30 epochs on every backbone tried
@@ -26,6 +29,19 @@ HEAD_LR = 3e-3  # AdamW on pooled features: converges within 30 epochs on every 
 # rate of 1e-3 everywhere is what collapses small-data runs (digits at 10/class: 81% -> 50%).
 FINETUNE_LR = 1e-3
 DEFAULT_CACHE_BUDGET_GB = 10.0  # disk the frozen blocks' outputs of one fit may take (frozen-prefix caching)
+
+
+def default_engine() -> str:
+    """The engine of frozen passes when none is given: $TRANSFERKIT_ENGINE, else DEFAULT_ENGINE.
+
+    Raises:
+        UsageError: the variable names no engine.
+    """
+    value = os.environ.get(ENGINE_VARIABLE, "").strip() or DEFAULT_ENGINE
+    if value not in ENGINES:
+        raise UsageError(f"{ENGINE_VARIABLE}={value!r} is not an engine; use one of {', '.join(ENGINES)}, or unset it."
+                         f"{did_you_mean(value, ENGINES)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -50,7 +66,7 @@ class TrainConfig:
     precision: str = "auto"
     workers: int | None = None  # data loader processes; None = automatic
     augment: str = "none"
-    engine: str = DEFAULT_ENGINE  # frozen passes (extraction, prediction): auto, torch or openvino (ovengine.ENGINES)
+    engine: str = field(default_factory=default_engine)  # frozen passes: auto, torch or openvino
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -106,3 +122,4 @@ def _check_number(name: str, kind: type, low: float, inclusive: bool, optional: 
         raise UsageError(f"{name} must be {'an integer' if kind is int else 'a number'}; got {value!r}.")
     if value < low or (value == low and not inclusive):
         raise UsageError(f"{name} must be {'>=' if inclusive else '>'} {low}; got {value!r}.")
+
