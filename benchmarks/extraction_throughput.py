@@ -128,7 +128,7 @@ def main() -> None:
 
 ENGINE_BATCH, ENGINE_SIZE, N_JPEGS = 32, 224, 256  # 256: the fewest images that get decoding workers
 # (arch, weights, goal model only, goal end to end): OpenVINO against the torch path (bf16 + channels_last)
-ENGINE_CASES = (("efficientnet_lite0", None, 2.5, 1.8), ("resnet18", "none", 1.4, 1.4))
+ENGINE_CASES = (("builtin:efficientnet_lite0", None, 2.5, 1.8), ("resnet18", "none", 1.4, 1.4))
 
 
 def engine_rows(paths: list[Path]) -> None:
@@ -140,7 +140,7 @@ def engine_rows(paths: list[Path]) -> None:
         bb.configure_input(ENGINE_SIZE, None)
         plain = load_backbone(arch, 4, weights=weights).model.eval()
         rates = model_only_rates(bb, plain, ready)
-        base = rates["torch bf16+cl"]
+        base = next(r for name, r in rates.items() if name.endswith("(the torch path)"))
         table([f"{arch} {ENGINE_SIZE}px model only, batch {ENGINE_BATCH}", "img/s", "vs torch path"],
               [[name, r, r / base] for name, r in rates.items()])
         e2e = end_to_end_rates(bb, images)
@@ -162,7 +162,8 @@ def model_only_rates(bb, plain: torch.nn.Module, ready: list[torch.Tensor]) -> d
     runners["openvino f32 (direct)"] = frozen_runner(cut, shape, device=cpu, precision=None, engine="openvino")[0]
     bb.model.to(memory_format=torch.channels_last)
     contenders = {"torch fp32 NCHW": lambda: plain_forward(plain, ready),
-                  "torch bf16+cl": lambda: transferkit_model_only(bb, ready, dtype)}
+                  f"torch {'fp32' if dtype is None else 'bf16'}+cl (the torch path)":
+                      lambda: transferkit_model_only(bb, ready, dtype)}
     contenders |= {name: (lambda r=run: [r(x) for x in ready]) for name, run in runners.items()}
     return interleaved_rates(contenders, len(ready) * ENGINE_BATCH)
 

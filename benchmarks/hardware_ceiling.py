@@ -1,6 +1,6 @@
 """How close does extraction get to the hardware? Matmul peak vs achieved extraction GFLOP/s.
 
-The ceiling: fp32 and bf16 square matmuls (2 n^3 FLOPs each), measured in this
+The ceiling: fp32 and bf16 square matmuls (2 n^3 FLOPs each; the faster is the peak), measured in this
 run. The achieved: FLOPs per image counted by torch.utils.flop_counter
 (convolutions and matmuls, 2 FLOPs per multiply-add) times the images/s of
 transferkit's extraction step (bf16 autocast + channels_last, inference_mode,
@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from transferkit.backbones import load_backbone
 from transferkit.inference import autocast, pooled_cut, resolve_precision, to_channels_last
-from transferkit.ovengine import frozen_runner
+from transferkit.ovengine import cpu_supports_bf16, frozen_runner
 
 MATMUL_N = 2048
 SEED = 0
@@ -72,8 +72,10 @@ def plain_rate(bb, size: int, batch: int) -> float:
 def main() -> None:
     header("hardware ceiling: matmul GFLOP/s vs extraction GFLOP/s")
     torch.manual_seed(SEED)
-    fp32_peak, bf16_peak = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    # Without bf16 units torch emulates bf16 matmuls at a few GFLOP/s (minutes for this size): not a peak.
+    fp32_peak, bf16_peak = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16) if cpu_supports_bf16() else 0.0
     table([f"matmul {MATMUL_N}x{MATMUL_N}", "GFLOP/s"], [["fp32", fp32_peak], ["bf16", bf16_peak]])
+    peak = max(fp32_peak, bf16_peak)  # the CPU's matmul peak: bf16 where it has bf16 units, else fp32
     dtype = resolve_precision("auto", torch.device("cpu"))
     name = "fp32" if dtype is None else str(dtype)[6:]
     cases = [("resnet18", "none", 224, 32), ("builtin:efficientnet_lite0", None, 224, 32), ("builtin:efficientnet_lite0", None, 64, 128)]
@@ -85,13 +87,14 @@ def main() -> None:
         tk_rate = extraction_rate(bb, size, batch, dtype)
         ov_rate = openvino_rate(bb, size, batch, dtype)
         achieved = gflop * tk_rate
-        fractions[(arch, size)] = (achieved / bf16_peak, gflop * ov_rate / bf16_peak)
+        fractions[(arch, size)] = (achieved / peak, gflop * ov_rate / peak)
         rows.append([f"{arch} {size}px", gflop, fp32_rate, gflop * fp32_rate / fp32_peak, tk_rate, achieved,
-                     achieved / bf16_peak, ov_rate, gflop * ov_rate, gflop * ov_rate / bf16_peak])
-    table(["model", "GFLOP/img", "fp32 img/s", "of fp32 peak", f"torch {name} img/s", "GFLOP/s", "of bf16 peak",
-           "openvino img/s", "GFLOP/s", "of bf16 peak"], rows)
+                     achieved / peak, ov_rate, gflop * ov_rate, gflop * ov_rate / peak])
+    table(["model", "GFLOP/img", "fp32 img/s", "of fp32 peak", f"torch {name} img/s", "GFLOP/s", "of peak",
+           "openvino img/s", "GFLOP/s", "of peak"], rows)
+    print("(peak: the faster of the fp32 and bf16 matmuls in this run)")
     torch_frac, ov_frac = fractions[("resnet18", 224)]
-    goal(">= 50% of bf16 matmul peak, ResNet-18 224 px extraction (best engine)",
+    goal(">= 50% of the matmul peak, ResNet-18 224 px extraction (best engine)",
          f"torch {100 * torch_frac:.0f}%, openvino {100 * ov_frac:.0f}%", max(torch_frac, ov_frac) >= 0.5)
 
 

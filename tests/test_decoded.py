@@ -112,6 +112,6 @@ def test_cli_records_the_decoded_cache_and_says_when_it_is_refused(tmp_path):
     assert "Decoded-image cache refused" in proc.stderr and "--cache-budget" in proc.stderr
     ok = run_cli("fit", str(data), "--strategy", "finetune:all", "--epochs", "1", "--image-size", "32",
                  "--out", str(tmp_path / "run2"))
-    assert "Decoded-image cache: train miss, val miss" in ok.stderr
+    assert "Decoded-image cache: train miss, val miss" in ok.stderr and "instead of decoding" in ok.stderr
     note = json.loads((tmp_path / "run2" / "transferkit.json").read_text())["strategy"]["phases"][-1]["decoded_cache"]
     assert note["train"]["used"] and note["val"]["cache"] == "miss"

@@ -41,7 +41,7 @@ def digits():
     from transferkit.inference import extract_features, resolve_precision
 
     splits = load_data("digits", seed=0)
-    bb = load_backbone("efficientnet_lite0", len(splits.classes))
+    bb = load_backbone("builtin:efficientnet_lite0", len(splits.classes))
     bb.configure_input(None, splits.train.preprocess_hint)
     dtype = resolve_precision("auto", CPU)
     feats = {}

@@ -212,9 +212,10 @@ class ImageClassifier(_Classifier):
         split: train/val/test fractions when the data gives no split.
         strict: unreadable files are an error instead of skipped and counted.
         cache: use the on-disk feature cache.
-        engine: frozen passes (extraction, predict): ``auto`` (OpenVINO on a CPU if installed), ``torch``, ``openvino``.
-        cache_budget_gb: most disk (GB) the frozen blocks' outputs may take for frozen-prefix caching
-            (default 10; 0 turns it off; a larger cache is refused with a message and training runs on images).
+        engine: frozen passes (extraction, predict): ``auto`` (the default, or $TRANSFERKIT_ENGINE: OpenVINO on a CPU
+            if installed), ``torch``, ``openvino``.
+        cache_budget_gb: most disk (GB) the frozen blocks' outputs and the images decoded once may take
+            (default 10; 0 turns both off; a larger cache is refused with a message and training decodes images).
         checkpoint_dir: where to write a checkpoint after every epoch (None: no checkpoints).
         resume: continue from the checkpoint in `checkpoint_dir` (same data, strategy and settings).
         progress: show progress bars on stderr (messages go through :mod:`logging`).

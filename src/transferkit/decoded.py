@@ -177,6 +177,6 @@ def decode_once(bb: Backbone, splits: dict[str, tuple[Examples, str]], cache: Fe
         datasets[name] = StoredPixels(pixels, examples.labels, (h, w), tensor_steps)
         note[name] = {"used": True, "cache": "hit" if hit else "miss", "bytes": pixel_bytes(len(examples), bb.data_config)}
     if datasets and distributed.is_main():
-        log.info("Decoded-image cache: %s decoded once (%s), later epochs skip decoding.",
+        log.info("Decoded-image cache: %s (%s); epochs read the stored pixels instead of decoding.",
                  ", ".join(f"{n} {note[n]['cache']}" for n in datasets), f"{size / 1e6:.0f} MB")
     return datasets, note

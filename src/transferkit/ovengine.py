@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -281,7 +282,9 @@ def convert(module: nn.Module, fn: Callable, input_shape: tuple[int, ...], route
     wrapped = _Forward(fn, module.eval()).eval()
     example = torch.zeros(2, *input_shape)  # batch 2: torch.export specialises a batch of 1
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # OpenVINO's direct route traces with torch.jit, which torch deprecates: not the user's concern
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.trace")
             if route == "direct":
                 return ov.convert_model(wrapped, example_input=example, input=[ov.PartialShape([-1, *input_shape])])
             program = torch.onnx.export(wrapped, (example,), dynamo=True, verbose=False,
