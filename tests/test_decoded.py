@@ -63,10 +63,7 @@ def test_the_key_follows_the_preprocessing_and_the_inputs(colours, lite0):
     assert pixels_key(lite0.data_config, colours.val.identities()) != base
     assert pixels_key({**lite0.data_config, "input_size": (3, 64, 64)}, colours.train.identities()) != base
     assert pixels_key({**lite0.data_config, "crop_pct": 0.5}, colours.train.identities()) != base
-    other = load_backbone("resnet18", 3, weights="none")  # another backbone with the same preprocessing shares pixels
-    other.configure_input(48)
-    if other.data_config == lite0.data_config:
-        assert pixels_key(other.data_config, colours.train.identities()) == base
+    assert pixels_key(dict(lite0.data_config), list(colours.train.identities())) == base  # same inputs, same key
 
 
 def test_random_augmentation_and_a_small_budget_are_said_not_silently_ignored(colours, lite0, tmp_path, caplog):

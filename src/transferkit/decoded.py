@@ -46,7 +46,7 @@ def split_transform(transform) -> tuple[list, list] | None:
     """The evaluation transform as (pixel steps on PIL images, tensor steps from ToTensor on), or None if it has no ToTensor."""
     steps = list(getattr(transform, "transforms", []))
     names = [type(t).__name__ for t in steps]
-    first = next((i for i, n in enumerate(names) if n in ("ToTensor", "MaybeToTensor")), None)
+    first = next((i for i, n in enumerate(names) if n in TENSOR_STEPS[:2]), None)
     if first is None or any(n not in TENSOR_STEPS for n in names[first:]):
         return None
     return steps[:first], steps[first:]
