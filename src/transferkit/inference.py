@@ -158,6 +158,7 @@ def extract_features(backbone: Backbone, images: Examples, *, device: torch.devi
     loader = torch.utils.data.DataLoader(backbone.dataset(images), batch_size=batch_size, collate_fn=backbone.collate,
                                          num_workers=images.loader_workers() if workers is None else workers)
     out = np.zeros((len(images), cut.size), np.float16) if out is None else out
+    batches = iter(loader)  # decoding workers start now, so their first batches overlap a one-time conversion
     run, info = runner or frozen_runner(cut, input_shape(backbone), device=device, precision=dtype, engine=engine)
     start = 0
     # inference_mode only around the loop: converting the model inside it would turn its
@@ -165,7 +166,7 @@ def extract_features(backbone: Backbone, images: Examples, *, device: torch.devi
     with make_progress(progress) as bar, torch.inference_mode():
         task = bar.add_task(f"extract {label}", total=len(images), info=f"{info.name} {info.precision}")
         chunk = batch_size  # shrinks on GPU out-of-memory and stays shrunk
-        for x, _, _ in loader:
+        for x, _, _ in batches:
             for i in range(0, len(x), chunk):
                 f, chunk = _features_fitting_memory(run, x[i:i + chunk], device)
                 out[start:start + len(f)] = f
