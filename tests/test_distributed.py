@@ -230,15 +230,18 @@ def test_text_trains_under_torchrun_like_images(tmp_path):
     probe = ["fit", str(data), "--strategy", "feature-extraction", *text]
     one = run([sys.executable, "-m", "transferkit", *probe, "--out", str(tmp_path / "one")], tmp_path / "c1")
     two = run([*torchrun(2), *probe, "--out", str(tmp_path / "two")], tmp_path / "c2")
-    # Each process pads its texts to the longest in its own batches, so embeddings differ in the last fp32 bits and
-    # the L-BFGS probe's head by up to ~4e-3 (measured); its predictions do not. The probabilities (and the
-    # calibration error computed from them) move with the head, so they are compared within that tolerance.
+    # Each process pads its texts to the longest in its own batches, so embeddings differ by up to 2e-4 (measured).
+    # These topics separate, so the probe picks C = 1000 (lambda = 3e-5), where the objective is nearly flat along
+    # the bias: the float64 optima of the two runs differ by 7e-6, but the fp32 L-BFGS stops (max |grad| <= 1e-6)
+    # at a point of that flat valley that depends on its path, 1.1e-2 apart on the bias (4e-3 with the autograd
+    # gradient before; measured on the same features). Along that valley the test probabilities barely move
+    # (6e-5, ECE 6e-6), so they are held tight and the head loosely; the predictions are equal.
     a, b = metrics_of(tmp_path / "two"), metrics_of(tmp_path / "one")
     pa, pb = a.pop("predictions"), b.pop("predictions")
-    assert abs(a.pop("ece") - b.pop("ece")) <= 1e-2 and a == b
+    assert abs(a.pop("ece") - b.pop("ece")) <= 1e-3 and a == b
     assert (pa["id"], pa["true"], pa["pred"]) == (pb["id"], pb["true"], pb["pred"])
-    assert np.allclose(pa["prob"], pb["prob"], atol=1e-2)
-    assert weights_difference_text(tmp_path / "one", tmp_path / "two") <= 1e-2
+    assert np.allclose(pa["prob"], pb["prob"], atol=1e-3)
+    assert weights_difference_text(tmp_path / "one", tmp_path / "two") <= 3e-2
     assert two.stdout.count("Run saved to") == 1 and "texts" in one.stdout
     tuned = run([*torchrun(2), "fit", str(data), "--strategy", "finetune:last=1", "--epochs", "1", *text, "--out",
                  str(tmp_path / "tuned")], tmp_path / "c3")

@@ -71,7 +71,7 @@ def _loss_and_grad_(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor, 
     """
     logp = torch.addmm(bias.unsqueeze(1), weight, xt).log_softmax(0)  # classes x n
     loss = -logp.gather(0, y.unsqueeze(0)).mean() + 0.5 * lam * weight.pow(2).sum()
-    residual = logp.exp_().scatter_add_(0, y.unsqueeze(0), torch.full((1, len(y)), -1.0)).div_(len(y))
+    residual = logp.exp_().scatter_add_(0, y.unsqueeze(0), torch.full((1, len(y)), -1.0, dtype=logp.dtype)).div_(len(y))
     weight.grad = torch.addmm(weight, residual, x, beta=lam)
     bias.grad = residual.sum(1)
     return loss
