@@ -1,11 +1,11 @@
 """The default engine vs `--engine torch` for a whole cold-cache feature-extraction fit (issue 17's acceptance).
 
-Writes scikit-learn's 1,797 digits as 224 px JPEGs (8x8 -> bicubic 224 px, quality 90,
-one folder per class), then runs the real CLI, `transferkit fit DIR --strategy
-feature-extraction`, in a subprocess per run: `--engine torch` and the default engine
-(`auto`: OpenVINO on a CPU where the extra is installed) in alternating pairs, each with
-a fresh, empty TRANSFERKIT_CACHE, so every run pays its own feature extraction and the
-OpenVINO run its one-time conversion. Wall time per run (process start to exit, imports
+Writes the built-in 1,797 digits (scikit-learn's, as the demo loads them) as 224 px JPEGs
+(8x8 -> bicubic 224 px, quality 90, one folder per class), then runs the real CLI,
+`transferkit fit DIR --strategy feature-extraction`, in a subprocess per run: `--engine torch`
+and the default engine (`auto`: OpenVINO on a CPU where the extra is installed) in alternating
+pairs, each with a fresh, empty TRANSFERKIT_CACHE, so every run pays its own feature extraction
+and the OpenVINO run its one-time conversion. Wall time per run (process start to exit, imports
 included), the ratio per pair, and the test accuracy of both from each run's transferkit.json.
 
 Run: python benchmarks/fit_engines.py [--pairs 2]
@@ -32,17 +32,17 @@ ACCURACY_POINTS = 0.5  # and the same test accuracy within half a point
 
 
 def write_digits(root: Path) -> int:
-    """The digits as SIZE px RGB JPEGs under root/<class>/; returns how many."""
+    """The built-in digits (the demo's images) as SIZE px RGB JPEGs under root/<class>/; returns how many."""
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-        path = root / str(label) / f"{i:04d}.jpg"
+    from transferkit.data import load_digits_images
+
+    digits = load_digits_images()
+    for i, label in enumerate(digits.labels):
+        path = root / digits.classes[label] / f"{i:04d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = (image / 16 * 255).astype("uint8")
-        Image.fromarray(pixels).convert("RGB").resize((SIZE, SIZE), Image.BICUBIC).save(path, quality=90)
-    return len(digits.target)
+        digits.load(i).resize((SIZE, SIZE), Image.BICUBIC).save(path, quality=90)
+    return len(digits)
 
 
 def fit_once(data: Path, out: Path, engine: str | None) -> tuple[float, float, str]:
