@@ -1,6 +1,6 @@
 """Ranking the three built-in backbones on the digits demo: wall time, the share spent extracting, a cached rerun.
 
-Both runs are `transferkit.compare.compare(models=[lite0, lite1, lite2])` in this process on the same split and
+Both runs are `transferkit.compare.run.compare(models=[lite0, lite1, lite2])` in this process on the same split and
 seed (feature-extraction only, the 5-fold probe, LogME, costs): the first with an empty feature cache (every
 backbone's features computed), the second on the cache the first filled (nothing extracted). Extraction time is
 what the feature-extraction runs spent computing or reading pooled features (train, val, test), from each run.
@@ -16,7 +16,7 @@ import time
 
 from _common import header, table
 
-from transferkit.compare import compare
+from transferkit.compare.run import compare
 from transferkit.data import load_data
 
 MODELS = ("builtin:efficientnet_lite0", "builtin:efficientnet_lite1", "builtin:efficientnet_lite2")

@@ -23,8 +23,8 @@ from _common import goal, header, rate, table, write_jpegs
 
 from transferkit.backbones import load_backbone
 from transferkit.data import FileImages
-from transferkit.inference import extract_features, input_shape, pooled_cut, resolve_precision
-from transferkit.ovengine import frozen_runner, openvino_installed
+from transferkit.inference.extraction import extract_features, input_shape, pooled_cut, resolve_precision
+from transferkit.inference.runners import frozen_runner, openvino_installed
 
 N_IMAGES = 300
 BATCH = 128  # extract_features' default

@@ -30,12 +30,12 @@ from _common import goal, header, interleaved_rates, table, write_jpegs
 from torch import nn
 
 from transferkit.backbones import freeze, load_backbone
+from transferkit.cache.features import FeatureCache
+from transferkit.cache.pixels import decode_once
 from transferkit.data import DataSummary, read_paths
-from transferkit.decoded import decode_once
-from transferkit.engine.config import FINETUNE_LR, TrainConfig
-from transferkit.engine.loop import make_loss, make_optimizer, train_epoch
-from transferkit.features import FeatureCache
-from transferkit.inference import resolve_precision
+from transferkit.inference.extraction import resolve_precision
+from transferkit.training.config import FINETUNE_LR, TrainConfig
+from transferkit.training.loop import make_loss, make_optimizer, train_epoch
 
 JPEG_SIZE = 320  # px: a little over 224, like a downscaled photo
 BATCH = 32

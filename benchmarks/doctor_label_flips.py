@@ -1,7 +1,7 @@
 """The data doctor against known label errors: digits with 2%, 5% and 10% of its training labels flipped.
 
 Each rate flips a seeded random share of the training split's labels to
-another class (uniformly), runs `transferkit.diagnose` on the flipped split
+another class (uniformly), runs `transferkit.doctor.diagnose` on the flipped split
 (the built-in EfficientNet-Lite0; features from the cache after the first
 run) and measures the flagged examples (kind "label", train + val) against
 the flips: precision (flagged that were flipped), recall (flips flagged) and
@@ -24,7 +24,7 @@ from _common import goal, header, table
 from sklearn.metrics import roc_auc_score
 
 from transferkit.data import DataSplits, load_data
-from transferkit.diagnose import diagnose
+from transferkit.doctor.diagnose import diagnose
 
 RATES = (0.02, 0.05, 0.10)
 

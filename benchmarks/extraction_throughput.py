@@ -34,8 +34,8 @@ from _common import goal, header, interleaved_rates, table, tensor_batches, writ
 
 from transferkit.backbones import load_backbone
 from transferkit.data import DataSummary, load_data, load_digits_images, make_transform, read_paths
-from transferkit.inference import autocast, extract_features, pooled_cut, resolve_precision, to_channels_last
-from transferkit.ovengine import frozen_runner
+from transferkit.inference.extraction import autocast, extract_features, pooled_cut, resolve_precision, to_channels_last
+from transferkit.inference.runners import frozen_runner
 
 BATCH = 128  # extract_features' default
 N_TIMED = 512  # images per timed pass (4 batches); the probe uses all 1,797

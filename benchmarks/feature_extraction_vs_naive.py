@@ -35,8 +35,8 @@ from torch import nn
 from transferkit import ImageClassifier
 from transferkit.backbones import load_backbone
 from transferkit.data import load_data
-from transferkit.engine.config import HEAD_LR, TrainConfig
-from transferkit.engine.loop import seed_everything, warmup_cosine
+from transferkit.training.config import HEAD_LR, TrainConfig
+from transferkit.training.loop import seed_everything, warmup_cosine
 
 EPOCHS = 20
 SEED = 0

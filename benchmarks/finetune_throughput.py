@@ -31,8 +31,8 @@ from torch import nn
 
 from transferkit import backbones as bbs
 from transferkit.data import load_data, make_transform
-from transferkit.engine.config import FINETUNE_LR
-from transferkit.inference import resolve_precision
+from transferkit.inference.extraction import resolve_precision
+from transferkit.training.config import FINETUNE_LR
 
 BATCH = 32  # TrainConfig's default fine-tuning batch
 STEPS = 8  # steps per timed round

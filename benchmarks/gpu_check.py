@@ -54,7 +54,7 @@ def array_images(n: int, size: int = 64):
 
 
 def extraction(device: torch.device) -> None:
-    from transferkit.inference import extract_features, resolve_precision
+    from transferkit.inference.extraction import extract_features, resolve_precision
 
     bb, images = backbone(), array_images(1024)
     dtype = resolve_precision("auto", device)
@@ -76,9 +76,9 @@ def extraction(device: torch.device) -> None:
 
 def finetune_step(device: torch.device) -> None:
     from transferkit.backbones import freeze
-    from transferkit.engine.config import FINETUNE_LR, TrainConfig
-    from transferkit.engine.loop import make_loss, make_optimizer, train_epoch
-    from transferkit.inference import resolve_precision
+    from transferkit.inference.extraction import resolve_precision
+    from transferkit.training.config import FINETUNE_LR, TrainConfig
+    from transferkit.training.loop import make_loss, make_optimizer, train_epoch
 
     xs = [torch.randn(BATCH, 3, 224, 224) for _ in range(6)]
     batches = [(x, torch.randint(0, 10, (BATCH,))) for x in xs]
@@ -144,7 +144,7 @@ def jpeg_decoding(device: torch.device) -> None:
 
 def out_of_memory(device: torch.device) -> None:
     """A ballast leaves ~3 GB free, so a ResNet-50 batch of 256 at 448 px cannot fit: both paths must recover."""
-    from transferkit.inference import extract_features
+    from transferkit.inference.extraction import extract_features
 
     bb, images = backbone(size=448), array_images(256)
     reference = extract_features(bb, images.subset(range(32)), device=device, dtype=torch.bfloat16, batch_size=8,
@@ -174,8 +174,8 @@ def out_of_memory(device: torch.device) -> None:
 
 def train_under_pressure(device: torch.device, records: list[str]) -> tuple[str, bool]:
     from transferkit.backbones import freeze
-    from transferkit.engine.config import TrainConfig
-    from transferkit.engine.loop import make_loss, make_optimizer, train_epoch
+    from transferkit.training.config import TrainConfig
+    from transferkit.training.loop import make_loss, make_optimizer, train_epoch
 
     bb, cfg = backbone(size=448), TrainConfig(grad_clip=None)
     n = len(bb.blocks)
@@ -213,7 +213,7 @@ def torchrun_nccl(device: torch.device) -> None:
 
 
 def compare_memory(device: torch.device) -> None:
-    from transferkit.compare import compare
+    from transferkit.compare.run import compare
     from transferkit.data import load_data
 
     result = compare(load_data("digits", seed=0), data_name="digits", strategies=["feature-extraction", "finetune:all"],

@@ -4,7 +4,7 @@ The ceiling: fp32 and bf16 square matmuls (2 n^3 FLOPs each; the faster is the p
 run. The achieved: FLOPs per image counted by torch.utils.flop_counter
 (convolutions and matmuls, 2 FLOPs per multiply-add) times the images/s of
 transferkit's extraction step (bf16 autocast + channels_last, inference_mode,
-ready tensors), and of each engine (torch's path and OpenVINO, transferkit.ovengine)
+ready tensors), and of each engine (torch's path and OpenVINO, transferkit.inference.runners)
 for ResNet-18 at 224 px (random init: speed does not depend on the weights) and the
 built-in EfficientNet-Lite0 (224 px and the demo's 64 px).
 
@@ -20,8 +20,8 @@ from _common import goal, header, rate, table
 from torch.utils.flop_counter import FlopCounterMode
 
 from transferkit.backbones import load_backbone
-from transferkit.inference import autocast, pooled_cut, resolve_precision, to_channels_last
-from transferkit.ovengine import cpu_supports_bf16, frozen_runner
+from transferkit.inference.extraction import autocast, pooled_cut, resolve_precision, to_channels_last
+from transferkit.inference.runners import cpu_supports_bf16, frozen_runner
 
 MATMUL_N = 2048
 SEED = 0

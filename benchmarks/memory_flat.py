@@ -45,9 +45,9 @@ def child(folder: Path, n: int, cache: Path) -> None:
     import torch
 
     from transferkit.backbones import load_backbone
+    from transferkit.cache.features import FeatureCache, cached_features_info
     from transferkit.data import FileImages
-    from transferkit.features import FeatureCache, cached_features_info
-    from transferkit.inference import resolve_precision
+    from transferkit.inference.extraction import resolve_precision
 
     torch.set_num_threads(os.cpu_count() or 1)
     paths = sorted(folder.rglob("*.jpg"))[:n]

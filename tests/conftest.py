@@ -118,10 +118,10 @@ def finetune_phase_alone(splits, spec: str, **settings):
     import torch
 
     from transferkit.backbones import load_backbone
-    from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB, TrainConfig
-    from transferkit.engine.trainer import Precision, Trainer
-    from transferkit.features import FeatureCache
-    from transferkit.strategies import parse_strategy, plan_phases
+    from transferkit.cache.features import FeatureCache
+    from transferkit.training.config import DEFAULT_CACHE_BUDGET_GB, TrainConfig
+    from transferkit.training.strategies import parse_strategy, plan_phases
+    from transferkit.training.trainer import Precision, Trainer
 
     bb = load_backbone("builtin:efficientnet_lite0", len(splits.classes))
     bb.configure_input(TINY["image_size"], splits.train.preprocess_hint)

@@ -62,9 +62,66 @@ def test_the_imports_form_a_dag():
 def test_a_cycle_is_detected_by_the_same_walk(tmp_path):
     """The DAG check can fail: two modules importing each other are reported."""
     a, b = tmp_path / "a.py", tmp_path / "b.py"
-    a.write_text("from transferkit import report\n")
-    b.write_text("import transferkit.compare\n")
-    assert "transferkit.report" in imported_modules("x", a) and "transferkit.compare" in imported_modules("x", b)
+    a.write_text("from transferkit.report import comparison\n")
+    b.write_text("import transferkit.compare.run\n")
+    assert "transferkit.report.comparison" in imported_modules("x", a) and "transferkit.compare.run" in imported_modules("x", b)
+
+
+# The layer contract, top to bottom: a module may import modules of its own layer or of a layer below, never above
+# (inside functions too). A module's layer is that of the longest prefix listed; a package's orchestration module
+# (compare.run, doctor.diagnose) sits above the estimator it drives, its records and algorithms below training,
+# which computes them (the fit-time doctor) and the report, which renders them.
+LAYERS = [
+    ("cli", ("transferkit.cli", "transferkit.__main__")),
+    ("serve", ("transferkit.serve",)),
+    ("export", ("transferkit.export",)),
+    ("commands", ("transferkit.compare.run", "transferkit.doctor.diagnose")),
+    ("estimator", ("transferkit.classifier",)),
+    ("runs", ("transferkit.runs",)),
+    ("report", ("transferkit.report",)),
+    ("training", ("transferkit.training", "transferkit.tracking")),
+    ("records", ("transferkit.compare", "transferkit.doctor")),
+    ("cache", ("transferkit.cache",)),
+    ("inference", ("transferkit.inference",)),
+    ("backbones", ("transferkit.backbones",)),
+    ("data", ("transferkit.data",)),
+    ("stats", ("transferkit.stats",)),
+    ("base", ("transferkit.errors", "transferkit.atomic", "transferkit.distributed", "transferkit.progress")),
+]
+
+
+def layer_of(module: str) -> int:
+    """The index of `module`'s layer in LAYERS (0 = top): its longest listed prefix."""
+    best, rank = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, rank = len(p), i
+    assert rank is not None, f"{module} is in no layer: add it to LAYERS"
+    return rank
+
+
+def upward_imports() -> list[str]:
+    found = []
+    for name, path in MODULES.items():
+        if name == "transferkit":  # the package's lazy facade over the public names
+            continue
+        for dep in imported_modules(name, path) - {"transferkit"}:  # `from transferkit import __version__`
+            if layer_of(dep) < layer_of(name):
+                found.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})")
+    return sorted(found)
+
+
+def test_nothing_imports_upward():
+    assert not upward_imports(), "\n".join(upward_imports())
+
+
+def test_the_layer_check_can_fail(tmp_path, monkeypatch):
+    """A training module importing the report is reported."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from transferkit.report import comparison\n")
+    monkeypatch.setitem(MODULES, "transferkit.training.bad", bad)
+    assert "transferkit.training.bad (training) imports transferkit.report.comparison (report)" in upward_imports()
 
 
 def test_modules_and_functions_stay_small():
@@ -83,7 +140,7 @@ def test_modules_and_functions_stay_small():
 
 def test_import_transferkit_loads_no_torch_and_names_load_lazily():
     code = ("import sys, transferkit\nassert 'torch' not in sys.modules, 'import transferkit loaded torch'\n"
-            "import transferkit.cli\nassert 'torch' not in sys.modules, 'the CLI module loaded torch'\n"
+            "import transferkit.cli.app\nassert 'torch' not in sys.modules, 'the CLI module loaded torch'\n"
             "from transferkit import ImageClassifier, TextClassifier, UsageError\nprint(ImageClassifier.__module__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -93,7 +150,7 @@ def test_import_transferkit_loads_no_torch_and_names_load_lazily():
 def test_library_modules_do_not_print_or_touch_global_state():
     offenders = []
     for name, path in MODULES.items():
-        # The CLI modules (cli*.py) are the only places that print (rich consoles); progress draws bars.
+        # The CLI package (cli/) are the only places that print (rich consoles); progress draws bars.
         if name.startswith("transferkit.cli") or name in ("transferkit.__main__", "transferkit.progress"):
             continue
         text = path.read_text()

@@ -10,8 +10,8 @@ from sklearn.datasets import load_sample_image
 from transferkit.backbones import BUILTIN_BACKBONES, load_backbone
 from transferkit.backbones.freeze import param_groups, set_trainable_
 from transferkit.data import make_transform
-from transferkit.engine.loop import make_optimizer
 from transferkit.errors import ModelError, UsageError
+from transferkit.training.loop import make_optimizer
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_folder
+from transferkit.cache.features import FeatureCache, FeatureWriter
 from transferkit.errors import CacheError
-from transferkit.features import FeatureCache, FeatureWriter
 
 N, DIM = 8, 1280  # 8 images, efficientnet_lite0's pooled features
 
@@ -29,7 +29,7 @@ def compute_together(root: str, out: str, barrier) -> None:
     """Child process: compute features into `root`; commit only when the other process is ready to commit too."""
     torch.set_num_threads(1)
     from transferkit.backbones import load_backbone
-    from transferkit.features import cached_features
+    from transferkit.cache.features import cached_features
 
     commit = FeatureWriter.commit
 
@@ -123,7 +123,7 @@ def test_full_disk_when_committing(tmp_path, monkeypatch):
 
 
 def test_fit_on_a_full_disk_says_so_and_exits_1(tmp_path, monkeypatch):
-    from transferkit.cli import app
+    from transferkit.cli.app import app
 
     data = write_folder(tmp_path / "d", per_class=4)
     cache = tmp_path / "cache"
@@ -143,7 +143,7 @@ def test_fit_on_a_full_disk_says_so_and_exits_1(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
 def test_fit_refuses_an_unwritable_out_before_training(tmp_path, monkeypatch, where):
-    from transferkit.cli import app
+    from transferkit.cli.app import app
 
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     out = tmp_path / "notes.txt" / "run" if where == "under_a_file" else tmp_path / "notes.txt"
@@ -158,7 +158,7 @@ def test_fit_refuses_an_unwritable_out_before_training(tmp_path, monkeypatch, wh
 
 
 def test_check_writable_dir_accepts_new_and_existing_folders(tmp_path):
-    from transferkit.runs import check_writable_dir
+    from transferkit.runs.directory import check_writable_dir
 
     check_writable_dir(tmp_path / "new" / "deeper")
     check_writable_dir(tmp_path)
@@ -168,7 +168,7 @@ def test_check_writable_dir_accepts_new_and_existing_folders(tmp_path):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_check_writable_dir_refuses_a_read_only_folder(tmp_path):
     from transferkit.errors import RunError
-    from transferkit.runs import check_writable_dir
+    from transferkit.runs.directory import check_writable_dir
 
     (tmp_path / "ro").mkdir(mode=0o500)
     with pytest.raises(RunError, match="does not accept new files"):

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from transferkit import ImageClassifier
-from transferkit.calibration import expected_calibration_error, fit_temperature
 from transferkit.data import load_data
-from transferkit.evaluate import softmax
+from transferkit.stats.calibration import expected_calibration_error, fit_temperature
+from transferkit.stats.metrics import softmax
 
 
 @pytest.fixture(scope="module")

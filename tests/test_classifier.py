@@ -34,8 +34,8 @@ BAD_SETTINGS = [  # (classifier, keyword, value, words the message must hold)
 @pytest.fixture
 def no_work(monkeypatch):
     """Reading data or extracting features fails the test: validation must come first."""
+    import transferkit.cache.features as features
     import transferkit.data as data
-    import transferkit.features as features
 
     def refuse(*args, **kwargs):
         raise AssertionError("data was read or features extracted before the settings were validated")
@@ -156,7 +156,7 @@ def test_a_fine_tune_that_never_beats_the_probe_keeps_the_probe(tmp_path):
 def test_probe_ties_on_validation_go_to_the_lower_loss_not_the_strongest_regularisation():
     import torch
 
-    from transferkit.engine.probe import PROBE_C_GRID, fit_linear_probe
+    from transferkit.training.probe import PROBE_C_GRID, fit_linear_probe
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 16)) * 4
@@ -177,7 +177,7 @@ def test_every_training_setting_is_a_keyword_of_the_estimator(cls):
     import inspect
 
     from transferkit.classifier import IMAGE_ONLY
-    from transferkit.engine.config import TrainConfig
+    from transferkit.training.config import TrainConfig
 
     keywords = set(inspect.signature(cls.__init__).parameters)
     expected = set(TrainConfig.names()) - (set(IMAGE_ONLY) if cls is TextClassifier else set())

@@ -25,10 +25,10 @@ def sklearn_reference(run_dir) -> float:
     """LogisticRegression on the run's own cached features, C chosen on validation (Kornblith protocol)."""
     clf = ImageClassifier.load(run_dir)
     from transferkit.backbones import load_backbone
-    from transferkit.engine.config import TrainConfig
-    from transferkit.engine.trainer import Precision, Trainer
-    from transferkit.features import FeatureCache
-    from transferkit.inference import resolve_device, resolve_precision
+    from transferkit.cache.features import FeatureCache
+    from transferkit.inference.extraction import resolve_device, resolve_precision
+    from transferkit.training.config import TrainConfig
+    from transferkit.training.trainer import Precision, Trainer
 
     splits = load_data("digits", seed=0)
     device = resolve_device("cpu")

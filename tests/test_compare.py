@@ -10,9 +10,9 @@ from PIL import Image
 
 from conftest import CHROMIUM_FLAGS, chromium_path, run_cli, write_folder
 from transferkit import ImageClassifier
-from transferkit.compare import compare
+from transferkit.compare.run import compare
 from transferkit.data import DataSplits, load_data, subsample_per_class
-from transferkit.strategies import AUTO_CANDIDATE, Strategy, decide_after_trial, decide_before_trial
+from transferkit.training.strategies import AUTO_CANDIDATE, Strategy, decide_after_trial, decide_before_trial
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_small_data_fine_tuning_does_not_collapse_and_auto_matches_the_best(digi
 
 
 def test_learning_curve_crossover_and_scratch_baseline(tmp_path):
-    from transferkit.report import write_comparison
+    from transferkit.report.comparison import write_comparison
 
     splits = load_data(write_folder(tmp_path / "colours", per_class=12), seed=0)
     settings = {"image_size": 32, "epochs": 1, "batch_size": 8, "progress": False, "precision": "fp32"}

@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 
 from conftest import write_folder
 from transferkit import ImageClassifier
+from transferkit.cache.features import FeatureCache
 from transferkit.data import load_data
-from transferkit.features import FeatureCache
 
 TIMEOUT = 300  # seconds for any one wait; generous for 2 shared CPU cores
 FIT = ["--epochs", "3", "--image-size", "32", "--precision", "fp32", "--batch-size", "8", "-q"]
@@ -47,7 +47,7 @@ def pausing_replace(src, dst, *args, **kwargs):
     return real_replace(src, dst, *args, **kwargs)
 os.replace = pausing_replace
 sys.argv = ["transferkit", *sys.argv[3:]]
-from transferkit.cli import main
+from transferkit.cli.app import main
 main()
 """
 
@@ -230,7 +230,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
 
 
 def test_temporary_folders_of_dead_or_old_writers_are_removed(tmp_path):
-    from transferkit.features import STALE_TMP_SECONDS, remove_abandoned_tmp_
+    from transferkit.cache.features import STALE_TMP_SECONDS, remove_abandoned_tmp_
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     names = {"dead": f".tmp-k-{int(dead.stdout)}-1", "alive": f".tmp-k-{os.getppid()}-2",
@@ -244,8 +244,7 @@ def test_temporary_folders_of_dead_or_old_writers_are_removed(tmp_path):
 
 
 def test_a_save_cut_short_never_pairs_a_new_model_with_an_old_manifest(tmp_path, monkeypatch):
-    from transferkit import runs
-
+    from transferkit.runs import directory as runs
     out = tmp_path / "run"
     out.mkdir()
     (out / runs.META_FILE).write_text("{}")  # the run this fit replaces

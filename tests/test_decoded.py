@@ -10,9 +10,9 @@ import torch
 from conftest import TINY, run_cli, write_folder
 from transferkit import ImageClassifier
 from transferkit.backbones import load_backbone
+from transferkit.cache.features import FeatureCache
+from transferkit.cache.pixels import decode_once, pixels_key, split_transform
 from transferkit.data import load_data
-from transferkit.decoded import decode_once, pixels_key, split_transform
-from transferkit.features import FeatureCache
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from conftest import write_folder
 from transferkit import distributed
+from transferkit.cache.features import FeatureCache
 from transferkit.errors import UsageError
-from transferkit.features import FeatureCache
 
 TIMEOUT = 300  # seconds for one run; generous for 2 shared cores
 FIT = ["--image-size", "32", "--precision", "fp32", "--batch-size", "8", "--device", "cpu", "-q"]
@@ -37,7 +37,7 @@ WEIGHT_TOLERANCE = 1e-4
 # after writing its first fine-tuning checkpoint; torchrun then stops the other process.
 CRASH_AFTER_EPOCH_1 = """
 import os, signal, sys
-from transferkit.engine import checkpoints
+from transferkit.training import checkpoints
 write = checkpoints.Checkpoints.write
 def write_then_crash(self, state):
     write(self, state)
@@ -45,7 +45,7 @@ def write_then_crash(self, state):
         os.kill(os.getpid(), signal.SIGKILL)
 checkpoints.Checkpoints.write = write_then_crash
 sys.argv = ["transferkit", *sys.argv[1:]]
-from transferkit.cli import main
+from transferkit.cli.app import main
 main()
 """
 
@@ -200,7 +200,7 @@ def test_one_process_has_no_process_group():
 def test_fit_help_says_how_to_launch_with_torchrun():
     from typer.testing import CliRunner
 
-    from transferkit.cli import app
+    from transferkit.cli.app import app
 
     result = CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0

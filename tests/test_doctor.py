@@ -15,10 +15,10 @@ from PIL import Image, ImageDraw
 from conftest import CHROMIUM_FLAGS, chromium_path, run_cli
 from text_fixtures import topic_sentences, write_text_csv
 from transferkit.data import DataSplits, load_data
-from transferkit.diagnose import diagnose, split_features
-from transferkit.doctor import find_label_issues
+from transferkit.doctor.algorithms import find_label_issues
+from transferkit.doctor.diagnose import diagnose, split_features
+from transferkit.doctor.findings import CSV_COLUMNS, diagnose_features, out_of_fold_probabilities
 from transferkit.errors import UsageError
-from transferkit.findings import CSV_COLUMNS, diagnose_features, out_of_fold_probabilities
 
 # --- label errors -----------------------------------------------------------------------------
 
@@ -203,7 +203,7 @@ def test_texts_are_diagnosed_the_same_way_and_shown_as_text(tmp_path):
     assert d.modality == "text" and sum(d.sizes.values()) == len(rows)
     pairs = {frozenset((f.id, f.other_id)) for f in d.findings if f.kind in ("leakage", "duplicate", "conflict")}
     assert len(pairs) == 2  # the two copies; the distinct template sentences (3-gram Jaccard <= 0.85) are not pairs
-    from transferkit.doctor_report import doctor_html
+    from transferkit.report.doctor import doctor_html
 
     page = doctor_html(d)
     assert "<blockquote class=\"text\">" in page and "<img " not in page
@@ -243,7 +243,7 @@ def test_cli_bad_threshold_is_a_clear_usage_error(tmp_path):
 
 
 def test_mistakes_are_grouped_by_the_most_confused_pairs_and_sorted_by_loss():
-    from transferkit.gallery import mistakes
+    from transferkit.report.gallery import mistakes
 
     classes = ["a", "b", "c"]
     labels = np.array([0, 0, 0, 1, 1, 2, 2])
@@ -274,8 +274,8 @@ def test_fit_report_holds_the_gallery_and_the_doctor_summary_with_its_link(leaky
 
 
 def test_compare_report_links_the_doctor_written_beside_it(leaky_folder, tmp_path):
-    from transferkit.compare import compare
-    from transferkit.report import write_comparison
+    from transferkit.compare.run import compare
+    from transferkit.report.comparison import write_comparison
 
     root, _ = leaky_folder
     splits = load_data(root)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from transferkit.engine.config import TrainConfig
-from transferkit.engine.loop import make_loss, make_optimizer, train_epoch, warmup_cosine
+from transferkit.training.config import TrainConfig
+from transferkit.training.loop import make_loss, make_optimizer, train_epoch, warmup_cosine
 
 
 class SmallMemory(nn.Module):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, top_k_accuracy_score
 
-import transferkit.evaluate
+import transferkit.stats.metrics
 from transferkit.errors import UsageError
-from transferkit.evaluate import metrics
+from transferkit.stats.metrics import metrics
 
 K = 8
 CLASSES = [f"c{i}" for i in range(K)]
@@ -91,7 +91,7 @@ def test_small_example_by_hand():
 
 
 def test_docstring_example_holds():
-    result = doctest.testmod(transferkit.evaluate)
+    result = doctest.testmod(transferkit.stats.metrics)
     assert result.attempted >= 2 and result.failed == 0
 
 

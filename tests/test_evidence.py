@@ -1,4 +1,4 @@
-"""Tests of transferkit.evidence against statsmodels, scikit-learn, scipy and direct reference loops."""
+"""Tests of transferkit.stats.evidence against statsmodels, scikit-learn, scipy and direct reference loops."""
 
 from __future__ import annotations
 
@@ -19,10 +19,16 @@ from sklearn.preprocessing import StandardScaler
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
-from transferkit import evidence
-from transferkit.calibration import TEMPERATURE_BOUNDS, expected_calibration_error, fit_temperature, fold_temperature_, reliability_bins
 from transferkit.errors import UsageError
-from transferkit.evidence import (
+from transferkit.stats import evidence
+from transferkit.stats.calibration import (
+    TEMPERATURE_BOUNDS,
+    expected_calibration_error,
+    fit_temperature,
+    fold_temperature_,
+    reliability_bins,
+)
+from transferkit.stats.evidence import (
     bootstrap_interval,
     cross_validated_probe,
     default_cv_folds,
@@ -403,7 +409,7 @@ def test_format_interval():
 
 
 def test_module_imports_only_numpy_and_stdlib_at_top_level():
-    """`import transferkit.evidence` must not need torch, and stays cheap: heavy libraries load inside functions."""
+    """`import transferkit.stats.evidence` must not need torch, and stays cheap: heavy libraries load inside functions."""
     tree = ast.parse(Path(evidence.__file__).read_text())
     top = set()
     for node in tree.body:
@@ -412,12 +418,12 @@ def test_module_imports_only_numpy_and_stdlib_at_top_level():
         elif isinstance(node, ast.ImportFrom):
             top.add(node.module if node.module.startswith("transferkit") else node.module.split(".")[0])
     assert top <= {"__future__", "logging", "math", "collections", "dataclasses", "typing", "numpy", "transferkit.errors",
-                   "transferkit.wording"}, top
+                   "transferkit.stats.wording"}, top
 
 
 def test_confidence_bins_equal_reliability_bins_from_the_top_class_alone():
     """A run keeps only each prediction's probability; with 10 classes many are below 0.5 and must bin as they are."""
-    from transferkit.calibration import confidence_bins, reliability_bins
+    from transferkit.stats.calibration import confidence_bins, reliability_bins
 
     rng = np.random.default_rng(3)
     p = rng.dirichlet(np.ones(10) * 0.7, size=500)
@@ -431,7 +437,7 @@ def test_seed_averaged_difference_is_exact_so_a_zero_lower_end_is_not_significan
     gave a lower end of 8e-19, read as "excludes 0" and a winner. In exact arithmetic the end is 0: no winner."""
     from fractions import Fraction
 
-    from transferkit.evidence import paired_difference_over_seeds
+    from transferkit.stats.evidence import paired_difference_over_seeds
 
     n, k = 268, 3
     thirds = {35: 1, 66: 1, 105: 1, 117: 2, 123: 2, 133: 1, 200: 1, 237: -2, 258: 1}  # A right minus B right, in seeds

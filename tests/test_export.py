@@ -13,9 +13,9 @@ import torch
 
 from conftest import run_cli
 from transferkit import ImageClassifier
-from transferkit import export as ex
 from transferkit.errors import ExportError, RunError, UsageError
-from transferkit.runs import load_run
+from transferkit.export import onnx as ex
+from transferkit.runs.directory import load_run
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_predict_on_a_run_and_on_its_export_agree(run, onnx_export, tmp_path):
     it) within the 0.02 the README states."""
     from PIL import Image
 
-    from transferkit.export import OnnxClassifier
+    from transferkit.export.onnx import OnnxClassifier
 
     rng = np.random.default_rng(3)
     files = []
@@ -192,7 +192,7 @@ def test_predict_on_a_run_and_on_its_export_agree(run, onnx_export, tmp_path):
 def test_export_refuses_a_text_run_itself(tmp_path):
     from text_fixtures import topic_sentences, write_text_csv
     from transferkit import TextClassifier
-    from transferkit.export import export_run
+    from transferkit.export.onnx import export_run
 
     data = write_text_csv(tmp_path / "t.csv", topic_sentences(per_class=6))
     run_dir = TextClassifier(strategy="feature-extraction", max_length=16).fit(data).save(tmp_path / "run")

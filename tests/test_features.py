@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from transferkit.backbones import load_backbone
+from transferkit.cache.features import FeatureCache, cached_features, feature_key
 from transferkit.data import load_data
-from transferkit.features import FeatureCache, cached_features, feature_key
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_key_changes_with_weights_preprocessing_inputs_and_cut(setup):
 
 def test_out_of_memory_halves_the_batch_and_gives_the_same_features(setup, caplog, monkeypatch):
     """No GPU here: a backbone that raises torch's real OutOfMemoryError above 8 images stands in for one."""
-    from transferkit.inference import extract_features
+    from transferkit.inference.extraction import extract_features
 
     # The CLI, run in-process by other tests, stops transferkit's logger propagating; caplog listens at the root.
     monkeypatch.setattr(logging.getLogger("transferkit"), "propagate", True)

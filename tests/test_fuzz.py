@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from conftest import make_image
 from transferkit.data import DataSummary, FileImages, read_csv
 from transferkit.errors import DataError, RunError, UsageError
-from transferkit.runs import validate_meta
-from transferkit.strategies import ALIASES, KINDS, Strategy, parse_strategy
+from transferkit.runs.directory import validate_meta
+from transferkit.training.strategies import ALIASES, KINDS, Strategy, parse_strategy
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

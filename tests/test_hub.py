@@ -23,15 +23,15 @@ from typer.testing import CliRunner
 
 from hub_server import LoopbackHub
 from transferkit import ImageClassifier
-from transferkit.card import metric_intervals, model_card
-from transferkit.cli import app
+from transferkit.cli.app import app
 from transferkit.data.images import make_transform, open_image
 from transferkit.errors import ExportError, UsageError
-from transferkit.evidence import format_interval, score_with_intervals, wilson_interval
-from transferkit.export import OnnxClassifier
-from transferkit.hub import files_to_upload, push_run
-from transferkit.quantize import quantize_run
-from transferkit.runs import load_run, read_meta
+from transferkit.export.int8 import quantize_run
+from transferkit.export.onnx import OnnxClassifier
+from transferkit.runs.card import metric_intervals, model_card
+from transferkit.runs.directory import load_run, read_meta
+from transferkit.runs.hub import files_to_upload, push_run
+from transferkit.stats.evidence import format_interval, score_with_intervals, wilson_interval
 
 HUB_REPO = "timm/tf_efficientnet_lite0.in1k"
 
@@ -164,10 +164,14 @@ def test_card_uses_intervals_the_run_records_else_computes_them(run):
 
 def test_card_shows_a_comparison_the_run_holds(run):
     """A run that holds compare.json's results (its `results` rows) gets the comparison table in its card."""
-    from transferkit.report import StrategyResult
+    from transferkit.report.comparison import StrategyResult
 
-    rows = [StrategyResult("feature-extraction", "feature-extraction", 3843, 3400000, 0, 1.5, 10.0, 1.0, 1.0, 1.0, 8).row(),
-            StrategyResult("lp-ft", "lp-ft", 3400000, 3400000, 5, 40.0, 300.0, 0.98, 0.97, 0.97, 8).row()]
+    def row(strategy, trainable, epochs, seconds, memory, val, test):
+        return StrategyResult(strategy=strategy, label=strategy, trainable_params=trainable, total_params=3400000,
+                              epochs=epochs, seconds=seconds, peak_memory_mib=memory, val_accuracy=val, test_accuracy=test,
+                              macro_f1=test, train_per_class=8).row()
+
+    rows = [row("feature-extraction", 3843, 0, 1.5, 10.0, 1.0, 1.0), row("lp-ft", 3400000, 5, 40.0, 300.0, 0.98, 0.97)]
     text = model_card({**read_meta(run[0]), "comparison": {"results": rows}}, "run")
     assert "## Comparison (same split and seed)" in text and "| lp-ft | 3400000 | 5 | 40 | 0.98 | 0.97 |" in text
     ModelCard(text)

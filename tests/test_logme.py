@@ -8,7 +8,7 @@ import scipy.optimize
 import scipy.stats
 
 from transferkit.errors import UsageError
-from transferkit.logme import kendall_tau, log_evidence, logme_score, maximise_evidence, spectrum
+from transferkit.stats.logme import kendall_tau, log_evidence, logme_score, maximise_evidence, spectrum
 
 
 def direct_evidence(features: np.ndarray, y: np.ndarray, log_alpha: float, log_beta: float) -> float:
@@ -172,7 +172,7 @@ def test_logme_imports_only_numpy_scipy_and_the_errors_module():
     import ast
     import pathlib
 
-    import transferkit.logme as module
+    import transferkit.stats.logme as module
 
     tree = ast.parse(pathlib.Path(module.__file__).read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from transferkit.errors import UsageError
-from transferkit.ovengine import frozen_runner, plan_engine, read_cached
+from transferkit.inference.runners import frozen_runner, plan_engine, read_cached
 
 pytest.importorskip("openvino")
 
@@ -38,7 +38,7 @@ def digits():
     """Digits splits, the built-in backbone at 64 px, and its pooled features: torch fp32 and the default engine."""
     from transferkit.backbones import load_backbone
     from transferkit.data import load_data
-    from transferkit.inference import extract_features, resolve_precision
+    from transferkit.inference.extraction import extract_features, resolve_precision
 
     splits = load_data("digits", seed=0)
     bb = load_backbone("builtin:efficientnet_lite0", len(splits.classes))
@@ -52,7 +52,7 @@ def digits():
 
 
 def probe_accuracy(feats: dict, splits) -> float:
-    from transferkit.engine.probe import fit_linear_probe
+    from transferkit.training.probe import fit_linear_probe
 
     head = nn.Linear(feats["train"].shape[1], len(splits.classes))
     fit_linear_probe(head, (torch.from_numpy(feats["train"]), torch.from_numpy(splits.train.labels)),
@@ -100,7 +100,7 @@ def test_predictions_equal_torch_on_the_digits_test_split(digits, tmp_path):
 def test_conversion_failure_falls_back_to_torch_with_a_one_line_reason(tmp_path, caplog):
     model = Svd().eval()
     x = torch.randn(4, 3, 8, 8)
-    with caplog.at_level(logging.WARNING, "transferkit.ovengine"):
+    with caplog.at_level(logging.WARNING, "transferkit.inference.runners"):
         run, info = frozen_runner(model, (3, 8, 8), device=CPU, precision=None, cache_root=tmp_path)
     assert info.name == "torch" and "linalg_svd" in info.reason and "\n" not in info.reason
     assert any("could not convert" in r.getMessage() for r in caplog.records)
@@ -112,7 +112,7 @@ def test_conversion_failure_falls_back_to_torch_with_a_one_line_reason(tmp_path,
 def test_converted_model_is_cached_verified_and_rebuilt_when_corrupt(tmp_path, caplog):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
     x = torch.randn(6, 3, 16, 16)
-    with caplog.at_level(logging.INFO, "transferkit.ovengine"):
+    with caplog.at_level(logging.INFO, "transferkit.inference.runners"):
         run, info = frozen_runner(model, (3, 16, 16), device=CPU, precision=None, cache_root=tmp_path)
         (entry,) = [p for p in tmp_path.iterdir()]  # one entry, no temporary folder left
         assert info.name == "openvino" and info.precision == "fp32" and not entry.name.startswith(".tmp")
@@ -139,14 +139,14 @@ def test_the_engine_choice(monkeypatch):
         plan_engine("openvino", torch.device("cuda"), None)
     with pytest.raises(UsageError, match="engine must be one of"):
         plan_engine("tensorrt", CPU, None)
-    monkeypatch.setattr("transferkit.ovengine.openvino_installed", lambda: False)
+    monkeypatch.setattr("transferkit.inference.runners.openvino_installed", lambda: False)
     assert "not installed" in plan_engine("auto", CPU, None).reason
     with pytest.raises(UsageError, match="pip install openvino"):
         plan_engine("openvino", CPU, None)
 
 
 def test_engine_and_precision_are_in_the_feature_cache_key(digits, tmp_path):
-    from transferkit.features import FeatureCache, cached_features
+    from transferkit.cache.features import FeatureCache, cached_features
 
     splits, bb, _ = digits
     cache = FeatureCache(tmp_path)
@@ -165,7 +165,7 @@ def test_a_bad_engine_is_refused_before_any_work():
 
 
 def test_the_default_engine_is_auto_unless_the_variable_names_another(monkeypatch):
-    from transferkit.engine.config import TrainConfig, default_engine
+    from transferkit.training.config import TrainConfig, default_engine
 
     monkeypatch.delenv("TRANSFERKIT_ENGINE")
     assert default_engine() == "auto" and TrainConfig().engine == "auto"

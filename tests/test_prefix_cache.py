@@ -12,9 +12,9 @@ from conftest import TINY, finetune_phase_alone, run_cli, write_folder
 from transferkit import ImageClassifier
 from transferkit.backbones import Backbone, BackboneSpec, ImageBackbone, load_backbone
 from transferkit.backbones.prefix import split_frozen_prefix
+from transferkit.cache.features import FeatureCache, cached_features, feature_key
 from transferkit.data import load_data
-from transferkit.features import FeatureCache, cached_features, feature_key
-from transferkit.inference import prefix_cut
+from transferkit.inference.extraction import prefix_cut
 
 
 def random_head_(bb: Backbone) -> Backbone:

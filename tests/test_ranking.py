@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import CHROMIUM_FLAGS, chromium_path, run_cli
-from transferkit.evidence import cross_validated_probe, paired_difference
-from transferkit.ranking import BackboneScore, Costs, pareto_front, rank, time_backbones
-from transferkit.ranking_view import ranking_rows
+from transferkit.compare.ranking import BackboneScore, Costs, pareto_front, rank, time_backbones
+from transferkit.report.ranking import ranking_rows
+from transferkit.stats.evidence import cross_validated_probe, paired_difference
 
 N = 1000
 
@@ -86,7 +86,7 @@ def test_compare_models_ranks_with_intervals_logme_costs_and_a_recommendation(ra
 def test_the_ranking_matches_a_direct_cross_validated_probe_on_the_cached_features(ranked_twice, monkeypatch):
     """The ranking's probe is evidence.cross_validated_probe on train+val features, so it is reproducible from them."""
     from transferkit import ImageClassifier
-    from transferkit.compare import train_val_features
+    from transferkit.compare.run import train_val_features
     from transferkit.data import load_data
 
     root, _, (data, _) = ranked_twice

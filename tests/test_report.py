@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.evaluate import metrics
-from transferkit.report import (
+from transferkit.report.comparison import (
     COLUMNS,
     Comparison,
     StrategyResult,
@@ -26,6 +25,7 @@ from transferkit.report import (
     write_comparison,
     write_fit_report,
 )
+from transferkit.stats.metrics import metrics
 
 SCRIPT = "<script>alert(1)</script>"
 QUOTES = "&\"'"
@@ -72,7 +72,7 @@ def _test_metrics() -> dict:
 
 
 def _result(strategy: str, label: str, test_accuracy: float, seconds: float, train_per_class: float = 8.0) -> StrategyResult:
-    return StrategyResult(strategy, label, trainable_params=3843 if strategy == "feature-extraction" else 11_000_000,
+    return StrategyResult(strategy=strategy, label=label, trainable_params=3843 if strategy == "feature-extraction" else 11_000_000,
                           total_params=11_000_000, epochs=0 if strategy == "feature-extraction" else 2, seconds=seconds,
                           peak_memory_mib=12.0, val_accuracy=test_accuracy, test_accuracy=test_accuracy, macro_f1=0.5,
                           train_per_class=train_per_class, metrics=_test_metrics())

@@ -4,7 +4,7 @@ import pytest
 
 from transferkit.atomic import write_atomic
 from transferkit.errors import RunError
-from transferkit.runs import FORMAT_VERSION, load_run, validate_meta
+from transferkit.runs.directory import FORMAT_VERSION, load_run, validate_meta
 
 
 def good_meta():
@@ -53,7 +53,7 @@ def test_run_files_follow_the_umask(tmp_path):
 
 
 def test_a_folder_that_is_not_a_run_is_refused_and_a_run_is_replaced_whole(tmp_path):
-    from transferkit.runs import check_out_dir
+    from transferkit.runs.directory import check_out_dir
 
     mine = tmp_path / "mine"
     mine.mkdir()

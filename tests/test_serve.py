@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 from conftest import CHROMIUM_FLAGS, COLOURS, chromium_path, make_image, run_cli, write_folder
 from text_fixtures import topic_sentences, write_text_csv
 from transferkit import ImageClassifier, TextClassifier
-from transferkit.cli import app
+from transferkit.cli.app import app
 
 START_TIMEOUT = 120  # seconds for a server to load its model and answer /healthz (a busy 2-core machine)
 
@@ -403,7 +403,7 @@ def test_bounded_load_zero_errors_and_batched(server, images):
 
 
 def test_onnx_export_served_by_two_workers_as_predict_runs_it(trained, images, tmp_path):
-    from transferkit.export import OnnxClassifier, export_run
+    from transferkit.export.onnx import OnnxClassifier, export_run
 
     path = export_run(trained, "onnx").path
     srv = Server([str(path), "--workers", "2", "-q"], tmp_path)

@@ -18,7 +18,7 @@ from transferkit.backbones import load_backbone
 from transferkit.backbones.freeze import param_groups, set_bn_modes_, set_trainable_
 from transferkit.data import load_data
 from transferkit.errors import UsageError
-from transferkit.strategies import Strategy, parse_strategy, plan_phases
+from transferkit.training.strategies import Strategy, parse_strategy, plan_phases
 
 STRATEGIES = ["feature-extraction", "finetune:last=2", "finetune:all", "lp-ft", "gradual"]
 

@@ -170,5 +170,5 @@ def test_too_few_examples_and_conflicting_labels(tmp_path):
 def test_predict_rejects_a_bare_string_and_help_does_not_import_transformers():
     with pytest.raises(UsageError, match="list of texts"):
         TextClassifier()._splits("just one string", ["a"], 0)
-    code = "import sys, transferkit.cli; assert 'transformers' not in sys.modules and 'peft' not in sys.modules"
+    code = "import sys, transferkit.cli.app; assert 'transformers' not in sys.modules and 'peft' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

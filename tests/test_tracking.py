@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import run_cli, write_folder
 from transferkit import ImageClassifier, UsageError
-from transferkit.cli import app
+from transferkit.cli.app import app
 from transferkit.errors import TrackingError
 from transferkit.tracking import TensorBoardTracker, create_tracker, log_fit_report, open_run
 
@@ -116,7 +116,7 @@ def test_python_api_logs_to_mlflow_tracking_uri_and_marks_failures(image_folder,
 
 def test_without_log_nothing_is_written_and_no_tracking_library_is_imported(image_folder, tmp_path):
     out = tmp_path / "run"
-    code = (f"import sys\nfrom transferkit.cli import app\n"
+    code = (f"import sys\nfrom transferkit.cli.app import app\n"
             f"try:\n    app(['fit', {str(image_folder)!r}, '--strategy', 'feature-extraction', '--out', {str(out)!r}, "
             f"'--image-size', '32', '-q'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard', 'sqlalchemy', 'alembic') "

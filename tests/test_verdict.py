@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from transferkit.evidence import paired_difference
-from transferkit.report import Comparison, StrategyResult, comparison_markdown, table_rows
+from transferkit.report.comparison import Comparison, StrategyResult, comparison_markdown, table_rows
+from transferkit.stats.evidence import paired_difference
 
 N = 268  # the digits demo's test images
 
@@ -15,12 +15,14 @@ def _result(strategy: str, right: list[np.ndarray], seconds: float) -> StrategyR
              "predictions": {"id": [f"img{j}" for j in range(N)], "true": [0] * N, "pred": (~r).astype(int).tolist(),
                              "prob": [0.9] * N}} for i, r in enumerate(right)]
     acc = float(np.mean([r.mean() for r in right]))
-    return StrategyResult(strategy, strategy, 1000, 10_000, 0 if strategy == "feature-extraction" else 5, seconds, 10.0,
-                          acc, acc, acc, 20.0, metrics={"predictions": runs[0]["predictions"]}, runs=runs)
+    return StrategyResult(strategy=strategy, label=strategy, trainable_params=1000, total_params=10_000,
+                          epochs=0 if strategy == "feature-extraction" else 5, seconds=seconds, peak_memory_mib=10.0,
+                          val_accuracy=acc, test_accuracy=acc, macro_f1=acc, train_per_class=20.0,
+                          metrics={"predictions": runs[0]["predictions"]}, runs=runs)
 
 
 def _comparison(*results: StrategyResult, seeds: int = 1) -> Comparison:
-    return Comparison("fixture", "m", 0, list(results), seeds=seeds, split_sizes={"test": N})
+    return Comparison(data="fixture", model="m", seed=0, results=list(results), seeds=seeds, split_sizes={"test": N})
 
 
 def _right(n_right: int, extra: int = 0) -> np.ndarray:
@@ -72,7 +74,7 @@ def test_the_same_strategy_with_two_seeds_is_noise_and_the_table_shows_the_sprea
                                             ((19.0, 2.0), "9.5x slower to train than b"),
                                             ((2.0, 2.02), "about the same training time as b")])
 def test_costs_read_right(seconds, phrase):
-    from transferkit.verdict import cost_phrase
+    from transferkit.compare.verdict import cost_phrase
 
     a, b = (_result(name, [_right(200)], s) for name, s in zip("ab", seconds))
     assert cost_phrase(a, b) == phrase
@@ -80,8 +82,8 @@ def test_costs_read_right(seconds, phrase):
 
 def test_a_winner_whose_interval_starts_just_above_zero_never_prints_a_zero_end():
     """A significant difference whose lower end rounds to 0.0 shows more digits: "0.0-2.1" read as "includes 0"."""
-    from transferkit.evidence import PairedDifference
-    from transferkit.verdict import _points
+    from transferkit.compare.verdict import _points
+    from transferkit.stats.evidence import PairedDifference
 
     d = PairedDifference(n=268, accuracy_a=0.994, accuracy_b=0.984, difference=0.0104, low=0.0004, high=0.021,
                          mcnemar_p=0.016, only_a_correct=4, only_b_correct=0)
@@ -90,7 +92,7 @@ def test_a_winner_whose_interval_starts_just_above_zero_never_prints_a_zero_end(
 
 
 def test_several_seeds_average_balanced_accuracy_and_say_how_the_table_summarises():
-    from transferkit.report import table_note
+    from transferkit.report.comparison import table_note
 
     a = _result("finetune:all", [_right(250), _right(260)], 30.0)
     for run, value in zip(a.runs, (0.90, 0.96)):

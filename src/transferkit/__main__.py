@@ -1,3 +1,3 @@
-from transferkit.cli import main
+from transferkit.cli.app import main
 
 main()

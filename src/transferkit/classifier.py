@@ -23,7 +23,7 @@ from sklearn.base import BaseEstimator
 
 from transferkit.data.examples import DEFAULT_SPLIT
 from transferkit.errors import NotFittedError, UsageError, check_choice, did_you_mean
-from transferkit.strategies import BN_POLICIES, parse_strategy
+from transferkit.training.strategies import BN_POLICIES, parse_strategy
 
 # Settings only one modality has: given to the other classifier they are refused with the reason.
 IMAGE_ONLY = ("image_size", "bn", "augment", "cache_budget_gb")
@@ -54,23 +54,34 @@ class _Classifier(BaseEstimator):
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, X, y: Sequence | None = None):
-        """Train on a data source (folder, CSV, ``digits``, dataset name, text file), (inputs, labels), or a DataSplits."""
-        from transferkit.engine.fit import FitRequest, fit
+    def fit(self, X, y: Sequence | None = None, *, backbone_choice: dict | None = None):
+        """Train on a data source (folder, CSV, ``digits``, dataset name, text file), (inputs, labels), or a DataSplits;
+        `backbone_choice` (how ``fit --models`` chose the backbone) is kept in the run's record."""
+        from transferkit.report.doctor import fit_extras
+        from transferkit.training.fit import FitRequest, fit
 
-        cfg, strategy = self._validated()
-        request = FitRequest(lambda seed: self._splits(X, y, seed), self._new_backbone, strategy,
+        cfg, strategy = self.check_settings()
+        request = FitRequest(lambda seed: self._splits(X, y, seed), self.new_backbone, strategy,
                              bn=getattr(self, "bn", BN_POLICIES[0]), cache=self.cache, cache_budget_gb=self._cache_budget(),
                              progress=self.progress, checkpoint_dir=self.checkpoint_dir, resume=self.resume,
                              tracker=self.tracker, tracked=self._tracked())
-        self._fitted = fit(request, cfg)
-        self.__dict__.update(self._fitted.attributes())
+        self._set_fitted(fit(request, cfg))
+        self.backbone_choice_ = backbone_choice
+        # the report's gallery and doctor, rendered now so that the fitted estimator does not keep the examples
+        inputs, self._fitted.report_inputs = self._fitted.report_inputs, None
+        self.report_extras_ = fit_extras(inputs) if inputs else None
         return self
 
-    def _validated(self):
-        """Every setting checked before any data is read; returns (TrainConfig, Strategy)."""
+    def _set_fitted(self, fitted) -> None:
+        """The fitted attributes (names end in `_`) of a fit or of a loaded run."""
+        self._fitted = fitted
+        for name, value in fitted.attributes().items():
+            setattr(self, name, value)
+
+    def check_settings(self):
+        """Every setting checked before any data is read (a UsageError names the bad one); -> (TrainConfig, Strategy)."""
         from transferkit.data.splits import validate_split
-        from transferkit.engine.config import TrainConfig
+        from transferkit.training.config import TrainConfig
 
         cfg = TrainConfig.from_settings({k: getattr(self, k, None) for k in TrainConfig.names()}, type(self).__name__)
         strategy = parse_strategy(self.strategy)
@@ -83,7 +94,7 @@ class _Classifier(BaseEstimator):
     def _tracked(self) -> dict:
         """This estimator's own settings for the experiment tracker (training settings come from the config)."""
         from transferkit.backbones import DEFAULT_BACKBONES
-        from transferkit.engine.config import TrainConfig
+        from transferkit.training.config import TrainConfig
 
         names = [k for k in self._get_param_names() if k != "tracker" and k not in TrainConfig.names()]
         own = {k: v if isinstance(v, int | float | bool | type(None)) else str(v) for k, v in
@@ -99,21 +110,11 @@ class _Classifier(BaseEstimator):
 
     def decision_function(self, X, batch_size: int = 64):
         """Raw logits, one row per input (columns follow `classes_`)."""
-        import numpy as np
-        import torch
-
-        from transferkit.inference import predict_logits, resolve_device, resolve_precision
+        from transferkit.inference.extraction import predict_examples
 
         self._check_fitted()
-        examples = self._as_examples(X)
-        if len(examples) == 0:
-            return np.zeros((0, len(self.classes_)), np.float32)
-        device = resolve_device(self.device or "auto")
-        dtype = resolve_precision(self.precision or "auto", device)
-        loader = torch.utils.data.DataLoader(self.backbone_.dataset(examples), batch_size=batch_size,
-                                             num_workers=examples.loader_workers(), collate_fn=self.backbone_.collate)
-        model = self.model_.to(device, memory_format=torch.channels_last if dtype is not None else torch.preserve_format)
-        return predict_logits(model, loader, device, dtype, engine=self.engine or self.config_.engine)[0]
+        return predict_examples(self.backbone_, self._as_examples(X), len(self.classes_), batch_size=batch_size,
+                                device=self.device, precision=self.precision, engine=self.engine or self.config_.engine)
 
     def predict_proba(self, X, batch_size: int = 64):
         """Class probabilities, one row per input (columns follow `classes_`)."""
@@ -160,28 +161,27 @@ class _Classifier(BaseEstimator):
     def save(self, path: str | Path) -> Path:
         """Write a run directory (model, transferkit.json, metrics, history, report); under torchrun rank 0 only."""
         from transferkit import distributed
-        from transferkit.runs import save_run
+        from transferkit.runs.directory import save_run
 
         self._check_fitted()
         if distributed.is_main():
-            save_run(Path(path), self.backbone_, self.run_meta(), report_extras=self._fitted.report_extras)
+            save_run(Path(path), self.backbone_, self.run_meta(), report_extras=getattr(self, "report_extras_", None))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, **settings):
         """A fitted classifier from a run directory written by `save` (or `transferkit fit`)."""
-        from transferkit.engine.fit import Fitted
-        from transferkit.runs import load_run
+        from transferkit.runs.directory import load_run
+        from transferkit.training.fit import Fitted
 
         run = load_run(path, expect=cls.modality)
         clf = cls(**{**run.meta.get("settings", {}), "model": run.meta["backbone"].get("name"), **settings})
-        clf._fitted = Fitted.from_meta(run.backbone, run.meta)
-        clf.__dict__.update(clf._fitted.attributes())
+        clf._set_fitted(Fitted.from_meta(run.backbone, run.meta))
         clf.meta_ = run.meta
         return clf
 
     # Each estimator names its modality and supplies: _validate_modality_settings(), _cache_budget(),
-    # _splits(X, y, seed) -> DataSplits, _new_backbone(splits) -> Backbone, _as_examples(X, labels) -> Examples.
+    # _splits(X, y, seed) -> DataSplits, new_backbone(splits) -> Backbone, _as_examples(X, labels) -> Examples.
 
     def _cache_budget(self) -> float:
         return 0.0
@@ -189,7 +189,7 @@ class _Classifier(BaseEstimator):
 
 def load_classifier(run: str | Path, **settings) -> _Classifier:
     """The fitted ImageClassifier or TextClassifier of a run directory, by the modality it records."""
-    from transferkit.runs import run_modality
+    from transferkit.runs.directory import run_modality
 
     return CLASSIFIERS[run_modality(run)].load(run, **settings)
 
@@ -220,7 +220,7 @@ class ImageClassifier(_Classifier):
         resume: continue from the checkpoint in `checkpoint_dir` (same data, strategy and settings).
         progress: show progress bars on stderr (messages go through :mod:`logging`).
         tracker: an open experiment-tracking run (:func:`transferkit.tracking.open_run`), or None.
-        The remaining keywords are :class:`transferkit.engine.config.TrainConfig` fields; None takes its default.
+        The remaining keywords are :class:`transferkit.training.config.TrainConfig` fields; None takes its default.
     """
 
     modality, _other_only = "image", TEXT_ONLY
@@ -246,7 +246,7 @@ class ImageClassifier(_Classifier):
             raise UsageError(f"cache_budget_gb must be >= 0 (0 turns frozen-prefix caching off); got {self.cache_budget_gb!r}.")
 
     def _cache_budget(self) -> float:
-        from transferkit.engine.config import DEFAULT_CACHE_BUDGET_GB
+        from transferkit.training.config import DEFAULT_CACHE_BUDGET_GB
 
         return DEFAULT_CACHE_BUDGET_GB if self.cache_budget_gb is None else float(self.cache_budget_gb)
 
@@ -261,7 +261,7 @@ class ImageClassifier(_Classifier):
         images = read_paths(list(X), list(y), summary, self.strict)
         return DataSplits(*split_stratified(images, self.split, seed, "the given paths"), summary)
 
-    def _new_backbone(self, splits):
+    def new_backbone(self, splits):
         from transferkit.backbones import load_backbone
 
         bb = load_backbone(self.model, len(splits.classes), modality="image", weights=self.weights)
@@ -333,7 +333,7 @@ class TextClassifier(_Classifier):
         texts = as_text_set(X, sorted({str(v) for v in y}), [str(v) for v in y])
         return DataSplits(*split_stratified(texts, self.split, seed, "the given texts"), DataSummary("texts"))
 
-    def _new_backbone(self, splits):
+    def new_backbone(self, splits):
         from transferkit.backbones import load_backbone
 
         options = {"pooling": self.pooling} | ({"max_length": self.max_length} if self.max_length else {})

@@ -16,7 +16,7 @@ gloo on CPU) and runs the same fit on the same split, seeded alike:
   every process's shard (`Replicas.sum`), so early stopping and the best
   epoch are decided alike everywhere; test logits are gathered (`gather_rows`);
 * feature extraction is sharded: each process extracts a contiguous share into
-  the same cache entry (see `transferkit.features.cached_features`);
+  the same cache entry (see `transferkit.cache.features.cached_features`);
 * the probe and other small deterministic steps run on rank 0 and are
   broadcast (`on_main`); only rank 0 writes checkpoints and the run directory
   and shows progress.

@@ -1,7 +1,7 @@
 """Freezing, BatchNorm policy and optimizer groups: small helpers usable on their own (Lightning-style).
 
 Layer-wise learning rates are data: each group carries an `lr_scale` relative to
-the head's rate, and :func:`transferkit.engine.loop.make_optimizer` multiplies
+the head's rate, and :func:`transferkit.training.loop.make_optimizer` multiplies
 it in, in one place. Following timm's ``param_groups_layer_decay``, 1-D
 parameters (biases, norm scales and shifts) get no weight decay.
 """

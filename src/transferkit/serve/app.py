@@ -22,12 +22,12 @@ from starlette.exceptions import HTTPException
 
 from transferkit import __version__
 from transferkit.errors import RequestError, TransferkitError, UsageError
-from transferkit.evaluate import top_predictions
 from transferkit.serve.batching import Batcher
 from transferkit.serve.config import ServeConfig
 from transferkit.serve.inputs import READERS, media_type, read_body
 from transferkit.serve.page import PAGE, PAGE_HEADERS
 from transferkit.serve.predictor import Predictor
+from transferkit.stats.metrics import top_predictions
 
 log = logging.getLogger(__name__)
 

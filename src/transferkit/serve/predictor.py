@@ -50,7 +50,7 @@ class RunPredictor(Predictor):
 
     def __init__(self, run: Path, device: str | None = None, precision: str | None = None):
         from transferkit.classifier import load_classifier
-        from transferkit.inference import resolve_device, resolve_precision
+        from transferkit.inference.extraction import resolve_device, resolve_precision
 
         settings = {k: v for k, v in (("device", device), ("precision", precision)) if v is not None}
         self.clf = load_classifier(run, progress=False, **settings)
@@ -72,7 +72,7 @@ class RunPredictor(Predictor):
         return [dataset[i] for i in range(len(dataset))]
 
     def infer(self, items: list) -> np.ndarray:
-        from transferkit.inference import predict_logits
+        from transferkit.inference.extraction import predict_logits
 
         logits, _ = predict_logits(self.model, [self.collate(items)], self.device, self.dtype)
         return softmax(logits, axis=1)
@@ -90,7 +90,7 @@ class OnnxPredictor(Predictor):
     """An ONNX export, computed as `transferkit predict MODEL.onnx` computes it (onnxruntime, fp32)."""
 
     def __init__(self, path: Path, device: str | None = None):
-        from transferkit.export import OnnxClassifier
+        from transferkit.export.onnx import OnnxClassifier
 
         self.clf = OnnxClassifier.load(path, device=device or "auto")
         self.source, self.classes = Path(path), list(self.clf.classes_)
@@ -102,7 +102,7 @@ class OnnxPredictor(Predictor):
         return softmax(self.clf.logits(torch.stack(items)), axis=1)
 
     def info(self) -> dict:
-        from transferkit.runs import read_meta_or_none
+        from transferkit.runs.directory import read_meta_or_none
 
         pre = self.clf.preprocess_
         run = read_meta_or_none(self.source.parent) or {}  # an export inside its run directory: the run's metrics

@@ -24,7 +24,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from transferkit.errors import ServeError, UsageError
-from transferkit.runs import read_meta
+from transferkit.runs.directory import read_meta
 from transferkit.serve.app import create_app
 from transferkit.serve.config import DEFAULT_HOST, DEFAULT_PORT, ServeConfig
 from transferkit.serve.predictor import load_predictor

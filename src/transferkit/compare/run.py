@@ -1,0 +1,370 @@
+"""Transfer learning vs fine-tuning, measured on the user's data.
+
+`compare` runs each strategy on the same split and seed, sharing the feature
+cache (the probe's features are computed once for all strategies), and
+records what the seed's "key differences" table only describes: trainable
+parameters, training time, peak memory, accuracy. Optionally a learning curve
+over training-set fractions (where does fine-tuning overtake feature
+extraction?) and a from-scratch baseline (what is pretraining worth here?).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+import torch
+
+from transferkit.classifier import CLASSIFIERS
+from transferkit.compare.ranking import Ranking
+from transferkit.data.examples import DataSplits
+from transferkit.data.splits import subsample_per_class
+from transferkit.errors import UsageError
+from transferkit.report.comparison import Comparison, StrategyResult
+from transferkit.runs.directory import library_versions
+from transferkit.stats.wording import format_interval
+from transferkit.tracking import Tracker, log_strategy_result
+from transferkit.training.strategies import parse_strategy
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STRATEGIES = ("feature-extraction", "finetune:last=2", "finetune:all", "lp-ft")
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) above the level at start, sampled every 20 ms (psutil); CUDA peak on GPU.
+
+    On CPU this is the growth of the process's RSS while a strategy runs: what it
+    allocated beyond what was already resident (the loaded libraries, the data).
+    """
+
+    def __init__(self, device: str = "cpu"):
+        self.cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        self.peak = 0
+        self._process = psutil.Process()
+
+    def rss(self) -> int:
+        return self._process.memory_info().rss
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        self.start, self.peak, self._stop = self.rss(), 0, threading.Event()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.rss() - self.start)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss() - self.start)
+
+    @property
+    def mib(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        return self.peak / 2**20
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_strategy(splits: DataSplits, spec: str, *, model: str | None, settings: dict, label: str | None = None,
+                 weights: str | None = None, tracker: Tracker | None = None) -> tuple[StrategyResult, object]:
+    """Fit one strategy and measure it; with `tracker`, logged as a run nested in it, named by the label."""
+    with (tracker.child(label or spec) if tracker is not None else nullcontext()) as run:
+        result, clf = _measure(splits, spec, model=model, settings=settings, label=label, weights=weights, tracker=run)
+        if run is not None:
+            log_strategy_result(run, result.row())
+    return result, clf
+
+
+def _measure(splits: DataSplits, spec: str, *, model: str | None, settings: dict, label: str | None, weights: str | None,
+             tracker: Tracker | None) -> tuple[StrategyResult, object]:
+    """Fit the classifier of the data's modality, timing it and sampling its memory."""
+    clf = CLASSIFIERS[splits.train.modality](model, strategy=spec, weights=weights, tracker=tracker, **settings)
+    with PeakMemory(settings.get("device", "auto")) as mem:
+        start = time.perf_counter()
+        clf.fit(splits)
+        seconds = time.perf_counter() - start
+    trainable = trainable_params(clf)
+    test = clf.metrics_["test"]
+    per_class = len(splits.train) / len(splits.classes)
+    epochs = sum(p["epochs_run"] for p in clf.phases_ if not p["on_features"] or p.get("solver") != "lbfgs")
+    training = sum(p["seconds"] for p in clf.phases_)
+    run = {"seed": clf.config_.seed, "val_accuracy": clf.metrics_["val_accuracy"], "test_accuracy": test["accuracy"],
+           "macro_f1": test["macro_f1"], "balanced_accuracy": test.get("balanced_accuracy"), "ece": test.get("ece"),
+           "seconds": training, "wall_seconds": seconds, "calibration": clf.metrics_.get("calibration"),
+           "predictions": test.get("predictions")}
+    result = StrategyResult(strategy=spec, label=label or spec, trainable_params=trainable,
+                            total_params=clf.backbone_.param_counts()["total"], epochs=epochs, seconds=training,
+                            peak_memory_mib=mem.mib, val_accuracy=clf.metrics_["val_accuracy"], test_accuracy=test["accuracy"],
+                            macro_f1=test["macro_f1"], train_per_class=per_class, metrics=test, phases=clf.phases_,
+                            history=clf.history_, wall_seconds=seconds, runs=[run])
+    return result, clf
+
+
+def run_seeds(splits: DataSplits, spec: str, seeds: int, *, model: str | None, settings: dict,
+              tracker: Tracker | None = None, label: str | None = None) -> tuple[StrategyResult, object]:
+    """One strategy trained with `seeds` training seeds on the same split: scores are means, runs keeps each seed.
+
+    The split stays the one given; only the training seed (initialisation of the head, batch order,
+    augmentation) changes: seed, seed + 1, ... Cached features are reused, so extra seeds cost the training.
+    `label` names the result (default: the spec).
+    """
+    base, label = settings.get("seed") or 0, label or spec
+    first, clf = run_strategy(splits, spec, model=model, settings=settings, tracker=tracker,
+                              label=label if seeds == 1 else f"{label} seed {base}")
+    first.label = label
+    for i in range(1, seeds):
+        more, _ = run_strategy(splits, spec, model=model, settings={**settings, "seed": base + i}, tracker=tracker,
+                               label=f"{label} seed {base + i}")
+        first.runs += more.runs
+        first.peak_memory_mib = max(first.peak_memory_mib, more.peak_memory_mib)
+    for key in ("val_accuracy", "test_accuracy", "macro_f1", "seconds", "wall_seconds"):
+        setattr(first, key, sum(run[key] for run in first.runs) / len(first.runs))
+    return first, clf
+
+
+def train_val_features(clf, splits: DataSplits) -> tuple[np.ndarray, np.ndarray]:
+    """The pretrained backbone's pooled features (from the cache) and labels of train + val, in that order.
+
+    `clf` is a fitted feature-extraction classifier: below its head, its backbone is the pretrained one.
+    """
+    from transferkit.cache.features import FeatureCache, cached_features
+    from transferkit.inference.extraction import resolve_device, resolve_precision
+
+    device = resolve_device(clf.config_.device)
+    dtype = resolve_precision(clf.config_.precision, device)
+    parts = [cached_features(clf.backbone_, split, cache=FeatureCache.default(enabled=clf.cache), device=device,
+                             dtype=dtype, workers=clf.config_.workers, progress=False, engine=clf.config_.engine)[0]
+             for split in (splits.train, splits.val)]
+    return np.concatenate(parts).astype(np.float32), np.concatenate([splits.train.labels, splits.val.labels])
+
+
+def cv_probe(clf, splits: DataSplits, k: int | None, seed: int) -> dict | None:
+    """The frozen-feature probe's k-fold accuracy on train + val (cached features), with its Wilson interval.
+
+    k None: 5 folds when train + val x feature size is at most evidence.MAX_CV_CELLS values, else off.
+    `clf` is a fitted feature-extraction classifier: its backbone is the pretrained one.
+    """
+    from transferkit.stats.evidence import cross_validated_probe, default_cv_folds
+
+    x, y = train_val_features(clf, splits)
+    k = default_cv_folds(len(y), x.shape[1]) if k is None else k
+    if not k:
+        return None
+    return cross_validated_probe(x, y, k=k, seed=seed).to_dict() | {"n_train": len(splits.train), "n_val": len(splits.val)}
+
+
+def rank_backbones(probes: dict[str, tuple[StrategyResult, object]], splits: DataSplits, k: int | None,
+                   seed: int) -> Ranking:
+    """Each backbone's cross-validated probe, LogME and costs from its feature-extraction run; ranked (ranking.rank).
+
+    Latencies are timed last, for every backbone in interleaved rounds (`ranking.time_backbones`).
+    """
+    from transferkit.compare.ranking import RANKING_FOLDS, rank, score_backbone, time_backbones, with_latency
+
+    examples = splits.test if len(splits.test) else splits.val
+    scores = []
+    for name, (result, clf) in probes.items():
+        x, y = train_val_features(clf, splits)
+        scores.append(score_backbone(name, clf, x, y, result, k=k or RANKING_FOLDS, seed=seed, examples=examples))
+    latencies = time_backbones([clf for _, clf in probes.values()], examples)
+    return rank([with_latency(s, *ms) for s, ms in zip(scores, latencies)])
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    """auto's backbone step (`fit --models`): the backbone chosen, why, and the ranking behind it."""
+
+    chosen: str
+    reason: str
+    ranking: Ranking
+
+    def to_dict(self) -> dict:
+        """transferkit.json's `backbone_choice` (the out-of-fold arrays left out: they are compare.json's)."""
+        ranking = self.ranking.to_dict()
+        for score in ranking["scores"]:
+            score.pop("oof_correct")
+        return {"chosen": self.chosen, "reason": self.reason, "ranking": ranking}
+
+
+def choose_backbone(splits: DataSplits, models: Sequence[str], *, settings: dict | None = None,
+                    cv: int | None = None) -> BackboneChoice:
+    """Rank `models` on the split by the frozen-feature probe's k-fold accuracy on train + val; the first is chosen.
+
+    Each backbone's features are extracted once (then cached), so a second call costs the probes. The most
+    accurate by the cross-validated probe is chosen (accuracy first, as auto decides strategies); when another
+    is as accurate within noise and faster, the reason says so and how to pick it.
+
+    Example:
+        >>> choice = choose_backbone(load_data("digits"), ["builtin:efficientnet_lite0", "builtin:efficientnet_lite1"])  # doctest: +SKIP
+        >>> ImageClassifier(choice.chosen).fit("digits")  # doctest: +SKIP
+    """
+    names = check_models(None, models, (), None, cv)
+    if len(names) < 2:
+        raise UsageError(f"--models needs at least two backbones to choose from; got '{','.join(names)}'. Give one "
+                         "backbone with --model.")
+    settings = dict(settings or {})
+    probes = {name: run_strategy(splits, "feature-extraction", model=name, settings=settings) for name in names}
+    ranking = rank_backbones(probes, splits, cv, settings.get("seed") or 0)
+    best = ranking.best
+    reason = (f"{best.model} ranks first of {len(names)} backbones by the {best.cv['k']}-fold probe on {best.cv['n']} "
+              f"train+val {splits.train.noun}s: {format_interval(best.cv['accuracy'], best.cv['low'], best.cv['high'])}")
+    if ranking.recommended != best.model:
+        reason += f"; {ranking.reason.removesuffix(': choose it.')}: pass --model {ranking.recommended} to prefer speed"
+    log.info("Backbone: %s.", reason)
+    return BackboneChoice(best.model, reason + ".", ranking)
+
+
+def trainable_params(clf) -> int:
+    """Parameters the strategy's last phase trained (head plus its unfrozen blocks)."""
+    counts = clf.backbone_.param_counts()
+    blocks = clf.phases_[-1].get("trainable_blocks", [])
+    return counts["head"] + sum(counts[b] for b in blocks)
+
+
+def check_repeats(seeds: int, cv: int | None) -> None:
+    """Refuse a bad seed count or fold count before any work."""
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise UsageError(f"--seeds (seeds) must be a whole number of at least 1; got {seeds!r}.")
+    if cv is not None and (not isinstance(cv, int) or isinstance(cv, bool) or cv == 1 or cv < 0):
+        raise UsageError(f"--cv (cv) must be 0 (off) or at least 2 folds; got {cv!r}.")
+
+
+def check_models(model: str | None, models: Sequence[str] | None, fractions: Sequence[float], baseline: str | None,
+                 cv: int | None) -> list[str | None]:
+    """The backbones to compare ([model] without --models); contradictory options refused before any work."""
+    if not models:
+        return [model]
+    names = [m.strip() for m in models]
+    if model is not None:
+        raise UsageError(f"Give --model (one backbone) or --models (several), not both; got --model {model} and "
+                         f"--models {','.join(names)}.")
+    if any(not m for m in names) or len(set(names)) != len(names):
+        raise UsageError(f"--models needs distinct, comma-separated backbone names; got '{','.join(names)}'.")
+    if len(names) > 1 and (fractions or baseline):
+        raise UsageError("--fractions and --baseline run on one backbone; with --models, rank the backbones first, "
+                         "then run them with --model on the one chosen.")
+    if len(names) > 1 and cv == 0:
+        raise UsageError("--cv 0 turns off the cross-validated probe, which is what ranks several --models; leave --cv "
+                         "out (5 folds) or give at least 2.")
+    return names
+
+
+def compare(splits: DataSplits, *, data_name: str, model: str | None = None, strategies: Sequence[str] | None = None,
+            fractions: Sequence[float] = (), baseline: str | None = None, settings: dict | None = None,
+            on_result=None, tracker: Tracker | None = None, seeds: int = 1, cv: int | None = None,
+            models: Sequence[str] | None = None) -> Comparison:
+    """Run every strategy on the same split and seed; optionally a learning curve and a scratch baseline.
+
+    Args:
+        splits: the data, split once for every strategy.
+        model: the backbone (None: the default one).
+        strategies: strategy specs (no 'auto': compare measures what auto would choose from); None: the four of
+            DEFAULT_STRATEGIES with one backbone, feature-extraction alone (the cheap ranking) with several.
+        fractions: training-set fractions per class for a learning curve (1.0 = the full run above).
+        baseline: "scratch" adds the same architecture trained from random initialisation (finetune:all).
+        settings: classifier settings shared by every run (epochs, image_size or max_length, seed, ...).
+        on_result: called with each StrategyResult as it finishes (for live output).
+        tracker: an open experiment-tracking run; each strategy (and curve point, baseline) is logged as a run nested in it.
+        seeds: training seeds per strategy (seed, seed + 1, ...) on the same split; the table shows mean +- sd.
+        cv: folds of the cross-validated probe on train + val; None for the default rule (`cv_probe`), 0 for none.
+        models: several backbones: every backbone x strategy on the split, and the backbones ranked
+            (`Comparison.ranking`: cross-validated probe, LogME, costs, the fastest within noise of the best).
+    """
+    check_repeats(seeds, cv)
+    names = check_models(model, models, fractions, baseline, cv)
+    settings = dict(settings or {})
+    strategies = strategies or (("feature-extraction",) if len(names) > 1 else DEFAULT_STRATEGIES)
+    specs = [parse_strategy(s).spec for s in strategies]
+    if "auto" in specs:
+        raise UsageError("compare measures concrete strategies; leave 'auto' out (fit --strategy auto uses them).")
+    if len(set(specs)) != len(specs):
+        raise UsageError(f"--strategies lists a strategy twice: {', '.join(strategies)}.")
+    if baseline not in (None, "scratch"):
+        raise UsageError(f"--baseline must be 'scratch'; got '{baseline}'.")
+    notify = on_result or (lambda r: None)
+    results, probes, shown, fitted = [], {}, {}, {}
+    for name in names:
+        for spec in specs:
+            label = f"{name} / {spec}" if len(names) > 1 else spec
+            result, clf = run_seeds(splits, spec, seeds, model=name, settings=settings, tracker=tracker, label=label)
+            shown[name] = clf.backbone_.spec.name  # the name it goes by, not the spelling given
+            if spec == "feature-extraction":
+                probes[name] = (result, clf)
+            results.append(result)
+            fitted[label] = clf
+            notify(result)
+        if name not in probes and (cv != 0 or len(names) > 1):  # the probe's features come from the cache
+            probes[name] = run_strategy(splits, "feature-extraction", model=name, settings=settings)
+    seed = settings.get("seed") or 0
+    ranking = rank_backbones(probes, splits, cv, seed) if len(names) > 1 else None
+    cv_result = cv_probe(probes[names[0]][1], splits, cv, seed) if cv != 0 and ranking is None else None
+    curve = _learning_curve(splits, specs, fractions, model, settings, tracker, notify)
+    if curve:
+        curve.extend(results)
+    base = None
+    if baseline == "scratch":
+        base, _ = run_strategy(splits, "finetune:all", model=model, settings=settings, weights="none",
+                               label="scratch (random init, finetune:all)", tracker=tracker)
+        notify(base)
+    configs = {r.label: r.phases for r in results}
+    c = Comparison(data=data_name, model=",".join(shown.get(n, n or "default") for n in names), seed=seed,
+                   results=results, curve=curve, baseline=base, configs=configs, machine=machine_info(),
+                   split_sizes=splits.sizes(), versions=library_versions(), seeds=seeds, cv=cv_result,
+                   noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()),
+                   ranking=ranking)
+    c.extras = report_extras(fitted, c.winner().label, data_name)
+    return c
+
+
+def _learning_curve(splits: DataSplits, specs: list[str], fractions: Sequence[float], model: str | None, settings: dict,
+                    tracker: Tracker | None, notify) -> list[StrategyResult]:
+    """Every strategy again on per-class fractions of the training split (the same val and test)."""
+    curve = []
+    for fraction in sorted(f for f in fractions if f < 1):
+        sub = DataSplits(subsample_per_class(splits.train, fraction, settings.get("seed") or 0), splits.val, splits.test,
+                         splits.summary)
+        for spec in specs:
+            result, _ = run_strategy(sub, spec, model=model, settings=settings, label=f"{spec} @ {fraction:g}",
+                                     tracker=tracker)
+            curve.append(result)
+            notify(result)
+    return curve
+
+
+def report_extras(fitted: dict, best: str, data_name: str) -> dict | None:
+    """The report's mistakes gallery (of the best strategy's first seed) and data doctor (from whichever fit cached
+    the features of every split; no extra work), as each fit computed them."""
+    extras = getattr(fitted[best], "report_extras_", None)
+    if not extras:
+        return None
+    doctor = next((clf.report_extras_["doctor"] for clf in fitted.values()
+                   if (getattr(clf, "report_extras_", None) or {}).get("doctor")), None)
+    return extras | {"doctor": doctor, "data": data_name, "best": best}

@@ -1,0 +1,9 @@
+"""The data doctor: label issues, near-duplicates and leakage, outliers, as findings with reasons.
+
+* :mod:`~transferkit.doctor.diagnose`     the library call: data -> backbone -> cached features -> findings
+* :mod:`~transferkit.doctor.findings`     Diagnosis / Finding: out-of-fold probes, confident learning, pairs, outliers
+* :mod:`~transferkit.doctor.algorithms`   confident learning (Northcutt et al. 2021), feature-space pairs, kNN outliers
+* :mod:`~transferkit.doctor.near_copies`  near-copies in input space (thumbnails, text 3-grams)
+
+The pages (doctor.html, issues.csv) are rendered by :mod:`transferkit.report.doctor`.
+"""

@@ -1,0 +1,87 @@
+"""Checkpoints: everything needed to continue a fit exactly, written atomically after every epoch.
+
+``checkpoints/last.pt`` holds the model, optimizer, scheduler, every RNG state,
+phase and epoch; ``last.json`` says where it stands in words. Loaded with
+``weights_only=True``: a checkpoint holds tensors and plain values only.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from transferkit import distributed
+from transferkit.atomic import write_atomic, write_json
+from transferkit.errors import RunError, UsageError
+from transferkit.training.strategies import DEFAULT_FINETUNE_EPOCHS
+
+
+class Checkpoints:
+    """`checkpoints/last.pt`: everything needed to continue a fit exactly, written atomically each epoch.
+
+    Loaded with weights_only=True: a checkpoint holds tensors and plain values only.
+    """
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder, self.fingerprint = folder, fingerprint
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "last.pt"
+
+    def write(self, state: dict) -> None:
+        """Write `state` (rank 0 only: every process holds the same state, nothing in it depends on their number)."""
+        if not distributed.is_main():
+            return
+        buf = io.BytesIO()
+        torch.save({"fingerprint": self.fingerprint, **state}, buf)
+        write_atomic(self.path, buf.getvalue())
+        write_json(self.folder / "last.json", {k: state[k] for k in ("phase_index", "phase", "epoch", "trainable_blocks")})
+
+    def read(self) -> dict:
+        if not self.path.is_file():
+            raise UsageError(f"--resume found no checkpoint at {self.path}. Run fit without --resume to start.")
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling, truncated file
+            raise RunError(f"Checkpoint {self.path} cannot be read ({e}); delete it and fit without --resume.") from e
+        saved = state.get("fingerprint") or {}
+        if saved != self.fingerprint:
+            more = _more_epochs(saved, self.fingerprint)
+            if more is None:
+                diff = "; ".join(fingerprint_diff(saved, self.fingerprint))
+                raise UsageError(f"Checkpoint {self.path} was written for a different run ({diff}). Resume with the "
+                                 "same data and options (only a larger --epochs may be given, to train longer), or "
+                                 "fit into another --out without --resume.")
+            state["extend"] = more
+        return state
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+
+def _more_epochs(saved: dict, now: dict) -> tuple[int, int] | None:
+    """(epochs before, epochs now) when the only difference is a larger fine-tuning epoch count, else None.
+
+    `epochs` None is the strategy's default (5), so `--epochs 8` extends a run fitted without `--epochs`.
+    """
+    before, after = (dict(f, settings={**f.get("settings", {}), "epochs": None}) for f in (saved, now))
+    if before != after:
+        return None
+    old, new = (f.get("settings", {}).get("epochs") or DEFAULT_FINETUNE_EPOCHS for f in (saved, now))
+    return (old, new) if new > old else None
+
+
+def fingerprint_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Each setting that differs, with both values: "epochs: 3 in the checkpoint, 5 now"."""
+    out = []
+    for key in dict.fromkeys([*saved, *now]):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            name = "the data (its files or their contents)" if key == "data" else f"{prefix}{key}"
+            out.append(f"{name}: {a!r} in the checkpoint, {b!r} now" if key != "data" else f"{name} changed")
+    return out
