@@ -15,9 +15,9 @@ from PIL import Image, ImageDraw
 from conftest import CHROMIUM_FLAGS, chromium_path, run_cli
 from text_fixtures import topic_sentences, write_text_csv
 from transferkit.data import DataSplits, load_data
-from transferkit.doctor.algorithms import find_label_issues
 from transferkit.doctor.diagnose import diagnose, split_features
 from transferkit.doctor.findings import CSV_COLUMNS, diagnose_features, out_of_fold_probabilities
+from transferkit.doctor.label_issues import find_label_issues
 from transferkit.errors import UsageError
 
 # --- label errors -----------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from sklearn.datasets import make_blobs
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_predict
 
-from transferkit.doctor import algorithms as doctor
-from transferkit.doctor.algorithms import SimilarPair, classify_pairs, find_label_issues, near_duplicates, outlier_scores, outliers
+from transferkit.doctor import label_issues
+from transferkit.doctor.label_issues import find_label_issues
+from transferkit.doctor.outliers import outlier_scores, outliers
+from transferkit.doctor.pairs import SimilarPair, classify_pairs, near_duplicates
 from transferkit.errors import UsageError
 
 
@@ -155,10 +157,10 @@ def test_calibration_rounds_as_cleanlab_on_tie_heavy_joints(cleanlab):
         classes = int(rng.integers(2, 8))
         joint = rng.integers(0, 6, size=(classes, classes))
         np.fill_diagonal(joint, np.maximum(joint.diagonal(), 1))
-        joint = np.asfortranarray(joint)  # the module's layout (see doctor._calibrate)
+        joint = np.asfortranarray(joint)  # the module's layout (see label_issues._calibrate)
         counts = joint.sum(axis=1) + rng.integers(0, 20, classes)
         expected = cleanlab[1].calibrate_confident_joint(joint, np.repeat(np.arange(classes), counts))
-        np.testing.assert_array_equal(doctor._calibrate(joint, counts), expected)
+        np.testing.assert_array_equal(label_issues._calibrate(joint, counts), expected)
 
 
 def test_a_class_with_one_example_keeps_it():
@@ -329,10 +331,14 @@ def test_doctor_imports_only_numpy_scipy_and_the_errors_module():
     import ast
     import pathlib
 
-    import transferkit.doctor.algorithms as module
+    import transferkit.doctor.label_issues
+    import transferkit.doctor.outliers
+    import transferkit.doctor.pairs
 
-    tree = ast.parse(pathlib.Path(module.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    allowed = {"__future__", "logging", "dataclasses", "typing", "collections.abc", "numpy", "scipy", "scipy.stats"}
-    assert imported - allowed == {"transferkit.errors"}
+    for module in (transferkit.doctor.label_issues, transferkit.doctor.outliers, transferkit.doctor.pairs):
+        tree = ast.parse(pathlib.Path(module.__file__).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        allowed = {"__future__", "logging", "dataclasses", "typing", "collections.abc", "numpy", "scipy", "scipy.stats",
+                   "transferkit.doctor.pairs"}
+        assert imported - allowed == {"transferkit.errors"}, module.__name__

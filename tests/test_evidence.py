@@ -1,4 +1,4 @@
-"""Tests of transferkit.stats.evidence against statsmodels, scikit-learn, scipy and direct reference loops."""
+"""Tests of transferkit.stats (intervals, paired, crossval, calibration) against statsmodels, scikit-learn, scipy, loops."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
 from transferkit.errors import UsageError
-from transferkit.stats import evidence
+from transferkit.stats import checks, crossval, intervals, paired
 from transferkit.stats.calibration import (
     TEMPERATURE_BOUNDS,
     expected_calibration_error,
@@ -28,16 +28,10 @@ from transferkit.stats.calibration import (
     fold_temperature_,
     reliability_bins,
 )
-from transferkit.stats.evidence import (
-    bootstrap_interval,
-    cross_validated_probe,
-    default_cv_folds,
-    format_interval,
-    paired_difference,
-    ratio_phrase,
-    score_with_intervals,
-    wilson_interval,
-)
+from transferkit.stats.crossval import cross_validated_probe, default_cv_folds
+from transferkit.stats.intervals import bootstrap_interval, score_with_intervals, wilson_interval
+from transferkit.stats.paired import paired_difference
+from transferkit.stats.wording import format_interval, ratio_phrase
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -364,8 +358,8 @@ def test_probe_reduces_folds_and_keeps_label_values():
 def test_default_cv_folds_rule():
     assert default_cv_folds(1000, 768) == 5
     assert default_cv_folds(100_000, 2048) == 0
-    assert default_cv_folds(evidence.MAX_CV_CELLS // 4, 4) == 5
-    assert default_cv_folds(evidence.MAX_CV_CELLS // 4 + 1, 4) == 0
+    assert default_cv_folds(crossval.MAX_CV_CELLS // 4, 4) == 5
+    assert default_cv_folds(crossval.MAX_CV_CELLS // 4 + 1, 4) == 0
     assert default_cv_folds(1, 10) == 0
 
 
@@ -409,16 +403,17 @@ def test_format_interval():
 
 
 def test_module_imports_only_numpy_and_stdlib_at_top_level():
-    """`import transferkit.stats.evidence` must not need torch, and stays cheap: heavy libraries load inside functions."""
-    tree = ast.parse(Path(evidence.__file__).read_text())
-    top = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            top.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            top.add(node.module if node.module.startswith("transferkit") else node.module.split(".")[0])
-    assert top <= {"__future__", "logging", "math", "collections", "dataclasses", "typing", "numpy", "transferkit.errors",
-                   "transferkit.stats.wording"}, top
+    """The statistics modules must not need torch, and stay cheap: heavy libraries load inside functions."""
+    for module in (checks, crossval, intervals, paired):
+        tree = ast.parse(Path(module.__file__).read_text())
+        top = set()
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                top.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                top.add(node.module if node.module.startswith("transferkit") else node.module.split(".")[0])
+        assert top <= {"__future__", "logging", "math", "collections", "dataclasses", "typing", "numpy", "transferkit.errors",
+                       "transferkit.stats.wording", "transferkit.stats.checks", "transferkit.stats.intervals"}, (module, top)
 
 
 def test_confidence_bins_equal_reliability_bins_from_the_top_class_alone():
@@ -437,7 +432,7 @@ def test_seed_averaged_difference_is_exact_so_a_zero_lower_end_is_not_significan
     gave a lower end of 8e-19, read as "excludes 0" and a winner. In exact arithmetic the end is 0: no winner."""
     from fractions import Fraction
 
-    from transferkit.stats.evidence import paired_difference_over_seeds
+    from transferkit.stats.paired import paired_difference_over_seeds
 
     n, k = 268, 3
     thirds = {35: 1, 66: 1, 105: 1, 117: 2, 123: 2, 133: 1, 200: 1, 237: -2, 258: 1}  # A right minus B right, in seeds

@@ -31,7 +31,8 @@ from transferkit.export.onnx import OnnxClassifier
 from transferkit.runs.card import metric_intervals, model_card
 from transferkit.runs.directory import load_run, read_meta
 from transferkit.runs.hub import files_to_upload, push_run
-from transferkit.stats.evidence import format_interval, score_with_intervals, wilson_interval
+from transferkit.stats.intervals import score_with_intervals, wilson_interval
+from transferkit.stats.wording import format_interval
 
 HUB_REPO = "timm/tf_efficientnet_lite0.in1k"
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import CHROMIUM_FLAGS, chromium_path, run_cli
 from transferkit.compare.ranking import BackboneScore, Costs, pareto_front, rank, time_backbones
 from transferkit.report.ranking import ranking_rows
-from transferkit.stats.evidence import cross_validated_probe, paired_difference
+from transferkit.stats.crossval import cross_validated_probe
+from transferkit.stats.paired import paired_difference
 
 N = 1000
 

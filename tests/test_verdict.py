@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from transferkit.report.comparison import Comparison, StrategyResult, comparison_markdown, table_rows
-from transferkit.stats.evidence import paired_difference
+from transferkit.stats.paired import paired_difference
 
 N = 268  # the digits demo's test images
 
@@ -83,7 +83,7 @@ def test_costs_read_right(seconds, phrase):
 def test_a_winner_whose_interval_starts_just_above_zero_never_prints_a_zero_end():
     """A significant difference whose lower end rounds to 0.0 shows more digits: "0.0-2.1" read as "includes 0"."""
     from transferkit.compare.verdict import _points
-    from transferkit.stats.evidence import PairedDifference
+    from transferkit.stats.paired import PairedDifference
 
     d = PairedDifference(n=268, accuracy_a=0.994, accuracy_b=0.984, difference=0.0104, low=0.0004, high=0.021,
                          mcnemar_p=0.016, only_a_correct=4, only_b_correct=0)

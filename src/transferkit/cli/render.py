@@ -76,7 +76,7 @@ def shown_path(path: str) -> str:
 
 def render_comparison(c) -> None:
     from transferkit.report.comparison import COLUMNS, imbalance_hint, pretraining_sentence, table_note, table_rows
-    from transferkit.stats.evidence import format_interval
+    from transferkit.stats.wording import format_interval
 
     if c.ranking:
         render_ranking(c.ranking)

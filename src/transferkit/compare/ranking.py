@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from transferkit.stats.evidence import PairedDifference, cross_validated_probe, paired_difference
+from transferkit.stats.crossval import cross_validated_probe
 from transferkit.stats.logme import RankAgreement, kendall_tau, logme_score
+from transferkit.stats.paired import PairedDifference, paired_difference
 from transferkit.stats.wording import format_interval, ratio_phrase
 
 log = logging.getLogger(__name__)

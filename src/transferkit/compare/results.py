@@ -80,7 +80,7 @@ class Comparison:
     versions: dict = field(default_factory=dict)
 
     seeds: int = 1
-    cv: dict | None = None  # the cross-validated probe on train + val (evidence.CVProbe.to_dict())
+    cv: dict | None = None  # the cross-validated probe on train + val (crossval.CVProbe.to_dict())
     noun: str = "examples"
     train_class_counts: list = field(default_factory=list)
     ranking: Ranking | None = None  # several backbones (compare --models): ranked with their costs

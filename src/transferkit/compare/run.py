@@ -169,10 +169,10 @@ def train_val_features(clf, splits: DataSplits) -> tuple[np.ndarray, np.ndarray]
 def cv_probe(clf, splits: DataSplits, k: int | None, seed: int) -> dict | None:
     """The frozen-feature probe's k-fold accuracy on train + val (cached features), with its Wilson interval.
 
-    k None: 5 folds when train + val x feature size is at most evidence.MAX_CV_CELLS values, else off.
+    k None: 5 folds when train + val x feature size is at most crossval.MAX_CV_CELLS values, else off.
     `clf` is a fitted feature-extraction classifier: its backbone is the pretrained one.
     """
-    from transferkit.stats.evidence import cross_validated_probe, default_cv_folds
+    from transferkit.stats.crossval import cross_validated_probe, default_cv_folds
 
     x, y = train_val_features(clf, splits)
     k = default_cv_folds(len(y), x.shape[1]) if k is None else k
@@ -277,6 +277,18 @@ def check_models(model: str | None, models: Sequence[str] | None, fractions: Seq
     return names
 
 
+def check_strategies(strategies: Sequence[str], baseline: str | None) -> list[str]:
+    """The canonical specs of the strategies to compare; 'auto', a repeat or an unknown baseline is refused."""
+    specs = [parse_strategy(s).spec for s in strategies]
+    if "auto" in specs:
+        raise UsageError("compare measures concrete strategies; leave 'auto' out (fit --strategy auto uses them).")
+    if len(set(specs)) != len(specs):
+        raise UsageError(f"--strategies lists a strategy twice: {', '.join(strategies)}.")
+    if baseline not in (None, "scratch"):
+        raise UsageError(f"--baseline must be 'scratch'; got '{baseline}'.")
+    return specs
+
+
 def compare(splits: DataSplits, *, data_name: str, model: str | None = None, strategies: Sequence[str] | None = None,
             fractions: Sequence[float] = (), baseline: str | None = None, settings: dict | None = None,
             on_result=None, tracker: Tracker | None = None, seeds: int = 1, cv: int | None = None,
@@ -301,14 +313,7 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
     check_repeats(seeds, cv)
     names = check_models(model, models, fractions, baseline, cv)
     settings = dict(settings or {})
-    strategies = strategies or (("feature-extraction",) if len(names) > 1 else DEFAULT_STRATEGIES)
-    specs = [parse_strategy(s).spec for s in strategies]
-    if "auto" in specs:
-        raise UsageError("compare measures concrete strategies; leave 'auto' out (fit --strategy auto uses them).")
-    if len(set(specs)) != len(specs):
-        raise UsageError(f"--strategies lists a strategy twice: {', '.join(strategies)}.")
-    if baseline not in (None, "scratch"):
-        raise UsageError(f"--baseline must be 'scratch'; got '{baseline}'.")
+    specs = check_strategies(strategies or (("feature-extraction",) if len(names) > 1 else DEFAULT_STRATEGIES), baseline)
     notify = on_result or (lambda r: None)
     results, probes, shown, fitted = [], {}, {}, {}
     for name in names:
@@ -334,9 +339,9 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
         base, _ = run_strategy(splits, "finetune:all", model=model, settings=settings, weights="none",
                                label="scratch (random init, finetune:all)", tracker=tracker)
         notify(base)
-    configs = {r.label: r.phases for r in results}
     c = Comparison(data=data_name, model=",".join(shown.get(n, n or "default") for n in names), seed=seed,
-                   results=results, curve=curve, baseline=base, configs=configs, machine=machine_info(),
+                   results=results, curve=curve, baseline=base, configs={r.label: r.phases for r in results},
+                   machine=machine_info(),
                    split_sizes=splits.sizes(), versions=library_versions(), seeds=seeds, cv=cv_result,
                    noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()),
                    ranking=ranking)

@@ -1,21 +1,22 @@
 """The comparison's verdict: a winner only when a paired test on the test examples says so.
 
 Every strategy is compared with the most accurate one on the same test examples
-(:func:`transferkit.stats.evidence.paired_difference_over_seeds`: a paired bootstrap
+(:func:`transferkit.stats.paired.paired_difference_over_seeds`: a paired bootstrap
 interval of the accuracy difference and an exact McNemar p-value). A strategy
 whose interval includes 0 is *within noise* of the best; the verdict then names
 no winner and recommends the cheapest strategy within noise. Costs are worded by
-:func:`transferkit.stats.evidence.ratio_phrase` ("9.5x faster", "1/40 of the training
+:func:`transferkit.stats.wording.ratio_phrase` ("9.5x faster", "1/40 of the training
 time"), never "0.0x".
 
 The functions take the comparison's rows duck-typed (``label``, ``seconds``,
 ``test_accuracy``, ``val_accuracy``, ``test_correct``), so this module depends on
-:mod:`transferkit.stats.evidence` alone.
+:mod:`transferkit.stats.paired` alone.
 """
 
 from __future__ import annotations
 
-from transferkit.stats.evidence import PairedDifference, paired_difference_over_seeds, ratio_phrase
+from transferkit.stats.paired import PairedDifference, paired_difference_over_seeds
+from transferkit.stats.wording import ratio_phrase
 
 
 def best_of(results: list):

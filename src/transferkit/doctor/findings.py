@@ -1,11 +1,12 @@
 """The data doctor's findings on features at hand: label errors, leakage, duplicates, outliers, as data.
 
-`diagnose_features(splits, features)` runs the checks of :mod:`transferkit.doctor.algorithms`
-on one (n, d) feature array per split and returns a `Diagnosis`:
+`diagnose_features(splits, features)` runs the checks of :mod:`~transferkit.doctor.label_issues`,
+:mod:`~transferkit.doctor.pairs` and :mod:`~transferkit.doctor.outliers` on one (n, d) feature array per
+split and returns a `Diagnosis`:
 
 * likely label errors among train + val: out-of-sample class probabilities for
   every example, each from probes that never saw it (stratified k-fold), then
-  confident learning (`doctor.find_label_issues`);
+  confident learning (`label_issues.find_label_issues`);
 * near-copies, found in input space (`near_copies`: image thumbnails, text 3-grams), across splits
   (leakage: train/val, train/test, val/test) and within a split (a conflict under different labels,
   or a plain duplicate);
@@ -17,7 +18,7 @@ cache) and calls it; the fit and compare reports call it on the features their
 fit already cached.
 
 The out-of-sample probabilities average two probes fitted on the same folds:
-the standardised L2 logistic regression of `evidence.cross_validated_probe`
+the standardised L2 logistic regression of `crossval.cross_validated_probe`
 and a cosine, distance-weighted k-nearest-neighbour vote. The two make
 different mistakes (a linear boundary against local neighbourhoods), so their
 mean is wrong with confidence less often, and confident learning then counts
@@ -38,8 +39,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from transferkit.data.examples import SPLIT_NAMES, DataSplits
-from transferkit.doctor import algorithms as doctor
+from transferkit.doctor.label_issues import find_label_issues
 from transferkit.doctor.near_copies import MATCH_THRESHOLD, MEASURES, default_threshold, find_copies
+from transferkit.doctor.outliers import outliers
+from transferkit.doctor.pairs import SimilarPair, classify_pairs
 from transferkit.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -223,13 +226,13 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, *, k: in
                               seed: int = 0) -> tuple[np.ndarray, int]:
     """(n, K) probabilities, row i from probes fitted without example i; and the folds used.
 
-    The mean of the logistic probe of `evidence.cross_validated_probe` and a cosine,
+    The mean of the logistic probe of `crossval.cross_validated_probe` and a cosine,
     distance-weighted KNN_NEIGHBOURS-nearest-neighbour vote, both on the same stratified folds
     (see the module docstring for why two). Columns are the classes 0..K-1 with K = labels.max() + 1.
     """
     from sklearn.neighbors import KNeighborsClassifier
 
-    from transferkit.stats.evidence import cross_validated_probe
+    from transferkit.stats.crossval import cross_validated_probe
 
     probe = cross_validated_probe(features, labels, k=k, seed=seed)
     n_classes = int(labels.max()) + 1
@@ -254,7 +257,7 @@ def _label_findings(splits: DataSplits, features: Mapping[str, np.ndarray], ids:
     y = np.concatenate([splits.train.labels, splits.val.labels])
     try:
         probs, used = out_of_fold_probabilities(x, y, k=folds, seed=seed)
-        issues = doctor.find_label_issues(y, probs)
+        issues = find_label_issues(y, probs)
     except UsageError as e:  # a class with one example, a single class: the check cannot run, the others can
         notes.append(f"Label check skipped: {e}")
         return [], None, None, 0, {}
@@ -282,10 +285,10 @@ def _pair_findings(splits: DataSplits, features: Mapping[str, np.ndarray], ids: 
     where = [(s, i) for s in SPLIT_NAMES for i in range(len(features[s]))]
     split_of = [s for s, _ in where]
     labels = np.concatenate([getattr(splits, s).labels for s in SPLIT_NAMES])
-    pairs = [doctor.SimilarPair(p.i, p.j, p.similarity) for p in copies]
+    pairs = [SimilarPair(p.i, p.j, p.similarity) for p in copies]
     classes = splits.classes
     out = []
-    for p in doctor.classify_pairs(pairs, split_of, labels):
+    for p in classify_pairs(pairs, split_of, labels):
         (si, i), (sj, j) = where[p.i], where[p.j]
         scale = norms[p.i] * norms[p.j]
         cosine = float(x[p.i] @ x[p.j] / scale) if scale > 0 else 0.0
@@ -313,5 +316,5 @@ def _outlier_findings(splits: DataSplits, features: Mapping[str, np.ndarray], id
         if len(labels) < 2:
             continue
         out += [Finding("outlier", split, o.index, ids[split][o.index], splits.classes[labels[o.index]], None, o.score)
-                for o in doctor.outliers(features[split], labels)]
+                for o in outliers(features[split], labels)]
     return out

@@ -71,7 +71,7 @@ def image_copies(images: Iterable, *, threshold: float, block: int = 1024) -> li
     """Pairs i < j of images (PIL; read one at a time) whose thumbnails correlate >= threshold, most similar first.
 
     The Pearson correlation of two thumbnails is the cosine of their centred pixels, so the search is
-    `doctor.near_duplicates`' blockwise one: memory O(block^2) besides the n x 256 thumbnails. Two flat
+    `pairs.near_duplicates`' blockwise one: memory O(block^2) besides the n x 256 thumbnails. Two flat
     images (one grey level each) correlate 0 with everything.
 
     Example:
@@ -80,9 +80,9 @@ def image_copies(images: Iterable, *, threshold: float, block: int = 1024) -> li
         >>> [(p.i, p.j) for p in image_copies([a, a.resize((200, 200)), a.rotate(90)], threshold=0.98)]
         [(0, 1)]
     """
-    from transferkit.doctor import algorithms as doctor
+    from transferkit.doctor.pairs import near_duplicates
     thumbs = np.array([thumbnail(im) for im in images], dtype=np.float32).reshape(-1, THUMBNAIL ** 2)
-    return [CopyPair(p.i, p.j, p.cosine) for p in doctor.near_duplicates(thumbs, threshold=threshold, block=block)]
+    return [CopyPair(p.i, p.j, p.cosine) for p in near_duplicates(thumbs, threshold=threshold, block=block)]
 
 
 def normalise_text(text: str) -> str:

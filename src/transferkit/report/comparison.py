@@ -20,7 +20,7 @@ from transferkit.atomic import write_atomic, write_json
 from transferkit.compare.results import Comparison, StrategyResult
 from transferkit.report.plots import new_figure, png_base64
 from transferkit.report.ranking import ranking_context, ranking_markdown
-from transferkit.stats.evidence import format_interval
+from transferkit.stats.wording import format_interval
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}

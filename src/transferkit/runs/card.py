@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import logging
 
-from transferkit.stats.evidence import format_interval, score_with_intervals, wilson_interval
+from transferkit.stats.intervals import score_with_intervals, wilson_interval
+
+from transferkit.stats.wording import format_interval
 
 CONFIDENCE = 0.95
 METRICS = (("accuracy", "Accuracy", "accuracy"), ("top5_accuracy", "Top-5 accuracy", "top_5_accuracy"),

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from transferkit.errors import UsageError
-from transferkit.stats.evidence import _as_correct, _as_labels, _check_positive_int, _check_same_length, _is_number
+from transferkit.stats.checks import as_correct, as_labels, check_positive_int, check_same_length, is_number
 
 if TYPE_CHECKING:  # annotations only: torch is imported by fold_temperature_ when called
     import torch
@@ -31,11 +31,11 @@ TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 def _check_probabilities(probabilities: ArrayLike, y_true: ArrayLike, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(probabilities, dtype=np.float64)
-    y = _as_labels("y_true", y_true)
-    _check_positive_int("n_bins", n_bins)
+    y = as_labels("y_true", y_true)
+    check_positive_int("n_bins", n_bins)
     if p.ndim != 2 or p.shape[1] < 2:
         raise UsageError(f"probabilities must be an (examples, classes) array with at least 2 classes; got shape {p.shape}.")
-    _check_same_length("probabilities and y_true", p, y)
+    check_same_length("probabilities and y_true", p, y)
     if not np.all(np.isfinite(p)) or p.min() < 0 or not np.allclose(p.sum(1), 1.0, atol=1e-3):
         raise UsageError("probabilities must be finite, non-negative and sum to 1 per row; got values from "
                          f"{np.nanmin(p):.3g} to {np.nanmax(p):.3g}. Pass softmax(logits), not logits.")
@@ -107,9 +107,9 @@ def confidence_bins(confidence: ArrayLike, correct: ArrayLike, n_bins: int = 15)
     reliability diagram can be drawn without the full probability rows.
     """
     conf = np.asarray(confidence, dtype=np.float64)
-    right = _as_correct("correct", correct)
-    _check_positive_int("n_bins", n_bins)
-    _check_same_length("confidence and correct", conf, right)
+    right = as_correct("correct", correct)
+    check_positive_int("n_bins", n_bins)
+    check_same_length("confidence and correct", conf, right)
     if not np.all(np.isfinite(conf)) or conf.min() < 0 or conf.max() > 1:
         raise UsageError("confidence must hold probabilities in [0, 1]: the probability of each predicted class.")
     edges, counts, conf_sum, hits = _bin_statistics(conf, right, n_bins)
@@ -160,10 +160,10 @@ def fit_temperature(logits: ArrayLike, y_true: ArrayLike) -> float:
     from scipy.optimize import minimize
 
     z = np.asarray(logits, dtype=np.float64)
-    y = _as_labels("y_true", y_true)
+    y = as_labels("y_true", y_true)
     if z.ndim != 2 or z.shape[1] < 2 or not np.all(np.isfinite(z)):
         raise UsageError(f"logits must be a finite (examples, classes) array with at least 2 classes; got shape {z.shape}.")
-    _check_same_length("logits and y_true", z, y)
+    check_same_length("logits and y_true", z, y)
     if y.min() < 0 or y.max() >= z.shape[1]:
         raise UsageError(f"y_true must hold class indices in [0, {z.shape[1]}); got values from {y.min()} to {y.max()}.")
     if np.all(z.argmax(1) == y):
@@ -203,7 +203,7 @@ def fold_temperature_(linear_head: torch.nn.Linear, temperature: float) -> torch
     if not isinstance(linear_head, torch.nn.Linear):
         raise UsageError(f"linear_head must be a torch.nn.Linear; got {type(linear_head).__name__}. "
                          "Pass the classifier's final layer (e.g. model.get_classifier() of a timm model).")
-    if not (_is_number(temperature) and math.isfinite(temperature) and temperature > 0):
+    if not (is_number(temperature) and math.isfinite(temperature) and temperature > 0):
         raise UsageError(f"temperature must be a finite number above 0; got {temperature!r}. Use fit_temperature's result.")
     with torch.no_grad():
         linear_head.weight.div_(float(temperature))

@@ -12,7 +12,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 
 from transferkit.errors import UsageError
 from transferkit.stats.calibration import expected_calibration_error
-from transferkit.stats.evidence import score_with_intervals
+from transferkit.stats.intervals import score_with_intervals
 
 TOP_K = 5
 
@@ -33,7 +33,7 @@ def metrics(logits: np.ndarray, y_true: np.ndarray, classes: list[str], ids: lis
         ``macro_f1``, ``balanced_accuracy``, ``per_class`` ({name: {precision, recall, f1, support}}),
         ``absent_classes``, ``confusion`` (true classes as rows, predicted as columns, K x K),
         ``intervals`` (accuracy: Wilson 95%; balanced accuracy and macro-F1: seeded bootstrap over
-        examples; per-class recall: Wilson; see :func:`transferkit.stats.evidence.score_with_intervals`),
+        examples; per-class recall: Wilson; see :func:`transferkit.stats.intervals.score_with_intervals`),
         ``ece`` (expected calibration error of the softmax, 15 equal-width bins) and ``predictions``
         (columns ``id``, ``true``, ``pred``, ``prob`` = probability of the predicted class).
 

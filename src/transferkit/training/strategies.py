@@ -199,7 +199,7 @@ def decide_after_trial(per_class: int, probe_correct, tuned_correct, probe_secon
     """Keep the fine-tuned model only when its validation gain over the probe is more than noise, else the probe.
 
     The test: the paired bootstrap 95% interval of (fine-tuned minus probe) validation accuracy on the same
-    examples (:func:`transferkit.stats.evidence.paired_difference`, with the exact McNemar p-value recorded) must
+    examples (:func:`transferkit.stats.paired.paired_difference`, with the exact McNemar p-value recorded) must
     lie above 0. The trial is the candidate's own run, warm-started from the probe, so choosing fine-tuning
     costs nothing extra and choosing the probe costs one run.
 
@@ -210,7 +210,8 @@ def decide_after_trial(per_class: int, probe_correct, tuned_correct, probe_secon
         probe_seconds: the probe's training time.
         tuned_seconds: the trial's training time (probe included).
     """
-    from transferkit.stats.evidence import paired_difference, ratio_phrase
+    from transferkit.stats.paired import paired_difference
+    from transferkit.stats.wording import ratio_phrase
 
     d = paired_difference(tuned_correct, probe_correct)
     numbers = {"min_examples_per_class": per_class, "probe_val_acc": d.accuracy_b, "trial_strategy": AUTO_CANDIDATE.spec,
