@@ -44,8 +44,10 @@ def machine() -> str:
     flags = cpu_flags()
     units = [name for name, flag in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if flag in flags]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu_model()}, {os.cpu_count()} cores ({'+'.join(units) or 'no bf16 units'}), "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average {load:.2f}")
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores ({'+'.join(units) or 'no bf16 units'}), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average {load:.2f}"
+    )
 
 
 def header(title: str) -> None:
@@ -73,8 +75,7 @@ def rate(fn: Callable[[], object], items: int, *, repeat: int = 3, warmup: int =
     return items / statistics.median(seconds(fn) for _ in range(repeat))
 
 
-def interleaved_rates(contenders: dict[str, Callable[[], object]], items: int, *, rounds: int = 3,
-                      warmup: int = 1) -> dict[str, float]:
+def interleaved_rates(contenders: dict[str, Callable[[], object]], items: int, *, rounds: int = 3, warmup: int = 1) -> dict[str, float]:
     """Items per second for each contender, measured in alternating rounds (median per contender).
 
     Alternating A, B, C, A, B, C spreads a burst of load from another process over

@@ -36,15 +36,23 @@ def main() -> None:
     for name in ("cold cache", "cached rerun"):
         wall, c = ranked(splits)
         extraction = sum(s.costs.extraction_seconds for s in c.ranking.scores)
-        rows.append([name, f"{wall:.1f} s", f"{extraction:.1f} s ({extraction / wall:.0%})",
-                     ", ".join(s.costs.extraction for s in c.ranking.scores)])
+        rows.append(
+            [
+                name,
+                f"{wall:.1f} s",
+                f"{extraction:.1f} s ({extraction / wall:.0%})",
+                ", ".join(s.costs.extraction for s in c.ranking.scores),
+            ]
+        )
         last = c
     table(["run", "wall time", "extraction (share)", "features"], rows)
     print()
     for s in last.ranking.scores:
-        print(f"{s.model}: probe {s.cv['accuracy']:.1%} ({s.cv['low']:.1%}-{s.cv['high']:.1%}), LogME {s.logme:.3f}, "
-              f"test {s.test_accuracy:.1%}, {s.costs.latency_ms_batch1:.2f} ms/example at batch 1, "
-              f"{s.costs.latency_ms_batch32:.2f} at 32, {s.costs.gflops} GFLOPs")
+        print(
+            f"{s.model}: probe {s.cv['accuracy']:.1%} ({s.cv['low']:.1%}-{s.cv['high']:.1%}), LogME {s.logme:.3f}, "
+            f"test {s.test_accuracy:.1%}, {s.costs.latency_ms_batch1:.2f} ms/example at batch 1, "
+            f"{s.costs.latency_ms_batch32:.2f} at 32, {s.costs.gflops} GFLOPs"
+        )
     print(last.ranking.reason)
 
 

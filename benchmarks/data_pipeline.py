@@ -33,12 +33,12 @@ WORKERS = (0, 1, 2)
 
 def pipeline_rate(bb, images: FileImages, workers: int) -> float:
     """Decode + the backbone's own preprocessing, no model."""
-    loader = torch.utils.data.DataLoader(bb.dataset(images), batch_size=BATCH, num_workers=workers,
-                                         collate_fn=bb.collate)
+    loader = torch.utils.data.DataLoader(bb.dataset(images), batch_size=BATCH, num_workers=workers, collate_fn=bb.collate)
 
     def run() -> None:
         for _ in loader:
             pass
+
     return rate(run, len(images), repeat=2, warmup=1)
 
 
@@ -51,6 +51,7 @@ def model_rate(bb, dtype: torch.dtype | None, engine: str) -> float:
     def once() -> None:
         with torch.inference_mode():
             run(x)
+
     return rate(once, BATCH, repeat=3, warmup=1)
 
 
@@ -70,16 +71,36 @@ def main() -> None:
             best = max(pipe.values())
             for engine in engines:
                 model = model_rate(bb, dtype, engine)
-                both = {w: rate(lambda w=w, engine=engine: extract_features(bb, images, device=cpu, dtype=dtype, workers=w,
-                                                             progress=False, engine=engine),
-                                N_IMAGES, repeat=1, warmup=1)
-                        for w in (0, 2)}
+                both = {
+                    w: rate(
+                        lambda w=w, engine=engine: extract_features(
+                            bb, images, device=cpu, dtype=dtype, workers=w, progress=False, engine=engine
+                        ),
+                        N_IMAGES,
+                        repeat=1,
+                        warmup=1,
+                    )
+                    for w in (0, 2)
+                }
                 ratios[size] = best / model  # the last engine is the fastest one
                 rows.append([f"{size} px", engine, pipe[0], pipe[1], pipe[2], model, best / model, both[0], both[2]])
-    table(["input", "engine", "decode 0 workers", "1 worker", "2 workers", "model img/s", "best decode / model",
-           "extract_features 0 w", "2 w"], rows)
-    print("(img/s; decode = DataLoader over files, no model; model = the engine's runner on ready tensors; "
-          "extract_features = both together)")
+    table(
+        [
+            "input",
+            "engine",
+            "decode 0 workers",
+            "1 worker",
+            "2 workers",
+            "model img/s",
+            "best decode / model",
+            "extract_features 0 w",
+            "2 w",
+        ],
+        rows,
+    )
+    print(
+        "(img/s; decode = DataLoader over files, no model; model = the engine's runner on ready tensors; extract_features = both together)"
+    )
     for size, r in ratios.items():
         advice = "" if r >= 2 else " (decoding bounds throughput: small datasets should be decoded once)"
         goal(f"decode+transform >= 2x the fastest engine's model throughput at {size} px", f"{r:.2f}x{advice}", r >= 2)

@@ -52,14 +52,18 @@ def jpeg_set(folder: Path, n: int):
 def loaders(bb, images, cache_root: Path) -> dict[str, torch.utils.data.DataLoader]:
     """The two training loaders over `images`: decoding each epoch, and over pixels stored once (decoded now)."""
     gen = torch.Generator().manual_seed(SEED)
-    decode = torch.utils.data.DataLoader(bb.dataset(images, "none"), batch_size=BATCH, shuffle=True, generator=gen,
-                                         num_workers=images.loader_workers(), collate_fn=bb.collate,
-                                         persistent_workers=images.loader_workers() > 0)
-    stored, note = decode_once(bb, {"train": (images, "none")}, FeatureCache(cache_root), 10**12, workers=None,
-                               progress=False)
+    decode = torch.utils.data.DataLoader(
+        bb.dataset(images, "none"),
+        batch_size=BATCH,
+        shuffle=True,
+        generator=gen,
+        num_workers=images.loader_workers(),
+        collate_fn=bb.collate,
+        persistent_workers=images.loader_workers() > 0,
+    )
+    stored, note = decode_once(bb, {"train": (images, "none")}, FeatureCache(cache_root), 10**12, workers=None, progress=False)
     assert note["train"]["used"], note
-    kept = torch.utils.data.DataLoader(stored["train"], batch_size=BATCH, shuffle=True, generator=gen,
-                                       collate_fn=bb.collate)
+    kept = torch.utils.data.DataLoader(stored["train"], batch_size=BATCH, shuffle=True, generator=gen, collate_fn=bb.collate)
     return {"decode each epoch": decode, "stored pixels": kept}
 
 
@@ -77,6 +81,7 @@ def transferkit_epoch(bb, loader, dtype):
     def train_mode() -> None:
         model.train()
         freeze.set_bn_modes_(bb, "all-frozen")
+
     return lambda: train_epoch(model, loader, optimizer, scheduler, loss_fn, cfg, CPU, dtype, train_mode)
 
 
@@ -92,6 +97,7 @@ def plain_epoch(bb, loader):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
     return run
 
 
@@ -108,24 +114,36 @@ def epoch_ratios(size: int, tmp: Path, dtype) -> tuple[dict[str, float], dict[st
     bb = backbone(size)
     data = loaders(bb, images, tmp / f"cache-{size}")
     alone = interleaved_rates({k: (lambda ld=ld: [None for _ in ld]) for k, ld in data.items()}, len(images), rounds=3)
-    epochs = interleaved_rates({k: transferkit_epoch(backbone(size), ld, dtype) for k, ld in data.items()},
-                               len(images), rounds=3)
+    epochs = interleaved_rates({k: transferkit_epoch(backbone(size), ld, dtype) for k, ld in data.items()}, len(images), rounds=3)
     return alone, epochs
 
 
 def main() -> None:
     dtype = resolve_precision("auto", CPU, training=True)
-    header(f"decode once: fine-tuning epochs on stored pixels vs decoding {JPEG_SIZE} px JPEGs each epoch, "
-           f"EfficientNet-Lite0 finetune:all ({'fp32' if dtype is None else str(dtype)[6:]}), batch {BATCH}")
+    header(
+        f"decode once: fine-tuning epochs on stored pixels vs decoding {JPEG_SIZE} px JPEGs each epoch, "
+        f"EfficientNet-Lite0 finetune:all ({'fp32' if dtype is None else str(dtype)[6:]}), batch {BATCH}"
+    )
     rows, ratios = [], {}
     with tempfile.TemporaryDirectory(prefix="tk-bench-d-") as tmp:
         for size in (64, 224):
             alone, epochs = epoch_ratios(size, Path(tmp), dtype)
             ratios[size] = epochs["stored pixels"] / epochs["decode each epoch"]
-            rows.append([f"{size} px", IMAGES[size], alone["decode each epoch"], alone["stored pixels"],
-                         epochs["decode each epoch"], epochs["stored pixels"], ratios[size]])
-    table(["input", "images", "loader: decode img/s", "loader: stored img/s", "epoch: decode img/s",
-           "epoch: stored img/s", "epoch ratio"], rows)
+            rows.append(
+                [
+                    f"{size} px",
+                    IMAGES[size],
+                    alone["decode each epoch"],
+                    alone["stored pixels"],
+                    epochs["decode each epoch"],
+                    epochs["stored pixels"],
+                    ratios[size],
+                ]
+            )
+    table(
+        ["input", "images", "loader: decode img/s", "loader: stored img/s", "epoch: decode img/s", "epoch: stored img/s", "epoch ratio"],
+        rows,
+    )
     for size, r in ratios.items():
         goal(f"epochs on stored pixels faster than decoding each epoch at {size} px", f"{r:.2f}x", r > 1.0)
 
@@ -134,17 +152,15 @@ def main_end_to_end() -> None:
     """finetune_throughput.py's end-to-end goal: transferkit's fine-tune epoch vs the plain loop, both on JPEG files."""
     dtype = resolve_precision("auto", CPU, training=True)
     size = 64
-    print(f"\n# end to end: one epoch over {IMAGES[size]} JPEG files ({JPEG_SIZE} px) at {size} px, "
-          "data loading included")
+    print(f"\n# end to end: one epoch over {IMAGES[size]} JPEG files ({JPEG_SIZE} px) at {size} px, data loading included")
     with tempfile.TemporaryDirectory(prefix="tk-bench-d-") as tmp:
         images = jpeg_set(Path(tmp) / "jpegs", IMAGES[size])
         data = loaders(backbone(size), images, Path(tmp) / "cache")
-        contenders = {"plain fp32 loop, decoding each epoch (baseline)": plain_epoch(backbone(size),
-                                                                                     data["decode each epoch"]),
-                      "transferkit finetune:all, decoding each epoch": transferkit_epoch(backbone(size),
-                                                                                         data["decode each epoch"], dtype),
-                      "transferkit finetune:all, stored pixels": transferkit_epoch(backbone(size), data["stored pixels"],
-                                                                                   dtype)}
+        contenders = {
+            "plain fp32 loop, decoding each epoch (baseline)": plain_epoch(backbone(size), data["decode each epoch"]),
+            "transferkit finetune:all, decoding each epoch": transferkit_epoch(backbone(size), data["decode each epoch"], dtype),
+            "transferkit finetune:all, stored pixels": transferkit_epoch(backbone(size), data["stored pixels"], dtype),
+        }
         rates = interleaved_rates(contenders, len(images), rounds=3)
     base = rates["plain fp32 loop, decoding each epoch (baseline)"]
     table(["configuration", "img/s", "ratio"], [[name, r, r / base] for name, r in rates.items()])

@@ -51,8 +51,13 @@ def measure(splits: DataSplits, rate: float, seed: int) -> dict:
     is_flip = np.zeros(len(noisy.train) + len(noisy.val), dtype=bool)
     is_flip[flipped] = True
     scores = np.concatenate([d.label_scores["train"], d.label_scores["val"]])  # 1 - p(given), out of sample
-    return {"precision": hits / max(n_flagged, 1), "recall": hits / len(truth), "auroc": roc_auc_score(is_flip, scores),
-            "flagged": n_flagged, "flips": len(truth)}
+    return {
+        "precision": hits / max(n_flagged, 1),
+        "recall": hits / len(truth),
+        "auroc": roc_auc_score(is_flip, scores),
+        "flagged": n_flagged,
+        "flips": len(truth),
+    }
 
 
 def main() -> None:
@@ -66,8 +71,16 @@ def main() -> None:
     for rate in RATES:
         runs = [measure(splits, rate, seed) for seed in range(args.seeds)]
         mean = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
-        rows.append([f"{rate:.0%}", f"{mean['flips']:.0f}", f"{mean['flagged']:.0f}", f"{mean['precision']:.2f}",
-                     f"{mean['recall']:.2f}", f"{mean['auroc']:.3f}"])
+        rows.append(
+            [
+                f"{rate:.0%}",
+                f"{mean['flips']:.0f}",
+                f"{mean['flagged']:.0f}",
+                f"{mean['precision']:.2f}",
+                f"{mean['recall']:.2f}",
+                f"{mean['auroc']:.3f}",
+            ]
+        )
         at5 = mean if rate == 0.05 else at5
     table(["flipped", "flips", "flagged", "precision", "recall", "AUROC"], rows)
     print(f"(means over {args.seeds} seeded flip draws; train {len(splits.train)}, val {len(splits.val)} examples)")

@@ -90,29 +90,41 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(bb.dataset(images), batch_size=BATCH, num_workers=0)
     ready = tensor_batches(images, transform, BATCH)
     n = len(images)
-    end_to_end = interleaved_rates({
-        "plain": lambda: plain_forward(nchw, loader),
-        "transferkit": lambda: extract_features(bb, images, device=cpu, dtype=dtype, batch_size=BATCH, workers=0,
-                                                progress=False),
-    }, n)
-    model_only = interleaved_rates({
-        "plain": lambda: plain_forward(nchw, ready),
-        "transferkit": lambda: transferkit_model_only(bb, ready, dtype),
-    }, n)
+    end_to_end = interleaved_rates(
+        {
+            "plain": lambda: plain_forward(nchw, loader),
+            "transferkit": lambda: extract_features(bb, images, device=cpu, dtype=dtype, batch_size=BATCH, workers=0, progress=False),
+        },
+        n,
+    )
+    model_only = interleaved_rates(
+        {
+            "plain": lambda: plain_forward(nchw, ready),
+            "transferkit": lambda: transferkit_model_only(bb, ready, dtype),
+        },
+        n,
+    )
     e2e_ratio = end_to_end["transferkit"] / end_to_end["plain"]
     model_ratio = model_only["transferkit"] / model_only["plain"]
-    table(["view", "plain fp32 NCHW img/s", f"transferkit {name} img/s", "ratio"], [
-        ["end to end (decode + transform + forward)", end_to_end["plain"], end_to_end["transferkit"], e2e_ratio],
-        ["model only (ready tensors)", model_only["plain"], model_only["transferkit"], model_ratio],
-    ])
+    table(
+        ["view", "plain fp32 NCHW img/s", f"transferkit {name} img/s", "ratio"],
+        [
+            ["end to end (decode + transform + forward)", end_to_end["plain"], end_to_end["transferkit"], e2e_ratio],
+            ["model only (ready tensors)", model_only["plain"], model_only["transferkit"], model_ratio],
+        ],
+    )
 
     def split_loader(split: str):
         return torch.utils.data.DataLoader(bb.dataset(getattr(splits, split)), batch_size=BATCH)
 
     # fp32: the plain forward's float32 output; transferkit: its bf16 compute, stored as float16 as in the cache.
-    feats = {"fp32": {s: plain_forward(nchw, split_loader(s)) for s in ("train", "val", "test")},
-             name: {s: extract_features(bb, getattr(splits, s), device=cpu, dtype=dtype, progress=False,
-                                        workers=0).astype(np.float32) for s in ("train", "val", "test")}}
+    feats = {
+        "fp32": {s: plain_forward(nchw, split_loader(s)) for s in ("train", "val", "test")},
+        name: {
+            s: extract_features(bb, getattr(splits, s), device=cpu, dtype=dtype, progress=False, workers=0).astype(np.float32)
+            for s in ("train", "val", "test")
+        },
+    }
     labels = {s: getattr(splits, s).labels for s in ("train", "val", "test")}
     rows, accs = [], {}
     for precision, f in feats.items():
@@ -121,8 +133,7 @@ def main() -> None:
         rows.append([f"{precision} features", c, 100 * acc])
     table(["probe (LogisticRegression, C on val)", "C", "test acc %"], rows)
     diff = 100 * (accs[name] - accs["fp32"])
-    goal(">= 2.5x images/s vs plain fp32 NCHW (end to end)", f"{e2e_ratio:.2f}x (model only {model_ratio:.2f}x)",
-         e2e_ratio >= 2.5)
+    goal(">= 2.5x images/s vs plain fp32 NCHW (end to end)", f"{e2e_ratio:.2f}x (model only {model_ratio:.2f}x)", e2e_ratio >= 2.5)
     goal(f"probe test accuracy, {name} vs fp32 features, within 0.5 point", f"{diff:+.2f} points", abs(diff) <= 0.5)
 
 
@@ -141,12 +152,16 @@ def engine_rows(paths: list[Path]) -> None:
         plain = load_backbone(arch, 4, weights=weights).model.eval()
         rates = model_only_rates(bb, plain, ready)
         base = next(r for name, r in rates.items() if name.endswith("(the torch path)"))
-        table([f"{arch} {ENGINE_SIZE}px model only, batch {ENGINE_BATCH}", "img/s", "vs torch path"],
-              [[name, r, r / base] for name, r in rates.items()])
+        table(
+            [f"{arch} {ENGINE_SIZE}px model only, batch {ENGINE_BATCH}", "img/s", "vs torch path"],
+            [[name, r, r / base] for name, r in rates.items()],
+        )
         e2e = end_to_end_rates(bb, images)
         e2e_ratio = e2e["openvino"] / e2e["torch"]
-        table([f"{arch} end to end, {len(images)} JPEGs 256 px, {images.loader_workers()} workers", "img/s"],
-              [[f"extract_features engine={k}", v] for k, v in e2e.items()])
+        table(
+            [f"{arch} end to end, {len(images)} JPEGs 256 px, {images.loader_workers()} workers", "img/s"],
+            [[f"extract_features engine={k}", v] for k, v in e2e.items()],
+        )
         best = max(r for name, r in rates.items() if name.startswith("openvino") and "f32" not in name)
         goal(f"{arch}: OpenVINO >= {model_goal}x the torch path, model only", f"{best / base:.2f}x", best / base >= model_goal)
         goal(f"{arch}: OpenVINO >= {e2e_goal}x the torch path, end to end", f"{e2e_ratio:.2f}x", e2e_ratio >= e2e_goal)
@@ -157,13 +172,17 @@ def model_only_rates(bb, plain: torch.nn.Module, ready: list[torch.Tensor]) -> d
     cpu, dtype = torch.device("cpu"), resolve_precision("auto", torch.device("cpu"))
     cut, shape = pooled_cut(bb), (3, ENGINE_SIZE, ENGINE_SIZE)
     bb.model.eval()
-    runners = {f"openvino {info.precision} ({route})": run for route in ("direct", "onnx")
-               for run, info in [frozen_runner(cut, shape, device=cpu, precision=dtype, engine="openvino", route=route)]}
+    runners = {
+        f"openvino {info.precision} ({route})": run
+        for route in ("direct", "onnx")
+        for run, info in [frozen_runner(cut, shape, device=cpu, precision=dtype, engine="openvino", route=route)]
+    }
     runners["openvino f32 (direct)"] = frozen_runner(cut, shape, device=cpu, precision=None, engine="openvino")[0]
     bb.model.to(memory_format=torch.channels_last)
-    contenders = {"torch fp32 NCHW": lambda: plain_forward(plain, ready),
-                  f"torch {'fp32' if dtype is None else 'bf16'}+cl (the torch path)":
-                      lambda: transferkit_model_only(bb, ready, dtype)}
+    contenders = {
+        "torch fp32 NCHW": lambda: plain_forward(plain, ready),
+        f"torch {'fp32' if dtype is None else 'bf16'}+cl (the torch path)": lambda: transferkit_model_only(bb, ready, dtype),
+    }
     contenders |= {name: (lambda r=run: [r(x) for x in ready]) for name, run in runners.items()}
     return interleaved_rates(contenders, len(ready) * ENGINE_BATCH)
 
@@ -171,9 +190,15 @@ def model_only_rates(bb, plain: torch.nn.Module, ready: list[torch.Tensor]) -> d
 def end_to_end_rates(bb, images) -> dict[str, float]:
     """Images/s of extract_features (decode, resize, forward; compiling included) per engine."""
     cpu, dtype = torch.device("cpu"), resolve_precision("auto", torch.device("cpu"))
-    return interleaved_rates({engine: lambda e=engine: extract_features(bb, images, device=cpu, dtype=dtype,
-                                                                       batch_size=ENGINE_BATCH, progress=False, engine=e)
-                              for engine in ("torch", "openvino")}, len(images))
+    return interleaved_rates(
+        {
+            engine: lambda e=engine: extract_features(
+                bb, images, device=cpu, dtype=dtype, batch_size=ENGINE_BATCH, progress=False, engine=e
+            )
+            for engine in ("torch", "openvino")
+        },
+        len(images),
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def transferkit_fit() -> tuple[float, float]:
     os.environ["TRANSFERKIT_CACHE"] = str(cache)  # empty: extraction is part of the time
     try:
         start = time.perf_counter()
-        clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", head_epochs=EPOCHS, seed=SEED,
-                              progress=False).fit("digits")
+        clf = ImageClassifier(
+            "builtin:efficientnet_lite0", strategy="feature-extraction", head_epochs=EPOCHS, seed=SEED, progress=False
+        ).fit("digits")
         return time.perf_counter() - start, clf.metrics_["test"]["accuracy"]
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -100,9 +101,12 @@ def naive_setup():
         p.requires_grad_(True)
     bb.configure_input(None, splits.train.preprocess_hint)  # what ImageClassifier sets up for digits
     batch = TrainConfig().batch_size
-    loaders = {s: torch.utils.data.DataLoader(bb.dataset(getattr(splits, s)), batch_size=batch,
-                                              shuffle=s == "train", generator=generator if s == "train" else None)
-               for s in ("train", "val", "test")}
+    loaders = {
+        s: torch.utils.data.DataLoader(
+            bb.dataset(getattr(splits, s)), batch_size=batch, shuffle=s == "train", generator=generator if s == "train" else None
+        )
+        for s in ("train", "val", "test")
+    }
     return model, bb.head(), loaders
 
 
@@ -125,23 +129,30 @@ def naive_accuracy_equivalent() -> float:
     """
     model, head, loaders = naive_setup()
     with torch.no_grad():
-        feats = {s: [(model.forward_head(model.forward_features(x), pre_logits=True), y)
-                     for x, y, _ in torch.utils.data.DataLoader(loader.dataset, batch_size=256)]  # dataset order
-                 for s, loader in loaders.items()}
-    data = {s: torch.utils.data.TensorDataset(torch.cat([f for f, _ in b]), torch.cat([y for _, y in b]))
-            for s, b in feats.items()}
+        feats = {
+            s: [
+                (model.forward_head(model.forward_features(x), pre_logits=True), y)
+                for x, y, _ in torch.utils.data.DataLoader(loader.dataset, batch_size=256)
+            ]  # dataset order
+            for s, loader in loaders.items()
+        }
+    data = {s: torch.utils.data.TensorDataset(torch.cat([f for f, _ in b]), torch.cat([y for _, y in b])) for s, b in feats.items()}
     generator = torch.Generator().manual_seed(SEED)
-    feature_loaders = {s: torch.utils.data.DataLoader(d, batch_size=TrainConfig().batch_size, shuffle=s == "train",
-                                                      generator=generator if s == "train" else None)
-                       for s, d in data.items()}
+    feature_loaders = {
+        s: torch.utils.data.DataLoader(
+            d, batch_size=TrainConfig().batch_size, shuffle=s == "train", generator=generator if s == "train" else None
+        )
+        for s, d in data.items()
+    }
     train_head(head, head, feature_loaders, EPOCHS)
     return accuracy(head, feature_loaders["test"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--naive-epochs", type=int, default=3,
-                        help=f"naive epochs actually run (default 3); fewer than {EPOCHS} are extrapolated linearly")
+    parser.add_argument(
+        "--naive-epochs", type=int, default=3, help=f"naive epochs actually run (default 3); fewer than {EPOCHS} are extrapolated linearly"
+    )
     args = parser.parse_args()
     header(f"feature extraction: transferkit (extract once + {EPOCHS} head epochs) vs tutorial loop, digits 64 px")
     transferkit_fit()  # warm-up: imports, weight file, allocator; not timed
@@ -157,10 +168,13 @@ def main() -> None:
         naive_acc = naive_accuracy_equivalent()
         note = f" (time: {n} epochs run, extrapolated to {EPOCHS}; accuracy: the equivalent computation, see docstring)"
     speedup = naive_seconds / tk_seconds
-    table(["contender", "wall s", "test acc %", "ratio"], [
-        [f"tutorial loop, fp32 NCHW, {EPOCHS} epochs", naive_seconds, 100 * naive_acc, 1.0],
-        [f"transferkit feature-extraction, {EPOCHS} head epochs", tk_seconds, 100 * tk_acc, speedup],
-    ])
+    table(
+        ["contender", "wall s", "test acc %", "ratio"],
+        [
+            [f"tutorial loop, fp32 NCHW, {EPOCHS} epochs", naive_seconds, 100 * naive_acc, 1.0],
+            [f"transferkit feature-extraction, {EPOCHS} head epochs", tk_seconds, 100 * tk_acc, speedup],
+        ],
+    )
     print(f"tutorial epoch (train + val pass through the backbone): median {median_epoch:.2f} s over {n}{note}")
     diff = 100 * (tk_acc - naive_acc)
     goal(f">= 15x less wall time than the tutorial loop ({EPOCHS} epochs)", f"{speedup:.1f}x", speedup >= 15)

@@ -74,6 +74,7 @@ def plain_step_fn(n_classes: int, steps: Steps, *, channels_last: bool = False, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
     return run
 
 

@@ -49,8 +49,19 @@ def fit_once(data: Path, out: Path, engine: str | None) -> tuple[float, float, s
     """Seconds, test accuracy and the recorded engine of one cold-cache CLI fit (engine None: the default)."""
     with tempfile.TemporaryDirectory() as cache:
         env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_ENGINE"} | {"TRANSFERKIT_CACHE": cache}
-        command = [sys.executable, "-m", "transferkit", "fit", str(data), "--strategy", "feature-extraction",
-                   "--out", str(out), "-q", *(["--engine", engine] if engine else [])]
+        command = [
+            sys.executable,
+            "-m",
+            "transferkit",
+            "fit",
+            str(data),
+            "--strategy",
+            "feature-extraction",
+            "--out",
+            str(out),
+            "-q",
+            *(["--engine", engine] if engine else []),
+        ]
         started = time.perf_counter()
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         elapsed = time.perf_counter() - started
@@ -74,13 +85,15 @@ def main() -> None:
             auto_s, auto_acc, engine = fit_once(work / "digits", work / "run-default", None)
             ratios.append(torch_s / auto_s)
             gaps.append(abs(torch_acc - auto_acc) * 100)
-            rows.append([pair, f"{torch_s:.1f}", f"{auto_s:.1f} ({engine})", f"{ratios[-1]:.2f}x",
-                         f"{torch_acc:.2%}", f"{auto_acc:.2%}"])
+            rows.append([pair, f"{torch_s:.1f}", f"{auto_s:.1f} ({engine})", f"{ratios[-1]:.2f}x", f"{torch_acc:.2%}", f"{auto_acc:.2%}"])
             print(f"pair {pair}: torch {torch_s:.1f} s, default {auto_s:.1f} s", flush=True)
         print(f"\n{n} digits as {SIZE} px JPEGs, cold cache each run")
         table(["pair", "torch s", "default s (engine)", "ratio", "torch test acc", "default test acc"], rows)
-        goal(f"the default engine >= {GOAL:g}x faster end to end", f"{min(ratios):.2f}x (worst pair; median "
-             f"{statistics.median(ratios):.2f}x)", min(ratios) >= GOAL)
+        goal(
+            f"the default engine >= {GOAL:g}x faster end to end",
+            f"{min(ratios):.2f}x (worst pair; median {statistics.median(ratios):.2f}x)",
+            min(ratios) >= GOAL,
+        )
         goal(f"same test accuracy within {ACCURACY_POINTS} point", f"{max(gaps):.2f} points", max(gaps) <= ACCURACY_POINTS)
     finally:
         shutil.rmtree(work, ignore_errors=True)

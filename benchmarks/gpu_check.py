@@ -49,8 +49,7 @@ def array_images(n: int, size: int = 64):
     from transferkit.data.images import ArrayImages
 
     rng = np.random.default_rng(0)
-    return ArrayImages(rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8), np.arange(n) % 10,
-                       [str(i) for i in range(10)], "random")
+    return ArrayImages(rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8), np.arange(n) % 10, [str(i) for i in range(10)], "random")
 
 
 def extraction(device: torch.device) -> None:
@@ -66,8 +65,15 @@ def extraction(device: torch.device) -> None:
             for x, _, _ in loader:
                 plain.forward_head(plain.forward_features(x.to(device)), pre_logits=True).cpu()
 
-    rates = interleaved_rates({"plain fp32 NCHW": plain_pass, "transferkit AMP + channels_last": lambda: extract_features(
-        bb, images, device=device, dtype=dtype, batch_size=BATCH, workers=4, progress=False)}, len(images))
+    rates = interleaved_rates(
+        {
+            "plain fp32 NCHW": plain_pass,
+            "transferkit AMP + channels_last": lambda: extract_features(
+                bb, images, device=device, dtype=dtype, batch_size=BATCH, workers=4, progress=False
+            ),
+        },
+        len(images),
+    )
     ratio = rates["transferkit AMP + channels_last"] / rates["plain fp32 NCHW"]
     table(["extraction, ResNet-50 224 px (end to end)", "img/s"], [[k, v] for k, v in rates.items()])
     goal(">= 2x extraction images/s on GPU vs plain fp32", f"{ratio:.2f}x", ratio >= 2)
@@ -103,8 +109,17 @@ def finetune_step(device: torch.device) -> None:
     dtype = resolve_precision("auto", device, training=True)
 
     def tk_epoch() -> None:
-        train_epoch(model, batches, optimizer, scheduler, make_loss(cfg), cfg, device, dtype,
-                    lambda: (model.train(), freeze.set_bn_modes_(bb, "all-frozen")))
+        train_epoch(
+            model,
+            batches,
+            optimizer,
+            scheduler,
+            make_loss(cfg),
+            cfg,
+            device,
+            dtype,
+            lambda: (model.train(), freeze.set_bn_modes_(bb, "all-frozen")),
+        )
         torch.cuda.synchronize()
 
     rates = interleaved_rates({"plain fp32 NCHW": plain_epoch, "transferkit finetune:all": tk_epoch}, BATCH * len(xs))
@@ -147,8 +162,9 @@ def out_of_memory(device: torch.device) -> None:
     from transferkit.inference.extraction import extract_features
 
     bb, images = backbone(size=448), array_images(256)
-    reference = extract_features(bb, images.subset(range(32)), device=device, dtype=torch.bfloat16, batch_size=8,
-                                 workers=0, progress=False).astype(np.float32)
+    reference = extract_features(
+        bb, images.subset(range(32)), device=device, dtype=torch.bfloat16, batch_size=8, workers=0, progress=False
+    ).astype(np.float32)
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
@@ -157,13 +173,16 @@ def out_of_memory(device: torch.device) -> None:
     free, _ = torch.cuda.mem_get_info()
     ballast = torch.empty(max(free - 3 * 2**30, 0), dtype=torch.uint8, device=device)
     try:
-        feats = extract_features(bb, images, device=device, dtype=torch.bfloat16, batch_size=256, workers=4,
-                                 progress=False).astype(np.float32)
+        feats = extract_features(bb, images, device=device, dtype=torch.bfloat16, batch_size=256, workers=4, progress=False).astype(
+            np.float32
+        )
         halved = any("halving" in m for m in records)
-        cos = float(((feats[:32] * reference).sum(1) / np.linalg.norm(feats[:32], axis=1)
-                     / np.linalg.norm(reference, axis=1)).mean())
-        check("extraction recovers from a real out-of-memory (halves the batch, same features)",
-              f"halved: {halved}, cosine {cos:.5f}", halved and cos > 0.999)
+        cos = float(((feats[:32] * reference).sum(1) / np.linalg.norm(feats[:32], axis=1) / np.linalg.norm(reference, axis=1)).mean())
+        check(
+            "extraction recovers from a real out-of-memory (halves the batch, same features)",
+            f"halved: {halved}, cosine {cos:.5f}",
+            halved and cos > 0.999,
+        )
         records.clear()
         check("fine-tuning recovers from a real out-of-memory (pieces, same step)", *train_under_pressure(device, records))
     finally:
@@ -194,41 +213,54 @@ def train_under_pressure(device: torch.device, records: list[str]) -> tuple[str,
 
 def torchrun_nccl(device: torch.device) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        fit = ["-m", "transferkit", "fit", "digits", "--strategy", "finetune:last=1", "--epochs", "1", "--device", "cuda",
-               "-q", "--out"]
+        fit = ["-m", "transferkit", "fit", "digits", "--strategy", "finetune:last=1", "--epochs", "1", "--device", "cuda", "-q", "--out"]
         started = time.perf_counter()
         plain = subprocess.run([sys.executable, *fit, f"{tmp}/plain"], capture_output=True, text=True, timeout=120)
         mid = time.perf_counter()
-        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *fit,
-                              f"{tmp}/ddp"], capture_output=True, text=True, timeout=120)
+        ddp = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *fit, f"{tmp}/ddp"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         done = time.perf_counter()
         if plain.returncode or ddp.returncode:
             check("torchrun (NCCL, 1 process) fit runs", (plain.stderr + ddp.stderr)[-300:], False)
             return
-        accs = [json.loads(Path(f"{tmp}/{k}/transferkit.json").read_text())["metrics"]["test"]["accuracy"]
-                for k in ("plain", "ddp")]
+        accs = [json.loads(Path(f"{tmp}/{k}/transferkit.json").read_text())["metrics"]["test"]["accuracy"] for k in ("plain", "ddp")]
     print(f"fit digits finetune:last=1, 1 epoch: plain {mid - started:.0f} s, torchrun {done - mid:.0f} s")
-    check("torchrun NCCL 1 process: same test accuracy as one plain process (within 0.5 pt)",
-          f"{100 * accs[0]:.2f}% vs {100 * accs[1]:.2f}%", abs(accs[0] - accs[1]) <= 0.005)
+    check(
+        "torchrun NCCL 1 process: same test accuracy as one plain process (within 0.5 pt)",
+        f"{100 * accs[0]:.2f}% vs {100 * accs[1]:.2f}%",
+        abs(accs[0] - accs[1]) <= 0.005,
+    )
 
 
 def compare_memory(device: torch.device) -> None:
     from transferkit.compare.run import compare
     from transferkit.data import load_data
 
-    result = compare(load_data("digits", seed=0), data_name="digits", strategies=["feature-extraction", "finetune:all"],
-                     settings={"epochs": 1, "device": "cuda"}, cv=0)
+    result = compare(
+        load_data("digits", seed=0),
+        data_name="digits",
+        strategies=["feature-extraction", "finetune:all"],
+        settings={"epochs": 1, "device": "cuda"},
+        cv=0,
+    )
     peaks = {r.strategy: r.peak_memory_mib for r in result.results}
     table(["compare on digits (CUDA)", "peak MiB"], [[k, v] for k, v in peaks.items()])
-    check("compare reports CUDA peak memory, feature extraction below finetune:all",
-          ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()),
-          all(v > 0 for v in peaks.values()) and peaks["feature-extraction"] < peaks["finetune:all"])
+    check(
+        "compare reports CUDA peak memory, feature extraction below finetune:all",
+        ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()),
+        all(v > 0 for v in peaks.values()) and peaks["feature-extraction"] < peaks["finetune:all"],
+    )
 
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check. "
-              "Run it on a machine with an NVIDIA GPU.")
+        print(
+            "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check. Run it on a machine with an NVIDIA GPU."
+        )
         return 0
     device = torch.device("cuda")
     header(f"GPU check on {torch.cuda.get_device_name(device)}")

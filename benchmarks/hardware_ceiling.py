@@ -46,6 +46,7 @@ def extraction_rate(bb, size: int, batch: int, dtype: torch.dtype | None) -> flo
     def run() -> None:
         with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
             bb.features(x)
+
     return rate(run, batch, repeat=3, warmup=1)
 
 
@@ -66,6 +67,7 @@ def plain_rate(bb, size: int, batch: int) -> float:
     def run() -> None:
         with torch.inference_mode():
             model.forward_head(model.forward_features(x), pre_logits=True)
+
     return rate(run, batch, repeat=3, warmup=1)
 
 
@@ -88,14 +90,42 @@ def main() -> None:
         ov_rate = openvino_rate(bb, size, batch, dtype)
         achieved = gflop * tk_rate
         fractions[(arch, size)] = (achieved / peak, gflop * ov_rate / peak)
-        rows.append([f"{arch} {size}px", gflop, fp32_rate, gflop * fp32_rate / fp32_peak, tk_rate, achieved,
-                     achieved / peak, ov_rate, gflop * ov_rate, gflop * ov_rate / peak])
-    table(["model", "GFLOP/img", "fp32 img/s", "of fp32 peak", f"torch {name} img/s", "GFLOP/s", "of peak",
-           "openvino img/s", "GFLOP/s", "of peak"], rows)
+        rows.append(
+            [
+                f"{arch} {size}px",
+                gflop,
+                fp32_rate,
+                gflop * fp32_rate / fp32_peak,
+                tk_rate,
+                achieved,
+                achieved / peak,
+                ov_rate,
+                gflop * ov_rate,
+                gflop * ov_rate / peak,
+            ]
+        )
+    table(
+        [
+            "model",
+            "GFLOP/img",
+            "fp32 img/s",
+            "of fp32 peak",
+            f"torch {name} img/s",
+            "GFLOP/s",
+            "of peak",
+            "openvino img/s",
+            "GFLOP/s",
+            "of peak",
+        ],
+        rows,
+    )
     print("(peak: the faster of the fp32 and bf16 matmuls in this run)")
     torch_frac, ov_frac = fractions[("resnet18", 224)]
-    goal(">= 50% of the matmul peak, ResNet-18 224 px extraction (best engine)",
-         f"torch {100 * torch_frac:.0f}%, openvino {100 * ov_frac:.0f}%", max(torch_frac, ov_frac) >= 0.5)
+    goal(
+        ">= 50% of the matmul peak, ResNet-18 224 px extraction (best engine)",
+        f"torch {100 * torch_frac:.0f}%, openvino {100 * ov_frac:.0f}%",
+        max(torch_frac, ov_frac) >= 0.5,
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ def child(folder: Path, n: int, cache: Path) -> None:
     bb.configure_input(IMAGE_SIZE)
     cpu = torch.device("cpu")
     before = peak_rss_mb()
-    feats, hit, info = cached_features_info(bb, images, cache=FeatureCache(cache), device=cpu,
-                                            dtype=resolve_precision("auto", cpu), progress=False)
+    feats, hit, info = cached_features_info(
+        bb, images, cache=FeatureCache(cache), device=cpu, dtype=resolve_precision("auto", cpu), progress=False
+    )
     assert not hit and feats.shape == (n, bb.num_features)
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"before": before, "peak": peak_rss_mb(), "workers": workers, "engine": f"{info.name} {info.precision}"}))
@@ -65,8 +66,13 @@ def child(folder: Path, n: int, cache: Path) -> None:
 
 def measure(folder: Path, n: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="tk-bench-f-cache-") as cache:
-        out = subprocess.run([sys.executable, __file__, "--child", str(folder), str(n), cache], check=True,
-                             capture_output=True, text=True, env={**os.environ, "TRANSFERKIT_CACHE": cache})
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(folder), str(n), cache],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TRANSFERKIT_CACHE": cache},
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -36,8 +36,12 @@ def fit(splits, strategy: str, epochs: int, budget: float) -> dict:
     clf = ImageClassifier(strategy=strategy, epochs=epochs, cache_budget_gb=budget, progress=False).fit(splits)
     epoch_seconds = [row["seconds"] for row in clf.history_ if row["phase"] != "head"]
     note = clf.phases_[-1].get("prefix_cache", {})
-    return {"epoch": statistics.median(epoch_seconds), "total": time.perf_counter() - start,
-            "test": clf.metrics_["test"]["accuracy"], "cache": note}
+    return {
+        "epoch": statistics.median(epoch_seconds),
+        "total": time.perf_counter() - start,
+        "test": clf.metrics_["test"]["accuracy"],
+        "cache": note,
+    }
 
 
 def main() -> None:
@@ -53,12 +57,16 @@ def main() -> None:
         "finetune:last=1, on images": fit(splits, "finetune:last=1", args.epochs, 0.0),
     }
     base = runs["finetune:all (baseline)"]["epoch"]
-    table(["configuration", "epoch s", "ratio", "fit s (incl. probe, extraction)", "test acc"],
-          [[name, r["epoch"], r["epoch"] / base, r["total"], r["test"]] for name, r in runs.items()])
+    table(
+        ["configuration", "epoch s", "ratio", "fit s (incl. probe, extraction)", "test acc"],
+        [[name, r["epoch"], r["epoch"] / base, r["total"], r["test"]] for name, r in runs.items()],
+    )
     cached, uncached = runs["finetune:last=1, prefix cached"], runs["finetune:last=1, on images"]
     note = cached["cache"]
-    print(f"prefix cache: blocks up to {note.get('cut')}, {note.get('item_shape')} per image, "
-          f"{note.get('bytes', 0) / 1e6:.1f} MB on disk for train + val")
+    print(
+        f"prefix cache: blocks up to {note.get('cut')}, {note.get('item_shape')} per image, "
+        f"{note.get('bytes', 0) / 1e6:.1f} MB on disk for train + val"
+    )
     ratio = cached["epoch"] / base
     goal("finetune:last=1 epoch <= 0.35x a full fine-tune epoch", f"{ratio:.2f}x", ratio <= 0.35)
     gap = abs(cached["test"] - uncached["test"]) * 100

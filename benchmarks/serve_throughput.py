@@ -41,8 +41,9 @@ BOUNDARY = "transferkit-bench"
 
 def start(run: Path, extra: list[str], log: Path) -> tuple[subprocess.Popen, int]:
     out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", str(run), "--port", "0", "-q", *extra],
-                            stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transferkit", "serve", str(run), "--port", "0", "-q", *extra], stdout=out, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         found = re.search(r"at http://[\d.]+:(\d+)", log.read_text())
@@ -55,8 +56,11 @@ def start(run: Path, extra: list[str], log: Path) -> tuple[subprocess.Popen, int
 
 
 def body_of(data: bytes) -> bytes:
-    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.jpg\"\r\n\r\n".encode()
-            + data + f"\r\n--{BOUNDARY}--\r\n".encode())
+    return (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="x.jpg"\r\n\r\n'.encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
 
 
 def connection(port: int) -> http.client.HTTPConnection:
@@ -106,8 +110,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    header(f"transferkit serve, EfficientNet-Lite0 at {args.image_size} px, one 256x256 JPEG per request, "
-           f"{args.requests} requests at concurrency {args.concurrency}, {args.rounds} alternating rounds")
+    header(
+        f"transferkit serve, EfficientNet-Lite0 at {args.image_size} px, one 256x256 JPEG per request, "
+        f"{args.requests} requests at concurrency {args.concurrency}, {args.rounds} alternating rounds"
+    )
     root = Path(tempfile.mkdtemp(prefix="tk-bench-serve-"))
     os.environ["TRANSFERKIT_CACHE"] = str(root / "cache")
     paths = write_jpegs(root / "data", 80)
@@ -128,8 +134,10 @@ def main() -> None:
             proc.wait(60)
     result = {name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p95")} for name, rs in rounds.items()}
     base = result["unbatched"]["rps"]
-    table(["server", "req/s", "x unbatched", "p50 ms", "p95 ms"],
-          [[name, r["rps"], r["rps"] / base, r["p50"], r["p95"]] for name, r in result.items()])
+    table(
+        ["server", "req/s", "x unbatched", "p50 ms", "p95 ms"],
+        [[name, r["rps"], r["rps"] / base, r["p50"], r["p95"]] for name, r in result.items()],
+    )
     ratio = result["batched (64, 5 ms)"]["rps"] / base
     goal(f"batched >= 2x unbatched requests/s at concurrency {args.concurrency}", f"{ratio:.2f}x", ratio >= 2)
 

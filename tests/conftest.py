@@ -38,7 +38,7 @@ def make_image(colour: tuple[int, int, int], seed: int, size: int = 40, mode: st
     rng = np.random.default_rng(seed)
     arr = np.clip(np.array(colour) + rng.normal(0, 35, (size, size, 3)), 0, 255).astype(np.uint8)
     x, y = rng.integers(0, size - 12, 2)
-    arr[y:y + 10, x:x + 10] = 255
+    arr[y : y + 10, x : x + 10] = 255
     img = Image.fromarray(arr)
     return img.convert(mode) if mode != "RGB" else img
 
@@ -75,8 +75,14 @@ def image_folder(tmp_path) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `transferkit` console entry point in a subprocess (`env` adds to the environment)."""
-    proc = subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "transferkit", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"transferkit {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -126,8 +132,16 @@ def finetune_phase_alone(splits, spec: str, **settings):
     bb = load_backbone("builtin:efficientnet_lite0", len(splits.classes))
     bb.configure_input(TINY["image_size"], splits.train.preprocess_hint)
     cfg = TrainConfig(epochs=TINY["epochs"], batch_size=TINY["batch_size"], precision=TINY["precision"])
-    trainer = Trainer(bb, splits, cfg, device=torch.device("cpu"), precision=Precision(None, None),
-                      cache=FeatureCache.default(), cache_budget_gb=DEFAULT_CACHE_BUDGET_GB, **settings)
+    trainer = Trainer(
+        bb,
+        splits,
+        cfg,
+        device=torch.device("cpu"),
+        precision=Precision(None, None),
+        cache=FeatureCache.default(),
+        cache_budget_gb=DEFAULT_CACHE_BUDGET_GB,
+        **settings,
+    )
     phase = plan_phases(parse_strategy(spec), cfg.epochs, None, len(bb.blocks))[-1]
     trainer.run(phase)
     return bb, trainer.phase_notes[phase.name]

@@ -175,8 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", f"{filename} does not exist", {"X-Repo-Commit": commit})
         data = files[filename]
         etag = hashlib.sha256(data).hexdigest()
-        self._send(200, data, {"X-Repo-Commit": commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"},
-                   "application/octet-stream")
+        self._send(200, data, {"X-Repo-Commit": commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}, "application/octet-stream")
 
     # ---------------------------------------------------------------- uploads
 
@@ -215,9 +214,15 @@ class _Handler(BaseHTTPRequestHandler):
         files = json.loads(self._body())["files"]
         if not self._authorised() or repo_id not in self.hub.repos:
             return self._error(401, "RepoNotFound", f"Repository {repo_id} not found")
-        modes = [{"path": f["path"], "shouldIgnore": False, "oid": None,
-                  "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) or f["size"] > 10_000_000 else "regular"}
-                 for f in files]
+        modes = [
+            {
+                "path": f["path"],
+                "shouldIgnore": False,
+                "oid": None,
+                "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) or f["size"] > 10_000_000 else "regular",
+            }
+            for f in files
+        ]
         self._json(200, {"files": modes, "commitOid": self.hub.repos[repo_id].branches.get(revision)})
 
     def _lfs_batch(self, repo_id: str):
@@ -228,8 +233,10 @@ class _Handler(BaseHTTPRequestHandler):
         for o in request["objects"]:
             entry = {"oid": o["oid"], "size": o["size"]}
             if o["oid"] not in self.hub.lfs:
-                entry["actions"] = {"upload": {"href": f"{self.hub.url}/lfs-upload/{o['oid']}"},
-                                    "verify": {"href": f"{self.hub.url}/lfs-verify"}}
+                entry["actions"] = {
+                    "upload": {"href": f"{self.hub.url}/lfs-upload/{o['oid']}"},
+                    "verify": {"href": f"{self.hub.url}/lfs-verify"},
+                }
             objects.append(entry)
         self._json(200, {"transfer": "basic", "objects": objects}, content_type="application/vnd.git-lfs+json")
 

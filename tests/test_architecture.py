@@ -48,7 +48,7 @@ def test_the_imports_form_a_dag():
         state[node] = 1
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep):] + [dep] if dep in path else [node, dep]
+                cycle = path[path.index(dep) :] + [dep] if dep in path else [node, dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep, path + [dep])
@@ -139,9 +139,11 @@ def test_modules_and_functions_stay_small():
 
 
 def test_import_transferkit_loads_no_torch_and_names_load_lazily():
-    code = ("import sys, transferkit\nassert 'torch' not in sys.modules, 'import transferkit loaded torch'\n"
-            "import transferkit.cli.app\nassert 'torch' not in sys.modules, 'the CLI module loaded torch'\n"
-            "from transferkit import ImageClassifier, TextClassifier, UsageError\nprint(ImageClassifier.__module__)")
+    code = (
+        "import sys, transferkit\nassert 'torch' not in sys.modules, 'import transferkit loaded torch'\n"
+        "import transferkit.cli.app\nassert 'torch' not in sys.modules, 'the CLI module loaded torch'\n"
+        "from transferkit import ImageClassifier, TextClassifier, UsageError\nprint(ImageClassifier.__module__)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "transferkit.classifier"
@@ -154,7 +156,7 @@ def test_library_modules_do_not_print_or_touch_global_state():
         if name.startswith("transferkit.cli") or name in ("transferkit.__main__", "transferkit.progress"):
             continue
         text = path.read_text()
-        for bad in ("print(", "console.print", "matplotlib.use(", "torch.set_num_threads", "warnings.simplefilter(\"ignore"):
+        for bad in ("print(", "console.print", "matplotlib.use(", "torch.set_num_threads", 'warnings.simplefilter("ignore'):
             if bad in text:
                 offenders.append(f"{name}: {bad}")
     assert not offenders, offenders

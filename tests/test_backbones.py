@@ -29,8 +29,9 @@ def test_builtin_weights_classify_sample_images(imagenet_lite0, name, expected):
 
 # Lite1 and Lite2 see the pompon dahlia of flower.jpg as a honeycomb (ImageNet has no dahlia; Lite1 is unsure:
 # 3.8% against 2.8% for mushroom), and china.jpg as a palace like Lite0.
-@pytest.mark.parametrize(("model", "size", "classes"), [("builtin:efficientnet_lite1", 240, (698, 599)),
-                                                        ("builtin:efficientnet_lite2", 260, (698, 599))])
+@pytest.mark.parametrize(
+    ("model", "size", "classes"), [("builtin:efficientnet_lite1", 240, (698, 599)), ("builtin:efficientnet_lite2", 260, (698, 599))]
+)
 def test_larger_builtins_classify_sample_images_at_their_own_size(model, size, classes):
     bb = load_backbone(model, num_classes=1000)
     assert bb.data_config["input_size"] == (3, size, size) and bb.data_config["mean"] == (0.5, 0.5, 0.5)
@@ -92,8 +93,7 @@ def test_local_pth_in_foreign_names_maps_by_order():
 
 def test_mismatched_weights_file_is_a_clear_error(tmp_path):
     path = tmp_path / "r18.safetensors"
-    save_file({k: v.contiguous() for k, v in load_backbone("resnet18", 10, weights="none").model.state_dict().items()},
-              str(path))
+    save_file({k: v.contiguous() for k, v in load_backbone("resnet18", 10, weights="none").model.state_dict().items()}, str(path))
     with pytest.raises(ModelError, match="do not fit"):
         load_backbone("builtin:efficientnet_lite0", num_classes=3, weights=path)
 

@@ -13,8 +13,7 @@ from text_fixtures import topic_sentences, write_text_csv
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +44,10 @@ CORPUS = [  # (arguments with {p} for the protected folder, words the message mu
     (["fit", "{p}/images", "--out", "{p}/notes"], ["notes", "not a transferkit run", "--out"]),
     (["compare", "{p}/images", "--out", "{p}/a_file"], ["a_file", "is a file"]),
     (["compare", "{p}/images", "--seeds", "0"], ["--seeds", "greater than or equal to 1"]),
-    (["compare", "{p}/images", "--cv", "1", "--strategies", "feature-extraction", "--out", "{p}/../cv1"],
-     ["--cv", "1", "at least 2 folds"]),
+    (
+        ["compare", "{p}/images", "--cv", "1", "--strategies", "feature-extraction", "--out", "{p}/../cv1"],
+        ["--cv", "1", "at least 2 folds"],
+    ),
     (["predict", "{p}/model.pt", "{p}/images/red/000.jpg"], ["model.pt", "run directory", "ONNX"]),
     (["predict", "{p}/notes", "{p}/images/red/000.jpg"], ["notes", "not a finished transferkit run"]),
     (["evaluate", "{p}/notes", "{p}/images"], ["notes", "not a finished transferkit run"]),
@@ -86,8 +87,7 @@ def test_a_hub_model_without_network_fails_at_once_and_says_what_to_do(protected
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
     if how == "HF_HUB_OFFLINE":
         env["HF_HUB_OFFLINE"] = "1"
-    proc = run_cli("fit", f"{protected}/{data}", "--model", model, "-q", "--out", str(tmp_path / "r"), cwd=tmp_path,
-                   check=False, env=env)
+    proc = run_cli("fit", f"{protected}/{data}", "--model", model, "-q", "--out", str(tmp_path / "r"), cwd=tmp_path, check=False, env=env)
     output = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode in (1, 2) and "Traceback" not in output and "Retrying" not in output, output
     assert model in output and ("cannot be reached" if how == "unreachable" else "HF_HUB_OFFLINE is set") in output

@@ -40,8 +40,7 @@ def compute_together(root: str, out: str, barrier) -> None:
     FeatureWriter.commit = commit_together
     bb = load_backbone("builtin:efficientnet_lite0", 2)
     bb.configure_input(64)
-    arr, hit = cached_features(bb, tiny_images(), cache=FeatureCache(Path(root)), device=torch.device("cpu"),
-                               dtype=None, progress=False)
+    arr, hit = cached_features(bb, tiny_images(), cache=FeatureCache(Path(root)), device=torch.device("cpu"), dtype=None, progress=False)
     np.save(out, np.asarray(arr))
     Path(out).with_suffix(".json").write_text(json.dumps({"hit": hit}))
 
@@ -50,8 +49,7 @@ def test_two_processes_computing_the_same_features_share_one_entry(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
     root = tmp_path / "cache"
-    procs = [ctx.Process(target=compute_together, args=(str(root), str(tmp_path / f"{i}.npy"), barrier))
-             for i in range(2)]
+    procs = [ctx.Process(target=compute_together, args=(str(root), str(tmp_path / f"{i}.npy"), barrier)) for i in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -114,8 +112,7 @@ def test_full_disk_when_committing(tmp_path, monkeypatch):
     w = cache.writer("k", 4, 3)
     w.array[:] = 1
     real = Path.write_text
-    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: no_space() if self.name == "manifest.json"
-                        else real(self, *a, **k))
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: no_space() if self.name == "manifest.json" else real(self, *a, **k))
     with pytest.raises(CacheError) as info:
         w.commit({"shape": [4, 3]})
     assert_cache_full_message(info.value, tmp_path)

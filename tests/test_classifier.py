@@ -53,13 +53,16 @@ def test_every_bad_setting_is_refused_before_any_work(no_work, cls, name, value,
         assert w in str(info.value), f"{w!r} not in: {info.value}"
 
 
-@pytest.mark.parametrize("cls,name,value,words", [
-    (ImageClassifier, "epoch", 3, ["unknown setting 'epoch'", "Did you mean: epochs"]),
-    (TextClassifier, "image_size", 64, ["image_size only applies to images"]),
-    (TextClassifier, "bn", "frozen-blocks", ["bn only applies to images"]),
-    (TextClassifier, "augment", "strong", ["augment only applies to images"]),
-    (ImageClassifier, "max_length", 64, ["max_length only applies to texts"]),
-])
+@pytest.mark.parametrize(
+    "cls,name,value,words",
+    [
+        (ImageClassifier, "epoch", 3, ["unknown setting 'epoch'", "Did you mean: epochs"]),
+        (TextClassifier, "image_size", 64, ["image_size only applies to images"]),
+        (TextClassifier, "bn", "frozen-blocks", ["bn only applies to images"]),
+        (TextClassifier, "augment", "strong", ["augment only applies to images"]),
+        (ImageClassifier, "max_length", 64, ["max_length only applies to texts"]),
+    ],
+)
 def test_unknown_and_other_modality_settings_are_refused_when_given(no_work, cls, name, value, words):
     with pytest.raises(UsageError) as info:
         cls(**{name: value})
@@ -87,8 +90,7 @@ def test_fit_and_load_leave_the_same_fitted_attributes(tmp_path):
     assert type(loaded) is ImageClassifier
     fitted = sorted(k for k in vars(clf) if k.endswith("_") and not k.startswith("_"))
     assert fitted == sorted(FITTED) == sorted(k for k in vars(loaded) if k.endswith("_") and k != "meta_")
-    for name in ("classes_", "data_config_", "strategy_", "decision_", "config_", "phases_", "metrics_",
-                 "feature_cache_", "data_summary_"):
+    for name in ("classes_", "data_config_", "strategy_", "decision_", "config_", "phases_", "metrics_", "feature_cache_", "data_summary_"):
         assert getattr(loaded, name) == getattr(clf, name), name
     files = sorted((root / "red").glob("*"))[:3]
     np.testing.assert_allclose(loaded.predict_proba(files), clf.predict_proba(files), atol=1e-6)
@@ -128,9 +130,33 @@ def test_an_option_given_with_its_default_value_behaves_like_an_omitted_one(tmp_
     root = write_folder(tmp_path / "c", per_class=6)
     base = ["fit", str(root), "--strategy", "feature-extraction", "--image-size", "32", "-q", "--no-cache"]
     run_cli(*base, "--out", str(tmp_path / "omitted"))
-    run_cli(*base, "--out", str(tmp_path / "explicit"), "--batch-size", "32", "--seed", "0", "--split", "0.7,0.15,0.15",
-            "--bn", "all-frozen", "--augment", "none", "--optimizer", "adamw", "--cache-budget", "10",
-            "--precision", "auto", "--device", "auto", "--accumulate", "1", "--label-smoothing", "0")
+    run_cli(
+        *base,
+        "--out",
+        str(tmp_path / "explicit"),
+        "--batch-size",
+        "32",
+        "--seed",
+        "0",
+        "--split",
+        "0.7,0.15,0.15",
+        "--bn",
+        "all-frozen",
+        "--augment",
+        "none",
+        "--optimizer",
+        "adamw",
+        "--cache-budget",
+        "10",
+        "--precision",
+        "auto",
+        "--device",
+        "auto",
+        "--accumulate",
+        "1",
+        "--label-smoothing",
+        "0",
+    )
     a, b = (json.loads((tmp_path / d / "transferkit.json").read_text()) for d in ("omitted", "explicit"))
     assert without_volatile(a) == without_volatile(b)
 

@@ -35,12 +35,15 @@ def sklearn_reference(run_dir) -> float:
     bb = load_backbone("builtin:efficientnet_lite0", 10)
     bb.configure_input(None, splits.train.preprocess_hint)
     assert bb.data_config == clf.data_config_
-    trainer = Trainer(bb, splits, TrainConfig(), device=device, precision=Precision(resolve_precision("auto", device), None),
-                      cache=FeatureCache.default())
+    trainer = Trainer(
+        bb, splits, TrainConfig(), device=device, precision=Precision(resolve_precision("auto", device), None), cache=FeatureCache.default()
+    )
     f = {s: trainer.features(s) for s in ("train", "val", "test")}
     assert set(trainer.cache_hits.values()) == {"hit"}  # the reference reads the very same cached features
-    best = max((LogisticRegression(C=c, max_iter=3000).fit(f["train"], splits.train.labels) for c in np.logspace(-3, 3, 13)),
-               key=lambda m: m.score(f["val"], splits.val.labels))
+    best = max(
+        (LogisticRegression(C=c, max_iter=3000).fit(f["train"], splits.train.labels) for c in np.logspace(-3, 3, 13)),
+        key=lambda m: m.score(f["val"], splits.val.labels),
+    )
     return best.score(f["test"], splits.test.labels)
 
 
@@ -80,8 +83,7 @@ def test_run_directory_loads_in_plain_timm_with_same_logits(digits_run):
     clf = ImageClassifier.load(out, precision="fp32")
     images = load_data("digits", seed=0).test.subset(range(16))
     ours = clf.decision_function(images)
-    transform = timm.data.create_transform(**{k: tuple(v) if isinstance(v, list) else v
-                                              for k, v in meta["data_config"].items()})
+    transform = timm.data.create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()})
     x = torch.stack([transform(images.load(i)) for i in range(len(images))])
     with torch.no_grad():
         plain = model(x).numpy()
@@ -126,12 +128,16 @@ def test_help_and_inspect():
 def test_models_lists_the_three_builtins_and_a_recommended_table_with_sources():
     listed = run_cli("models", "efficientnet_lite*").stdout
     builtins = listed.split("Built-in text")[0]
-    assert [n for n in ("builtin:efficientnet_lite0", "builtin:efficientnet_lite1", "builtin:efficientnet_lite2")
-            if n in builtins] == ["builtin:efficientnet_lite0", "builtin:efficientnet_lite1", "builtin:efficientnet_lite2"]
+    assert [n for n in ("builtin:efficientnet_lite0", "builtin:efficientnet_lite1", "builtin:efficientnet_lite2") if n in builtins] == [
+        "builtin:efficientnet_lite0",
+        "builtin:efficientnet_lite1",
+        "builtin:efficientnet_lite2",
+    ]
     assert "240 px" in builtins and "260 px" in builtins
     proc = run_cli("models", "--recommended", env={"HF_HUB_OFFLINE": "1"})  # offline: it downloads nothing
     text = proc.stdout
     from transferkit.backbones.recommended import RECOMMENDED
+
     assert all(r.name in text for r in RECOMMENDED)
     assert "resnet50.a1_in1k" in text and "25.6M" in text and "81.2% @ 288 px" in text  # counted; timm's CSV
     assert "apache-2.0" in text and "results-imagenet.csv" in text and "Oquab et al. 2023" in text

@@ -19,8 +19,21 @@ from transferkit.training.strategies import AUTO_CANDIDATE, Strategy, decide_aft
 def tiny_compare(tmp_path_factory):
     root = tmp_path_factory.mktemp("cmp")
     data = write_folder(root / "colours", per_class=10)
-    proc = run_cli("compare", str(data), "--strategies", "feature-extraction,finetune:last=1", "--epochs", "1",
-                   "--image-size", "32", "--batch-size", "8", "--out", str(root / "out"), "-q")
+    proc = run_cli(
+        "compare",
+        str(data),
+        "--strategies",
+        "feature-extraction,finetune:last=1",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--out",
+        str(root / "out"),
+        "-q",
+    )
     return root / "out", proc
 
 
@@ -30,9 +43,15 @@ def test_compare_prints_the_table_and_json_holds_every_number(tiny_compare):
     assert [r["strategy"] for r in data["results"]] == ["feature-extraction", "finetune:last=1"]
     assert data["winner"] in ("feature-extraction", "finetune:last=1") and data["verdict"] in proc.stdout
     for r in data["results"]:
-        shown = [f"{r['trainable_params']:,}", f"{r['trainable_share']:.1%}", f"{r['seconds']:.1f} s",
-                 f"{r['peak_memory_mib']:.0f} MiB", f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}",
-                 f"{r['macro_f1']:.4f}"]
+        shown = [
+            f"{r['trainable_params']:,}",
+            f"{r['trainable_share']:.1%}",
+            f"{r['seconds']:.1f} s",
+            f"{r['peak_memory_mib']:.0f} MiB",
+            f"{r['val_accuracy']:.4f}",
+            f"{r['test_accuracy']:.4f}",
+            f"{r['macro_f1']:.4f}",
+        ]
         for text in shown:
             assert text in proc.stdout, text
     fe, ft = data["results"]
@@ -52,8 +71,7 @@ def test_report_html_is_self_contained(tiny_compare):
 def test_report_renders_in_headless_chromium(tiny_compare, tmp_path):
     out, _ = tiny_compare
     browser = chromium_path()
-    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
-             "--enable-logging=stderr", "--v=0"]
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--enable-logging=stderr", "--v=0"]
     url = (out / "report.html").as_uri()
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     n_images = (out / "report.html").read_text().count("<img ")
@@ -62,16 +80,14 @@ def test_report_renders_in_headless_chromium(tiny_compare, tmp_path):
     assert "Failed to load resource" not in dom.stderr
     assert "<table>" in dom.stdout and "feature-extraction" in dom.stdout
     shot = tmp_path / "report.png"
-    subprocess.run([browser, *flags, "--window-size=1200,1600", f"--screenshot={shot}", url], capture_output=True,
-                   timeout=120, check=True)
+    subprocess.run([browser, *flags, "--window-size=1200,1600", f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 10  # not a blank page
     assert (pixels < 100).mean() > 0.005  # dark text, lines and plot marks are drawn
 
 
 def test_fit_writes_its_own_report(image_folder, tmp_path):
-    run_cli("fit", str(image_folder), "--strategy", "feature-extraction", "--image-size", "32", "--out",
-            str(tmp_path / "r"), "-q")
+    run_cli("fit", str(image_folder), "--strategy", "feature-extraction", "--image-size", "32", "--out", str(tmp_path / "r"), "-q")
     for name in ("report.html", "confusion.png", "curves.png"):
         assert (tmp_path / "r" / name).stat().st_size > 1000
     assert Image.open(tmp_path / "r" / "confusion.png").size[0] > 100
@@ -83,7 +99,6 @@ def test_auto_rules_in_words_and_numbers():
     solved = decide_before_trial(per_class=50, probe_val=0.998)
     assert solved.strategy == Strategy("feature-extraction") and "99.8%" in solved.reason
     assert decide_before_trial(per_class=50, probe_val=0.9) is None
-
 
 
 def test_auto_keeps_fine_tuning_only_for_a_gain_beyond_noise():
@@ -114,8 +129,13 @@ def _within(auto: ImageClassifier, results) -> tuple[float, float]:
 
 
 def test_fine_tuning_beats_feature_extraction_on_digits_and_auto_matches_the_best(digits, tmp_path):
-    c = compare(digits, data_name="digits", model="builtin:efficientnet_lite0", strategies=["feature-extraction", "lp-ft"],
-                settings={"progress": False})
+    c = compare(
+        digits,
+        data_name="digits",
+        model="builtin:efficientnet_lite0",
+        strategies=["feature-extraction", "lp-ft"],
+        settings={"progress": False},
+    )
     fe, lpft = c.results
     print(f"digits 64px: feature-extraction {fe.test_accuracy:.4f}, lp-ft {lpft.test_accuracy:.4f}")
     assert fe.test_accuracy >= 0.94
@@ -142,11 +162,17 @@ def test_fine_tuning_beats_feature_extraction_on_digits_and_auto_matches_the_bes
 def test_small_data_fine_tuning_does_not_collapse_and_auto_matches_the_best(digits):
     small = DataSplits(subsample_per_class(digits.train, 10, 0), digits.val, digits.test, digits.summary)
     assert len(small.train) == 100
-    c = compare(small, data_name="digits@10", model="builtin:efficientnet_lite0",
-                strategies=["feature-extraction", "lp-ft", "finetune:all"], settings={"progress": False})
+    c = compare(
+        small,
+        data_name="digits@10",
+        model="builtin:efficientnet_lite0",
+        strategies=["feature-extraction", "lp-ft", "finetune:all"],
+        settings={"progress": False},
+    )
     fe, lpft, ft = c.results
-    print(f"digits 10/class: feature-extraction {fe.test_accuracy:.4f}, lp-ft {lpft.test_accuracy:.4f}, "
-          f"finetune:all {ft.test_accuracy:.4f}")
+    print(
+        f"digits 10/class: feature-extraction {fe.test_accuracy:.4f}, lp-ft {lpft.test_accuracy:.4f}, finetune:all {ft.test_accuracy:.4f}"
+    )
     assert lpft.test_accuracy >= fe.test_accuracy - 0.02
     assert ft.test_accuracy >= fe.test_accuracy - 0.02
     auto = ImageClassifier(progress=False).fit(small)
@@ -169,9 +195,15 @@ def test_learning_curve_crossover_and_scratch_baseline(tmp_path):
 
     splits = load_data(write_folder(tmp_path / "colours", per_class=12), seed=0)
     settings = {"image_size": 32, "epochs": 1, "batch_size": 8, "progress": False, "precision": "fp32"}
-    c = compare(splits, data_name="colours", model="builtin:efficientnet_lite0",
-                strategies=["feature-extraction", "finetune:last=1"], fractions=[0.5, 1.0], baseline="scratch",
-                settings=settings)
+    c = compare(
+        splits,
+        data_name="colours",
+        model="builtin:efficientnet_lite0",
+        strategies=["feature-extraction", "finetune:last=1"],
+        fractions=[0.5, 1.0],
+        baseline="scratch",
+        settings=settings,
+    )
     assert len(c.curve) == 4  # 2 strategies x (0.5, full)
     assert sorted({r.train_per_class for r in c.curve}) == [4.0, 8.0]  # 50% and all of 8 training images per class
     assert "feature extraction" in c.crossover() or "overtakes" in c.crossover()

@@ -57,13 +57,11 @@ def env(cache: Path | None = None) -> dict:
 
 
 def cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True,
-                          env=env(cache), timeout=600)
+    return subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, env=env(cache), timeout=600)
 
 
 def start(argv: list[str], cache: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(cache),
-                            start_new_session=True)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(cache), start_new_session=True)
 
 
 def kill_when(proc: subprocess.Popen, ready, what: str) -> None:
@@ -148,8 +146,7 @@ def test_kill_during_feature_extraction_leaves_no_usable_half_entry(tmp_path):
 
 def test_kill_during_training_then_resume_equals_an_uninterrupted_run(colours, uninterrupted, tmp_path):
     out = tmp_path / "cut"
-    argv = [sys.executable, "-m", "transferkit", "fit", str(colours), "--strategy", "finetune:last=1",
-            "--out", str(out), *FIT]
+    argv = [sys.executable, "-m", "transferkit", "fit", str(colours), "--strategy", "finetune:last=1", "--out", str(out), *FIT]
     progress = out / "checkpoints" / "last.json"
 
     def trained_an_epoch() -> bool:
@@ -209,13 +206,13 @@ def test_kill_during_final_save_then_resume_only_saves(colours, uninterrupted, t
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     splits = load_data(write_folder(tmp_path / "colours", per_class=10), seed=0)
-    settings = dict(strategy="finetune:last=1", image_size=32, epochs=2, batch_size=8, precision="fp32",
-                    device="cpu", progress=False)
+    settings = dict(strategy="finetune:last=1", image_size=32, epochs=2, batch_size=8, precision="fp32", device="cpu", progress=False)
     a, b, c = (ImageClassifier(**settings, seed=s).fit(splits) for s in (0, 0, 1))
 
     def comparable(clf):
-        return {k: v for k, v in clf.metrics_.items() if k not in ("train_seconds", "feature_seconds")}, \
-            [{k: v for k, v in row.items() if k != "seconds"} for row in clf.history_]
+        return {k: v for k, v in clf.metrics_.items() if k not in ("train_seconds", "feature_seconds")}, [
+            {k: v for k, v in row.items() if k != "seconds"} for row in clf.history_
+        ]
 
     assert comparable(a) == comparable(b)
     wa, wb, wc = (clf.model_.state_dict() for clf in (a, b, c))
@@ -233,8 +230,12 @@ def test_temporary_folders_of_dead_or_old_writers_are_removed(tmp_path):
     from transferkit.cache.features import STALE_TMP_SECONDS, remove_abandoned_tmp_
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    names = {"dead": f".tmp-k-{int(dead.stdout)}-1", "alive": f".tmp-k-{os.getppid()}-2",
-             "old": f".tmp-k-{os.getppid()}-3", "other": ".tmp-unrelated"}
+    names = {
+        "dead": f".tmp-k-{int(dead.stdout)}-1",
+        "alive": f".tmp-k-{os.getppid()}-2",
+        "old": f".tmp-k-{os.getppid()}-3",
+        "other": ".tmp-unrelated",
+    }
     for name in names.values():
         (tmp_path / name).mkdir()
     old = time.time() - STALE_TMP_SECONDS - 60
@@ -245,6 +246,7 @@ def test_temporary_folders_of_dead_or_old_writers_are_removed(tmp_path):
 
 def test_a_save_cut_short_never_pairs_a_new_model_with_an_old_manifest(tmp_path, monkeypatch):
     from transferkit.runs import directory as runs
+
     out = tmp_path / "run"
     out.mkdir()
     (out / runs.META_FILE).write_text("{}")  # the run this fit replaces
@@ -283,11 +285,9 @@ def test_ctrl_c_after_an_epoch_prints_one_pasteable_resume_command(colours, tmp_
     import shlex
 
     out = tmp_path / "my runs" / "cut"  # a space: the printed command must quote it
-    argv = [sys.executable, "-m", "transferkit", "fit", str(colours), "--strategy", "finetune:last=1",
-            "--out", str(out), *FIT]
+    argv = [sys.executable, "-m", "transferkit", "fit", str(colours), "--strategy", "finetune:last=1", "--out", str(out), *FIT]
     progress = out / "checkpoints" / "last.json"
-    err = interrupt_when(start(argv), lambda: progress.is_file() and '"finetune"' in progress.read_text(),
-                         "a fine-tuning checkpoint")
+    err = interrupt_when(start(argv), lambda: progress.is_file() and '"finetune"' in progress.read_text(), "a fine-tuning checkpoint")
     lines = err.splitlines()
     command = lines[lines.index(next(line for line in lines if "Continue with:" in line)) + 1]
     words = shlex.split(command)
@@ -298,8 +298,22 @@ def test_ctrl_c_after_an_epoch_prints_one_pasteable_resume_command(colours, tmp_
 def test_ctrl_c_before_any_checkpoint_does_not_promise_one(tmp_path):
     data = write_folder(tmp_path / "many", per_class=120)
     cache = tmp_path / "cache"
-    argv = [sys.executable, "-m", "transferkit", "fit", str(data), "--strategy", "finetune:last=1", "--image-size", "64",
-            "--precision", "fp32", "-q", "--out", str(tmp_path / "cut")]
+    argv = [
+        sys.executable,
+        "-m",
+        "transferkit",
+        "fit",
+        str(data),
+        "--strategy",
+        "finetune:last=1",
+        "--image-size",
+        "64",
+        "--precision",
+        "fp32",
+        "-q",
+        "--out",
+        str(tmp_path / "cut"),
+    ]
     features = cache / "features"
     err = interrupt_when(start(argv, cache), lambda: features.is_dir() and any(features.glob(".tmp-*")), "extraction")
     assert "no checkpoint to resume" in err and "--resume" not in err and "Traceback" not in err

@@ -75,8 +75,7 @@ def test_random_augmentation_and_a_small_budget_are_said_not_silently_ignored(co
     data, note = decode_once(lite0, splits, FeatureCache(tmp_path / "c2"), need - 1, workers=0, progress=False)
     assert not data and "Raise --cache-budget" in note["val"]["reason"] and note["val"]["bytes"] == need
     assert "Decoded-image cache refused" in caplog.text
-    data, note = decode_once(lite0, splits, FeatureCache(tmp_path / "c3", enabled=False), 10**9, workers=0,
-                             progress=False)
+    data, note = decode_once(lite0, splits, FeatureCache(tmp_path / "c3", enabled=False), 10**9, workers=0, progress=False)
     assert not data and note["val"]["reason"] == "the feature cache is off"
 
 
@@ -104,11 +103,22 @@ def test_finetune_on_stored_pixels_trains_exactly_as_decoding_each_epoch(colours
 def test_cli_records_the_decoded_cache_and_says_when_it_is_refused(tmp_path):
     data = write_folder(tmp_path / "colours", per_class=6)
     out = tmp_path / "run"
-    proc = run_cli("fit", str(data), "--strategy", "finetune:all", "--epochs", "1", "--image-size", "32",
-                   "--cache-budget", "0.000001", "--out", str(out))
+    proc = run_cli(
+        "fit",
+        str(data),
+        "--strategy",
+        "finetune:all",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--cache-budget",
+        "0.000001",
+        "--out",
+        str(out),
+    )
     assert "Decoded-image cache refused" in proc.stderr and "--cache-budget" in proc.stderr
-    ok = run_cli("fit", str(data), "--strategy", "finetune:all", "--epochs", "1", "--image-size", "32",
-                 "--out", str(tmp_path / "run2"))
+    ok = run_cli("fit", str(data), "--strategy", "finetune:all", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "run2"))
     assert "Decoded-image cache: train miss, val miss" in ok.stderr and "instead of decoding" in ok.stderr
     note = json.loads((tmp_path / "run2" / "transferkit.json").read_text())["strategy"]["phases"][-1]["decoded_cache"]
     assert note["train"]["used"] and note["val"]["cache"] == "miss"

@@ -55,8 +55,7 @@ def env(cache: Path) -> dict:
 
 
 def torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "transferkit"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "transferkit"]
 
 
 def run(argv: list[str], cache: Path) -> subprocess.CompletedProcess:
@@ -103,21 +102,38 @@ def colours(tmp_path_factory) -> Path:
 def one_process(colours, tmp_path_factory) -> Path:
     """finetune:last=1 for 3 epochs, plain `transferkit fit` in one process."""
     out = tmp_path_factory.mktemp("one") / "run"
-    run([sys.executable, "-m", "transferkit", "fit", str(colours), "--strategy", "finetune:last=1", "--epochs", "3",
-         "--out", str(out), *FIT], out.parent / "cache")
+    run(
+        [
+            sys.executable,
+            "-m",
+            "transferkit",
+            "fit",
+            str(colours),
+            "--strategy",
+            "finetune:last=1",
+            "--epochs",
+            "3",
+            "--out",
+            str(out),
+            *FIT,
+        ],
+        out.parent / "cache",
+    )
     return out
 
 
 def test_two_processes_fine_tune_like_one_and_only_rank_0_writes(colours, one_process, tmp_path):
     out = tmp_path / "run"
-    proc = run([*torchrun(2), "fit", str(colours), "--strategy", "finetune:last=1", "--epochs", "3", "--out", str(out),
-                *FIT], tmp_path / "cache")
+    proc = run(
+        [*torchrun(2), "fit", str(colours), "--strategy", "finetune:last=1", "--epochs", "3", "--out", str(out), *FIT], tmp_path / "cache"
+    )
 
     assert weights_difference(out, one_process) <= WEIGHT_TOLERANCE
     assert metrics_of(out) == metrics_of(one_process)
     two, one = history(out), history(one_process)
-    assert [(r["phase"], r["epoch"], r["val_acc"], r["train_acc"]) for r in two] == \
-        [(r["phase"], r["epoch"], r["val_acc"], r["train_acc"]) for r in one]
+    assert [(r["phase"], r["epoch"], r["val_acc"], r["train_acc"]) for r in two] == [
+        (r["phase"], r["epoch"], r["val_acc"], r["train_acc"]) for r in one
+    ]
     np.testing.assert_allclose([float(r["train_loss"]) for r in two], [float(r["train_loss"]) for r in one], rtol=1e-5)
     # Rank 0 alone wrote: the same files as one process, nothing else beside them, each line once.
     assert files(out) == files(one_process)
@@ -147,8 +163,9 @@ def test_a_two_process_checkpoint_resumes_in_one_process(colours, one_process, t
     out, script = tmp_path / "run", tmp_path / "crash_after_epoch_1.py"
     script.write_text(CRASH_AFTER_EPOCH_1)
     args = ["fit", str(colours), "--strategy", "finetune:last=1", "--epochs", "3", "--out", str(out), *FIT]
-    crashed = subprocess.run([*torchrun(2)[:-2], str(script), *args], capture_output=True, text=True,
-                             env=env(tmp_path / "cache"), timeout=TIMEOUT)
+    crashed = subprocess.run(
+        [*torchrun(2)[:-2], str(script), *args], capture_output=True, text=True, env=env(tmp_path / "cache"), timeout=TIMEOUT
+    )
     assert crashed.returncode != 0, "rank 0 should have died after its first fine-tuning checkpoint"
     state = json.loads((out / "checkpoints" / "last.json").read_text())
     assert (state["phase"], state["epoch"]) == ("finetune", 1) and not (out / "model.safetensors").exists()
@@ -186,8 +203,8 @@ def test_the_processes_batches_together_are_the_single_process_batch():
         shares.append(list(sampler))
     local = batch // world
     for i in range(n // batch):
-        together = sorted(j for share in shares for j in share[i * local:(i + 1) * local])
-        assert together == sorted(order[i * batch:(i + 1) * batch])
+        together = sorted(j for share in shares for j in share[i * local : (i + 1) * local])
+        assert together == sorted(order[i * batch : (i + 1) * batch])
 
 
 def test_one_process_has_no_process_group():
@@ -209,8 +226,13 @@ def test_fit_help_says_how_to_launch_with_torchrun():
 
 def test_single_process_commands_refuse_torchrun_instead_of_writing_twice(colours, tmp_path):
     out = tmp_path / "cmp"
-    proc = subprocess.run([*torchrun(2), "compare", str(colours), "--out", str(out), "-q"], capture_output=True,
-                          text=True, env=env(tmp_path / "cache"), timeout=TIMEOUT)
+    proc = subprocess.run(
+        [*torchrun(2), "compare", str(colours), "--out", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        env=env(tmp_path / "cache"),
+        timeout=TIMEOUT,
+    )
     assert proc.returncode != 0
     assert "`transferkit compare` runs in one process; only `fit` is distributed" in proc.stderr + proc.stdout
     assert not out.exists()
@@ -243,8 +265,10 @@ def test_text_trains_under_torchrun_like_images(tmp_path):
     assert np.allclose(pa["prob"], pb["prob"], atol=1e-3)
     assert weights_difference_text(tmp_path / "one", tmp_path / "two") <= 3e-2
     assert two.stdout.count("Run saved to") == 1 and "texts" in one.stdout
-    tuned = run([*torchrun(2), "fit", str(data), "--strategy", "finetune:last=1", "--epochs", "1", *text, "--out",
-                 str(tmp_path / "tuned")], tmp_path / "c3")
+    tuned = run(
+        [*torchrun(2), "fit", str(data), "--strategy", "finetune:last=1", "--epochs", "1", *text, "--out", str(tmp_path / "tuned")],
+        tmp_path / "c3",
+    )
     meta = json.loads((tmp_path / "tuned" / "transferkit.json").read_text())
     assert meta["modality"] == "text" and meta["strategy"]["phases"][-1]["epochs_run"] == 1
     assert tuned.stdout.count("Run saved to") == 1

@@ -64,12 +64,14 @@ def test_confident_learning_flags_what_cleanlab_flags_on_the_digits_probabilitie
     probs, _ = out_of_fold_probabilities(np.concatenate([features["train"], features["val"]]), y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = cleanlab_filter.find_label_issues(y, probs, filter_by="prune_by_noise_rate",
-                                                     return_indices_ranked_by="self_confidence", n_jobs=1)
+        expected = cleanlab_filter.find_label_issues(
+            y, probs, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence", n_jobs=1
+        )
     np.testing.assert_array_equal(find_label_issues(y, probs).indices, expected)
     n_train = len(noisy.train)
     assert [(f.split, f.index) for f in d.of_kind("label")] == [
-        ("train", int(i)) if i < n_train else ("val", int(i - n_train)) for i in expected]
+        ("train", int(i)) if i < n_train else ("val", int(i - n_train)) for i in expected
+    ]
 
 
 def test_out_of_fold_probabilities_never_saw_their_example():
@@ -123,8 +125,7 @@ def leaky_folder(tmp_path_factory):
         for split, n in (("train", 16), ("test", 8)):
             (root / split / name).mkdir(parents=True)
             for i in range(n):
-                shapes(palette, seed=c * 1000 + (0 if split == "train" else 500) + i).save(
-                    root / split / name / f"{i:03d}.jpg", quality=95)
+                shapes(palette, seed=c * 1000 + (0 if split == "train" else 500) + i).save(root / split / name / f"{i:03d}.jpg", quality=95)
         for i in range(LEAKED):
             target = root / "train" / name / f"copy-{i}.jpg"
             reencoded(root / "test" / name / f"{i:03d}.jpg", 124, 85).save(target, quality=85)
@@ -173,8 +174,9 @@ def test_doctor_cli_writes_the_page_and_the_csv_and_the_page_renders(leaky_folde
     assert n_images >= 2 * len(copies)  # each leaked pair side by side
     browser = chromium_path()
     flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    dom = subprocess.run([browser, *flags, "--dump-dom", (tmp_path / "doc" / "doctor.html").as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", (tmp_path / "doc" / "doctor.html").as_uri()], capture_output=True, text=True, timeout=120
+    )
     assert f'data-loaded="{n_images}"' in dom.stdout, dom.stderr[-2000:]
     assert "data-failed" not in dom.stdout
 
@@ -206,7 +208,7 @@ def test_texts_are_diagnosed_the_same_way_and_shown_as_text(tmp_path):
     from transferkit.report.doctor import doctor_html
 
     page = doctor_html(d)
-    assert "<blockquote class=\"text\">" in page and "<img " not in page
+    assert '<blockquote class="text">' in page and "<img " not in page
     assert json.loads(json.dumps(d.to_dict()))["counts"] == d.counts()
 
 
@@ -224,11 +226,14 @@ def test_diagnose_features_returns_plain_data():
     assert f"{len(leak)} leaked pair" in d.summary_line()
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"threshold": 1.5}, r"--threshold \(threshold\) must be an input similarity in \(0, 1\]; got 1.5"),
-    ({"folds": 1}, r"--folds \(folds\) must be 0 \(no label check\) or at least 2; got 1"),
-    ({"image_size": 4}, "image_size must be an integer of at least 16"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"threshold": 1.5}, r"--threshold \(threshold\) must be an input similarity in \(0, 1\]; got 1.5"),
+        ({"folds": 1}, r"--folds \(folds\) must be 0 \(no label check\) or at least 2; got 1"),
+        ({"image_size": 4}, "image_size must be an integer of at least 16"),
+    ],
+)
 def test_bad_settings_are_refused_before_any_data_is_read(kwargs, message):
     with pytest.raises(UsageError, match=message):
         diagnose("no/such/folder", **kwargs)
@@ -247,8 +252,17 @@ def test_mistakes_are_grouped_by_the_most_confused_pairs_and_sorted_by_loss():
 
     classes = ["a", "b", "c"]
     labels = np.array([0, 0, 0, 1, 1, 2, 2])
-    probs = np.array([[0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.9, 0.05, 0.05],  # two a -> b, one right
-                      [0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.1, 0.7], [0.05, 0.05, 0.9]])
+    probs = np.array(
+        [
+            [0.1, 0.8, 0.1],
+            [0.3, 0.6, 0.1],
+            [0.9, 0.05, 0.05],  # two a -> b, one right
+            [0.7, 0.2, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.2, 0.1, 0.7],
+            [0.05, 0.05, 0.9],
+        ]
+    )
     groups = mistakes(probs, labels, classes, [f"x{i}" for i in range(7)])
     assert [(pair, n) for pair, n, _ in groups] == [(("a", "b"), 2), (("b", "a"), 1)]
     first = groups[0][2]
@@ -260,16 +274,16 @@ def test_fit_report_holds_the_gallery_and_the_doctor_summary_with_its_link(leaky
     from transferkit import ImageClassifier
 
     root, copies = leaky_folder
-    clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=32, precision="fp32",
-                          progress=False).fit(root)
+    clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=32, precision="fp32", progress=False).fit(
+        root
+    )
     run = clf.save(tmp_path / "run")
     page = (run / "report.html").read_text()
     assert "Mistakes on the test split" in page and 'href="doctor.html"' in page
     assert f"transferkit doctor {root} --model builtin:efficientnet_lite0" in page
     assert (run / "doctor.html").is_file() and (run / "issues.csv").is_file()
     assert "doctor" not in json.loads((run / "transferkit.json").read_text())  # the diagnosis is not run metadata
-    wrong = sum(t != p for t, p in zip(clf.metrics_["test"]["predictions"]["true"],
-                                       clf.metrics_["test"]["predictions"]["pred"]))
+    wrong = sum(t != p for t, p in zip(clf.metrics_["test"]["predictions"]["true"], clf.metrics_["test"]["predictions"]["pred"]))
     assert page.count('class="example"') == min(wrong, 6 * 8)
 
 
@@ -279,8 +293,13 @@ def test_compare_report_links_the_doctor_written_beside_it(leaky_folder, tmp_pat
 
     root, _ = leaky_folder
     splits = load_data(root)
-    c = compare(splits, data_name=str(root), strategies=["feature-extraction"], cv=0,
-                settings={"image_size": 32, "precision": "fp32", "progress": False})
+    c = compare(
+        splits,
+        data_name=str(root),
+        strategies=["feature-extraction"],
+        cv=0,
+        settings={"image_size": 32, "precision": "fp32", "progress": False},
+    )
     paths = write_comparison(c, tmp_path / "cmp")
     page = paths["html"].read_text()
     assert 'href="doctor.html"' in page and "Mistakes on the test split" in page

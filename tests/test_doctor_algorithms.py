@@ -26,6 +26,7 @@ def cleanlab():
 
 # --- confident learning -------------------------------------------------------------------------
 
+
 @functools.cache
 def noisy_blobs(seed: int, classes: int, n: int, std: float = 2.0, flip: float = 0.05):
     """Gaussian blobs with `flip` of the labels moved to another class; out-of-sample probabilities from 5-fold CV."""
@@ -41,8 +42,9 @@ def noisy_blobs(seed: int, classes: int, n: int, std: float = 2.0, flip: float =
 def cleanlab_issues(cleanlab_filter, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its "too few examples in class k" notice, for the tiny-class fixtures
-        return cleanlab_filter.find_label_issues(labels, probs, filter_by="prune_by_noise_rate",
-                                                 return_indices_ranked_by="self_confidence", n_jobs=1)
+        return cleanlab_filter.find_label_issues(
+            labels, probs, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence", n_jobs=1
+        )
 
 
 def rounded(probs: np.ndarray, decimals: int) -> np.ndarray:
@@ -82,8 +84,16 @@ def variant(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 VARIANTS = [f"blobs-{c}x{n}" for _, c, n in MAIN_FIXTURES] + [
-    "rounded-2-decimals", "rounded-1-decimal", "float32", "one-example-class", "two-example-class", "absent-class",
-    "duplicated-rows", "heavy-overlap", "20pc-noise"]
+    "rounded-2-decimals",
+    "rounded-1-decimal",
+    "float32",
+    "one-example-class",
+    "two-example-class",
+    "absent-class",
+    "duplicated-rows",
+    "heavy-overlap",
+    "20pc-noise",
+]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -117,8 +127,9 @@ def test_matches_cleanlab_on_small_coarse_problems(cleanlab):
     # first 3000 seeds agreed with cleanlab when measured; 302 of them run here.
     for seed in [*range(300), 1547, 2494]:
         if (problem := coarse_fixture(seed)) is not None:
-            np.testing.assert_array_equal(find_label_issues(*problem).indices, cleanlab_issues(cleanlab[0], *problem),
-                                          err_msg=f"seed {seed}")
+            np.testing.assert_array_equal(
+                find_label_issues(*problem).indices, cleanlab_issues(cleanlab[0], *problem), err_msg=f"seed {seed}"
+            )
 
 
 @pytest.mark.parametrize(("seed", "classes", "n"), MAIN_FIXTURES)
@@ -169,15 +180,18 @@ def test_a_class_with_one_example_keeps_it():
     assert 0 not in find_label_issues(labels, probs).indices
 
 
-@pytest.mark.parametrize(("labels", "probs", "message"), [
-    ([0, 1, 1], [[0.9, 0.1], [0.2, 0.8]], "one entry per row"),
-    ([0, 1], [0.9, 0.1], "must be 2-D"),
-    ([0, 2], [[0.9, 0.1], [0.2, 0.8]], r"in \[0, 2\).*got 2 at index 1"),
-    ([0, 0], [[0.9, 0.1], [0.2, 0.8]], "at least 2 classes"),
-    ([0.0, 1.0], [[0.9, 0.1], [0.2, 0.8]], "integer class indices"),
-    ([0, 1], [[2.0, -1.0], [0.2, 0.8]], "softmax"),
-    ([0, 1], [[0.5, 0.1], [0.2, 0.8]], "row 0 sums to 0.6000"),
-])
+@pytest.mark.parametrize(
+    ("labels", "probs", "message"),
+    [
+        ([0, 1, 1], [[0.9, 0.1], [0.2, 0.8]], "one entry per row"),
+        ([0, 1], [0.9, 0.1], "must be 2-D"),
+        ([0, 2], [[0.9, 0.1], [0.2, 0.8]], r"in \[0, 2\).*got 2 at index 1"),
+        ([0, 0], [[0.9, 0.1], [0.2, 0.8]], "at least 2 classes"),
+        ([0.0, 1.0], [[0.9, 0.1], [0.2, 0.8]], "integer class indices"),
+        ([0, 1], [[2.0, -1.0], [0.2, 0.8]], "softmax"),
+        ([0, 1], [[0.5, 0.1], [0.2, 0.8]], "row 0 sums to 0.6000"),
+    ],
+)
 def test_label_issues_refuse_bad_input(labels, probs, message):
     with pytest.raises(UsageError, match=message):
         find_label_issues(np.array(labels), np.array(probs))
@@ -185,11 +199,12 @@ def test_label_issues_refuse_bad_input(labels, probs, message):
 
 # --- near-duplicates --------------------------------------------------------------------------
 
+
 def with_near_copies(n: int, d: int, copies: int, seed: int, noise: float = 0.05) -> np.ndarray:
     """n random vectors, the last `copies` of them noisy copies of earlier ones."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d))
-    x[n - copies:] = x[rng.choice(n - copies, copies)] + noise * rng.normal(size=(copies, d))
+    x[n - copies :] = x[rng.choice(n - copies, copies)] + noise * rng.normal(size=(copies, d))
     return x
 
 
@@ -251,22 +266,26 @@ def test_pairs_across_two_sets_use_each_sets_splits():
     assert [(f.i, f.j, f.kind, f.label_i, f.label_j) for f in findings] == [(2, 1, "leakage", 2, 1), (0, 0, "leakage", 0, 0)]
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda: near_duplicates(np.eye(3), threshold=1.5), "threshold must be a cosine similarity"),
-    (lambda: near_duplicates(np.eye(3), block=0), "block must be an integer >= 1"),
-    (lambda: near_duplicates(np.eye(3), np.eye(4)), "same width"),
-    (lambda: near_duplicates(np.ones(3)), "features_a must be a 2-D"),
-    (lambda: near_duplicates(np.array([[np.inf, 1.0]])), "NaN or infinite"),
-    (lambda: classify_pairs([], ["train"], [0], splits_b=["test"]), "both splits_b and labels_b"),
-    (lambda: classify_pairs([SimilarPair(0, 5, 1.0)], ["train"] * 2, [0, 1]), r"pair \(0, 5\) is out of range"),
-    (lambda: classify_pairs([], ["train"] * 2, [0]), "labels_a has 1 entries"),
-])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: near_duplicates(np.eye(3), threshold=1.5), "threshold must be a cosine similarity"),
+        (lambda: near_duplicates(np.eye(3), block=0), "block must be an integer >= 1"),
+        (lambda: near_duplicates(np.eye(3), np.eye(4)), "same width"),
+        (lambda: near_duplicates(np.ones(3)), "features_a must be a 2-D"),
+        (lambda: near_duplicates(np.array([[np.inf, 1.0]])), "NaN or infinite"),
+        (lambda: classify_pairs([], ["train"], [0], splits_b=["test"]), "both splits_b and labels_b"),
+        (lambda: classify_pairs([SimilarPair(0, 5, 1.0)], ["train"] * 2, [0, 1]), r"pair \(0, 5\) is out of range"),
+        (lambda: classify_pairs([], ["train"] * 2, [0]), "labels_a has 1 entries"),
+    ],
+)
 def test_similarity_searches_refuse_bad_settings(call, message):
     with pytest.raises(UsageError, match=message):
         call()
 
 
 # --- outliers ---------------------------------------------------------------------------------
+
 
 def classes_with_outliers(per_class: int = 100, classes: int = 4, d: int = 32, planted: int = 6, seed: int = 0):
     """Gaussian classes around random directions, plus `planted` examples given a random direction of their own."""
@@ -299,7 +318,7 @@ def test_planted_outliers_are_found_and_little_else():
         flagged = [o.index for o in outliers(x, labels)]
         assert set(planted) <= set(flagged)
         assert len(flagged) - len(planted) <= 2  # measured: no clean example flagged on these seeds
-        assert flagged[:len(planted)] == sorted(flagged[:len(planted)], key=lambda i: -outlier_scores(x, labels)[i])
+        assert flagged[: len(planted)] == sorted(flagged[: len(planted)], key=lambda i: -outlier_scores(x, labels)[i])
 
 
 def test_clean_classes_flag_almost_nothing():
@@ -316,11 +335,14 @@ def test_small_classes_and_duplicates():
     assert 22 not in [o.index for o in outliers(x, labels)]  # the one-example class is never flagged
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"k": 0}, "k must be an integer >= 1"),
-    ({"z": -1.0}, "z must be a number > 0"),
-    ({"block": 2.5}, "block must be an integer"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, "k must be an integer >= 1"),
+        ({"z": -1.0}, "z must be a number > 0"),
+        ({"block": 2.5}, "block must be an integer"),
+    ],
+)
 def test_outliers_refuse_bad_settings(kwargs, message):
     with pytest.raises(UsageError, match=message):
         outliers(np.eye(4), np.zeros(4, dtype=int), **kwargs)
@@ -339,6 +361,15 @@ def test_doctor_imports_only_numpy_scipy_and_the_errors_module():
         tree = ast.parse(pathlib.Path(module.__file__).read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        allowed = {"__future__", "logging", "dataclasses", "typing", "collections.abc", "numpy", "scipy", "scipy.stats",
-                   "transferkit.doctor.pairs"}
+        allowed = {
+            "__future__",
+            "logging",
+            "dataclasses",
+            "typing",
+            "collections.abc",
+            "numpy",
+            "scipy",
+            "scipy.stats",
+            "transferkit.doctor.pairs",
+        }
         assert imported - allowed == {"transferkit.errors"}, module.__name__

@@ -129,9 +129,11 @@ def test_every_resample_matches_sklearn():
     for seed in range(25):
         s = score_with_intervals(y_true, y_pred, 5, seed=seed, n_boot=1)
         assert s["balanced_accuracy"]["low"] == pytest.approx(
-            bootstrap_interval(balanced_accuracy_score, y_true, y_pred, n_boot=1, seed=seed)[0], abs=1e-12)
-        assert s["macro_f1"]["low"] == pytest.approx(bootstrap_interval(sklearn_macro_f1, y_true, y_pred, n_boot=1, seed=seed)[0],
-                                                     abs=1e-12)
+            bootstrap_interval(balanced_accuracy_score, y_true, y_pred, n_boot=1, seed=seed)[0], abs=1e-12
+        )
+        assert s["macro_f1"]["low"] == pytest.approx(
+            bootstrap_interval(sklearn_macro_f1, y_true, y_pred, n_boot=1, seed=seed)[0], abs=1e-12
+        )
 
 
 def test_per_class_recall_and_absent_classes():
@@ -366,15 +368,18 @@ def test_default_cv_folds_rule():
 # --------------------------------------------------------------------------- wording
 
 
-@pytest.mark.parametrize("a,b,expected", [
-    (10.0, 95.0, "9.5x faster"),
-    (95.0, 10.0, "9.5x slower"),
-    (3.0, 120.0, "1/40 of the time"),
-    (120.0, 3.0, "40x the time"),
-    (10.0, 10.2, "about the same time"),
-    (0.0, 0.0, "about the same time"),
-    (0.0, 5.0, "a negligible fraction of the time"),
-])
+@pytest.mark.parametrize(
+    "a,b,expected",
+    [
+        (10.0, 95.0, "9.5x faster"),
+        (95.0, 10.0, "9.5x slower"),
+        (3.0, 120.0, "1/40 of the time"),
+        (120.0, 3.0, "40x the time"),
+        (10.0, 10.2, "about the same time"),
+        (0.0, 0.0, "about the same time"),
+        (0.0, 5.0, "a negligible fraction of the time"),
+    ],
+)
 def test_ratio_phrase_examples(a, b, expected):
     assert ratio_phrase(a, b) == expected
 
@@ -412,8 +417,19 @@ def test_module_imports_only_numpy_and_stdlib_at_top_level():
                 top.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
                 top.add(node.module if node.module.startswith("transferkit") else node.module.split(".")[0])
-        assert top <= {"__future__", "logging", "math", "collections", "dataclasses", "typing", "numpy", "transferkit.errors",
-                       "transferkit.stats.wording", "transferkit.stats.checks", "transferkit.stats.intervals"}, (module, top)
+        assert top <= {
+            "__future__",
+            "logging",
+            "math",
+            "collections",
+            "dataclasses",
+            "typing",
+            "numpy",
+            "transferkit.errors",
+            "transferkit.stats.wording",
+            "transferkit.stats.checks",
+            "transferkit.stats.intervals",
+        }, (module, top)
 
 
 def test_confidence_bins_equal_reliability_bins_from_the_top_class_alone():

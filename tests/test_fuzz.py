@@ -20,8 +20,14 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 words = st.sampled_from([*KINDS, *ALIASES, "FineTune", " lp-ft ", "finetune ", "all", "last", ""])
 digits = st.text(st.characters(categories=["Nd", "No"]), max_size=4) | st.integers(-5, 10**6).map(str)
-near_specs = st.builds(lambda w, sep, key, eq, n: f"{w}{sep}{key}{eq}{n}", words, st.sampled_from(["", ":", "::", ": "]),
-                       st.sampled_from(["", "last", "LAST", "all", "first"]), st.sampled_from(["", "=", "=="]), digits)
+near_specs = st.builds(
+    lambda w, sep, key, eq, n: f"{w}{sep}{key}{eq}{n}",
+    words,
+    st.sampled_from(["", ":", "::", ": "]),
+    st.sampled_from(["", "last", "LAST", "all", "first"]),
+    st.sampled_from(["", "=", "=="]),
+    digits,
+)
 
 
 @FUZZ
@@ -52,8 +58,9 @@ def test_parse_strategy_rejects_non_strings_as_usage_error(spec):
 PNG = io.BytesIO()
 make_image((200, 40, 40), 0, size=16).save(PNG, format="PNG")
 cells = st.text(max_size=12) | st.sampled_from(["img.png", " img.png ", "missing.png", ".", "", "/", "a\x00b", "red"])
-headers = st.sampled_from([["path", "label"], ["Path ", " LABEL"], ["label", "path", "extra"], ["path"], ["file", "cls"],
-                           []]) | st.lists(st.text(max_size=8), max_size=4)
+headers = st.sampled_from([["path", "label"], ["Path ", " LABEL"], ["label", "path", "extra"], ["path"], ["file", "cls"], []]) | st.lists(
+    st.text(max_size=8), max_size=4
+)
 
 
 @st.composite
@@ -67,8 +74,7 @@ def csv_bytes(draw) -> bytes:
 
 
 @FUZZ
-@given(content=csv_bytes() | st.binary(max_size=300), strict=st.booleans(),
-       classes=st.none() | st.just(["red", "blue"]))
+@given(content=csv_bytes() | st.binary(max_size=300), strict=st.booleans(), classes=st.none() | st.just(["red", "blue"]))
 @example(content=b"file,cls\na.png,b,extra\n", strict=False, classes=None)  # surplus field in the first row
 @example(content=b"path,label\nimg.png\n", strict=False, classes=None)  # a row without a label
 @example(content=b"path,label\n", strict=False, classes=None)  # a header and nothing else
@@ -88,8 +94,7 @@ def test_read_csv_returns_images_or_raises_data_error(content, strict, classes):
     assert all(0 <= v < len(images.classes) for v in images.labels.tolist())
     assert all(p.name == "img.png" for p in images.paths)  # the only file there that decodes
     assert all(isinstance(c, str) and c for c in images.classes)
-    assert summary.found >= len(images) + summary.n_skipped - sum(
-        len(v) for k, v in summary.skipped.items() if k == "unknown class")
+    assert summary.found >= len(images) + summary.n_skipped - sum(len(v) for k, v in summary.skipped.items() if k == "unknown class")
 
 
 # ---------------------------------------------------------------- run metadata
@@ -97,23 +102,29 @@ def test_read_csv_returns_images_or_raises_data_error(content, strict, classes):
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12)
-near_meta = st.fixed_dictionaries({
-    "format_version": st.sampled_from([1, 0, -1, 2, True, 1.0, "1"]) | json_values,
-    "backbone": st.fixed_dictionaries({"arch": st.text(max_size=8) | json_values},
-                                      optional={"name": st.text(max_size=8) | json_values}) | json_values,
-    "classes": st.lists(st.text(max_size=3), max_size=4) | json_values,
-    "data_config": st.fixed_dictionaries({}, optional={"input_size": st.just([3, 64, 64]) | json_values}) | json_values,
-    "strategy": st.fixed_dictionaries({}, optional={"spec": near_specs | json_values}) | json_values,
-}, optional={"metrics": json_values})
+    max_leaves=12,
+)
+near_meta = st.fixed_dictionaries(
+    {
+        "format_version": st.sampled_from([1, 0, -1, 2, True, 1.0, "1"]) | json_values,
+        "backbone": st.fixed_dictionaries({"arch": st.text(max_size=8) | json_values}, optional={"name": st.text(max_size=8) | json_values})
+        | json_values,
+        "classes": st.lists(st.text(max_size=3), max_size=4) | json_values,
+        "data_config": st.fixed_dictionaries({}, optional={"input_size": st.just([3, 64, 64]) | json_values}) | json_values,
+        "strategy": st.fixed_dictionaries({}, optional={"spec": near_specs | json_values}) | json_values,
+    },
+    optional={"metrics": json_values},
+)
 
 
 @FUZZ
 @given(json_values | near_meta)
-@example({"format_version": 0, "backbone": {"arch": "resnet18"}, "classes": ["a", "b"], "data_config": {},
-          "strategy": {}})  # no such format
-@example({"format_version": 1, "backbone": {"arch": "resnet18"}, "classes": ["a", "b"], "data_config": {},
-          "strategy": {"spec": 3}})  # loading would hand 3 to parse_strategy
+@example(
+    {"format_version": 0, "backbone": {"arch": "resnet18"}, "classes": ["a", "b"], "data_config": {}, "strategy": {}}
+)  # no such format
+@example(
+    {"format_version": 1, "backbone": {"arch": "resnet18"}, "classes": ["a", "b"], "data_config": {}, "strategy": {"spec": 3}}
+)  # loading would hand 3 to parse_strategy
 def test_validate_meta_returns_the_dict_or_raises_run_error(meta):
     where = Path("run/transferkit.json")
     try:

@@ -12,7 +12,6 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def test_gpu_check_without_cuda_says_so_and_exits_0():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no device visible, on any machine: the CPU-side guard runs
-    done = subprocess.run([sys.executable, "gpu_check.py"], cwd=BENCHMARKS, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "gpu_check.py"], cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "no CUDA device" in done.stdout

@@ -144,17 +144,21 @@ def test_card_uses_intervals_the_run_records_else_computes_them(run):
     run_dir, _ = run
     meta = read_meta(run_dir)
     recorded = meta["metrics"]["test"]["intervals"]["accuracy"]  # what fit measured: the card shows it as given
-    assert (metric_intervals(meta["metrics"]["test"], 3)["accuracy"]["low"], metric_intervals(
-        meta["metrics"]["test"], 3)["accuracy"]["high"]) == (recorded["low"], recorded["high"])
+    assert (
+        metric_intervals(meta["metrics"]["test"], 3)["accuracy"]["low"],
+        metric_intervals(meta["metrics"]["test"], 3)["accuracy"]["high"],
+    ) == (recorded["low"], recorded["high"])
     test = {k: v for k, v in meta["metrics"]["test"].items() if k != "intervals"}  # a run without them
     computed = metric_intervals(test, 3)
     y_true = np.repeat(np.repeat(np.arange(3), 3), np.ravel(test["confusion"]))
     y_pred = np.repeat(np.tile(np.arange(3), 3), np.ravel(test["confusion"]))
     assert computed["macro_f1"] == score_with_intervals(y_true, y_pred, 3)["macro_f1"]
     assert computed["accuracy"]["method"] == "wilson"
-    shapes = [{"accuracy_interval": [0.5, 0.99]}, {"intervals": {"accuracy": {"value": 1.0, "low": 0.5, "high": 0.99,
-                                                                              "method": "wilson"}}},
-              {"accuracy": {"value": 1.0, "low": 0.5, "high": 0.99, "method": "wilson"}}]
+    shapes = [
+        {"accuracy_interval": [0.5, 0.99]},
+        {"intervals": {"accuracy": {"value": 1.0, "low": 0.5, "high": 0.99, "method": "wilson"}}},
+        {"accuracy": {"value": 1.0, "low": 0.5, "high": 0.99, "method": "wilson"}},
+    ]
     for recorded in shapes:
         given = {**test, **recorded}
         assert (metric_intervals(given, 3)["accuracy"]["low"], metric_intervals(given, 3)["accuracy"]["high"]) == (0.5, 0.99)
@@ -168,9 +172,19 @@ def test_card_shows_a_comparison_the_run_holds(run):
     from transferkit.report.comparison import StrategyResult
 
     def row(strategy, trainable, epochs, seconds, memory, val, test):
-        return StrategyResult(strategy=strategy, label=strategy, trainable_params=trainable, total_params=3400000,
-                              epochs=epochs, seconds=seconds, peak_memory_mib=memory, val_accuracy=val, test_accuracy=test,
-                              macro_f1=test, train_per_class=8).row()
+        return StrategyResult(
+            strategy=strategy,
+            label=strategy,
+            trainable_params=trainable,
+            total_params=3400000,
+            epochs=epochs,
+            seconds=seconds,
+            peak_memory_mib=memory,
+            val_accuracy=val,
+            test_accuracy=test,
+            macro_f1=test,
+            train_per_class=8,
+        ).row()
 
     rows = [row("feature-extraction", 3843, 0, 1.5, 10.0, 1.0, 1.0), row("lp-ft", 3400000, 5, 40.0, 300.0, 0.98, 0.97)]
     text = model_card({**read_meta(run[0]), "comparison": {"results": rows}}, "run")
@@ -180,8 +194,11 @@ def test_card_shows_a_comparison_the_run_holds(run):
 
 def test_a_text_runs_card_says_how_transformers_loads_it(run):
     """The card of a text run's transferkit.json (pooling and max length in its data config) parses and loads."""
-    meta = read_meta(run[0]) | {"modality": "text", "data_config": {"pooling": "mean", "max_length": 64},
-                                "backbone": {"name": "minilm", "arch": "bert", "weights": "builtin"}}
+    meta = read_meta(run[0]) | {
+        "modality": "text",
+        "data_config": {"pooling": "mean", "max_length": 64},
+        "backbone": {"name": "minilm", "arch": "bert", "weights": "builtin"},
+    }
     card = ModelCard(model_card(meta, "reviews"))
     assert card.data.pipeline_tag == "text-classification" and card.data.library_name is None
     assert 'AutoModel.from_pretrained("reviews/encoder")' in card.text and "max_length=64" in card.text
@@ -211,8 +228,7 @@ def test_fit_downloads_from_the_hub_caches_and_works_offline(run, tmp_path):
     hub = LoopbackHub().start()
     hub.add_repo(HUB_REPO, lite0_repo_files(tmp_path))
     home = tmp_path / "hf"
-    args = ["fit", str(images), "--model", "tf_efficientnet_lite0.in1k", "--strategy", "feature-extraction",
-            "--image-size", "64", "-q"]
+    args = ["fit", str(images), "--model", "tf_efficientnet_lite0.in1k", "--strategy", "feature-extraction", "--image-size", "64", "-q"]
     try:
         cli(*args, "--out", str(tmp_path / "online"), env_extra=hub_env(hub, home))
     finally:
@@ -232,8 +248,7 @@ def test_fit_downloads_from_the_hub_caches_and_works_offline(run, tmp_path):
     assert len(hub.log) == requests
     assert read_meta(tmp_path / "offline")["metrics"]["test"] == online["metrics"]["test"]
 
-    failed = cli(*args, "--out", str(tmp_path / "none"), env_extra=hub_env(hub, tmp_path / "empty", HF_HUB_OFFLINE="1"),
-                 check=False)
+    failed = cli(*args, "--out", str(tmp_path / "none"), env_extra=hub_env(hub, tmp_path / "empty", HF_HUB_OFFLINE="1"), check=False)
     message = failed.stderr.strip()
     print(message)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr and message.count("\n") == 0
@@ -296,15 +311,13 @@ print(json.dumps({"timm_logits": logits, "labels": model.pretrained_cfg["label_n
 def load_back(env: dict, tmp_path) -> dict:
     """timm and transferkit load the pushed repository in a fresh process pointed at the loopback Hub."""
     code = LOAD_BACK.replace("EMPTY", repr(str(tmp_path / "anonymous-cache")))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_push_without_a_token_or_with_a_bad_repo_id_says_what_to_do(run, tmp_path):
-    proc = cli("push", str(run[0]), "me/colours", env_extra={"HF_HOME": str(tmp_path / "no-login")}, drop=("HF_TOKEN",),
-               check=False)
+    proc = cli("push", str(run[0]), "me/colours", env_extra={"HF_HOME": str(tmp_path / "no-login")}, drop=("HF_TOKEN",), check=False)
     assert proc.returncode == 2 and "hf auth login" in proc.stderr and "HF_TOKEN" in proc.stderr
     assert "Traceback" not in proc.stderr
     with pytest.raises(UsageError, match="owner/name"):
@@ -326,8 +339,7 @@ def test_int8_export_reports_accuracy_and_speed_and_predicts_alike(run, int8_run
     print(stdout)
     info = json.loads((run_dir / "model.int8.onnx.json").read_text())
     q = info["quantization"]
-    assert re.search(rf"Test accuracy \(n = 6\): fp32 {q['fp32_test_accuracy']:.4f}, int8 {q['int8_test_accuracy']:.4f}",
-                     stdout)
+    assert re.search(rf"Test accuracy \(n = 6\): fp32 {q['fp32_test_accuracy']:.4f}, int8 {q['int8_test_accuracy']:.4f}", stdout)
     assert f"int8 {q['speed_ratio']:.2f}x the fp32 speed" in stdout and q["drop_points"] <= 1
     assert "the run's 6 validation images" in q["calibration"] and (run_dir / "model.onnx").is_file()
     assert info["data_config"] == read_meta(run_dir)["data_config"]
@@ -337,8 +349,7 @@ def test_int8_export_reports_accuracy_and_speed_and_predicts_alike(run, int8_run
     assert int8.predict(files) == ImageClassifier.load(run_dir).predict(files)
     onnx_snippet = re.findall(r"```python\n(.*?)```", (run_dir / "README.md").read_text(), re.S)[1]
     scope = {}
-    exec(onnx_snippet.replace('"run/model.onnx"', repr(str(run_dir / "model.int8.onnx"))).replace("photo.jpg", str(files[0])),
-         scope)
+    exec(onnx_snippet.replace('"run/model.onnx"', repr(str(run_dir / "model.int8.onnx"))).replace("photo.jpg", str(files[0])), scope)
     assert scope["label"] == ImageClassifier.load(run_dir).predict([files[0]])[0]
 
 

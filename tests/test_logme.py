@@ -18,16 +18,26 @@ def direct_evidence(features: np.ndarray, y: np.ndarray, log_alpha: float, log_b
     a = alpha * np.eye(d) + beta * features.T @ features
     m = beta * np.linalg.solve(a, features.T @ y)
     _, logdet = np.linalg.slogdet(a)
-    return (n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi)
-            - beta / 2 * np.sum((features @ m - y) ** 2) - alpha / 2 * m @ m - logdet / 2)
+    return (
+        n / 2 * np.log(beta)
+        + d / 2 * np.log(alpha)
+        - n / 2 * np.log(2 * np.pi)
+        - beta / 2 * np.sum((features @ m - y) ** 2)
+        - alpha / 2 * m @ m
+        - logdet / 2
+    )
 
 
 def direct_maximum(features: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     """Best of Nelder-Mead runs over (log alpha, log beta) from several starts."""
     best = None
     for start in [(0.0, 0.0), (4.0, 2.0), (-2.0, 3.0), (6.0, -1.0)]:
-        res = scipy.optimize.minimize(lambda x: -direct_evidence(features, y, *x), start, method="Nelder-Mead",
-                                      options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 4000})
+        res = scipy.optimize.minimize(
+            lambda x: -direct_evidence(features, y, *x),
+            start,
+            method="Nelder-Mead",
+            options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 4000},
+        )
         if best is None or res.fun < best.fun:
             best = res
     return -best.fun, best.x
@@ -55,7 +65,8 @@ def test_fixed_point_reaches_the_direct_maximum(n, d, seed):
         assert np.log(beta[c]) == pytest.approx(log_beta, abs=1e-3)
         # And the spectral formula is the direct one at the same point.
         assert log_evidence(spectrum(features, targets[:, [c]]), alpha[[c]], beta[[c]])[0] == pytest.approx(
-            direct_evidence(features, targets[:, c], np.log(alpha[c]), np.log(beta[c])), rel=1e-9)
+            direct_evidence(features, targets[:, c], np.log(alpha[c]), np.log(beta[c])), rel=1e-9
+        )
 
 
 def test_score_is_the_mean_maximised_evidence_per_example():
@@ -92,9 +103,14 @@ def test_invariant_to_scale_rotation_order_and_class_names():
     perm = rng.permutation(80)
     names = np.array(["cat", "dog", "emu"])[labels]
     # Scaling F by c is absorbed by alpha -> alpha / c^2; an isotropic prior does not see rotations.
-    for variant in (logme_score(1e-3 * features, labels), logme_score(1e3 * features, labels),
-                    logme_score(features @ rotation, labels), logme_score(features[perm], labels[perm]),
-                    logme_score(features, (labels + 1) % 3), logme_score(features, names)):
+    for variant in (
+        logme_score(1e-3 * features, labels),
+        logme_score(1e3 * features, labels),
+        logme_score(features @ rotation, labels),
+        logme_score(features[perm], labels[perm]),
+        logme_score(features, (labels + 1) % 3),
+        logme_score(features, names),
+    ):
         assert variant == pytest.approx(base, rel=1e-9)
 
 
@@ -143,25 +159,31 @@ def test_kendall_tau_is_scipys():
     assert kendall_tau(a, -a).tau == pytest.approx(-1.0)
 
 
-@pytest.mark.parametrize(("a", "b", "message"), [
-    ([1.0, 2.0], [1.0, 2.0, 3.0], "same length"),
-    ([1.0], [2.0], "at least 2"),
-    ([1.0, np.nan, 2.0], [1.0, 2.0, 3.0], "a has a NaN"),
-    ([1.0, 2.0, 3.0], [5.0, 5.0, 5.0], "b is constant"),
-])
+@pytest.mark.parametrize(
+    ("a", "b", "message"),
+    [
+        ([1.0, 2.0], [1.0, 2.0, 3.0], "same length"),
+        ([1.0], [2.0], "at least 2"),
+        ([1.0, np.nan, 2.0], [1.0, 2.0, 3.0], "a has a NaN"),
+        ([1.0, 2.0, 3.0], [5.0, 5.0, 5.0], "b is constant"),
+    ],
+)
 def test_kendall_tau_refuses(a, b, message):
     with pytest.raises(UsageError, match=message):
         kendall_tau(np.array(a), np.array(b))
 
 
-@pytest.mark.parametrize(("features", "labels", "message"), [
-    (np.ones((10, 3)), np.zeros(10, dtype=int), "1 distinct class"),
-    (np.ones((10, 3)), np.arange(9) % 2, "one entry per row"),
-    (np.ones(10), np.arange(10) % 2, "must be 2-D"),
-    (np.where(np.eye(10, 3) == 1, np.nan, 1.0), np.arange(10) % 2, "NaN or infinite values in 3 rows .first: row 0"),
-    (np.ones((10, 3)), (np.arange(10) % 2).astype(float), "class ids"),
-    (np.zeros((10, 3)), np.arange(10) % 2, "all zero"),
-])
+@pytest.mark.parametrize(
+    ("features", "labels", "message"),
+    [
+        (np.ones((10, 3)), np.zeros(10, dtype=int), "1 distinct class"),
+        (np.ones((10, 3)), np.arange(9) % 2, "one entry per row"),
+        (np.ones(10), np.arange(10) % 2, "must be 2-D"),
+        (np.where(np.eye(10, 3) == 1, np.nan, 1.0), np.arange(10) % 2, "NaN or infinite values in 3 rows .first: row 0"),
+        (np.ones((10, 3)), (np.arange(10) % 2).astype(float), "class ids"),
+        (np.zeros((10, 3)), np.arange(10) % 2, "all zero"),
+    ],
+)
 def test_bad_input_is_refused_with_the_fix(features, labels, message):
     with pytest.raises(UsageError, match=message):
         logme_score(features, labels)

@@ -21,6 +21,7 @@ RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 160, 0)
 
 def bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header declaring width x height pixels, with (almost) no pixel data behind it."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -110,19 +111,25 @@ def test_messy_folder_exact_summary(messy_folder):
         "conflicting labels": [str(train / "cat" / "same.png"), str(train / "dog" / "same_copy.png")],
         "symlink loop": [str(train / "all"), str(train / "cat" / "sub" / "up")],
     }
-    assert s.warnings == {"duplicates_across_splits": [str(root / "test" / "cat" / "leak.png")],
-                          "empty_classes": [str(train / "empty")]}
+    assert s.warnings == {"duplicates_across_splits": [str(root / "test" / "cat" / "leak.png")], "empty_classes": [str(train / "empty")]}
     # 20 cat + 5 dog + 1 bird + 2 symlinks in train; 4 in val; 5 in test. Hidden files are not counted.
     assert s.found == 37 and s.n_skipped == 8
-    assert s.to_dict()["skipped"] == {"truncated": 1, "empty": 1, "unreadable": 1, "too large": 1,
-                                      "conflicting labels": 2, "symlink loop": 2}
+    assert s.to_dict()["skipped"] == {
+        "truncated": 1,
+        "empty": 1,
+        "unreadable": 1,
+        "too large": 1,
+        "conflicting labels": 2,
+        "symlink loop": 2,
+    }
     assert s.to_dict()["warnings"] == {"duplicates_across_splits": 1, "empty_classes": 1}
     assert splits.classes == ["bird", "cat", "dog"]
     assert splits.sizes() == {"train": 20, "val": 4, "test": 5}
     assert splits.train.class_counts() == {"bird": 1, "cat": 15, "dog": 4}
     line = s.line()
-    assert line.startswith(f"Skipped 8 of 37 files in {root} (2 conflicting labels, 1 empty, 2 symlink loop, "
-                           "1 too large, 1 truncated, 1 unreadable)")
+    assert line.startswith(
+        f"Skipped 8 of 37 files in {root} (2 conflicting labels, 1 empty, 2 symlink loop, 1 too large, 1 truncated, 1 unreadable)"
+    )
     assert "Warning: 1 val/test file(s) identical to a file in an earlier split" in line and "leak.png" in line
     every_path = [str(p) for part in (splits.train, splits.val, splits.test) for p in part.paths]
     assert not any("/." in p for p in every_path)  # hidden files and folders never enter

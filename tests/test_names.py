@@ -12,8 +12,10 @@ from transferkit.backbones import load_backbone, names
 from transferkit.backbones.names import canonical_name
 from transferkit.errors import ModelError, UsageError
 
-DEPRECATION = ("'efficientnet_lite0' now names the built-in for compatibility; from the next release it will mean timm's "
-               "efficientnet_lite0. Write 'builtin:efficientnet_lite0' for this one or 'timm:efficientnet_lite0' for timm's.")
+DEPRECATION = (
+    "'efficientnet_lite0' now names the built-in for compatibility; from the next release it will mean timm's "
+    "efficientnet_lite0. Write 'builtin:efficientnet_lite0' for this one or 'timm:efficientnet_lite0' for timm's."
+)
 
 
 @pytest.fixture
@@ -29,21 +31,31 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
 
-@pytest.mark.parametrize(("name", "shown"), [("timm:resnet50", "resnet50"), ("timm:resnet50.a1_in1k", "resnet50.a1_in1k"),
-                                             ("timm:efficientnet_lite0", "timm:efficientnet_lite0"),
-                                             ("builtin:efficientnet_lite1", "builtin:efficientnet_lite1"),
-                                             ("efficientnet_lite1", "efficientnet_lite1"), ("hf-hub:a/b", "hf-hub:a/b")])
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("timm:resnet50", "resnet50"),
+        ("timm:resnet50.a1_in1k", "resnet50.a1_in1k"),
+        ("timm:efficientnet_lite0", "timm:efficientnet_lite0"),
+        ("builtin:efficientnet_lite1", "builtin:efficientnet_lite1"),
+        ("efficientnet_lite1", "efficientnet_lite1"),
+        ("hf-hub:a/b", "hf-hub:a/b"),
+    ],
+)
 def test_canonical_names(name, shown):
     """timm:NAME is written bare, unless bare it would still mean the built-in (the one legacy name)."""
     assert canonical_name(name) == shown
 
 
-@pytest.mark.parametrize(("name", "shown", "arch"), [
-    ("timm:efficientnet_lite0", "timm:efficientnet_lite0", "efficientnet_lite0"),
-    ("efficientnet_lite1", "efficientnet_lite1", "efficientnet_lite1"),
-    ("tf_efficientnet_lite0", "tf_efficientnet_lite0", "tf_efficientnet_lite0"),
-    ("timm:resnet18", "resnet18", "resnet18"),
-])
+@pytest.mark.parametrize(
+    ("name", "shown", "arch"),
+    [
+        ("timm:efficientnet_lite0", "timm:efficientnet_lite0", "efficientnet_lite0"),
+        ("efficientnet_lite1", "efficientnet_lite1", "efficientnet_lite1"),
+        ("tf_efficientnet_lite0", "tf_efficientnet_lite0", "tf_efficientnet_lite0"),
+        ("timm:resnet18", "resnet18", "resnet18"),
+    ],
+)
 def test_timm_names_build_timm_models(name, shown, arch):
     bb = load_backbone(name, 3, weights="none")
     assert (bb.spec.name, bb.spec.arch, bb.spec.weights) == (shown, arch, "none")
@@ -76,8 +88,7 @@ def test_legacy_name_gives_the_builtin_with_one_deprecation_message(fresh_warnin
     assert [r.getMessage() for r in caplog.records if "now names" in r.getMessage()] == [DEPRECATION]
     assert caplog.records[0].name.startswith("transferkit.")
     for b in (bb, again):
-        assert (b.spec.name, b.spec.arch, b.spec.weights) == ("builtin:efficientnet_lite0", "tf_efficientnet_lite0",
-                                                              "builtin")
+        assert (b.spec.name, b.spec.arch, b.spec.weights) == ("builtin:efficientnet_lite0", "tf_efficientnet_lite0", "builtin")
 
 
 def test_builtin_names_never_warn(fresh_warnings, caplog):

@@ -46,8 +46,10 @@ def digits():
     dtype = resolve_precision("auto", CPU)
     feats = {}
     for name, engine, dt in (("torch-fp32", "torch", None), ("openvino", "openvino", dtype), ("openvino-fp32", "openvino", None)):
-        feats[name] = {s: extract_features(bb, getattr(splits, s), device=CPU, dtype=dt, engine=engine, progress=False,
-                                           workers=0).astype(np.float32) for s in ("train", "val", "test")}
+        feats[name] = {
+            s: extract_features(bb, getattr(splits, s), device=CPU, dtype=dt, engine=engine, progress=False, workers=0).astype(np.float32)
+            for s in ("train", "val", "test")
+        }
     return splits, bb, feats
 
 
@@ -55,8 +57,12 @@ def probe_accuracy(feats: dict, splits) -> float:
     from transferkit.training.probe import fit_linear_probe
 
     head = nn.Linear(feats["train"].shape[1], len(splits.classes))
-    fit_linear_probe(head, (torch.from_numpy(feats["train"]), torch.from_numpy(splits.train.labels)),
-                     (torch.from_numpy(feats["val"]), torch.from_numpy(splits.val.labels)), progress=False)
+    fit_linear_probe(
+        head,
+        (torch.from_numpy(feats["train"]), torch.from_numpy(splits.train.labels)),
+        (torch.from_numpy(feats["val"]), torch.from_numpy(splits.val.labels)),
+        progress=False,
+    )
     with torch.no_grad():
         pred = head(torch.from_numpy(feats["test"])).argmax(1).numpy()
     return float((pred == splits.test.labels).mean())
@@ -90,8 +96,10 @@ def test_predictions_equal_torch_on_the_digits_test_split(digits, tmp_path):
     assert clf.feature_cache_["engine"] == name
     clf.save(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "transferkit.json").read_text())["feature_cache"]["engine"] == name
-    pred = {(engine, precision): np.array(load_classifier(tmp_path / "run", engine=engine, precision=precision).predict(splits.test))
-            for engine, precision in (("openvino", "auto"), ("torch", "auto"), ("torch", "fp32"), ("openvino", "fp32"))}
+    pred = {
+        (engine, precision): np.array(load_classifier(tmp_path / "run", engine=engine, precision=precision).predict(splits.test))
+        for engine, precision in (("openvino", "auto"), ("torch", "auto"), ("torch", "fp32"), ("openvino", "fp32"))
+    }
     # Measured: OpenVINO fp32 = torch fp32 on 100%; OpenVINO bf16 = torch bf16 on 99.6%; either bf16 vs fp32 99.3-99.6%.
     assert (pred["openvino", "fp32"] == pred["torch", "fp32"]).mean() >= 0.995
     assert (pred["openvino", "auto"] == pred["torch", "auto"]).mean() >= 0.995

@@ -39,9 +39,11 @@ def colours(tmp_path_factory):
     return load_data(write_folder(tmp_path_factory.mktemp("prefix") / "colours", per_class=10), seed=0)
 
 
-@pytest.mark.parametrize("make", [lambda: load_backbone("builtin:efficientnet_lite0", 3),
-                                  lambda: load_backbone("resnet18", 3, weights="none"), small_vit],
-                         ids=["builtin:efficientnet_lite0", "resnet18", "vit"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: load_backbone("builtin:efficientnet_lite0", 3), lambda: load_backbone("resnet18", 3, weights="none"), small_vit],
+    ids=["builtin:efficientnet_lite0", "resnet18", "vit"],
+)
 def test_suffix_of_prefix_is_the_model_at_every_cut(make):
     bb = random_head_(make())
     bb.model.eval()
@@ -54,9 +56,9 @@ def test_suffix_of_prefix_is_the_model_at_every_cut(make):
             torch.testing.assert_close(split.suffix(split.prefix(x)), expected, rtol=0, atol=1e-5)
             trainable = {id(p) for p in split.suffix.parameters()}
             top_params = dict(bb.model.named_parameters())
-            for block in bb.blocks[len(bb.blocks) - top:]:  # the suffix holds the model's own tensors
+            for block in bb.blocks[len(bb.blocks) - top :]:  # the suffix holds the model's own tensors
                 assert all(id(top_params[n]) in trainable for n in block.param_names)
-            for block in bb.blocks[:len(bb.blocks) - top]:
+            for block in bb.blocks[: len(bb.blocks) - top]:
                 assert not any(id(top_params[n]) in trainable for n in block.param_names)
     assert split_frozen_prefix(bb, 0) == "every block is frozen"
     assert split_frozen_prefix(bb, len(bb.blocks)) == "nothing is frozen"
@@ -99,8 +101,10 @@ def test_prefix_key_changes_with_weights_preprocessing_and_cut_not_with_the_trai
     assert key() == base
     assert key(top=3) != base  # cut point
     assert key(config={**cfg, "input_size": (3, 96, 96)}) != base  # preprocessing
-    assert feature_key(bb, {**cfg, "mean": (0.4, 0.4, 0.4)}, "float32", ids, prefix_cut(split_frozen_prefix(bb, 2),
-                       cfg["input_size"]).name) != base
+    assert (
+        feature_key(bb, {**cfg, "mean": (0.4, 0.4, 0.4)}, "float32", ids, prefix_cut(split_frozen_prefix(bb, 2), cfg["input_size"]).name)
+        != base
+    )
     top = dict(bb.model.named_parameters())[bb.blocks[-1].param_names[0]]
     with torch.no_grad():
         top.add_(1.0)  # what fine-tuning changes: not an input of the cached part
@@ -131,13 +135,16 @@ def test_partial_finetune_trains_the_top_on_cached_outputs_and_reuses_them(colou
     np.testing.assert_allclose(again.predict_proba(colours.test), clf.predict_proba(colours.test), atol=1e-5)
 
 
-@pytest.mark.parametrize(("settings", "reason"), [
-    (dict(strategy="finetune:last=1", cache_budget_gb=0), "the cache budget is 0"),
-    (dict(strategy="finetune:last=1", augment="light"), "augment=light"),
-    (dict(strategy="finetune:last=1", cache=False), "the feature cache is off"),
-    (dict(strategy="gradual"), "gradual unfreezing"),
-    (dict(strategy="finetune:all"), "nothing is frozen"),
-])
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        (dict(strategy="finetune:last=1", cache_budget_gb=0), "the cache budget is 0"),
+        (dict(strategy="finetune:last=1", augment="light"), "augment=light"),
+        (dict(strategy="finetune:last=1", cache=False), "the feature cache is off"),
+        (dict(strategy="gradual"), "gradual unfreezing"),
+        (dict(strategy="finetune:all"), "nothing is frozen"),
+    ],
+)
 def test_prefix_cache_is_skipped_with_the_reason_recorded(colours, settings, reason):
     clf = ImageClassifier(**{**TINY, "epochs": 1, **settings}).fit(colours)
     note = clf.phases_[-1]["prefix_cache"]
@@ -147,12 +154,24 @@ def test_prefix_cache_is_skipped_with_the_reason_recorded(colours, settings, rea
 def test_cli_refuses_a_prefix_cache_over_the_budget_and_trains_on_images(tmp_path):
     data = write_folder(tmp_path / "colours", per_class=8)
     out = tmp_path / "run"
-    proc = run_cli("fit", str(data), "--strategy", "finetune:last=1", "--epochs", "1", "--image-size", "32",
-                   "--cache-budget", "0.000001", "--out", str(out), "-q")
+    proc = run_cli(
+        "fit",
+        str(data),
+        "--strategy",
+        "finetune:last=1",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--cache-budget",
+        "0.000001",
+        "--out",
+        str(out),
+        "-q",
+    )
     assert "Frozen-prefix cache refused" in proc.stderr and "--cache-budget" in proc.stderr
     note = json.loads((out / "transferkit.json").read_text())["strategy"]["phases"][-1]["prefix_cache"]
     assert not note["used"] and note["bytes"] > 1000
     # -q keeps warnings only; the cache's use is an info message
-    ok = run_cli("fit", str(data), "--strategy", "finetune:last=1", "--epochs", "1", "--image-size", "32",
-                 "--out", str(tmp_path / "run2"))
+    ok = run_cli("fit", str(data), "--strategy", "finetune:last=1", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "run2"))
     assert "Frozen-prefix cache: blocks up to" in ok.stderr

@@ -20,11 +20,21 @@ N = 1000
 def _score(model: str, n_right: int, latency: float, *, shift: int = 0) -> BackboneScore:
     """A backbone whose out-of-fold predictions get the first n_right examples right (rolled by shift)."""
     right = np.roll(np.arange(N) < n_right, shift)
-    costs = Costs(params=1_000_000, gflops=0.1, latency_ms_batch1=latency, latency_ms_batch32=latency / 8,
-                  feature_dim=1280, extraction_seconds=1.0, extraction="computed", peak_memory_mib=10.0, engine="torch")
+    costs = Costs(
+        params=1_000_000,
+        gflops=0.1,
+        latency_ms_batch1=latency,
+        latency_ms_batch32=latency / 8,
+        feature_dim=1280,
+        extraction_seconds=1.0,
+        extraction="computed",
+        peak_memory_mib=10.0,
+        engine="torch",
+    )
     cv = {"accuracy": right.mean(), "low": right.mean() - 0.02, "high": right.mean() + 0.02, "n": N, "k": 5}
-    return BackboneScore(model, cv, logme=float(n_right), test_accuracy=right.mean(), test_low=None, test_high=None,
-                         costs=costs, oof_correct=right)
+    return BackboneScore(
+        model, cv, logme=float(n_right), test_accuracy=right.mean(), test_low=None, test_high=None, costs=costs, oof_correct=right
+    )
 
 
 def test_the_fastest_backbone_within_noise_of_the_best_is_recommended_with_its_evidence():
@@ -106,8 +116,9 @@ def test_a_second_compare_models_run_reads_every_backbone_from_the_cache(ranked_
     _, _, (first, second) = ranked_twice
     for a, b in zip(first["backbone_ranking"]["scores"], second["backbone_ranking"]["scores"]):
         assert a["costs"]["extraction"] == "computed" and b["costs"]["extraction"] == "cached"
-    assert [s["cv"]["accuracy"] for s in first["backbone_ranking"]["scores"]] == \
-        [s["cv"]["accuracy"] for s in second["backbone_ranking"]["scores"]]
+    assert [s["cv"]["accuracy"] for s in first["backbone_ranking"]["scores"]] == [
+        s["cv"]["accuracy"] for s in second["backbone_ranking"]["scores"]
+    ]
 
 
 def test_the_pareto_chart_renders_in_headless_chromium(ranked_twice, tmp_path):
@@ -116,18 +127,20 @@ def test_the_pareto_chart_renders_in_headless_chromium(ranked_twice, tmp_path):
     text = html.read_text()
     assert "Backbones" in text and "accuracy vs latency, Pareto front" in text
     flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    dom = subprocess.run([chromium_path(), *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True,
-                         timeout=120)
+    dom = subprocess.run([chromium_path(), *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
     assert f'data-loaded="{text.count("<img ")}"' in dom.stdout and "data-failed" not in dom.stdout
     assert "## Backbones" in (root / "out1" / "report.md").read_text()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "builtin:efficientnet_lite0", "--models", "builtin:efficientnet_lite1"], "not both"),
-    (["--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite0"], "distinct"),
-    (["--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite1", "--cv", "0"], "--cv 0"),
-    (["--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite1", "--fractions", "0.5,1"], "one backbone"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "builtin:efficientnet_lite0", "--models", "builtin:efficientnet_lite1"], "not both"),
+        (["--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite0"], "distinct"),
+        (["--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite1", "--cv", "0"], "--cv 0"),
+        (["--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite1", "--fractions", "0.5,1"], "one backbone"),
+    ],
+)
 def test_contradictory_model_options_are_refused_before_any_work(args, message, tmp_path):
     proc = run_cli("compare", *args, "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
@@ -139,8 +152,9 @@ def test_fit_with_models_picks_the_backbone_by_the_probe_then_auto_decides_and_t
 
     data = write_folder(tmp_path / "colours", per_class=10)
     out = tmp_path / "run"
-    proc = run_cli("fit", str(data), "--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite1",
-                   "--image-size", "32", "--out", str(out), "-q")
+    proc = run_cli(
+        "fit", str(data), "--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite1", "--image-size", "32", "--out", str(out), "-q"
+    )
     meta = json.loads((out / "transferkit.json").read_text())
     choice = meta["backbone_choice"]
     scores = choice["ranking"]["scores"]
@@ -149,6 +163,15 @@ def test_fit_with_models_picks_the_backbone_by_the_probe_then_auto_decides_and_t
     assert choice["reason"].startswith(f"{choice['chosen']} ranks first of 2 backbones by the")
     assert "oof_correct" not in scores[0] and meta["strategy"]["requested"] == "auto" and meta["strategy"]["auto"]
     assert f"Backbone {choice['chosen']}" in proc.stdout and "auto chose" in proc.stdout
-    refused = run_cli("fit", str(data), "--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite1",
-                      "--model", "builtin:efficientnet_lite0", "--out", str(tmp_path / "r2"), check=False)
+    refused = run_cli(
+        "fit",
+        str(data),
+        "--models",
+        "builtin:efficientnet_lite0,builtin:efficientnet_lite1",
+        "--model",
+        "builtin:efficientnet_lite0",
+        "--out",
+        str(tmp_path / "r2"),
+        check=False,
+    )
     assert refused.returncode == 2 and "leave --model out" in refused.stderr

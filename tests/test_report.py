@@ -31,9 +31,17 @@ SCRIPT = "<script>alert(1)</script>"
 QUOTES = "&\"'"
 HOSTILE = (SCRIPT, QUOTES)
 CLASSES = [f"cat {SCRIPT}", f"dog {QUOTES}", "eel"]  # eel never appears in y_true: an absent class
-COMPARISON_SECTIONS = ["Side by side", "Value of pretraining", f"Paired differences against finetune {QUOTES}",
-                       "Accuracy vs training time", "Calibration", "Learning curves", "Per strategy",
-                       "Resolved configurations", "Versions"]
+COMPARISON_SECTIONS = [
+    "Side by side",
+    "Value of pretraining",
+    f"Paired differences against finetune {QUOTES}",
+    "Accuracy vs training time",
+    "Calibration",
+    "Learning curves",
+    "Per strategy",
+    "Resolved configurations",
+    "Versions",
+]
 FIT_SECTIONS = ["Per class", "Strategy and phases", "Training configuration"]
 
 
@@ -72,21 +80,41 @@ def _test_metrics() -> dict:
 
 
 def _result(strategy: str, label: str, test_accuracy: float, seconds: float, train_per_class: float = 8.0) -> StrategyResult:
-    return StrategyResult(strategy=strategy, label=label, trainable_params=3843 if strategy == "feature-extraction" else 11_000_000,
-                          total_params=11_000_000, epochs=0 if strategy == "feature-extraction" else 2, seconds=seconds,
-                          peak_memory_mib=12.0, val_accuracy=test_accuracy, test_accuracy=test_accuracy, macro_f1=0.5,
-                          train_per_class=train_per_class, metrics=_test_metrics())
+    return StrategyResult(
+        strategy=strategy,
+        label=label,
+        trainable_params=3843 if strategy == "feature-extraction" else 11_000_000,
+        total_params=11_000_000,
+        epochs=0 if strategy == "feature-extraction" else 2,
+        seconds=seconds,
+        peak_memory_mib=12.0,
+        val_accuracy=test_accuracy,
+        test_accuracy=test_accuracy,
+        macro_f1=0.5,
+        train_per_class=train_per_class,
+        metrics=_test_metrics(),
+    )
 
 
 @pytest.fixture(scope="module")
 def comparison() -> Comparison:
-    results = [_result("feature-extraction", f"feature-extraction {SCRIPT}", 0.70, 2.0),
-               _result("finetune:last=1", f"finetune {QUOTES}", 0.80, 20.0)]
+    results = [
+        _result("feature-extraction", f"feature-extraction {SCRIPT}", 0.70, 2.0),
+        _result("finetune:last=1", f"finetune {QUOTES}", 0.80, 20.0),
+    ]
     curve = [_result(r.strategy, r.label, acc, 1.0, n) for r in results for n, acc in ((4.0, 0.5), (8.0, r.test_accuracy))]
-    return Comparison(data=f"folder {SCRIPT} {QUOTES}", model="resnet18", seed=0, results=results, curve=curve,
-                      baseline=_result("finetune:last=1", "random init", 0.40, 20.0),
-                      configs={"note": SCRIPT + QUOTES}, machine={"cores": 2, "host": QUOTES},
-                      split_sizes={"train": 24, "val": 6, "test": 24}, versions={"transferkit": SCRIPT})
+    return Comparison(
+        data=f"folder {SCRIPT} {QUOTES}",
+        model="resnet18",
+        seed=0,
+        results=results,
+        curve=curve,
+        baseline=_result("finetune:last=1", "random init", 0.40, 20.0),
+        configs={"note": SCRIPT + QUOTES},
+        machine={"cores": 2, "host": QUOTES},
+        split_sizes={"train": 24, "val": 6, "test": 24},
+        versions={"transferkit": SCRIPT},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +125,13 @@ def comparison_page(comparison) -> str:
 @pytest.fixture(scope="module")
 def fit_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fit")
-    meta = {"metrics": {"test": _test_metrics()}, "classes": CLASSES, "backbone": {"name": f"net {QUOTES}"},
-            "strategy": {"spec": f"feature-extraction {SCRIPT}", "phases": [{"train": "head", "lr": 1e-3}]},
-            "training": {"batch_size": 8, "comment": SCRIPT}}
+    meta = {
+        "metrics": {"test": _test_metrics()},
+        "classes": CLASSES,
+        "backbone": {"name": f"net {QUOTES}"},
+        "strategy": {"spec": f"feature-extraction {SCRIPT}", "phases": [{"train": "head", "lr": 1e-3}]},
+        "training": {"batch_size": 8, "comment": SCRIPT},
+    }
     history = [{"epoch": i, "train_acc": 0.5 + 0.1 * i, "val_acc": 0.4 + 0.1 * i} for i in range(3)]
     assert write_fit_report(out, meta, history) == out / "report.html"
     return out

@@ -8,16 +8,24 @@ from transferkit.runs.directory import FORMAT_VERSION, load_run, validate_meta
 
 
 def good_meta():
-    return {"format_version": FORMAT_VERSION, "backbone": {"arch": "tf_efficientnet_lite0"}, "classes": ["a", "b"],
-            "data_config": {"input_size": [3, 64, 64]}, "strategy": {"spec": "feature-extraction"}}
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": {"arch": "tf_efficientnet_lite0"},
+        "classes": ["a", "b"],
+        "data_config": {"input_size": [3, 64, 64]},
+        "strategy": {"spec": "feature-extraction"},
+    }
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda m: m.pop("classes"), "lacks field 'classes'"),
-    (lambda m: m.update(format_version=99), "Upgrade transferkit"),
-    (lambda m: m.update(format_version="1"), "no integer format_version"),
-    (lambda m: m.update(classes=[1, 2]), "list of strings"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("classes"), "lacks field 'classes'"),
+        (lambda m: m.update(format_version=99), "Upgrade transferkit"),
+        (lambda m: m.update(format_version="1"), "no integer format_version"),
+        (lambda m: m.update(classes=[1, 2]), "list of strings"),
+    ],
+)
 def test_invalid_manifests_are_explained(tmp_path, edit, message):
     meta = good_meta()
     edit(meta)

@@ -46,8 +46,12 @@ class Server:
     def __init__(self, args: list[str], log_dir: Path):
         self.out, self.err = log_dir / "serve.out", log_dir / "serve.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", *args, "--port", "0"],
-                                         stdout=out, stderr=err, env={**os.environ, "COLUMNS": "200"})
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "transferkit", "serve", *args, "--port", "0"],
+                stdout=out,
+                stderr=err,
+                env={**os.environ, "COLUMNS": "200"},
+            )
         self.host, self.port = self._address()
         self._wait_healthy()
 
@@ -84,8 +88,9 @@ class Server:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                conn: http.client.HTTPConnection | None = None) -> tuple[int, dict | str]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, conn: http.client.HTTPConnection | None = None
+    ) -> tuple[int, dict | str]:
         own = conn is None
         conn = conn or self.connection()
         try:
@@ -138,8 +143,15 @@ class Server:
 def multipart(files: list[tuple[str, bytes]], field: str = "files") -> tuple[bytes, str]:
     """A multipart/form-data body with each (name, bytes) as a file part named `field`."""
     boundary = "transferkit-test-boundary-7d1f"
-    parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
-              f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n" for name, data in files]
+    parts = [
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + b"\r\n"
+        for name, data in files
+    ]
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
@@ -151,6 +163,7 @@ def encoded(img: Image.Image, fmt: str, **options) -> bytes:
 
 def png_declaring(width: int, height: int) -> bytes:
     """A small PNG whose header declares width x height pixels: a decompression bomb, refused by its header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -175,8 +188,22 @@ def images(tmp_path_factory) -> list[Path]:
     """Files the run never saw: odd sizes, PNG and JPEG, grey and RGBA among them."""
     root = tmp_path_factory.mktemp("inputs")
     files = []
-    for i, (size, mode) in enumerate([(23, "RGB"), (40, "L"), (57, "RGB"), (64, "RGBA"), (80, "RGB"), (101, "RGB"),
-                                      (33, "RGB"), (150, "L"), (48, "RGB"), (71, "RGBA"), (90, "RGB"), (64, "RGB")]):
+    for i, (size, mode) in enumerate(
+        [
+            (23, "RGB"),
+            (40, "L"),
+            (57, "RGB"),
+            (64, "RGBA"),
+            (80, "RGB"),
+            (101, "RGB"),
+            (33, "RGB"),
+            (150, "L"),
+            (48, "RGB"),
+            (71, "RGBA"),
+            (90, "RGB"),
+            (64, "RGB"),
+        ]
+    ):
         colour = list(COLOURS.values())[i % 3]
         img = make_image(colour, 5000 + i, size=size, mode=mode)
         path = root / f"in{i:02d}.{'png' if mode == 'RGBA' or i % 2 else 'jpg'}"
@@ -210,8 +237,7 @@ def test_answers_equal_the_predict_command_on_the_same_files(server, trained, im
         status, single = server.post_files(uploads([path]), top_k=3)
         got = single["predictions"][0]["predictions"]
         assert [p["label"] for p in got] == [p["label"] for p in expected["predictions"]]
-        assert np.allclose([p["probability"] for p in got], [p["probability"] for p in expected["predictions"]],
-                           atol=1e-6)
+        assert np.allclose([p["probability"] for p in got], [p["probability"] for p in expected["predictions"]], atol=1e-6)
 
 
 def test_info_health_and_docs(server, trained):
@@ -245,8 +271,10 @@ def test_a_large_request_leaves_the_server_responsive(server):
             answered_during.append(time.perf_counter() - t)
         time.sleep(0.02)
     worker.join()
-    print(f"8 x 9 MP in {time.perf_counter() - started:.2f} s; {len(answered_during)} /healthz answered meanwhile, "
-          f"slowest {max(answered_during, default=0) * 1000:.0f} ms")
+    print(
+        f"8 x 9 MP in {time.perf_counter() - started:.2f} s; {len(answered_during)} /healthz answered meanwhile, "
+        f"slowest {max(answered_during, default=0) * 1000:.0f} ms"
+    )
     assert result["answer"][0] == 200 and len(result["answer"][1]["predictions"]) == 8
     assert answered_during
 
@@ -261,23 +289,27 @@ def bad_requests(server, images) -> dict[str, tuple]:
     body, kind = files([("notes.jpg", b"just some text, not an image\n" * 20)])
     cases = {"not an image": (422, "not an image", ("POST", "/predict", body, {"content-type": kind}))}
     jpeg = encoded(make_image((200, 40, 40), 3, size=80), "JPEG")
-    for name, data, status, word in [("truncated", jpeg[:len(jpeg) // 2], 422, "truncated"),
-                                     ("empty file", b"", 422, "empty"),
-                                     ("decompression bomb", png_declaring(30000, 30000), 413, "pixels")]:
+    for name, data, status, word in [
+        ("truncated", jpeg[: len(jpeg) // 2], 422, "truncated"),
+        ("empty file", b"", 422, "empty"),
+        ("decompression bomb", png_declaring(30000, 30000), 413, "pixels"),
+    ]:
         body, kind = files([(f"{name}.png", data)])
         cases[name] = (status, word, ("POST", "/predict", body, {"content-type": kind}))
     body, kind = files([("a.jpg", good)], field="image")
     cases["missing field"] = (422, "no field 'files'", ("POST", "/predict", body, {"content-type": kind}))
     body, kind = files([(f"{i}.jpg", good) for i in range(17)])
     cases["too many files"] = (413, "at most 16", ("POST", "/predict", body, {"content-type": kind}))
-    cases["wrong content type"] = (415, "multipart/form-data", ("POST", "/predict", b'{"texts": ["a"]}',
-                                                                {"content-type": "application/json"}))
+    cases["wrong content type"] = (
+        415,
+        "multipart/form-data",
+        ("POST", "/predict", b'{"texts": ["a"]}', {"content-type": "application/json"}),
+    )
     cases["no content type"] = (415, "no content type", ("POST", "/predict", good, {}))
     cases["no boundary"] = (400, "boundary", ("POST", "/predict", body, {"content-type": "multipart/form-data"}))
     cases["garbage multipart"] = (400, "multipart", ("POST", "/predict", b"\x00\xff" * 50, {"content-type": kind}))
-    text_part = b"--b\r\nContent-Disposition: form-data; name=\"files\"\r\n\r\nhello\r\n--b--\r\n"
-    cases["text, not a file"] = (422, "not files", ("POST", "/predict", text_part,
-                                                    {"content-type": "multipart/form-data; boundary=b"}))
+    text_part = b'--b\r\nContent-Disposition: form-data; name="files"\r\n\r\nhello\r\n--b--\r\n'
+    cases["text, not a file"] = (422, "not files", ("POST", "/predict", text_part, {"content-type": "multipart/form-data; boundary=b"}))
     cases["top_k 0"] = (422, "top_k", ("POST", "/predict?top_k=0", body, {"content-type": kind}))
     cases["top_k text"] = (422, "top_k", ("POST", "/predict?top_k=many", body, {"content-type": kind}))
     cases["unknown path"] = (404, "/nowhere", ("GET", "/nowhere", None, {}))
@@ -334,8 +366,7 @@ def test_the_page_classifies_an_image_in_headless_chromium(server, images, tmp_p
     expected = server.post_files(uploads([images[2]]), top_k=5)[1]["predictions"][0]["predictions"]
     requested, failed = [], []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, headless=True,
-                                    args=[f for f in CHROMIUM_FLAGS if f != "--headless"])
+        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=[f for f in CHROMIUM_FLAGS if f != "--headless"])
         page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
         page.on("request", lambda r: requested.append(r.url))
         page.on("requestfailed", lambda r: failed.append(r.url))
@@ -380,8 +411,11 @@ def test_bounded_load_zero_errors_and_batched(server, images):
                 continue
             latencies.append(time.perf_counter() - t)
             got = answer["predictions"][0]["predictions"][0] if status == 200 else None
-            if got is None or got["label"] != expected[path.name]["label"] or \
-                    abs(got["probability"] - expected[path.name]["probability"]) > 1e-6:
+            if (
+                got is None
+                or got["label"] != expected[path.name]["label"]
+                or abs(got["probability"] - expected[path.name]["probability"]) > 1e-6
+            ):
                 errors.append(f"{path.name}: {status} {answer}")
         conn.close()
 
@@ -392,8 +426,10 @@ def test_bounded_load_zero_errors_and_batched(server, images):
     after = server.get("/healthz")[1]
     batches, inputs = after["batches"] - before["batches"], after["inputs"] - before["inputs"]
     q = statistics.quantiles(latencies, n=100)
-    print(f"{requests} requests at concurrency {concurrency}: {requests / wall:.0f} req/s, p50 {q[49] * 1000:.1f} ms, "
-          f"p95 {q[94] * 1000:.1f} ms; {batches} batches, {inputs / max(batches, 1):.1f} images per batch")
+    print(
+        f"{requests} requests at concurrency {concurrency}: {requests / wall:.0f} req/s, p50 {q[49] * 1000:.1f} ms, "
+        f"p95 {q[94] * 1000:.1f} ms; {batches} batches, {inputs / max(batches, 1):.1f} images per batch"
+    )
     assert not errors, errors[:5]
     assert len(latencies) == requests and inputs == requests
     assert batches < requests  # requests that arrived together shared forward passes
@@ -434,9 +470,14 @@ def test_text_run_served_and_a_request_in_flight_survives_sigterm(text_run, tmp_
     texts = ["The striker scored twice in the final.", "Rain and wind all weekend.", "The app crashed again."]
     srv = Server([str(text_run), "-q"], tmp_path)
     try:
-        refusals = [srv.request("POST", "/predict", b"{not json", {"content-type": "application/json"}),
-                    srv.post_json({"text": "singular"}), srv.post_json({"texts": []}), srv.post_json({"texts": [3]}),
-                    srv.post_json({"texts": ["   "]}), srv.post_files([("a.jpg", b"x")])]
+        refusals = [
+            srv.request("POST", "/predict", b"{not json", {"content-type": "application/json"}),
+            srv.post_json({"text": "singular"}),
+            srv.post_json({"texts": []}),
+            srv.post_json({"texts": [3]}),
+            srv.post_json({"texts": ["   "]}),
+            srv.post_files([("a.jpg", b"x")]),
+        ]
         body = json.dumps({"texts": texts}).encode()
         # A request in flight: part of its body sent when SIGTERM arrives, the rest after.
         conn = srv.start_post("/predict?top_k=2", "application/json", len(body), body[:20])

@@ -28,21 +28,35 @@ def tiny_splits(tmp_path_factory):
     return load_data(write_folder(tmp_path_factory.mktemp("tiny") / "colours", per_class=10), seed=0)
 
 
-@pytest.mark.parametrize(("spec", "expected"), [
-    ("feature-extraction", Strategy("feature-extraction")), ("linear-probe", Strategy("feature-extraction")),
-    ("transfer", Strategy("feature-extraction")), ("finetune", Strategy("finetune", None)),
-    ("finetune:all", Strategy("finetune", None)), ("finetune:last=3", Strategy("finetune", 3)),
-    ("LP-FT", Strategy("lp-ft")), ("gradual", Strategy("gradual")), ("auto", Strategy("auto")),
-])
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("feature-extraction", Strategy("feature-extraction")),
+        ("linear-probe", Strategy("feature-extraction")),
+        ("transfer", Strategy("feature-extraction")),
+        ("finetune", Strategy("finetune", None)),
+        ("finetune:all", Strategy("finetune", None)),
+        ("finetune:last=3", Strategy("finetune", 3)),
+        ("LP-FT", Strategy("lp-ft")),
+        ("gradual", Strategy("gradual")),
+        ("auto", Strategy("auto")),
+    ],
+)
 def test_parse_strategy(spec, expected):
     assert parse_strategy(spec) == expected
     assert parse_strategy(expected.spec) == expected
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("finetune:last=0", "N >= 1"), ("finetune:first=2", "finetune:last=N"), ("fientune", "Did you mean: finetune"),
-    ("lp-ft:3", "takes no argument"), ("", "non-empty"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("finetune:last=0", "N >= 1"),
+        ("finetune:first=2", "finetune:last=N"),
+        ("fientune", "Did you mean: finetune"),
+        ("lp-ft:3", "takes no argument"),
+        ("", "non-empty"),
+    ],
+)
 def test_bad_strategy_specs_explain_the_valid_forms(spec, message):
     with pytest.raises(UsageError, match=message):
         parse_strategy(spec)
@@ -62,7 +76,7 @@ def test_strategy_freezes_what_it_declares_and_groups_cover_trainables_once(spec
             k = 0 if phase.on_features else phase.trainable_count(n, epoch)
             set_trainable_(bb, k)
             trainable = {name for name, p in bb.model.named_parameters() if p.requires_grad}
-            declared = set(bb.head_param_names) | {p for b in bb.blocks[n - k:] for p in b.param_names} if k else set(bb.head_param_names)
+            declared = set(bb.head_param_names) | {p for b in bb.blocks[n - k :] for p in b.param_names} if k else set(bb.head_param_names)
             assert trainable == declared, (spec, phase.name, epoch)
             groups = param_groups(bb, k, 0.1, 0.8, 0.01)
             ids = [id(p) for g in groups for p in g["params"]]
@@ -132,8 +146,24 @@ def test_bn_modes_match_requires_grad():
 
 
 def _fit_args(out):
-    return [sys.executable, "-m", "transferkit", "fit", "digits", "--strategy", "finetune:last=1", "--epochs", "3",
-            "--image-size", "32", "--out", str(out), "-q", "--precision", "fp32"]
+    return [
+        sys.executable,
+        "-m",
+        "transferkit",
+        "fit",
+        "digits",
+        "--strategy",
+        "finetune:last=1",
+        "--epochs",
+        "3",
+        "--image-size",
+        "32",
+        "--out",
+        str(out),
+        "-q",
+        "--precision",
+        "fp32",
+    ]
 
 
 def test_sigint_saves_and_resume_equals_an_uninterrupted_run(tmp_path):

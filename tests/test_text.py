@@ -30,9 +30,29 @@ def topics(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finetuned_run(topics, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "t"
-    proc = run_cli("fit", str(topics), "--text-column", "text", "--label-column", "label", "--model", "minilm",
-                   "--strategy", "finetune:last=1", "--max-length", "32", "--epochs", "1", "--batch-size", "16",
-                   "--precision", "fp32", "--out", str(out), "-q")
+    proc = run_cli(
+        "fit",
+        str(topics),
+        "--text-column",
+        "text",
+        "--label-column",
+        "label",
+        "--model",
+        "minilm",
+        "--strategy",
+        "finetune:last=1",
+        "--max-length",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+        "-q",
+    )
     return out, proc
 
 
@@ -77,8 +97,7 @@ def test_cli_predict_strings_and_a_file_of_lines(finetuned_run, tmp_path):
 def test_lora_trains_only_adapters_and_head_and_round_trips(topics, tmp_path):
     clf = TextClassifier("minilm", strategy="lora", **FAST).fit(topics)
     trainable = [n for n, p in clf.model_.named_parameters() if p.requires_grad]
-    assert trainable and all(".lora_A." in n or ".lora_B." in n or n.endswith(("head.weight", "head.bias"))
-                             for n in trainable)
+    assert trainable and all(".lora_A." in n or ".lora_B." in n or n.endswith(("head.weight", "head.bias")) for n in trainable)
     assert sum(".lora_" in n for n in trainable) == 6 * 6 * 2  # 6 layers x (q, k, v, attn out, MLP in, MLP out) x (A, B)
     acc = clf.metrics_["test"]["accuracy"]
     print(f"lora test accuracy {acc:.4f}")
@@ -93,8 +112,7 @@ def test_lora_trains_only_adapters_and_head_and_round_trips(topics, tmp_path):
 
 def test_lora_on_a_small_vit(tmp_path):
     splits = load_data(write_folder(tmp_path / "colours", per_class=8), seed=0)
-    clf = ImageClassifier("test_vit", weights="none", strategy="lora", epochs=1, batch_size=8, progress=False,
-                          precision="fp32").fit(splits)
+    clf = ImageClassifier("test_vit", weights="none", strategy="lora", epochs=1, batch_size=8, progress=False, precision="fp32").fit(splits)
     trainable = {n for n, p in clf.model_.named_parameters() if p.requires_grad}
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n}
     assert adapted == {"qkv", "proj", "fc1", "fc2"}
@@ -109,8 +127,9 @@ def test_lora_on_a_small_vit(tmp_path):
 def test_lora_run_resumes_from_its_checkpoint(tmp_path):
     """A checkpoint taken after the lora phase holds adapter weights: resume adds the adapters before loading them."""
     splits = load_data(write_folder(tmp_path / "colours", per_class=8), seed=0)
-    settings = dict(weights="none", strategy="lora", epochs=1, batch_size=8, progress=False, precision="fp32",
-                    checkpoint_dir=tmp_path / "checkpoints")
+    settings = dict(
+        weights="none", strategy="lora", epochs=1, batch_size=8, progress=False, precision="fp32", checkpoint_dir=tmp_path / "checkpoints"
+    )
     first = ImageClassifier("test_vit", **settings).fit(splits)
     again = ImageClassifier("test_vit", resume=True, **settings).fit(splits)
     np.testing.assert_array_equal(again.decision_function(splits.test), first.decision_function(splits.test))
@@ -129,8 +148,21 @@ def test_blocks_are_embeddings_then_the_transformer_layers():
 
 def test_cli_compare_on_text(tmp_path):
     data = write_text_csv(tmp_path / "small.tsv", topic_sentences(15, seed=1), delimiter="\t")
-    proc = run_cli("compare", str(data), "--strategies", "feature-extraction,finetune:last=1", "--epochs", "1",
-                   "--max-length", "32", "--batch-size", "16", "--out", str(tmp_path / "cmp"), "-q")
+    proc = run_cli(
+        "compare",
+        str(data),
+        "--strategies",
+        "feature-extraction,finetune:last=1",
+        "--epochs",
+        "1",
+        "--max-length",
+        "32",
+        "--batch-size",
+        "16",
+        "--out",
+        str(tmp_path / "cmp"),
+        "-q",
+    )
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [r["strategy"] for r in result["results"]] == ["feature-extraction", "finetune:last=1"]
     assert result["results"][0]["trainable_params"] == 4 * 384 + 4  # the head only

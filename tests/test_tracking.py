@@ -38,8 +38,7 @@ def mlflow_runs(uri: str) -> tuple[MlflowClient, list]:
 
 def test_fit_logs_to_tensorboard_live_per_epoch(image_folder, tmp_path):
     out = tmp_path / "plants"
-    run_cli("fit", str(image_folder), "--strategy", "finetune:last=1", "--epochs", "2", "--out", str(out), *TINY,
-            "--log", "tensorboard")
+    run_cli("fit", str(image_folder), "--strategy", "finetune:last=1", "--epochs", "2", "--out", str(out), *TINY, "--log", "tensorboard")
     meta = json.loads((out / "transferkit.json").read_text())
     runs = list((out / "tensorboard").iterdir())
     assert [r.name for r in runs] == ["plants-finetune_last=1"]
@@ -63,20 +62,38 @@ def test_fit_logs_to_tensorboard_live_per_epoch(image_folder, tmp_path):
     assert texts(events, "status") == ["FINISHED"]
     assert (runs[0] / "report.html").read_bytes() == (out / "report.html").read_bytes()
     hparams = plugin_data_pb2.HParamsPluginData.FromString(
-        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info.hparams
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info.hparams
     assert hparams["strategy"].string_value == "finetune:last=1" and hparams["epochs"].number_value == 2
 
 
 def test_compare_logs_one_mlflow_run_per_strategy_under_a_parent(tmp_path):
     data = write_folder(tmp_path / "colours", per_class=10)
     out = tmp_path / "cmp"
-    run_cli("compare", str(data), "--strategies", "feature-extraction,finetune:last=1", "--epochs", "1", "--out", str(out),
-            *TINY, "--log", "mlflow", cwd=tmp_path)
+    run_cli(
+        "compare",
+        str(data),
+        "--strategies",
+        "feature-extraction,finetune:last=1",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        *TINY,
+        "--log",
+        "mlflow",
+        cwd=tmp_path,
+    )
     client, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}")
     parent, *children = runs
     assert parent.info.run_name == "cmp-compare" and parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"report.html", "report.md", "compare.json",
-                                                                            "summary.md", "doctor.html"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+        "report.html",
+        "report.md",
+        "compare.json",
+        "summary.md",
+        "doctor.html",
+    }
     results = {r["strategy"]: r for r in json.loads((out / "compare.json").read_text())["results"]}
     assert [c.info.run_name for c in children] == list(results)
     assert parent.data.params["winner"] in results
@@ -109,18 +126,19 @@ def test_python_api_logs_to_mlflow_tracking_uri_and_marks_failures(image_folder,
     assert done.data.metrics["test_accuracy"] == metrics["test"]["accuracy"]
     assert done.data.metrics["train_seconds"] == metrics["train_seconds"]
     assert done.data.params["model"] == "builtin:efficientnet_lite0" and done.data.params["auto"] == "not used"
-    assert {a.path for a in client.list_artifacts(done.info.run_id)} == {"report.html", "metrics.json",
-                                                                          "transferkit.json", "summary.md"}
+    assert {a.path for a in client.list_artifacts(done.info.run_id)} == {"report.html", "metrics.json", "transferkit.json", "summary.md"}
     assert (tmp_path / "shared" / "mlartifacts").is_dir()
 
 
 def test_without_log_nothing_is_written_and_no_tracking_library_is_imported(image_folder, tmp_path):
     out = tmp_path / "run"
-    code = (f"import sys\nfrom transferkit.cli.app import app\n"
-            f"try:\n    app(['fit', {str(image_folder)!r}, '--strategy', 'feature-extraction', '--out', {str(out)!r}, "
-            f"'--image-size', '32', '-q'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard', 'sqlalchemy', 'alembic') "
-            "or m.startswith('torch.utils.tensorboard')))")
+    code = (
+        f"import sys\nfrom transferkit.cli.app import app\n"
+        f"try:\n    app(['fit', {str(image_folder)!r}, '--strategy', 'feature-extraction', '--out', {str(out)!r}, "
+        f"'--image-size', '32', '-q'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard', 'sqlalchemy', 'alembic') "
+        "or m.startswith('torch.utils.tensorboard')))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"

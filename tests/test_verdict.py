@@ -11,14 +11,32 @@ N = 268  # the digits demo's test images
 
 def _result(strategy: str, right: list[np.ndarray], seconds: float) -> StrategyResult:
     """A strategy whose seeds got the examples marked True right (true label 0, predicted 0 when right, else 1)."""
-    runs = [{"seed": i, "test_accuracy": float(r.mean()), "val_accuracy": float(r.mean()), "seconds": seconds,
-             "predictions": {"id": [f"img{j}" for j in range(N)], "true": [0] * N, "pred": (~r).astype(int).tolist(),
-                             "prob": [0.9] * N}} for i, r in enumerate(right)]
+    runs = [
+        {
+            "seed": i,
+            "test_accuracy": float(r.mean()),
+            "val_accuracy": float(r.mean()),
+            "seconds": seconds,
+            "predictions": {"id": [f"img{j}" for j in range(N)], "true": [0] * N, "pred": (~r).astype(int).tolist(), "prob": [0.9] * N},
+        }
+        for i, r in enumerate(right)
+    ]
     acc = float(np.mean([r.mean() for r in right]))
-    return StrategyResult(strategy=strategy, label=strategy, trainable_params=1000, total_params=10_000,
-                          epochs=0 if strategy == "feature-extraction" else 5, seconds=seconds, peak_memory_mib=10.0,
-                          val_accuracy=acc, test_accuracy=acc, macro_f1=acc, train_per_class=20.0,
-                          metrics={"predictions": runs[0]["predictions"]}, runs=runs)
+    return StrategyResult(
+        strategy=strategy,
+        label=strategy,
+        trainable_params=1000,
+        total_params=10_000,
+        epochs=0 if strategy == "feature-extraction" else 5,
+        seconds=seconds,
+        peak_memory_mib=10.0,
+        val_accuracy=acc,
+        test_accuracy=acc,
+        macro_f1=acc,
+        train_per_class=20.0,
+        metrics={"predictions": runs[0]["predictions"]},
+        runs=runs,
+    )
 
 
 def _comparison(*results: StrategyResult, seeds: int = 1) -> Comparison:
@@ -70,9 +88,14 @@ def test_the_same_strategy_with_two_seeds_is_noise_and_the_table_shows_the_sprea
     assert "## Paired differences against finetune:last=2" in comparison_markdown(c)
 
 
-@pytest.mark.parametrize("seconds,phrase", [((1.0, 40.0), "1/40 of the training time of b"),
-                                            ((19.0, 2.0), "9.5x slower to train than b"),
-                                            ((2.0, 2.02), "about the same training time as b")])
+@pytest.mark.parametrize(
+    "seconds,phrase",
+    [
+        ((1.0, 40.0), "1/40 of the training time of b"),
+        ((19.0, 2.0), "9.5x slower to train than b"),
+        ((2.0, 2.02), "about the same training time as b"),
+    ],
+)
 def test_costs_read_right(seconds, phrase):
     from transferkit.compare.verdict import cost_phrase
 
@@ -85,8 +108,17 @@ def test_a_winner_whose_interval_starts_just_above_zero_never_prints_a_zero_end(
     from transferkit.compare.verdict import _points
     from transferkit.stats.paired import PairedDifference
 
-    d = PairedDifference(n=268, accuracy_a=0.994, accuracy_b=0.984, difference=0.0104, low=0.0004, high=0.021,
-                         mcnemar_p=0.016, only_a_correct=4, only_b_correct=0)
+    d = PairedDifference(
+        n=268,
+        accuracy_a=0.994,
+        accuracy_b=0.984,
+        difference=0.0104,
+        low=0.0004,
+        high=0.021,
+        mcnemar_p=0.016,
+        only_a_correct=4,
+        only_b_correct=0,
+    )
     assert "(95% CI 0.04-2.1;" in _points(d)
     assert "(95% CI 0.0-" not in _points(d)
 

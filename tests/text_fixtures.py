@@ -7,18 +7,50 @@ import random
 from pathlib import Path
 
 TOPICS = {
-    "sports": (["the striker", "our goalkeeper", "the coach", "the home team", "the tennis player", "the runner"],
-               ["scored twice in the final", "missed the penalty", "won the championship", "trained before the match",
-                "broke the sprint record", "lost the semifinal"]),
-    "cooking": (["my grandmother", "the chef", "the baker", "our neighbour", "the restaurant", "the student"],
-                ["baked fresh bread with rosemary", "simmered the tomato sauce", "chopped onions for the soup",
-                 "roasted vegetables in the oven", "whisked eggs for an omelette", "seasoned the stew with pepper"]),
-    "weather": (["the forecast", "the morning", "the coast", "the valley", "the weekend", "the afternoon"],
-                ["brings heavy rain and wind", "turned cold and foggy", "expects snow in the hills",
-                 "was sunny and very warm", "warned of a thunderstorm", "stayed humid with light showers"]),
-    "technology": (["the new laptop", "the software update", "my phone", "the server", "the startup", "the app"],
-                   ["crashed after installing the driver", "ships with a faster processor", "needs more memory",
-                    "encrypts every message", "released an open source library", "synced the files to the cloud"]),
+    "sports": (
+        ["the striker", "our goalkeeper", "the coach", "the home team", "the tennis player", "the runner"],
+        [
+            "scored twice in the final",
+            "missed the penalty",
+            "won the championship",
+            "trained before the match",
+            "broke the sprint record",
+            "lost the semifinal",
+        ],
+    ),
+    "cooking": (
+        ["my grandmother", "the chef", "the baker", "our neighbour", "the restaurant", "the student"],
+        [
+            "baked fresh bread with rosemary",
+            "simmered the tomato sauce",
+            "chopped onions for the soup",
+            "roasted vegetables in the oven",
+            "whisked eggs for an omelette",
+            "seasoned the stew with pepper",
+        ],
+    ),
+    "weather": (
+        ["the forecast", "the morning", "the coast", "the valley", "the weekend", "the afternoon"],
+        [
+            "brings heavy rain and wind",
+            "turned cold and foggy",
+            "expects snow in the hills",
+            "was sunny and very warm",
+            "warned of a thunderstorm",
+            "stayed humid with light showers",
+        ],
+    ),
+    "technology": (
+        ["the new laptop", "the software update", "my phone", "the server", "the startup", "the app"],
+        [
+            "crashed after installing the driver",
+            "ships with a faster processor",
+            "needs more memory",
+            "encrypts every message",
+            "released an open source library",
+            "synced the files to the cloud",
+        ],
+    ),
 }
 OPENERS = ["", "Yesterday ", "I heard that ", "Apparently ", "This week ", "Honestly, "]
 

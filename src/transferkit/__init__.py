@@ -17,10 +17,17 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 LAZY = {
-    "ImageClassifier": "transferkit.classifier", "TextClassifier": "transferkit.classifier",
-    "load_classifier": "transferkit.classifier", "diagnose": "transferkit.doctor.diagnose", "Diagnosis": "transferkit.doctor.findings",
-    "TransferkitError": "transferkit.errors", "UsageError": "transferkit.errors", "DataError": "transferkit.errors",
-    "ModelError": "transferkit.errors", "RunError": "transferkit.errors", "NotFittedError": "transferkit.errors",
+    "ImageClassifier": "transferkit.classifier",
+    "TextClassifier": "transferkit.classifier",
+    "load_classifier": "transferkit.classifier",
+    "diagnose": "transferkit.doctor.diagnose",
+    "Diagnosis": "transferkit.doctor.findings",
+    "TransferkitError": "transferkit.errors",
+    "UsageError": "transferkit.errors",
+    "DataError": "transferkit.errors",
+    "ModelError": "transferkit.errors",
+    "RunError": "transferkit.errors",
+    "NotFittedError": "transferkit.errors",
 }
 
 __all__ = [*LAZY, "__version__"]

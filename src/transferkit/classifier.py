@@ -28,8 +28,20 @@ from transferkit.training.strategies import BN_POLICIES, parse_strategy
 # Settings only one modality has: given to the other classifier they are refused with the reason.
 IMAGE_ONLY = ("image_size", "bn", "augment", "cache_budget_gb")
 TEXT_ONLY = ("max_length", "pooling", "text_column", "label_column")
-FITTED = ("backbone_", "model_", "classes_", "data_config_", "strategy_", "decision_", "config_", "phases_",
-          "history_", "metrics_", "data_summary_", "feature_cache_")
+FITTED = (
+    "backbone_",
+    "model_",
+    "classes_",
+    "data_config_",
+    "strategy_",
+    "decision_",
+    "config_",
+    "phases_",
+    "history_",
+    "metrics_",
+    "data_summary_",
+    "feature_cache_",
+)
 
 
 class _Classifier(BaseEstimator):
@@ -47,10 +59,14 @@ class _Classifier(BaseEstimator):
         if unknown:
             name = next(iter(unknown))
             if name in self._other_only:
-                raise UsageError(f"{name} only applies to {'texts' if self.modality == 'image' else 'images'}; "
-                                 f"{type(self).__name__} does not take it. Leave it out.")
-            raise UsageError(f"{type(self).__name__} got an unknown setting '{name}'."
-                             f"{did_you_mean(name, self._get_param_names())} Valid: {', '.join(self._get_param_names())}.")
+                raise UsageError(
+                    f"{name} only applies to {'texts' if self.modality == 'image' else 'images'}; "
+                    f"{type(self).__name__} does not take it. Leave it out."
+                )
+            raise UsageError(
+                f"{type(self).__name__} got an unknown setting '{name}'."
+                f"{did_you_mean(name, self._get_param_names())} Valid: {', '.join(self._get_param_names())}."
+            )
 
     # ------------------------------------------------------------------ fit
 
@@ -61,10 +77,19 @@ class _Classifier(BaseEstimator):
         from transferkit.training.fit import FitRequest, fit
 
         cfg, strategy = self.check_settings()
-        request = FitRequest(lambda seed: self._splits(X, y, seed), self.new_backbone, strategy,
-                             bn=getattr(self, "bn", BN_POLICIES[0]), cache=self.cache, cache_budget_gb=self._cache_budget(),
-                             progress=self.progress, checkpoint_dir=self.checkpoint_dir, resume=self.resume,
-                             tracker=self.tracker, tracked=self._tracked())
+        request = FitRequest(
+            lambda seed: self._splits(X, y, seed),
+            self.new_backbone,
+            strategy,
+            bn=getattr(self, "bn", BN_POLICIES[0]),
+            cache=self.cache,
+            cache_budget_gb=self._cache_budget(),
+            progress=self.progress,
+            checkpoint_dir=self.checkpoint_dir,
+            resume=self.resume,
+            tracker=self.tracker,
+            tracked=self._tracked(),
+        )
         self._set_fitted(fit(request, cfg))
         self.backbone_choice_ = backbone_choice
         # the report's gallery and doctor, rendered now so that the fitted estimator does not keep the examples
@@ -97,24 +122,29 @@ class _Classifier(BaseEstimator):
         from transferkit.training.config import TrainConfig
 
         names = [k for k in self._get_param_names() if k != "tracker" and k not in TrainConfig.names()]
-        own = {k: v if isinstance(v, int | float | bool | type(None)) else str(v) for k, v in
-               ((k, getattr(self, k)) for k in names)}
+        own = {k: v if isinstance(v, int | float | bool | type(None)) else str(v) for k, v in ((k, getattr(self, k)) for k in names)}
         return own | {"model": self.model or DEFAULT_BACKBONES[self.modality], "strategy_requested": own.pop("strategy")}
 
     # ------------------------------------------------------------------ predict
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "model_"):
-            raise NotFittedError(f"This {type(self).__name__} is not fitted yet: call fit(...) or "
-                                 f"{type(self).__name__}.load(run_dir).")
+            raise NotFittedError(f"This {type(self).__name__} is not fitted yet: call fit(...) or {type(self).__name__}.load(run_dir).")
 
     def decision_function(self, X, batch_size: int = 64):
         """Raw logits, one row per input (columns follow `classes_`)."""
         from transferkit.inference.extraction import predict_examples
 
         self._check_fitted()
-        return predict_examples(self.backbone_, self._as_examples(X), len(self.classes_), batch_size=batch_size,
-                                device=self.device, precision=self.precision, engine=self.engine or self.config_.engine)
+        return predict_examples(
+            self.backbone_,
+            self._as_examples(X),
+            len(self.classes_),
+            batch_size=batch_size,
+            device=self.device,
+            precision=self.precision,
+            engine=self.engine or self.config_.engine,
+        )
 
     def predict_proba(self, X, batch_size: int = 64):
         """Class probabilities, one row per input (columns follow `classes_`)."""
@@ -139,8 +169,7 @@ class _Classifier(BaseEstimator):
         if isinstance(X, Examples):
             return X
         if y is None:
-            return load_eval(X, self.classes_, modality=self.modality, strict=self.strict,
-                             **self._eval_columns())[0]
+            return load_eval(X, self.classes_, modality=self.modality, strict=self.strict, **self._eval_columns())[0]
         return self._as_examples(X, [str(v) for v in y])
 
     def _eval_columns(self) -> dict:
@@ -225,17 +254,43 @@ class ImageClassifier(_Classifier):
 
     modality, _other_only = "image", TEXT_ONLY
 
-    def __init__(self, model: str | None = None, *, strategy: str = "auto", weights: str | Path | None = None,
-                 image_size: int | None = None, bn: str = BN_POLICIES[0], augment: str | None = None,
-                 split: Sequence[float] = DEFAULT_SPLIT, strict: bool = False, cache: bool = True,
-                 cache_budget_gb: float | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                 progress: bool = False, tracker=None, epochs: int | None = None, head_epochs: int | None = None,
-                 lr: float | None = None, backbone_lr_scale: float | None = None, layer_decay: float | None = None,
-                 weight_decay: float | None = None, optimizer: str | None = None, class_weights: str | None = None,
-                 batch_size: int | None = None, label_smoothing: float | None = None, grad_clip: float | None = None,
-                 accumulate: int | None = None, patience: int | None = None, seed: int | None = None,
-                 device: str | None = None, precision: str | None = None, workers: int | None = None,
-                 engine: str | None = None, **unknown):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        strategy: str = "auto",
+        weights: str | Path | None = None,
+        image_size: int | None = None,
+        bn: str = BN_POLICIES[0],
+        augment: str | None = None,
+        split: Sequence[float] = DEFAULT_SPLIT,
+        strict: bool = False,
+        cache: bool = True,
+        cache_budget_gb: float | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = False,
+        tracker=None,
+        epochs: int | None = None,
+        head_epochs: int | None = None,
+        lr: float | None = None,
+        backbone_lr_scale: float | None = None,
+        layer_decay: float | None = None,
+        weight_decay: float | None = None,
+        optimizer: str | None = None,
+        class_weights: str | None = None,
+        batch_size: int | None = None,
+        label_smoothing: float | None = None,
+        grad_clip: float | None = None,
+        accumulate: int | None = None,
+        patience: int | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        precision: str | None = None,
+        workers: int | None = None,
+        engine: str | None = None,
+        **unknown,
+    ):
         self._store(locals())
 
     def _validate_modality_settings(self) -> None:
@@ -296,17 +351,43 @@ class TextClassifier(_Classifier):
 
     modality, _other_only = "text", IMAGE_ONLY
 
-    def __init__(self, model: str | None = None, *, strategy: str = "auto", weights: str | None = None,
-                 max_length: int | None = None, pooling: str = "auto", text_column: str | None = None,
-                 label_column: str | None = None, split: Sequence[float] = DEFAULT_SPLIT, strict: bool = False,
-                 cache: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                 progress: bool = False, tracker=None, epochs: int | None = None, head_epochs: int | None = None,
-                 lr: float | None = None, backbone_lr_scale: float | None = None, layer_decay: float | None = None,
-                 weight_decay: float | None = None, optimizer: str | None = None, class_weights: str | None = None,
-                 batch_size: int | None = None, label_smoothing: float | None = None, grad_clip: float | None = None,
-                 accumulate: int | None = None, patience: int | None = None, seed: int | None = None,
-                 device: str | None = None, precision: str | None = None, workers: int | None = None,
-                 engine: str | None = None, **unknown):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        strategy: str = "auto",
+        weights: str | None = None,
+        max_length: int | None = None,
+        pooling: str = "auto",
+        text_column: str | None = None,
+        label_column: str | None = None,
+        split: Sequence[float] = DEFAULT_SPLIT,
+        strict: bool = False,
+        cache: bool = True,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = False,
+        tracker=None,
+        epochs: int | None = None,
+        head_epochs: int | None = None,
+        lr: float | None = None,
+        backbone_lr_scale: float | None = None,
+        layer_decay: float | None = None,
+        weight_decay: float | None = None,
+        optimizer: str | None = None,
+        class_weights: str | None = None,
+        batch_size: int | None = None,
+        label_smoothing: float | None = None,
+        grad_clip: float | None = None,
+        accumulate: int | None = None,
+        patience: int | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        precision: str | None = None,
+        workers: int | None = None,
+        engine: str | None = None,
+        **unknown,
+    ):
         self._store(locals())
 
     def _validate_modality_settings(self) -> None:

@@ -55,8 +55,9 @@ def refuse_torchrun(command: str) -> None:
         UsageError: this process was launched by torchrun with more than one process.
     """
     if launched():
-        raise UsageError(f"`transferkit {command}` runs in one process; only `fit` is distributed. Run it without "
-                         "torchrun (or with --nproc_per_node 1).")
+        raise UsageError(
+            f"`transferkit {command}` runs in one process; only `fit` is distributed. Run it without torchrun (or with --nproc_per_node 1)."
+        )
 
 
 def active() -> bool:
@@ -95,19 +96,23 @@ def join(device: torch.device) -> torch.device:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if device.index is not None:
-            raise UsageError(f"--device {device} names one GPU, but under torchrun each process takes the GPU of its "
-                             "LOCAL_RANK. Pass --device cuda (or auto); choose GPUs with CUDA_VISIBLE_DEVICES.")
+            raise UsageError(
+                f"--device {device} names one GPU, but under torchrun each process takes the GPU of its "
+                "LOCAL_RANK. Pass --device cuda (or auto); choose GPUs with CUDA_VISIBLE_DEVICES."
+            )
         if local >= torch.cuda.device_count():
-            raise UsageError(f"torchrun started process LOCAL_RANK={local}, but this node has only "
-                             f"{torch.cuda.device_count()} GPU(s). Use --nproc_per_node {torch.cuda.device_count()}.")
+            raise UsageError(
+                f"torchrun started process LOCAL_RANK={local}, but this node has only "
+                f"{torch.cuda.device_count()} GPU(s). Use --nproc_per_node {torch.cuda.device_count()}."
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise UsageError(f"Distributed training runs on CUDA (NCCL) or CPU (gloo); got --device {device}. "
-                         "Pass --device cuda or --device cpu.")
+        raise UsageError(
+            f"Distributed training runs on CUDA (NCCL) or CPU (gloo); got --device {device}. Pass --device cuda or --device cpu."
+        )
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
         atexit.register(leave)
     return device
 
@@ -201,13 +206,13 @@ def local_batch(batch_size: int, world: int | None = None) -> int:
     w = world_size() if world is None else world
     if batch_size % w:
         lower, upper = batch_size // w * w, -(-batch_size // w) * w
-        raise UsageError(f"--batch-size {batch_size} is the global batch and must split evenly over the {w} processes; "
-                         f"use {lower or w} or {upper}.")
+        raise UsageError(
+            f"--batch-size {batch_size} is the global batch and must split evenly over the {w} processes; use {lower or w} or {upper}."
+        )
     return batch_size // w
 
 
-def train_sampler(n: int, seed: int, rank_: int | None = None,
-                  world: int | None = None) -> torch.utils.data.DistributedSampler:
+def train_sampler(n: int, seed: int, rank_: int | None = None, world: int | None = None) -> torch.utils.data.DistributedSampler:
     """A seeded shuffle of range(n), its rank-`rank_` share; call `set_epoch(epoch)` before each epoch.
 
     One process uses it too (world 1), so a run's data order depends on seed and epoch
@@ -216,9 +221,14 @@ def train_sampler(n: int, seed: int, rank_: int | None = None,
     The permutation is cut to a multiple of W (drop_last) so that every process gets as
     many batches and no image counts twice.
     """
-    return torch.utils.data.DistributedSampler(range(n), num_replicas=world_size() if world is None else world,
-                                               rank=rank() if rank_ is None else rank_, shuffle=True, seed=seed,
-                                               drop_last=True)
+    return torch.utils.data.DistributedSampler(
+        range(n),
+        num_replicas=world_size() if world is None else world,
+        rank=rank() if rank_ is None else rank_,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+    )
 
 
 class Replicas:

@@ -15,6 +15,14 @@ _console = Console(stderr=True)
 
 def make_progress(enabled: bool = True) -> Progress:
     """A rich progress bar on stderr; disabled (silent) when `enabled` is False or stderr is not a terminal."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=_console, transient=True,
-                    disable=not enabled or not _console.is_terminal)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=_console,
+        transient=True,
+        disable=not enabled or not _console.is_terminal,
+    )

@@ -231,9 +231,11 @@ class MLflowTracker(Tracker):
             tags = {"mlflow.parentRunId": self.parent_id} if self.parent_id else {}
             self.run_id = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags).info.run_id
         except MlflowException as e:
-            raise TrackingError(f"MLflow refused tracking URI {self.uri!r}: {e.message[:500]} Use a database URI such as "
-                                "sqlite:///PATH/mlflow.db (--log-to or MLFLOW_TRACKING_URI), or set "
-                                "MLFLOW_ALLOW_FILE_STORE=true to keep a ./mlruns folder store.") from e
+            raise TrackingError(
+                f"MLflow refused tracking URI {self.uri!r}: {e.message[:500]} Use a database URI such as "
+                "sqlite:///PATH/mlflow.db (--log-to or MLFLOW_TRACKING_URI), or set "
+                "MLFLOW_ALLOW_FILE_STORE=true to keep a ./mlruns folder store."
+            ) from e
 
     def _experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
@@ -249,7 +251,7 @@ class MLflowTracker(Tracker):
 
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=items[i : i + PARAMS_PER_BATCH])
 
     def _write_metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -273,7 +275,7 @@ def sqlite_artifact_root(uri: str) -> str | None:
     """
     if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
         return None
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
 
 
 # --------------------------------------------------------------------------- opening a run
@@ -282,8 +284,9 @@ def sqlite_artifact_root(uri: str) -> str | None:
 def _require(backend: str, modules: Sequence[str]) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise TrackingError(f"--log {backend} needs the Python package(s) {', '.join(missing)}, which are not installed. "
-                            f"Install the log extra: {INSTALL}")
+        raise TrackingError(
+            f"--log {backend} needs the Python package(s) {', '.join(missing)}, which are not installed. Install the log extra: {INSTALL}"
+        )
 
 
 def create_tracker(backend: str, *, out: str | Path, to: str | None = None) -> Tracker:
@@ -309,7 +312,7 @@ def create_tracker(backend: str, *, out: str | Path, to: str | None = None) -> T
     # mlflow is mlflow-skinny's (or full mlflow's) package; a database store also needs SQLAlchemy and Alembic.
     _require(backend, ("mlflow", "sqlalchemy", "alembic") if uri.startswith("sqlite") else ("mlflow",))
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     return MLflowTracker(uri, experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
 
 
@@ -357,27 +360,40 @@ class FitLog:
         """`meta`: the fitted run's transferkit.json content."""
         if self.tracker is None:
             return
-        self.tracker.log_params({"strategy": meta["strategy"]["spec"], "auto": meta["strategy"]["auto"] or "not used",
-                                 "feature_cache": meta["feature_cache"] or "not used"})
+        self.tracker.log_params(
+            {
+                "strategy": meta["strategy"]["spec"],
+                "auto": meta["strategy"]["auto"] or "not used",
+                "feature_cache": meta["feature_cache"] or "not used",
+            }
+        )
         self.tracker.log_metrics(fit_results(meta["metrics"]))
 
 
 def fit_results(metrics: dict) -> dict[str, float]:
     """The numbers a fit ends with, under the names both backends log them as."""
     test = metrics["test"]
-    return {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
-            "test_top5_accuracy": test["top5_accuracy"], "val_accuracy": metrics["val_accuracy"],
-            "train_seconds": metrics["train_seconds"]}
+    return {
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "test_top5_accuracy": test["top5_accuracy"],
+        "val_accuracy": metrics["val_accuracy"],
+        "train_seconds": metrics["train_seconds"],
+    }
 
 
 def fit_summary(meta: dict) -> str:
     """A markdown summary of a fit (TensorBoard's text tab, MLflow's summary.md), from its transferkit.json."""
     m, sizes = meta["metrics"], meta["metrics"]["split_sizes"]
     noun = "texts" if meta.get("modality") == "text" else "images"
-    lines = [f"# transferkit fit: {meta['strategy']['spec']} on {meta['backbone']['name']}", "",
-             f"Test accuracy **{m['test']['accuracy']:.4f}**, macro-F1 {m['test']['macro_f1']:.4f}, "
-             f"val accuracy {m['val_accuracy']:.4f}, {m['train_seconds']:.1f} s.", "",
-             f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {noun}, {len(meta['classes'])} classes."]
+    lines = [
+        f"# transferkit fit: {meta['strategy']['spec']} on {meta['backbone']['name']}",
+        "",
+        f"Test accuracy **{m['test']['accuracy']:.4f}**, macro-F1 {m['test']['macro_f1']:.4f}, "
+        f"val accuracy {m['val_accuracy']:.4f}, {m['train_seconds']:.1f} s.",
+        "",
+        f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {noun}, {len(meta['classes'])} classes.",
+    ]
     auto = meta["strategy"].get("auto")
     if auto:
         lines += ["", f"auto chose {auto['chosen']}: {auto['reason']}"]
@@ -404,8 +420,15 @@ def log_comparison(tracker: Tracker, comparison: dict, paths: dict[str, Path]) -
     """The parent run of a compare (its compare.json content): settings, the winner, and the reports written."""
     results = comparison["results"]
     best = next(r for r in results if r["strategy"] == comparison["winner"])
-    tracker.log_params({"data": comparison["data"], "model": comparison["model"], "seed": comparison["seed"],
-                        "strategies": [r["strategy"] for r in results], "split_sizes": comparison["split_sizes"],
-                        "winner": comparison["winner"]})
+    tracker.log_params(
+        {
+            "data": comparison["data"],
+            "model": comparison["model"],
+            "seed": comparison["seed"],
+            "strategies": [r["strategy"] for r in results],
+            "split_sizes": comparison["split_sizes"],
+            "winner": comparison["winner"],
+        }
+    )
     tracker.log_metrics({"best_test_accuracy": best["test_accuracy"], "best_macro_f1": best["macro_f1"]})
     tracker.log_report(list(paths.values()), paths["markdown"].read_text(encoding="utf-8"))

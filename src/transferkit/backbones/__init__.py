@@ -49,8 +49,9 @@ def model_modality(name: str) -> str | None:
     return None
 
 
-def load_backbone(name: str | None = None, num_classes: int = 1000, *, modality: str | None = None,
-                  weights: str | Path | None = None, **options) -> Backbone:
+def load_backbone(
+    name: str | None = None, num_classes: int = 1000, *, modality: str | None = None, weights: str | Path | None = None, **options
+) -> Backbone:
     """A pretrained backbone of `modality` with a new, zeroed head for `num_classes`.
 
     Args:
@@ -75,8 +76,10 @@ def refuse_other_modality(name: str, modality: str) -> None:
     other = model_modality(name)
     if other is not None and other != modality:
         default = DEFAULT_BACKBONES[modality]
-        raise UsageError(f"--model {name} is a {other} model, and this data is {modality}s. Use a {modality} backbone "
-                         f"(the built-in {default}, or see: transferkit models), or give {other} data.")
+        raise UsageError(
+            f"--model {name} is a {other} model, and this data is {modality}s. Use a {modality} backbone "
+            f"(the built-in {default}, or see: transferkit models), or give {other} data."
+        )
 
 
 def read_trained(run_dir: Path, meta: dict) -> Backbone:
@@ -94,8 +97,27 @@ def list_models(filter: str = "") -> dict[str, list[str]]:
     return found
 
 
-__all__ = ["Backbone", "BackboneSpec", "Block", "ImageBackbone", "TextBackbone", "BACKBONE_TYPES", "BUILTIN_BACKBONES",
-           "BUILTIN_TEXT_BACKBONES", "DEFAULT_BACKBONE", "DEFAULT_TEXT_BACKBONE", "DEFAULT_BACKBONES", "load_backbone",
-           "load_image_backbone", "load_text_backbone", "model_modality", "read_trained", "list_models", "resolve_arch",
-           "canonical_name", "timm_name",
-           "is_text_model", "refuse_other_modality"]
+__all__ = [
+    "Backbone",
+    "BackboneSpec",
+    "Block",
+    "ImageBackbone",
+    "TextBackbone",
+    "BACKBONE_TYPES",
+    "BUILTIN_BACKBONES",
+    "BUILTIN_TEXT_BACKBONES",
+    "DEFAULT_BACKBONE",
+    "DEFAULT_TEXT_BACKBONE",
+    "DEFAULT_BACKBONES",
+    "load_backbone",
+    "load_image_backbone",
+    "load_text_backbone",
+    "model_modality",
+    "read_trained",
+    "list_models",
+    "resolve_arch",
+    "canonical_name",
+    "timm_name",
+    "is_text_model",
+    "refuse_other_modality",
+]

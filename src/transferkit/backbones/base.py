@@ -125,12 +125,16 @@ class Backbone:
         """What `transferkit inspect` shows: blocks with parameter counts, feature size, input config."""
         counts = self.param_counts()
         return {
-            "name": self.spec.name, "arch": self.spec.arch, "weights": self.spec.weights, "modality": self.modality,
-            "feature_dim": self.num_features, "total_params": counts["total"],
-            "blocks": [{"index": i, "name": b.name, "params": counts[b.name], "tensors": len(b.param_names)}
-                       for i, b in enumerate(self.blocks)],
-            "head": {"name": self.head_param_names[0].rsplit(".", 1)[0], "params": counts["head"],
-                     "classes": self.num_classes},
+            "name": self.spec.name,
+            "arch": self.spec.arch,
+            "weights": self.spec.weights,
+            "modality": self.modality,
+            "feature_dim": self.num_features,
+            "total_params": counts["total"],
+            "blocks": [
+                {"index": i, "name": b.name, "params": counts[b.name], "tensors": len(b.param_names)} for i, b in enumerate(self.blocks)
+            ],
+            "head": {"name": self.head_param_names[0].rsplit(".", 1)[0], "params": counts["head"], "classes": self.num_classes},
             "input": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
         }
 

@@ -18,7 +18,7 @@ def set_trainable_(bb: Backbone, top_blocks: int) -> list[str]:
     params = dict(bb.model.named_parameters())
     for p in params.values():
         p.requires_grad_(False)
-    chosen = bb.blocks[len(bb.blocks) - top_blocks:] if top_blocks > 0 else []
+    chosen = bb.blocks[len(bb.blocks) - top_blocks :] if top_blocks > 0 else []
     for name in bb.head_param_names + tuple(n for b in chosen for n in b.param_names):
         params[name].requires_grad_(True)
     return [b.name for b in chosen]
@@ -41,8 +41,7 @@ def set_bn_modes_(bb: Backbone, policy: str) -> int:
     return n
 
 
-def param_groups(bb: Backbone, top_blocks: int, backbone_lr_scale: float, layer_decay: float,
-                 weight_decay: float) -> list[dict]:
+def param_groups(bb: Backbone, top_blocks: int, backbone_lr_scale: float, layer_decay: float, weight_decay: float) -> list[dict]:
     """Optimizer groups: the head at scale 1, the top block at `backbone_lr_scale`, each block below it
     multiplied by `layer_decay` once more (timm-style layer-wise decay).
 
@@ -50,13 +49,14 @@ def param_groups(bb: Backbone, top_blocks: int, backbone_lr_scale: float, layer_
     (0 for 1-D parameters: decaying a bias or a norm's scale only shrinks what normalisation undoes).
     """
     params = dict(bb.model.named_parameters())
-    chosen = bb.blocks[len(bb.blocks) - top_blocks:] if top_blocks > 0 else []
+    chosen = bb.blocks[len(bb.blocks) - top_blocks :] if top_blocks > 0 else []
     units = [("head", bb.head_param_names, 1.0)]
-    units += [(b.name, b.param_names, backbone_lr_scale * layer_decay ** depth) for depth, b in enumerate(reversed(chosen))]
+    units += [(b.name, b.param_names, backbone_lr_scale * layer_decay**depth) for depth, b in enumerate(reversed(chosen))]
     groups = []
     for name, names, scale in units:
         tensors = [params[n] for n in names]
         decay, no_decay = [p for p in tensors if p.ndim > 1], [p for p in tensors if p.ndim <= 1]
-        groups += [{"name": name, "params": ps, "lr_scale": scale, "weight_decay": wd}
-                   for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+        groups += [
+            {"name": name, "params": ps, "lr_scale": scale, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps
+        ]
     return groups

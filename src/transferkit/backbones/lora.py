@@ -39,9 +39,11 @@ def lora_targets(bb) -> list[str]:
     in_blocks = {n for b in bb.blocks for n in b.param_names}
     targets = [name for name, m in bb.model.named_modules() if isinstance(m, nn.Linear) and f"{name}.weight" in in_blocks]
     if not targets:
-        raise UsageError(f"Strategy 'lora' adapts the Linear layers of a transformer's blocks; '{bb.spec.name}' has none "
-                         "(a convolutional network?). Use finetune:last=N for it, or a transformer (vit_*, deit_*, a "
-                         "text encoder).")
+        raise UsageError(
+            f"Strategy 'lora' adapts the Linear layers of a transformer's blocks; '{bb.spec.name}' has none "
+            "(a convolutional network?). Use finetune:last=N for it, or a transformer (vit_*, deit_*, a "
+            "text encoder)."
+        )
     return targets
 
 
@@ -65,14 +67,13 @@ def add_adapters_(bb, rank: int = LORA_RANK, alpha: int = LORA_ALPHA) -> list[st
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(bb)
-    bb.model = get_peft_model(bb.model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
-                                                   bias="none"))
+    bb.model = get_peft_model(bb.model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none"))
     bb.head_param_names = tuple(_PREFIX + n for n in bb.head_param_names)
     adapters = [n for n, _ in bb.model.named_parameters() if ".lora_" in n]
     blocks = []
     for block in bb.blocks:
         own = set(block.param_names)
-        names = tuple(n for n in adapters if n[len(_PREFIX):].split(".lora_")[0] + ".weight" in own)
+        names = tuple(n for n in adapters if n[len(_PREFIX) :].split(".lora_")[0] + ".weight" in own)
         if names:
             blocks.append(Block(f"{block.name} (lora)", names))
     bb.blocks = blocks

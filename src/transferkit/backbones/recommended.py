@@ -51,11 +51,9 @@ RECOMMENDED: tuple[Recommended, ...] = (
     Recommended("vit_small_patch16_224.augreg_in21k_ft_in1k", 81.384, 224, "ImageNet-21k, fine-tuned on 1k"),
     Recommended("tf_efficientnetv2_s.in21k_ft_in1k", 84.288, 384, "ImageNet-21k, fine-tuned on 1k"),
     Recommended("convnext_tiny.in12k_ft_in1k", 84.450, 288, "ImageNet-12k, fine-tuned on 1k"),
-    Recommended("eva02_small_patch14_336.mim_in22k_ft_in1k", 85.716, 336,
-                "ImageNet-22k (masked image modelling), fine-tuned on 1k"),
+    Recommended("eva02_small_patch14_336.mim_in22k_ft_in1k", 85.716, 336, "ImageNet-22k (masked image modelling), fine-tuned on 1k"),
     Recommended("vit_base_patch16_224.augreg2_in21k_ft_in1k", 85.096, 224, "ImageNet-21k, fine-tuned on 1k"),
-    Recommended("vit_base_patch14_dinov2.lvd142m", 84.5, 224, "LVD-142M, self-supervised (no labels)",
-                top1_source=DINOV2_PAPER),
+    Recommended("vit_base_patch14_dinov2.lvd142m", 84.5, 224, "LVD-142M, self-supervised (no labels)", top1_source=DINOV2_PAPER),
 )
 
 
@@ -72,7 +70,15 @@ def recommended_table() -> list[dict]:
     for r in RECOMMENDED:
         with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised, nothing downloaded
             model = timm.create_model(r.name, pretrained=False)
-        rows.append({"name": r.name, "params": sum(p.numel() for p in model.parameters()), "top1": r.top1,
-                     "top1_px": r.top1_px, "top1_source": r.top1_source, "pretraining": r.pretraining,
-                     "licence": model.pretrained_cfg.get("license") or "not stated"})
+        rows.append(
+            {
+                "name": r.name,
+                "params": sum(p.numel() for p in model.parameters()),
+                "top1": r.top1,
+                "top1_px": r.top1_px,
+                "top1_source": r.top1_source,
+                "pretraining": r.pretraining,
+                "licence": model.pretrained_cfg.get("license") or "not stated",
+            }
+        )
     return rows

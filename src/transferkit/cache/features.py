@@ -51,16 +51,19 @@ FORMAT = 1
 STALE_TMP_SECONDS = 3600  # a temporary folder this old is abandoned even if its pid was reused
 
 
-def feature_key(backbone: Backbone, data_config: dict, precision: str, identities: list[str],
-                cut: str = CUT_POINT) -> str:
+def feature_key(backbone: Backbone, data_config: dict, precision: str, identities: list[str], cut: str = CUT_POINT) -> str:
     """A hex key that changes when anything that determines the features changes."""
     ident = hashlib.sha256("\n".join(identities).encode()).hexdigest()
-    payload = {"format": FORMAT, "backbone": backbone.spec.to_dict(), "cut": cut,
-               "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(data_config.items())},
-               "precision": precision, "inputs": ident, "n": len(identities)}
+    payload = {
+        "format": FORMAT,
+        "backbone": backbone.spec.to_dict(),
+        "cut": cut,
+        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(data_config.items())},
+        "precision": precision,
+        "inputs": ident,
+        "n": len(identities),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-
-
 
 
 @dataclass
@@ -173,8 +176,6 @@ def remove_abandoned_tmp_(root: Path) -> list[Path]:
     return removed
 
 
-
-
 def _reserve_disk(path: Path) -> None:
     """Allocate the file's blocks now: a full disk then fails here with ENOSPC, not with SIGBUS mid-write."""
     if not hasattr(os, "posix_fallocate"):  # macOS, Windows: sparse files, best effort
@@ -192,17 +193,31 @@ def _reserve_disk(path: Path) -> None:
 def cache_failure(e: OSError, root: Path) -> CacheError:
     """A CacheError that says what went wrong writing the cache under `root`, and the ways around it."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CacheError(f"The feature cache is full: no space left on the device holding {root} ({e.strerror}). "
-                          "Free space there, set TRANSFERKIT_CACHE to a folder on a disk with room, or pass "
-                          "--no-cache (cache=False in Python) to compute features without storing them.")
-    return CacheError(f"Cannot write the feature cache at {root}: {e}. Set TRANSFERKIT_CACHE to a writable folder, "
-                      "or pass --no-cache (cache=False in Python).")
+        return CacheError(
+            f"The feature cache is full: no space left on the device holding {root} ({e.strerror}). "
+            "Free space there, set TRANSFERKIT_CACHE to a folder on a disk with room, or pass "
+            "--no-cache (cache=False in Python) to compute features without storing them."
+        )
+    return CacheError(
+        f"Cannot write the feature cache at {root}: {e}. Set TRANSFERKIT_CACHE to a writable folder, "
+        "or pass --no-cache (cache=False in Python)."
+    )
 
 
-def cached_features(backbone: Backbone, images: Examples, *, cache: FeatureCache, device: torch.device,
-                    dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
-                    progress: bool = True, label: str = "features", cut: Cut | None = None,
-                    engine: str | None = None) -> tuple[np.ndarray, bool]:
+def cached_features(
+    backbone: Backbone,
+    images: Examples,
+    *,
+    cache: FeatureCache,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    batch_size: int = 128,
+    workers: int | None = None,
+    progress: bool = True,
+    label: str = "features",
+    cut: Cut | None = None,
+    engine: str | None = None,
+) -> tuple[np.ndarray, bool]:
     """The `cut`'s outputs (default: pooled features) for `images` from the cache, computed and stored on a miss.
 
     The key takes the preprocessing from `backbone.data_config`, and the engine and its precision.
@@ -210,15 +225,36 @@ def cached_features(backbone: Backbone, images: Examples, *, cache: FeatureCache
     Returns:
         (float16 array of shape (N, cut.size), True when it came from the cache).
     """
-    arr, hit, _ = cached_features_info(backbone, images, cache=cache, device=device, dtype=dtype, batch_size=batch_size,
-                                       workers=workers, progress=progress, label=label, cut=cut, engine=engine)
+    arr, hit, _ = cached_features_info(
+        backbone,
+        images,
+        cache=cache,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        label=label,
+        cut=cut,
+        engine=engine,
+    )
     return arr, hit
 
 
-def cached_features_info(backbone: Backbone, images: Examples, *, cache: FeatureCache, device: torch.device,
-                         dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
-                         progress: bool = True, label: str = "features", cut: Cut | None = None,
-                         engine: str | None = None) -> tuple[np.ndarray, bool, EngineInfo]:
+def cached_features_info(
+    backbone: Backbone,
+    images: Examples,
+    *,
+    cache: FeatureCache,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    batch_size: int = 128,
+    workers: int | None = None,
+    progress: bool = True,
+    label: str = "features",
+    cut: Cut | None = None,
+    engine: str | None = None,
+) -> tuple[np.ndarray, bool, EngineInfo]:
     """:func:`cached_features`, and the engine that computed the outputs (the planned one on a hit).
 
     The key holds the planned engine; when conversion falls back to torch, the torch key is looked up again.
@@ -240,10 +276,18 @@ def cached_features_info(backbone: Backbone, images: Examples, *, cache: Feature
         if distributed.all_true(hit is not None):
             return hit, True, info
     key = key_for(info)
-    extract = dict(device=device, dtype=dtype, batch_size=batch_size, workers=workers, progress=progress, label=label,
-                   cut=cut, runner=runner)
-    meta = {"backbone": backbone.spec.to_dict(), "cut": cut.name, "precision": info.cache_tag, "engine": info.to_dict(),
-            "shape": [len(images), cut.size], "item_shape": list(cut.shape), "images": images.name}
+    extract = dict(
+        device=device, dtype=dtype, batch_size=batch_size, workers=workers, progress=progress, label=label, cut=cut, runner=runner
+    )
+    meta = {
+        "backbone": backbone.spec.to_dict(),
+        "cut": cut.name,
+        "precision": info.cache_tag,
+        "engine": info.to_dict(),
+        "shape": [len(images), cut.size],
+        "item_shape": list(cut.shape),
+        "images": images.name,
+    }
     if distributed.active():
         return sharded_features(backbone, images, cache, key, meta, extract), False, info
     if not cache.enabled:
@@ -257,8 +301,7 @@ def cached_features_info(backbone: Backbone, images: Examples, *, cache: Feature
     return writer.commit(meta), False, info
 
 
-def sharded_features(backbone: Backbone, images: Examples, cache: FeatureCache, key: str, meta: dict,
-                     extract: dict) -> np.ndarray:
+def sharded_features(backbone: Backbone, images: Examples, cache: FeatureCache, key: str, meta: dict, extract: dict) -> np.ndarray:
     """Features of `images` computed by every process of the group, each its `distributed.shard`; all get all rows.
 
     With the cache: rank 0 opens the entry's temporary folder, each process writes
@@ -310,7 +353,7 @@ def commit_shards_(writer: FeatureWriter, n: int, meta: dict) -> None:
             shard = np.load(path, mmap_mode="r")
             for i in range(0, len(rows), SHARD_ROWS):
                 stop = min(i + SHARD_ROWS, len(rows))
-                writer.array[rows.start + i:rows.start + stop] = shard[i:stop]
+                writer.array[rows.start + i : rows.start + stop] = shard[i:stop]
             del shard
             path.unlink()
     except OSError as e:
@@ -332,6 +375,8 @@ def _read_committed(cache: FeatureCache, key: str) -> np.ndarray:
         time.sleep(0.5)
     arr = cache.load(key)
     if arr is None:
-        raise CacheError(f"The feature cache entry {cache.path(key)} that rank 0 wrote cannot be read here. "
-                         "Put TRANSFERKIT_CACHE on a file system every node shares, or pass --no-cache.")
+        raise CacheError(
+            f"The feature cache entry {cache.path(key)} that rank 0 wrote cannot be read here. "
+            "Put TRANSFERKIT_CACHE on a file system every node shares, or pass --no-cache."
+        )
     return arr

@@ -54,9 +54,13 @@ def split_transform(transform) -> tuple[list, list] | None:
 
 def pixels_key(data_config: dict, identities: list[str]) -> str:
     """A hex key that changes when the preprocessing or any input changes (not the backbone: pixels precede it)."""
-    payload = {"format": FORMAT, "kind": "decoded-uint8",
-               "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(data_config.items())},
-               "inputs": hashlib.sha256("\n".join(identities).encode()).hexdigest(), "n": len(identities)}
+    payload = {
+        "format": FORMAT,
+        "kind": "decoded-uint8",
+        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(data_config.items())},
+        "inputs": hashlib.sha256("\n".join(identities).encode()).hexdigest(),
+        "n": len(identities),
+    }
     return "px-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:29]
 
 
@@ -100,8 +104,9 @@ class StoredPixels(torch.utils.data.Dataset):
         return x, int(self.labels[i]), i
 
 
-def decoded_pixels(images: ImageSet, data_config: dict, pixel_steps: list, cache: FeatureCache, *,
-                   workers: int, progress: bool, label: str) -> tuple[np.ndarray, bool]:
+def decoded_pixels(
+    images: ImageSet, data_config: dict, pixel_steps: list, cache: FeatureCache, *, workers: int, progress: bool, label: str
+) -> tuple[np.ndarray, bool]:
     """The split's stored pixels (N, H*W*3) uint8, decoded and stored on a miss; True when they came from the cache.
 
     Under torchrun rank 0 decodes and commits first; the other processes then read its entry.
@@ -119,14 +124,13 @@ def decoded_pixels(images: ImageSet, data_config: dict, pixel_steps: list, cache
             with make_progress(progress) as bar:
                 task = bar.add_task(f"decode {label}", total=len(images), info="uint8, once")
                 for rows in loader:
-                    writer.array[start:start + len(rows)] = rows.numpy()
+                    writer.array[start : start + len(rows)] = rows.numpy()
                     start += len(rows)
                     bar.update(task, advance=len(rows))
         except BaseException:
             writer.abort()
             raise
-        meta = {"kind": "decoded-uint8", "shape": [len(images), h * w * 3], "item_shape": [h, w, 3],
-                "images": images.name}
+        meta = {"kind": "decoded-uint8", "shape": [len(images), h * w * 3], "item_shape": [h, w, 3], "images": images.name}
         return writer.commit(meta), False
 
 
@@ -144,8 +148,9 @@ def _why_not(bb: Backbone, examples: Examples, augment: str, cache: FeatureCache
     return None
 
 
-def decode_once(bb: Backbone, splits: dict[str, tuple[Examples, str]], cache: FeatureCache, budget: int, *,
-                workers: int | None, progress: bool) -> tuple[dict[str, torch.utils.data.Dataset], dict]:
+def decode_once(
+    bb: Backbone, splits: dict[str, tuple[Examples, str]], cache: FeatureCache, budget: int, *, workers: int | None, progress: bool
+) -> tuple[dict[str, torch.utils.data.Dataset], dict]:
     """Datasets over stored pixels for the splits (name: (examples, augment)) that allow it, and the note for the run.
 
     Splits missing from the returned datasets decode each epoch; the note says why, per split.
@@ -161,9 +166,11 @@ def decode_once(bb: Backbone, splits: dict[str, tuple[Examples, str]], cache: Fe
     if ready and budget <= 0:  # said, not warned: --cache-budget 0 asks for this
         return {}, {**note, **{name: {"used": False, "reason": "the cache budget is 0"} for name in ready}}
     if ready and size > budget:
-        reason = (f"the decoded {bb.noun}s would take {size / 1e9:.2f} GB on disk, over the cache budget of "
-                  f"{budget / 1e9:.2f} GB; decoding each epoch instead. Raise --cache-budget (cache_budget_gb) to "
-                  f"at least {math.ceil(size / 1e7) / 100:.2f} to decode once.")
+        reason = (
+            f"the decoded {bb.noun}s would take {size / 1e9:.2f} GB on disk, over the cache budget of "
+            f"{budget / 1e9:.2f} GB; decoding each epoch instead. Raise --cache-budget (cache_budget_gb) to "
+            f"at least {math.ceil(size / 1e7) / 100:.2f} to decode once."
+        )
         if distributed.is_main():
             log.warning("Decoded-image cache refused: %s", reason)
         return {}, {**note, **{name: {"used": False, "reason": reason, "bytes": size} for name in ready}}
@@ -171,12 +178,22 @@ def decode_once(bb: Backbone, splits: dict[str, tuple[Examples, str]], cache: Fe
     for name, examples in ready.items():
         transform = bb.dataset(examples, "none").transform
         pixel_steps, tensor_steps = split_transform(transform)
-        pixels, hit = decoded_pixels(examples, bb.data_config, pixel_steps, cache, progress=progress, label=name,
-                                     workers=examples.loader_workers() if workers is None else workers)
+        pixels, hit = decoded_pixels(
+            examples,
+            bb.data_config,
+            pixel_steps,
+            cache,
+            progress=progress,
+            label=name,
+            workers=examples.loader_workers() if workers is None else workers,
+        )
         _, h, w = bb.data_config["input_size"]
         datasets[name] = StoredPixels(pixels, examples.labels, (h, w), tensor_steps)
         note[name] = {"used": True, "cache": "hit" if hit else "miss", "bytes": pixel_bytes(len(examples), bb.data_config)}
     if datasets and distributed.is_main():
-        log.info("Decoded-image cache: %s (%s); epochs read the stored pixels instead of decoding.",
-                 ", ".join(f"{n} {note[n]['cache']}" for n in datasets), f"{size / 1e6:.0f} MB")
+        log.info(
+            "Decoded-image cache: %s (%s); epochs read the stored pixels instead of decoding.",
+            ", ".join(f"{n} {note[n]['cache']}" for n in datasets),
+            f"{size / 1e6:.0f} MB",
+        )
     return datasets, note

@@ -66,26 +66,39 @@ from transferkit.errors import UsageError
 @app.command()
 @handles_errors
 def fit(
-    data: Annotated[str, typer.Argument(help="Image folder (one subfolder per class; train/ val/ test/ used if "
-                                             "present), a CSV of image paths and labels, 'digits', a torchvision name "
-                                             "(cifar10), or labelled texts: a CSV/TSV/JSONL with text and label columns.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Run directory to write.")] =
-        Path("runs/latest"),
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Image folder (one subfolder per class; train/ val/ test/ used if "
+            "present), a CSV of image paths and labels, 'digits', a torchvision name "
+            "(cifar10), or labelled texts: a CSV/TSV/JSONL with text and label columns."
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Run directory to write.")] = Path("runs/latest"),
     model: Model = None,
     models: Models = None,
-    strategy: Annotated[str | None, typer.Option("--strategy", "-s", rich_help_panel=TRAIN, help="auto (default: measures, "
-                        "chooses and says why), feature-extraction, finetune:last=N, finetune:all, lp-ft, gradual, lora.")] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            "--strategy",
+            "-s",
+            rich_help_panel=TRAIN,
+            help="auto (default: measures, chooses and says why), feature-extraction, finetune:last=N, finetune:all, lp-ft, gradual, lora.",
+        ),
+    ] = None,
     text_column: TextColumn = None,
     label_column: LabelColumn = None,
     max_length: MaxLength = None,
     pooling: Annotated[str | None, typer.Option(rich_help_panel=MODEL, help="Text models: auto (default), mean or cls.")] = None,
-    weights: Annotated[str | None, typer.Option(rich_help_panel=MODEL, help="Local .safetensors/.pth weights, or 'none' "
-                                                                            "for random init.")] = None,
+    weights: Annotated[
+        str | None, typer.Option(rich_help_panel=MODEL, help="Local .safetensors/.pth weights, or 'none' for random init.")
+    ] = None,
     epochs: Epochs = None,
-    head_epochs: Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="AdamW epochs of the head on cached "
-                                                    "features (default: the L-BFGS probe).")] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, rich_help_panel=TRAIN, help="Head learning rate (backbone blocks "
-                                                                                  "get less).")] = None,
+    head_epochs: Annotated[
+        int | None,
+        typer.Option(min=1, rich_help_panel=TRAIN, help="AdamW epochs of the head on cached features (default: the L-BFGS probe)."),
+    ] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, rich_help_panel=TRAIN, help="Head learning rate (backbone blocks get less).")] = None,
     batch_size: BatchSize = None,
     image_size: ImageSize = None,
     split: Split = None,
@@ -93,27 +106,43 @@ def fit(
     device: Device = None,
     precision: Precision = None,
     engine: Engine = None,
-    bn: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="BatchNorm while fine-tuning: all-frozen (default) "
-                                           "or frozen-blocks.")] = None,
-    augment: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="Image augmentation: none (default), light "
-                                                                            "or strong.")] = None,
+    bn: Annotated[
+        str | None, typer.Option(rich_help_panel=TRAIN, help="BatchNorm while fine-tuning: all-frozen (default) or frozen-blocks.")
+    ] = None,
+    augment: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="Image augmentation: none (default), light or strong.")] = None,
     optimizer: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="adamw (default) or sgd.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(min=0.0, max=0.5, rich_help_panel=TRAIN)] = None,
     accumulate: Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Gradient accumulation steps.")] = None,
-    patience: Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Stop a phase after N epochs "
-                                                 "without a better validation accuracy.")] = None,
-    class_weights: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="'auto': weight the loss by inverse "
-                                                                                  "class frequency.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", metavar="", rich_help_panel=OUTPUT, help="Continue an interrupted fit from "
-                                                                                  "OUT/checkpoints; with a larger --epochs, "
-                                                                                  "train a fit longer.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", metavar="", rich_help_panel=OUTPUT, help="Start over although OUT holds "
-                                            "an unfinished fit's checkpoint (a finished run in OUT is always replaced "
-                                            "whole).")] = False,
-    strict: Annotated[bool, typer.Option("--strict", metavar="", rich_help_panel=DATA, help="Fail on unreadable files instead of "
-                                                                                "skipping them.")] = False,
-    no_cache: Annotated[bool, typer.Option("--no-cache", metavar="", rich_help_panel=OUTPUT, help="Do not read or write the feature "
-                                                                                      "cache.")] = False,
+    patience: Annotated[
+        int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Stop a phase after N epochs without a better validation accuracy.")
+    ] = None,
+    class_weights: Annotated[
+        str | None, typer.Option(rich_help_panel=TRAIN, help="'auto': weight the loss by inverse class frequency.")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            metavar="",
+            rich_help_panel=OUTPUT,
+            help="Continue an interrupted fit from OUT/checkpoints; with a larger --epochs, train a fit longer.",
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            metavar="",
+            rich_help_panel=OUTPUT,
+            help="Start over although OUT holds an unfinished fit's checkpoint (a finished run in OUT is always replaced whole).",
+        ),
+    ] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", metavar="", rich_help_panel=DATA, help="Fail on unreadable files instead of skipping them.")
+    ] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", metavar="", rich_help_panel=OUTPUT, help="Do not read or write the feature cache.")
+    ] = False,
     cache_budget: CacheBudget = None,
     quiet: Quiet = False,
     log: Log = None,
@@ -133,12 +162,35 @@ def fit(
     if resume and overwrite:
         raise UsageError("--resume continues the fit in OUT and --overwrite starts it over: give one of them.")
     check_out_dir(out_dir, resume=resume, overwrite=overwrite)  # before training, not after it
-    options = dict(strategy=strategy, weights=weights, split=parse_split(split), strict=strict, cache=not no_cache,
-                   progress=not quiet, checkpoint_dir=out_dir / "checkpoints", resume=resume, epochs=epochs,
-                   head_epochs=head_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, precision=precision,
-                   optimizer=optimizer, label_smoothing=label_smoothing, accumulate=accumulate, patience=patience,
-                   class_weights=class_weights, image_size=image_size, bn=bn, augment=augment,
-                   cache_budget_gb=cache_budget, max_length=max_length, pooling=pooling, engine=engine)
+    options = dict(
+        strategy=strategy,
+        weights=weights,
+        split=parse_split(split),
+        strict=strict,
+        cache=not no_cache,
+        progress=not quiet,
+        checkpoint_dir=out_dir / "checkpoints",
+        resume=resume,
+        epochs=epochs,
+        head_epochs=head_epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        precision=precision,
+        optimizer=optimizer,
+        label_smoothing=label_smoothing,
+        accumulate=accumulate,
+        patience=patience,
+        class_weights=class_weights,
+        image_size=image_size,
+        bn=bn,
+        augment=augment,
+        cache_budget_gb=cache_budget,
+        max_length=max_length,
+        pooling=pooling,
+        engine=engine,
+    )
     choice = None
     if models:
         choice = choose_for_fit(data, models, model, resume, options, given(text_column=text_column, label_column=label_column))
@@ -165,11 +217,12 @@ def choose_for_fit(data: str, models: str, model: str | None, resume: bool, opti
 
     refuse_torchrun("fit --models")
     if model is not None or resume:
-        raise UsageError(f"--models chooses the backbone; leave {'--model' if model else '--resume'} out (a resumed fit "
-                         "continues the backbone in its checkpoint).")
+        raise UsageError(
+            f"--models chooses the backbone; leave {'--model' if model else '--resume'} out (a resumed fit "
+            "continues the backbone in its checkpoint)."
+        )
     splits = load_data(data, **given(split=options["split"], seed=options["seed"]), **columns)
-    keep = ("seed", "device", "precision", "image_size", "max_length", "pooling", "cache", "progress", "cache_budget_gb",
-            "engine")
+    keep = ("seed", "device", "precision", "image_size", "max_length", "pooling", "cache", "progress", "cache_budget_gb", "engine")
     return choose_backbone(splits, models.split(","), settings=given(**{k: options.get(k) for k in keep}))
 
 
@@ -177,15 +230,25 @@ def choose_for_fit(data: str, models: str, model: str | None, resume: bool, opti
 @handles_errors
 def predict(
     run: Annotated[Path, typer.Argument(help="A run directory written by fit, or a .onnx file written by export.")],
-    inputs: Annotated[list[str] | None, typer.Argument(help="Image files (or folders) to classify; for a text run, the "
-                                                             "texts themselves.")] = None,
-    lines_file: Annotated[Path | None, typer.Option("--file", help="A UTF-8 file with one input per line (texts for a "
-                                                                  "text run, image paths otherwise); blank lines skipped.")] = None,
+    inputs: Annotated[
+        list[str] | None, typer.Argument(help="Image files (or folders) to classify; for a text run, the texts themselves.")
+    ] = None,
+    lines_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file", help="A UTF-8 file with one input per line (texts for a text run, image paths otherwise); blank lines skipped."
+        ),
+    ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per input.")] = 1,
     as_json: Json = False,
     device: Device = None,
-    precision: Annotated[str | None, typer.Option(help="auto (default: bf16 where the CPU or GPU has it), bf16, fp16 or "
-                                                       "fp32; fp32 gives the ONNX export's probabilities within 1e-4.")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (default: bf16 where the CPU or GPU has it), bf16, fp16 or "
+            "fp32; fp32 gives the ONNX export's probabilities within 1e-4."
+        ),
+    ] = None,
     engine: Engine = None,
 ) -> None:
     """Classify image files, or texts with a text run; prints labels and probabilities."""
@@ -203,8 +266,9 @@ def predict(
         items = [Path(f) for f in items]
         bad = [(f, r) for f in items if (r := check_image(f))]
         if bad and all(r == "missing" for _, r in bad) and len(bad) == len(items):
-            raise UsageError(f"{run} classifies images, and none of the inputs is a file ({items[0]}, ...). Give image "
-                             "files, or a text run for texts.")
+            raise UsageError(
+                f"{run} classifies images, and none of the inputs is a file ({items[0]}, ...). Give image files, or a text run for texts."
+            )
         if bad:
             raise DataError(f"Cannot read {len(bad)} file(s): " + ", ".join(f"{f} ({r})" for f, r in bad[:5]))
     rows = top_predictions(items, clf.predict_proba(items), clf.classes_, top_k, key)
@@ -222,8 +286,10 @@ def predict(
 def load_model(run: Path, device: str | None, precision: str | None = None, engine: str | None = None):
     """A run directory's classifier, or an exported ONNX model's."""
     if run.is_file() and run.suffix != ".onnx":
-        raise UsageError(f"{run} is a file, and predict takes a run directory or an ONNX export (.onnx). A TorchScript "
-                         "export loads with torch.jit.load; predict with its run directory instead.")
+        raise UsageError(
+            f"{run} is a file, and predict takes a run directory or an ONNX export (.onnx). A TorchScript "
+            "export loads with torch.jit.load; predict with its run directory instead."
+        )
     if run.suffix == ".onnx" and run.is_file():
         from transferkit.export.onnx import OnnxClassifier
 
@@ -249,8 +315,13 @@ def read_lines(path: Path | None) -> list[str]:
 @handles_errors
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run directory written by fit.")],
-    data: Annotated[str, typer.Argument(help="Labelled data (folder, CSV, digits, dataset name; a text file for a "
-                                             "text run); a folder with a test/ subfolder is read from there.")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Labelled data (folder, CSV, digits, dataset name; a text file for a "
+            "text run); a folder with a test/ subfolder is read from there."
+        ),
+    ],
     text_column: TextColumn = None,
     label_column: LabelColumn = None,
     as_json: Json = False,
@@ -263,10 +334,10 @@ def evaluate(
     from transferkit.data.sources import load_eval
     from transferkit.stats.metrics import metrics
 
-    clf = load_classifier(run, progress=False, **given(device=device, precision=precision, engine=engine, text_column=text_column,
-                                                       label_column=label_column))
-    examples, summary = load_eval(data, clf.classes_, modality=clf.modality,
-                                  **given(text_column=text_column, label_column=label_column))
+    clf = load_classifier(
+        run, progress=False, **given(device=device, precision=precision, engine=engine, text_column=text_column, label_column=label_column)
+    )
+    examples, summary = load_eval(data, clf.classes_, modality=clf.modality, **given(text_column=text_column, label_column=label_column))
     if summary.line():
         err.print(f"[yellow]{summary.line()}[/]", highlight=False)
     result = metrics(clf.decision_function(examples), examples.labels, clf.classes_)
@@ -275,12 +346,10 @@ def evaluate(
         return
     from transferkit.report.comparison import scores_sentence
 
-    out.print(f"{summary.source}: {scores_sentence(result, clf.modality + 's')}; top-5 {result['top5_accuracy']:.4f}",
-              highlight=False)
+    out.print(f"{summary.source}: {scores_sentence(result, clf.modality + 's')}; top-5 {result['top5_accuracy']:.4f}", highlight=False)
     table = Table("class", "precision", "recall", "f1", "support")
     for name, m in result["per_class"].items():
-        table.add_row(name, *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("precision", "recall", "f1")),
-                      str(m["support"]))
+        table.add_row(name, *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("precision", "recall", "f1")), str(m["support"]))
     out.print(table)
     if result["absent_classes"]:
         out.print(f"Not in the evaluated data (shown as -, left out of macro-F1): {', '.join(result['absent_classes'])}")
@@ -288,10 +357,16 @@ def evaluate(
 
 @app.command()
 @handles_errors
-def models(filter: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 'resnet*' or 'vit'.")] = "",
-           recommended: Annotated[bool, typer.Option("--recommended", help="A short curated table of hub backbones "
-                                                     "known to transfer well, with where each number comes from "
-                                                     "(downloads nothing).")] = False) -> None:
+def models(
+    filter: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 'resnet*' or 'vit'.")] = "",
+    recommended: Annotated[
+        bool,
+        typer.Option(
+            "--recommended",
+            help="A short curated table of hub backbones known to transfer well, with where each number comes from (downloads nothing).",
+        ),
+    ] = False,
+) -> None:
     """List built-in (offline) image and text backbones and timm architectures matching FILTER."""
     from transferkit.backbones import BUILTIN_BACKBONES, BUILTIN_TEXT_BACKBONES, list_models
 
@@ -314,8 +389,9 @@ def models(filter: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 're
 @app.command()
 @handles_errors
 def inspect(
-    model: Annotated[str, typer.Argument(help="Backbone name: built-in (builtin:efficientnet_lite0, minilm), timm, or a "
-                                              "transformers folder.")] = "builtin:efficientnet_lite0",
+    model: Annotated[
+        str, typer.Argument(help="Backbone name: built-in (builtin:efficientnet_lite0, minilm), timm, or a transformers folder.")
+    ] = "builtin:efficientnet_lite0",
     weights: Annotated[str | None, typer.Option(help="Local weights file, or 'none' for random init.")] = None,
     as_json: Json = False,
 ) -> None:
@@ -326,8 +402,10 @@ def inspect(
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return
-    out.print(f"[bold]{info['name']}[/] ({info['modality']}, {info['arch']}, weights: {info['weights']}): "
-              f"{info['total_params']:,} parameters, {info['feature_dim']} features")
+    out.print(
+        f"[bold]{info['name']}[/] ({info['modality']}, {info['arch']}, weights: {info['weights']}): "
+        f"{info['total_params']:,} parameters, {info['feature_dim']} features"
+    )
     table = Table("#", "block", "parameters", "tensors")
     for b in info["blocks"]:
         table.add_row(str(b["index"]), b["name"], f"{b['params']:,}", str(b["tensors"]))
@@ -343,15 +421,28 @@ def compare(
     data: Annotated[str, typer.Argument(help="Labelled data as for fit; default: the built-in digits demo.")] = "digits",
     model: Model = None,
     models: Models = None,
-    strategies: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="Comma-separated strategies to run on the "
-                          "same split (default feature-extraction,finetune:last=2,finetune:all,lp-ft; with several "
-                          "--models, feature-extraction only).")] = None,
-    fractions: Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Training fractions per class for a learning "
-                                                  "curve, e.g. 0.05,0.2,1.0.")] = None,
-    baseline: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="'scratch': also train the architecture "
-                                                 "from random initialisation, to show what pretraining is worth.")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Where compare.json and the "
-                                                                                      "reports go.")] = Path("runs/compare"),
+    strategies: Annotated[
+        str | None,
+        typer.Option(
+            rich_help_panel=TRAIN,
+            help="Comma-separated strategies to run on the "
+            "same split (default feature-extraction,finetune:last=2,finetune:all,lp-ft; with several "
+            "--models, feature-extraction only).",
+        ),
+    ] = None,
+    fractions: Annotated[
+        str | None, typer.Option(rich_help_panel=DATA, help="Training fractions per class for a learning curve, e.g. 0.05,0.2,1.0.")
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            rich_help_panel=TRAIN,
+            help="'scratch': also train the architecture from random initialisation, to show what pretraining is worth.",
+        ),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Where compare.json and the reports go.")] = Path(
+        "runs/compare"
+    ),
     epochs: Epochs = None,
     batch_size: BatchSize = None,
     image_size: ImageSize = None,
@@ -364,10 +455,22 @@ def compare(
     precision: Precision = None,
     engine: Engine = None,
     cache_budget: CacheBudget = None,
-    seeds: Annotated[int, typer.Option(min=1, rich_help_panel=TRAIN, help="Train each strategy with this many seeds (seed, "
-                                       "seed+1, ...) on the same split; the table shows mean ± sd.")] = 1,
-    cv: Annotated[int | None, typer.Option(min=0, rich_help_panel=TRAIN, help="Folds of the cross-validated probe on train+val "
-                                           "(0: off; default 5 when train+val x feature size <= 4M values).")] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            rich_help_panel=TRAIN,
+            help="Train each strategy with this many seeds (seed, seed+1, ...) on the same split; the table shows mean ± sd.",
+        ),
+    ] = 1,
+    cv: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            rich_help_panel=TRAIN,
+            help="Folds of the cross-validated probe on train+val (0: off; default 5 when train+val x feature size <= 4M values).",
+        ),
+    ] = None,
     quiet: Quiet = False,
     log: Log = None,
     log_to: LogTo = None,
@@ -392,20 +495,46 @@ def compare(
     check_models(model, models.split(",") if models else None, fracs, baseline, cv)
     columns = given(text_column=text_column, label_column=label_column)
     splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)
-    settings = given(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision, engine=engine,
-                     image_size=image_size, cache_budget_gb=cache_budget, max_length=max_length) | columns
+    settings = (
+        given(
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            precision=precision,
+            engine=engine,
+            image_size=image_size,
+            cache_budget_gb=cache_budget,
+            max_length=max_length,
+        )
+        | columns
+    )
     settings["progress"] = not quiet
     sizes = " / ".join(f"{n:,} {k}" for k, n in splits.sizes().items())
-    out.print(f"Comparing on {data}: {sizes} {splits.train.noun}s, {len(splits.classes)} classes; "
-              f"{'backbones ' + models if models else 'backbone ' + (model or 'the default')}")
+    out.print(
+        f"Comparing on {data}: {sizes} {splits.train.noun}s, {len(splits.classes)} classes; "
+        f"{'backbones ' + models if models else 'backbone ' + (model or 'the default')}"
+    )
     with open_run(log, out=out_dir, run_name=f"{out_dir.name}-compare", to=log_to) as tracker:
+
         def live(r):
             out.print(f"  {r.label}: test {r.test_accuracy:.4f} in {r.seconds:.1f} s")
 
         specs = strategies.split(",") if strategies else None
-        result = run_compare(splits, data_name=data, model=model, strategies=specs, fractions=fracs, baseline=baseline,
-                             settings=settings, on_result=live, tracker=tracker, seeds=seeds, cv=cv,
-                             models=models.split(",") if models else None)
+        result = run_compare(
+            splits,
+            data_name=data,
+            model=model,
+            strategies=specs,
+            fractions=fracs,
+            baseline=baseline,
+            settings=settings,
+            on_result=live,
+            tracker=tracker,
+            seeds=seeds,
+            cv=cv,
+            models=models.split(",") if models else None,
+        )
         paths = write_comparison(result, out_dir)
         if tracker is not None:
             log_comparison(tracker, result.to_dict(), paths)
@@ -418,15 +547,29 @@ def compare(
 def export(
     run: Annotated[Path, typer.Argument(help="A run directory written by fit.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx (opset 18, dynamic batch axis) or torchscript.")] = "onnx",
-    out_file: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: RUN/model.onnx, "
-                                                  "RUN/model.torchscript.pt, or RUN/model.int8.onnx with --int8).")] = None,
-    int8: Annotated[bool, typer.Option("--int8", metavar="", help="Also write an int8 ONNX model (ONNX Runtime static "
-                                       "quantization calibrated on the run's validation images), after measuring its test "
-                                       "accuracy and speed against the fp32 one.")] = False,
-    calibration: Annotated[str | None, typer.Option(metavar="DATA", help="With --int8: calibrate on these labelled "
-                                                    "images instead of the run's validation split.")] = None,
-    force: Annotated[bool, typer.Option("--force", metavar="", help="With --int8: write it even if it loses more than "
-                                        "1 point of test accuracy.")] = False,
+    out_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="File to write (default: RUN/model.onnx, RUN/model.torchscript.pt, or RUN/model.int8.onnx with --int8)."
+        ),
+    ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            metavar="",
+            help="Also write an int8 ONNX model (ONNX Runtime static "
+            "quantization calibrated on the run's validation images), after measuring its test "
+            "accuracy and speed against the fp32 one.",
+        ),
+    ] = False,
+    calibration: Annotated[
+        str | None,
+        typer.Option(metavar="DATA", help="With --int8: calibrate on these labelled images instead of the run's validation split."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", metavar="", help="With --int8: write it even if it loses more than 1 point of test accuracy.")
+    ] = False,
 ) -> None:
     """Export a run's model (fp32) to ONNX or TorchScript, checked to reproduce its outputs, with its preprocessing."""
     from transferkit.distributed import refuse_torchrun
@@ -463,34 +606,46 @@ def push(
     from transferkit.runs.hub import push_run
 
     result = push_run(run, repo_id, private=private, revision=revision)
-    out.print(f"Pushed {len(result.files)} files ({result.bytes / 1e6:.1f} MB) to {result.url} ({result.revision}): "
-              f"{result.commit_url}")
+    out.print(f"Pushed {len(result.files)} files ({result.bytes / 1e6:.1f} MB) to {result.url} ({result.revision}): {result.commit_url}")
     source = repo_id if result.revision == "main" else f"{repo_id}@{result.revision}"
-    out.print(f'Load with timm: timm.create_model("hf-hub:{source}", pretrained=True); fine-tune further with: '
-              f"transferkit fit DATA --model hf-hub:{source}")
+    out.print(
+        f'Load with timm: timm.create_model("hf-hub:{source}", pretrained=True); fine-tune further with: '
+        f"transferkit fit DATA --model hf-hub:{source}"
+    )
 
 
 @app.command()
 @handles_errors
 def serve(
     run: Annotated[Path, typer.Argument(help="A run directory written by fit, or a .onnx file written by export.")],
-    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1, this machine only; "
-                                                  "0.0.0.0 for the network).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for the network).")
+    ] = None,
     port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port (default 8000; 0 takes a free one).")] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="Processes, each with its own copy of the model and its "
-                                                            "share of the cores (default 1).")] = None,
-    max_batch: Annotated[int | None, typer.Option(min=1, rich_help_panel=SERVING, help="Most inputs per forward pass "
-                         "(default 64); 1 turns batching off.")] = None,
-    batch_wait: Annotated[float | None, typer.Option(min=0.0, rich_help_panel=SERVING, help="Milliseconds a batch may "
-                          "wait for requests still arriving to join it (default 5).")] = None,
-    max_inputs: Annotated[int | None, typer.Option(min=1, rich_help_panel=SERVING, help="Most images or texts per "
-                          "request (default 64).")] = None,
-    max_upload_mb: Annotated[float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Most MB per request "
-                             "body (default 32).")] = None,
-    read_timeout: Annotated[float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Seconds a request "
-                            "body may take to arrive (default 30).")] = None,
-    timeout: Annotated[float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Seconds a request may "
-                       "wait for its answer (default 60).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Processes, each with its own copy of the model and its share of the cores (default 1).")
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(min=1, rich_help_panel=SERVING, help="Most inputs per forward pass (default 64); 1 turns batching off.")
+    ] = None,
+    batch_wait: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, rich_help_panel=SERVING, help="Milliseconds a batch may wait for requests still arriving to join it (default 5)."
+        ),
+    ] = None,
+    max_inputs: Annotated[
+        int | None, typer.Option(min=1, rich_help_panel=SERVING, help="Most images or texts per request (default 64).")
+    ] = None,
+    max_upload_mb: Annotated[
+        float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Most MB per request body (default 32).")
+    ] = None,
+    read_timeout: Annotated[
+        float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Seconds a request body may take to arrive (default 30).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0.001, rich_help_panel=SERVING, help="Seconds a request may wait for its answer (default 60).")
+    ] = None,
     device: Device = None,
     precision: Precision = None,
     quiet: Quiet = False,
@@ -507,8 +662,16 @@ def serve(
     from transferkit.serve.server import run as run_server
 
     show_library_messages(quiet)
-    config = ServeConfig(**given(max_batch=max_batch, batch_wait_ms=batch_wait, max_inputs=max_inputs,
-                                 max_upload_mb=max_upload_mb, read_timeout_s=read_timeout, timeout_s=timeout))
+    config = ServeConfig(
+        **given(
+            max_batch=max_batch,
+            batch_wait_ms=batch_wait,
+            max_inputs=max_inputs,
+            max_upload_mb=max_upload_mb,
+            read_timeout_s=read_timeout,
+            timeout_s=timeout,
+        )
+    )
     sock = open_socket(host, port)  # a taken port fails now, not after the model has loaded
     if workers and workers > 1:  # each process gets its share of the cores, not all of them
         import os
@@ -517,8 +680,9 @@ def serve(
 
     def ready(info: dict) -> None:
         what = f"{len(info['classes'])} classes" if "classes" in info else f"{info['workers']} workers"
-        out.print(f"Serving {run} ({what}) at {url_of(sock)}: the page at /, POST /predict, API docs at /docs. "
-                  "Ctrl-C stops.", highlight=False)
+        out.print(
+            f"Serving {run} ({what}) at {url_of(sock)}: the page at /, POST /predict, API docs at /docs. Ctrl-C stops.", highlight=False
+        )
 
     run_server(run, sock, config=config, on_ready=ready, **given(workers=workers, device=device, precision=precision))
     out.print("Stopped.")

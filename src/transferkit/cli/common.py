@@ -18,10 +18,14 @@ from transferkit.errors import NameDeprecationWarning, TransferkitError
 from transferkit.training.config import DEFAULT_CACHE_BUDGET_GB, DEFAULT_ENGINE, TrainConfig
 
 DEFAULTS = TrainConfig(engine=DEFAULT_ENGINE)  # for help texts; a bad $TRANSFERKIT_ENGINE is refused by the command
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-                  context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Adapt a pretrained model to your labelled images or texts: transfer learning (feature "
-                       "extraction), fine-tuning or LoRA, measured on your data.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Adapt a pretrained model to your labelled images or texts: transfer learning (feature "
+    "extraction), fine-tuning or LoRA, measured on your data.",
+)
 DATA, MODEL, TRAIN, OUTPUT, LOGGING = "Data", "Model", "Training", "Output", "Logging"
 
 
@@ -32,8 +36,11 @@ def version_callback(value: bool) -> None:
 
 
 @app.callback()
-def main_options(version: Annotated[bool, typer.Option("--version", metavar="", callback=version_callback, is_eager=True,
-                                                       help="Print the version and exit.")] = False) -> None:
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", metavar="", callback=version_callback, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Adapt a pretrained model to your labelled images or texts, measured on your data."""
     import warnings
 
@@ -46,8 +53,7 @@ def show_library_messages(quiet: bool) -> None:
     from rich.logging import RichHandler
 
     logger = logging.getLogger("transferkit")
-    logger.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, show_level=False,
-                                      markup=False, rich_tracebacks=False)]
+    logger.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, show_level=False, markup=False, rich_tracebacks=False)]
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
     if quiet:  # transformers' own loading and writing messages and bars too
@@ -59,6 +65,7 @@ def show_library_messages(quiet: bool) -> None:
 
 def handles_errors(fn):
     """Turn transferkit's own errors into a clear message and exit status (2 = usage, 1 = other)."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -69,6 +76,7 @@ def handles_errors(fn):
         except KeyboardInterrupt:
             err.print("[yellow]Interrupted.[/]")
             raise typer.Exit(130) from None
+
     return wrapper
 
 
@@ -86,45 +94,89 @@ def given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-Model = Annotated[str | None, typer.Option("--model", "-m", rich_help_panel=MODEL, help="Images: a built-in (offline) "
-                                           "builtin:efficientnet_lite0 (the default), builtin:efficientnet_lite1 or "
-                                           "builtin:efficientnet_lite2; or any timm model by its timm name (timm:NAME is "
-                                           "always timm's). Texts: built-in minilm (offline, the default), a hub name or "
-                                           "a save_pretrained folder.")]
-Models = Annotated[str | None, typer.Option(rich_help_panel=MODEL, help="Several backbones, comma-separated (e.g. "
-                                            "builtin:efficientnet_lite0,builtin:efficientnet_lite1): each is measured on "
-                                            "your data and ranked by the cross-validated probe, with its costs.")]
-TextColumn = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Text data: the column holding the text "
-                                                                           "(default 'text').")]
-LabelColumn = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Text data: the column holding the label "
-                                                                            "(default 'label').")]
-MaxLength = Annotated[int | None, typer.Option(min=2, rich_help_panel=MODEL, help="Text models: tokens per text (default "
-                                                                                  "128); longer texts are truncated.")]
-Split = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="train,val,test fractions when the data gives no "
-                                                                      "split (default 0.7,0.15,0.15).")]
-Seed = Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=f"Random seed for the split, initialisation and "
-                                                                      f"data order (default {DEFAULTS.seed}).")]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        rich_help_panel=MODEL,
+        help="Images: a built-in (offline) "
+        "builtin:efficientnet_lite0 (the default), builtin:efficientnet_lite1 or "
+        "builtin:efficientnet_lite2; or any timm model by its timm name (timm:NAME is "
+        "always timm's). Texts: built-in minilm (offline, the default), a hub name or "
+        "a save_pretrained folder.",
+    ),
+]
+Models = Annotated[
+    str | None,
+    typer.Option(
+        rich_help_panel=MODEL,
+        help="Several backbones, comma-separated (e.g. "
+        "builtin:efficientnet_lite0,builtin:efficientnet_lite1): each is measured on "
+        "your data and ranked by the cross-validated probe, with its costs.",
+    ),
+]
+TextColumn = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Text data: the column holding the text (default 'text').")]
+LabelColumn = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Text data: the column holding the label (default 'label').")]
+MaxLength = Annotated[
+    int | None, typer.Option(min=2, rich_help_panel=MODEL, help="Text models: tokens per text (default 128); longer texts are truncated.")
+]
+Split = Annotated[
+    str | None, typer.Option(rich_help_panel=DATA, help="train,val,test fractions when the data gives no split (default 0.7,0.15,0.15).")
+]
+Seed = Annotated[
+    int | None,
+    typer.Option(rich_help_panel=TRAIN, help=f"Random seed for the split, initialisation and data order (default {DEFAULTS.seed})."),
+]
 Device = Annotated[str | None, typer.Option(help="auto (default), cpu, cuda or cuda:N.")]
 Precision = Annotated[str | None, typer.Option(help="auto (default: bf16 where the hardware has it), bf16, fp16 or fp32.")]
-Engine = Annotated[str | None, typer.Option(metavar="auto|torch|openvino", help="Engine of frozen passes (extraction, "
-                                            "predict): auto (default: OpenVINO on the CPU when the openvino extra is "
-                                            "installed, else torch; $TRANSFERKIT_ENGINE sets another default), torch or "
-                                            "openvino.")]
-BatchSize = Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help=f"Fine-tuning batch size (default "
-                                               f"{DEFAULTS.batch_size}; under torchrun the global batch).")]
+Engine = Annotated[
+    str | None,
+    typer.Option(
+        metavar="auto|torch|openvino",
+        help="Engine of frozen passes (extraction, "
+        "predict): auto (default: OpenVINO on the CPU when the openvino extra is "
+        "installed, else torch; $TRANSFERKIT_ENGINE sets another default), torch or "
+        "openvino.",
+    ),
+]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        min=1, rich_help_panel=TRAIN, help=f"Fine-tuning batch size (default {DEFAULTS.batch_size}; under torchrun the global batch)."
+    ),
+]
 Epochs = Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Fine-tuning epochs (default 5).")]
-ImageSize = Annotated[int | None, typer.Option(min=16, rich_help_panel=MODEL, help="Input size in pixels (default: the "
-                                                                                   "backbone's).")]
-CacheBudget = Annotated[float | None, typer.Option(min=0.0, rich_help_panel=OUTPUT, help=f"GB of disk the outputs of frozen "
-                        f"blocks, and training images decoded once, may take (default {DEFAULT_CACHE_BUDGET_GB:g}; 0 turns both "
-                        "off).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", rich_help_panel=OUTPUT, help="Warnings only: no progress bars "
-                                                                                   "or messages.")]
-Log = Annotated[str | None, typer.Option(metavar="tensorboard|mlflow", rich_help_panel=LOGGING, help="Also log settings, "
-                                         "per-epoch metrics, results and the report (needs: pip install "
-                                         "\"transferkit\\[log]\").")]
-LogTo = Annotated[str | None, typer.Option(metavar="DIR|URI", rich_help_panel=LOGGING, help="Where --log writes (default "
-                                           "OUT/tensorboard, or $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db).")]
+ImageSize = Annotated[int | None, typer.Option(min=16, rich_help_panel=MODEL, help="Input size in pixels (default: the backbone's).")]
+CacheBudget = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        rich_help_panel=OUTPUT,
+        help=f"GB of disk the outputs of frozen "
+        f"blocks, and training images decoded once, may take (default {DEFAULT_CACHE_BUDGET_GB:g}; 0 turns both "
+        "off).",
+    ),
+]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", metavar="", rich_help_panel=OUTPUT, help="Warnings only: no progress bars or messages.")
+]
+Log = Annotated[
+    str | None,
+    typer.Option(
+        metavar="tensorboard|mlflow",
+        rich_help_panel=LOGGING,
+        help='Also log settings, per-epoch metrics, results and the report (needs: pip install "transferkit\\[log]").',
+    ),
+]
+LogTo = Annotated[
+    str | None,
+    typer.Option(
+        metavar="DIR|URI",
+        rich_help_panel=LOGGING,
+        help="Where --log writes (default OUT/tensorboard, or $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db).",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")]
 
 

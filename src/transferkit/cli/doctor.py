@@ -31,17 +31,28 @@ from transferkit.cli.render import out, wrapping_table
 
 @handles_errors
 def doctor(
-    data: Annotated[str, typer.Argument(help="Labelled data as for fit: an image folder, a CSV, 'digits', a torchvision "
-                                             "name, or a CSV/TSV/JSONL of texts.")],
+    data: Annotated[
+        str,
+        typer.Argument(help="Labelled data as for fit: an image folder, a CSV, 'digits', a torchvision name, or a CSV/TSV/JSONL of texts."),
+    ],
     model: Model = None,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Where doctor.html, issues.csv and "
-                                                                                      "doctor.json go.")] = Path("doctor"),
-    threshold: Annotated[float | None, typer.Option(rich_help_panel=MODEL, help="Input similarity at and above which two "
-                                                    "examples are near-duplicates: images, Pearson correlation of 16x16 "
-                                                    "grey thumbnails (default 0.98); texts, Jaccard index of character "
-                                                    "3-grams (default 0.9).")] = None,
-    folds: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help="Folds of the out-of-sample probes for the "
-                                              "label check (default 5; 0 skips it).")] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Where doctor.html, issues.csv and doctor.json go.")
+    ] = Path("doctor"),
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            rich_help_panel=MODEL,
+            help="Input similarity at and above which two "
+            "examples are near-duplicates: images, Pearson correlation of 16x16 "
+            "grey thumbnails (default 0.98); texts, Jaccard index of character "
+            "3-grams (default 0.9).",
+        ),
+    ] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(rich_help_panel=MODEL, help="Folds of the out-of-sample probes for the label check (default 5; 0 skips it)."),
+    ] = None,
     text_column: TextColumn = None,
     label_column: LabelColumn = None,
     max_length: MaxLength = None,
@@ -50,8 +61,9 @@ def doctor(
     seed: Seed = None,
     device: Device = None,
     precision: Precision = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", metavar="", rich_help_panel=OUTPUT, help="Do not read or write "
-                                                                                      "the feature cache.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", metavar="", rich_help_panel=OUTPUT, help="Do not read or write the feature cache.")
+    ] = False,
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
@@ -69,10 +81,8 @@ def doctor(
 
     show_library_messages(quiet or as_json)
     check_writable_dir(out_dir)  # before any work
-    options = given(threshold=threshold, folds=folds, seed=seed, device=device, precision=precision,
-                    split=parse_split(split))
-    data_options = given(text_column=text_column, label_column=label_column, max_length=max_length,
-                         image_size=image_size)
+    options = given(threshold=threshold, folds=folds, seed=seed, device=device, precision=precision, split=parse_split(split))
+    data_options = given(text_column=text_column, label_column=label_column, max_length=max_length, image_size=image_size)
     result = diagnose(data, model=model, cache=not no_cache, progress=not (quiet or as_json), **options, **data_options)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_doctor_report(result, out_dir)
@@ -93,8 +103,7 @@ def render_diagnosis(d) -> None:
         table.add_row(kind, str(n), first)
     out.print(table)
     out.print(d.summary_line(), highlight=False)
-    out.print(f"  near-duplicates: {d.measure} >= {d.threshold:g}; each pair also carries its centred feature cosine.",
-              highlight=False)
+    out.print(f"  near-duplicates: {d.measure} >= {d.threshold:g}; each pair also carries its centred feature cosine.", highlight=False)
     for kind in KINDS:
         if d.counts()[kind]:
             out.print(f"  {kind}: {KINDS[kind]}", highlight=False)

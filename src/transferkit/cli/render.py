@@ -29,20 +29,21 @@ def say_how_to_continue(out_dir: Path, resume: bool) -> None:
     """After Ctrl-C: the command that continues (one shell-quoted line) when a checkpoint exists, else what rerunning does."""
     if (out_dir / "checkpoints" / "last.pt").is_file():
         again = shlex.join(["transferkit", *sys.argv[1:], *([] if resume else ["--resume"])])
-        err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. Continue with:",
-                  highlight=False)
+        err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. Continue with:", highlight=False)
         err.print(again, markup=False, highlight=False, soft_wrap=True, overflow="ignore", crop=False)
     else:
-        err.print("[yellow]Interrupted[/] before the first epoch finished, so there is no checkpoint to resume. Run the "
-                  "same command again: features already computed are kept in the feature cache.", highlight=False)
+        err.print(
+            "[yellow]Interrupted[/] before the first epoch finished, so there is no checkpoint to resume. Run the "
+            "same command again: features already computed are kept in the feature cache.",
+            highlight=False,
+        )
 
 
 def render_fit(clf, out_dir: Path) -> None:
     from transferkit.report.comparison import imbalance_hint, scores_sentence
 
     test, sizes = clf.metrics_["test"], clf.metrics_["split_sizes"]
-    out.print(f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {clf.modality}s, "
-              f"{len(clf.classes_)} classes")
+    out.print(f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {clf.modality}s, {len(clf.classes_)} classes")
     if clf.feature_cache_:
         states = {k: v for k, v in clf.feature_cache_.items() if k != "engine"}
         engine = f" ({clf.feature_cache_['engine']})" if "engine" in clf.feature_cache_ else ""
@@ -52,13 +53,18 @@ def render_fit(clf, out_dir: Path) -> None:
         out.print(f"Backbone [bold]{choice['chosen']}[/]: {choice['reason']}", highlight=False)
     if clf.decision_:
         out.print(f"auto chose [bold]{clf.decision_.strategy.spec}[/]: {clf.decision_.reason}")
-    out.print(f"Strategy {clf.strategy_.spec}: test {scores_sentence(test, clf.modality + 's')}; val accuracy "
-              f"{clf.metrics_['val_accuracy']:.4f}; {clf.metrics_['train_seconds']:.1f} s", highlight=False)
+    out.print(
+        f"Strategy {clf.strategy_.spec}: test {scores_sentence(test, clf.modality + 's')}; val accuracy "
+        f"{clf.metrics_['val_accuracy']:.4f}; {clf.metrics_['train_seconds']:.1f} s",
+        highlight=False,
+    )
     calibration = clf.metrics_.get("calibration")
     if calibration:
-        out.print(f"Calibrated: temperature {calibration['temperature']:.3f} (from validation), folded into the head; "
-                  f"test ECE {calibration.get('test_ece_before', 0):.3f} -> {calibration.get('test_ece_after', 0):.3f}",
-                  highlight=False)
+        out.print(
+            f"Calibrated: temperature {calibration['temperature']:.3f} (from validation), folded into the head; "
+            f"test ECE {calibration.get('test_ece_before', 0):.3f} -> {calibration.get('test_ece_after', 0):.3f}",
+            highlight=False,
+        )
     hint = imbalance_hint(clf.data_summary_.get("train_class_counts", []))
     if hint:
         err.print(f"[yellow]{hint}[/]", highlight=False)
@@ -87,9 +93,12 @@ def render_comparison(c) -> None:
     out.print(table)
     out.print(table_note(c.seeds), style="dim")
     if c.cv:
-        out.print(f"Cross-validated probe ({c.cv['k']}-fold on train+val, {c.cv['n']} {c.noun}): "
-                  f"{format_interval(c.cv['accuracy'], c.cv['low'], c.cv['high'])}, folds {c.cv['fold_mean']:.1%} ± "
-                  f"{c.cv['fold_sd']:.1%}", highlight=False)
+        out.print(
+            f"Cross-validated probe ({c.cv['k']}-fold on train+val, {c.cv['n']} {c.noun}): "
+            f"{format_interval(c.cv['accuracy'], c.cv['low'], c.cv['high'])}, folds {c.cv['fold_mean']:.1%} ± "
+            f"{c.cv['fold_sd']:.1%}",
+            highlight=False,
+        )
     out.print(f"[bold]{c.verdict()}[/]", highlight=False)
     hint = imbalance_hint(c.train_class_counts)
     if hint:
@@ -123,10 +132,14 @@ def render_export(result) -> None:
 
 def render_int8(r) -> None:
     out.print(f"int8 by {r.method}, calibrated on {r.calibration}")
-    out.print(f"Test accuracy (n = {r.n_test}): fp32 {r.fp32_accuracy:.4f}, int8 {r.int8_accuracy:.4f} "
-              f"({100 * (r.int8_accuracy - r.fp32_accuracy):+.2f} points)")
-    out.print(f"Speed, batch of {r.timing_batch} in this process: fp32 {r.fp32_ms:.2f} ms/image, int8 {r.int8_ms:.2f} "
-              f"ms/image: int8 {round(r.speed_ratio, 3):.2f}x the fp32 speed")
+    out.print(
+        f"Test accuracy (n = {r.n_test}): fp32 {r.fp32_accuracy:.4f}, int8 {r.int8_accuracy:.4f} "
+        f"({100 * (r.int8_accuracy - r.fp32_accuracy):+.2f} points)"
+    )
+    out.print(
+        f"Speed, batch of {r.timing_batch} in this process: fp32 {r.fp32_ms:.2f} ms/image, int8 {r.int8_ms:.2f} "
+        f"ms/image: int8 {round(r.speed_ratio, 3):.2f}x the fp32 speed"
+    )
     if r.forced and r.drop_points > 1:
         err.print(f"[yellow]Written although int8 loses {r.drop_points:.1f} points (--force).[/]", highlight=False)
     out.print(f"Wrote {r.path} (fp32: {r.fp32_path}). Predict with: transferkit predict {r.path} IMAGE...")
@@ -139,8 +152,14 @@ def render_recommended(rows: list[dict]) -> None:
     table = wrapping_table("model (--model)", "params", "ImageNet top-1", "pretraining data", "licence", "top-1 source")
     sources = list(dict.fromkeys(r["top1_source"] for r in rows))
     for r in rows:
-        table.add_row(r["name"], f"{r['params'] / 1e6:.1f}M", f"{r['top1']:.1f}% @ {r['top1_px']} px", r["pretraining"],
-                      r["licence"], f"[{sources.index(r['top1_source']) + 1}]")
+        table.add_row(
+            r["name"],
+            f"{r['params'] / 1e6:.1f}M",
+            f"{r['top1']:.1f}% @ {r['top1_px']} px",
+            r["pretraining"],
+            r["licence"],
+            f"[{sources.index(r['top1_source']) + 1}]",
+        )
     out.print("[bold]Hub backbones known to transfer well[/] (weights download on first use; nothing is downloaded now):")
     out.print(table)
     for i, source in enumerate(sources, 1):

@@ -71,10 +71,17 @@ class BackboneScore:
     against_best: PairedDifference | None = None  # this one's accuracy minus the best's, on the out-of-fold predictions
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "cv": self.cv, "logme": self.logme, "test_accuracy": self.test_accuracy,
-                "test_low": self.test_low, "test_high": self.test_high, "costs": asdict(self.costs),
-                "oof_correct": self.oof_correct.astype(int).tolist(),
-                "against_best": self.against_best.to_dict() if self.against_best else None}
+        return {
+            "model": self.model,
+            "cv": self.cv,
+            "logme": self.logme,
+            "test_accuracy": self.test_accuracy,
+            "test_low": self.test_low,
+            "test_high": self.test_high,
+            "costs": asdict(self.costs),
+            "oof_correct": self.oof_correct.astype(int).tolist(),
+            "against_best": self.against_best.to_dict() if self.against_best else None,
+        }
 
 
 @dataclass
@@ -92,15 +99,19 @@ class Ranking:
         return self.scores[0]
 
     def to_dict(self) -> dict:
-        return {"scores": [s.to_dict() for s in self.scores], "recommended": self.recommended, "reason": self.reason,
-                "pareto_front": self.front, "logme_vs_probe_kendall": asdict(self.agreement) if self.agreement else None,
-                "method": "rank: stratified k-fold linear probe on train+val (Wilson 95% CI); pairs: paired bootstrap "
-                          "and exact McNemar on the out-of-fold predictions; LogME (You et al. 2021) on the same "
-                          "features; latency: median ms per example through predict's forward pass"}
+        return {
+            "scores": [s.to_dict() for s in self.scores],
+            "recommended": self.recommended,
+            "reason": self.reason,
+            "pareto_front": self.front,
+            "logme_vs_probe_kendall": asdict(self.agreement) if self.agreement else None,
+            "method": "rank: stratified k-fold linear probe on train+val (Wilson 95% CI); pairs: paired bootstrap "
+            "and exact McNemar on the out-of-fold predictions; LogME (You et al. 2021) on the same "
+            "features; latency: median ms per example through predict's forward pass",
+        }
 
 
-def score_backbone(model: str, clf, features: np.ndarray, labels: np.ndarray, result, *, k: int, seed: int,
-                   examples) -> BackboneScore:
+def score_backbone(model: str, clf, features: np.ndarray, labels: np.ndarray, result, *, k: int, seed: int, examples) -> BackboneScore:
     """Everything the ranking shows for one backbone but its latency (`time_backbones` adds it, for all at once).
 
     `clf` is the feature-extraction classifier fitted on the split (its backbone is the pretrained one below the head),
@@ -108,8 +119,16 @@ def score_backbone(model: str, clf, features: np.ndarray, labels: np.ndarray, re
     """
     cv = cross_validated_probe(features, labels, k=k, seed=seed)
     iv = (result.metrics.get("intervals") or {}).get("accuracy") or {}
-    return BackboneScore(model, cv.to_dict(), logme_score(features, labels), result.test_accuracy, iv.get("low"),
-                         iv.get("high"), static_costs(clf, result, examples), cv.classes[cv.probabilities.argmax(1)] == labels)
+    return BackboneScore(
+        model,
+        cv.to_dict(),
+        logme_score(features, labels),
+        result.test_accuracy,
+        iv.get("low"),
+        iv.get("high"),
+        static_costs(clf, result, examples),
+        cv.classes[cv.probabilities.argmax(1)] == labels,
+    )
 
 
 def static_costs(clf, result, examples) -> Costs:
@@ -126,12 +145,22 @@ def static_costs(clf, result, examples) -> Costs:
     example = _real_batch(bb, examples, 1).to(device)
     with torch.inference_mode():
         gflops = _gflops(bb.model.to(device).eval(), example)
-    return Costs(bb.param_counts()["total"], gflops, 0.0, 0.0, bb.num_features, round(sum(seconds.values()), 3),
-                 extraction, result.peak_memory_mib, "")
+    return Costs(
+        bb.param_counts()["total"],
+        gflops,
+        0.0,
+        0.0,
+        bb.num_features,
+        round(sum(seconds.values()), 3),
+        extraction,
+        result.peak_memory_mib,
+        "",
+    )
 
 
-def time_backbones(clfs: list, examples, *, budget_s: float = 2.0, min_rounds: int = 5,
-                   max_rounds: int = 40) -> list[tuple[float, float, str]]:
+def time_backbones(
+    clfs: list, examples, *, budget_s: float = 2.0, min_rounds: int = 5, max_rounds: int = 40
+) -> list[tuple[float, float, str]]:
     """(batch-1, batch-32 median ms per example, engine) for each fitted classifier, timed in interleaved rounds.
 
     Each model runs through `ovengine.frozen_runner` with the classifier's engine and precision: the forward
@@ -167,8 +196,7 @@ def time_backbones(clfs: list, examples, *, budget_s: float = 2.0, min_rounds: i
                 for j, once in enumerate(pair):
                     times[i][j].append(once())
             rounds += 1
-    return [(*(round(float(np.median(t)) * 1000 / n, 3) for t, n in zip(pair, (1, 32))), engine)
-            for pair, engine in zip(times, engines)]
+    return [(*(round(float(np.median(t)) * 1000 / n, 3) for t, n in zip(pair, (1, 32))), engine) for pair, engine in zip(times, engines)]
 
 
 def _timer(run, x, device):
@@ -181,6 +209,7 @@ def _timer(run, x, device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - begin
+
     return once
 
 
@@ -247,16 +276,22 @@ def recommend(scores: list[BackboneScore]) -> tuple[str, str]:
     if len(scores) == 1:
         return best.model, f"{best.model}: {_cv_text(best)} by {evidence} (one backbone: nothing to rank)."
     if fastest is best:
-        rest = ("every other backbone is measurably less accurate" if len(within) == 1 else
-                f"{', '.join(s.model for s in within[1:])} within noise of it but slower")
-        return best.model, (f"{best.model} is the most accurate by {evidence}, {_cv_text(best)}, and the fastest of "
-                            f"those within noise ({rest}): choose it.")
+        rest = (
+            "every other backbone is measurably less accurate"
+            if len(within) == 1
+            else f"{', '.join(s.model for s in within[1:])} within noise of it but slower"
+        )
+        return best.model, (
+            f"{best.model} is the most accurate by {evidence}, {_cv_text(best)}, and the fastest of those within noise ({rest}): choose it."
+        )
     d = fastest.against_best
     speed = ratio_phrase(fastest.costs.latency_ms_batch1, best.costs.latency_ms_batch1, what="latency")
     gap = format_interval(d.difference, d.low, d.high)
-    return fastest.model, (f"{fastest.model} is as accurate as {best.model} within noise by {evidence} "
-                           f"({fastest.cv['accuracy']:.1%} vs {best.cv['accuracy']:.1%}; difference {gap.replace('%', ' points', 1)}"
-                           f", McNemar p = {d.mcnemar_p:.2g}) and {speed} at batch 1: choose it.")
+    return fastest.model, (
+        f"{fastest.model} is as accurate as {best.model} within noise by {evidence} "
+        f"({fastest.cv['accuracy']:.1%} vs {best.cv['accuracy']:.1%}; difference {gap.replace('%', ' points', 1)}"
+        f", McNemar p = {d.mcnemar_p:.2g}) and {speed} at batch 1: choose it."
+    )
 
 
 def _cv_text(s: BackboneScore) -> str:
@@ -265,8 +300,13 @@ def _cv_text(s: BackboneScore) -> str:
 
 def pareto_front(scores: list[BackboneScore]) -> list[str]:
     """Backbones no other beats on both probe accuracy (higher) and batch-1 latency (lower), fastest first."""
+
     def dominated(a: BackboneScore) -> bool:
-        return any(b.cv["accuracy"] >= a.cv["accuracy"] and b.costs.latency_ms_batch1 <= a.costs.latency_ms_batch1
-                   and (b.cv["accuracy"], b.costs.latency_ms_batch1) != (a.cv["accuracy"], a.costs.latency_ms_batch1)
-                   for b in scores)
+        return any(
+            b.cv["accuracy"] >= a.cv["accuracy"]
+            and b.costs.latency_ms_batch1 <= a.costs.latency_ms_batch1
+            and (b.cv["accuracy"], b.costs.latency_ms_batch1) != (a.cv["accuracy"], a.costs.latency_ms_batch1)
+            for b in scores
+        )
+
     return [s.model for s in sorted(scores, key=lambda s: s.costs.latency_ms_batch1) if not dominated(s)]

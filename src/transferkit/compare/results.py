@@ -51,17 +51,39 @@ class StrategyResult:
         values = [run[key] for run in self.runs]
         if len(values) < 2:
             return None
-        return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "min": float(min(values)),
-                "max": float(max(values)), "seeds": len(values)}
+        return {
+            "mean": float(np.mean(values)),
+            "sd": float(np.std(values, ddof=1)),
+            "min": float(min(values)),
+            "max": float(max(values)),
+            "seeds": len(values),
+        }
 
     def row(self) -> dict:
-        keys = ("strategy", "label", "trainable_params", "total_params", "epochs", "seconds", "wall_seconds", "peak_memory_mib",
-                "val_accuracy", "test_accuracy", "macro_f1", "train_per_class")
+        keys = (
+            "strategy",
+            "label",
+            "trainable_params",
+            "total_params",
+            "epochs",
+            "seconds",
+            "wall_seconds",
+            "peak_memory_mib",
+            "val_accuracy",
+            "test_accuracy",
+            "macro_f1",
+            "train_per_class",
+        )
         iv = (self.metrics.get("intervals") or {}).get("accuracy") or {}
         return {k: getattr(self, k) for k in keys} | {
-            "trainable_share": self.trainable_share, "test_accuracy_low": iv.get("low"), "test_accuracy_high": iv.get("high"),
-            "balanced_accuracy": self.metrics.get("balanced_accuracy"), "ece": self.metrics.get("ece"),
-            "test_accuracy_spread": self.spread("test_accuracy"), "val_accuracy_spread": self.spread("val_accuracy")}
+            "trainable_share": self.trainable_share,
+            "test_accuracy_low": iv.get("low"),
+            "test_accuracy_high": iv.get("high"),
+            "balanced_accuracy": self.metrics.get("balanced_accuracy"),
+            "ece": self.metrics.get("ece"),
+            "test_accuracy_spread": self.spread("test_accuracy"),
+            "val_accuracy_spread": self.spread("val_accuracy"),
+        }
 
 
 @dataclass(kw_only=True)
@@ -117,17 +139,33 @@ class Comparison:
         return "feature extraction stays at least as accurate as fine-tuning at every training size measured"
 
     def to_dict(self) -> dict:
-        return {"data": self.data, "model": self.model, "seed": self.seed, "seeds": self.seeds,
-                "split_sizes": self.split_sizes,
-                "results": [r.row() | {"phases": r.phases, "metrics": _without_predictions(r.metrics),
-                                       "runs": r.runs or [{"seed": self.seed, "predictions": r.metrics.get("predictions")}]}
-                            for r in self.results],
-                "winner": self.winner().strategy, "verdict": self.verdict(), "paired": self.paired(),
-                "cross_validated_probe": self.cv, "train_class_counts": self.train_class_counts,
-                "learning_curve": [r.row() for r in self.curve], "crossover": self.crossover(),
-                "baseline": self.baseline.row() | {"metrics": self.baseline.metrics} if self.baseline else None,
-                "configs": self.configs, "machine": self.machine,
-                "backbone_ranking": self.ranking.to_dict() if self.ranking else None}
+        return {
+            "data": self.data,
+            "model": self.model,
+            "seed": self.seed,
+            "seeds": self.seeds,
+            "split_sizes": self.split_sizes,
+            "results": [
+                r.row()
+                | {
+                    "phases": r.phases,
+                    "metrics": _without_predictions(r.metrics),
+                    "runs": r.runs or [{"seed": self.seed, "predictions": r.metrics.get("predictions")}],
+                }
+                for r in self.results
+            ],
+            "winner": self.winner().strategy,
+            "verdict": self.verdict(),
+            "paired": self.paired(),
+            "cross_validated_probe": self.cv,
+            "train_class_counts": self.train_class_counts,
+            "learning_curve": [r.row() for r in self.curve],
+            "crossover": self.crossover(),
+            "baseline": self.baseline.row() | {"metrics": self.baseline.metrics} if self.baseline else None,
+            "configs": self.configs,
+            "machine": self.machine,
+            "backbone_ranking": self.ranking.to_dict() if self.ranking else None,
+        }
 
 
 def _without_predictions(metrics: dict) -> dict:

@@ -93,18 +93,27 @@ def machine_info() -> dict:
     return info
 
 
-def run_strategy(splits: DataSplits, spec: str, *, model: str | None, settings: dict, label: str | None = None,
-                 weights: str | None = None, tracker: Tracker | None = None) -> tuple[StrategyResult, object]:
+def run_strategy(
+    splits: DataSplits,
+    spec: str,
+    *,
+    model: str | None,
+    settings: dict,
+    label: str | None = None,
+    weights: str | None = None,
+    tracker: Tracker | None = None,
+) -> tuple[StrategyResult, object]:
     """Fit one strategy and measure it; with `tracker`, logged as a run nested in it, named by the label."""
-    with (tracker.child(label or spec) if tracker is not None else nullcontext()) as run:
+    with tracker.child(label or spec) if tracker is not None else nullcontext() as run:
         result, clf = _measure(splits, spec, model=model, settings=settings, label=label, weights=weights, tracker=run)
         if run is not None:
             log_strategy_result(run, result.row())
     return result, clf
 
 
-def _measure(splits: DataSplits, spec: str, *, model: str | None, settings: dict, label: str | None, weights: str | None,
-             tracker: Tracker | None) -> tuple[StrategyResult, object]:
+def _measure(
+    splits: DataSplits, spec: str, *, model: str | None, settings: dict, label: str | None, weights: str | None, tracker: Tracker | None
+) -> tuple[StrategyResult, object]:
     """Fit the classifier of the data's modality, timing it and sampling its memory."""
     clf = CLASSIFIERS[splits.train.modality](model, strategy=spec, weights=weights, tracker=tracker, **settings)
     with PeakMemory(settings.get("device", "auto")) as mem:
@@ -116,20 +125,49 @@ def _measure(splits: DataSplits, spec: str, *, model: str | None, settings: dict
     per_class = len(splits.train) / len(splits.classes)
     epochs = sum(p["epochs_run"] for p in clf.phases_ if not p["on_features"] or p.get("solver") != "lbfgs")
     training = sum(p["seconds"] for p in clf.phases_)
-    run = {"seed": clf.config_.seed, "val_accuracy": clf.metrics_["val_accuracy"], "test_accuracy": test["accuracy"],
-           "macro_f1": test["macro_f1"], "balanced_accuracy": test.get("balanced_accuracy"), "ece": test.get("ece"),
-           "seconds": training, "wall_seconds": seconds, "calibration": clf.metrics_.get("calibration"),
-           "predictions": test.get("predictions")}
-    result = StrategyResult(strategy=spec, label=label or spec, trainable_params=trainable,
-                            total_params=clf.backbone_.param_counts()["total"], epochs=epochs, seconds=training,
-                            peak_memory_mib=mem.mib, val_accuracy=clf.metrics_["val_accuracy"], test_accuracy=test["accuracy"],
-                            macro_f1=test["macro_f1"], train_per_class=per_class, metrics=test, phases=clf.phases_,
-                            history=clf.history_, wall_seconds=seconds, runs=[run])
+    run = {
+        "seed": clf.config_.seed,
+        "val_accuracy": clf.metrics_["val_accuracy"],
+        "test_accuracy": test["accuracy"],
+        "macro_f1": test["macro_f1"],
+        "balanced_accuracy": test.get("balanced_accuracy"),
+        "ece": test.get("ece"),
+        "seconds": training,
+        "wall_seconds": seconds,
+        "calibration": clf.metrics_.get("calibration"),
+        "predictions": test.get("predictions"),
+    }
+    result = StrategyResult(
+        strategy=spec,
+        label=label or spec,
+        trainable_params=trainable,
+        total_params=clf.backbone_.param_counts()["total"],
+        epochs=epochs,
+        seconds=training,
+        peak_memory_mib=mem.mib,
+        val_accuracy=clf.metrics_["val_accuracy"],
+        test_accuracy=test["accuracy"],
+        macro_f1=test["macro_f1"],
+        train_per_class=per_class,
+        metrics=test,
+        phases=clf.phases_,
+        history=clf.history_,
+        wall_seconds=seconds,
+        runs=[run],
+    )
     return result, clf
 
 
-def run_seeds(splits: DataSplits, spec: str, seeds: int, *, model: str | None, settings: dict,
-              tracker: Tracker | None = None, label: str | None = None) -> tuple[StrategyResult, object]:
+def run_seeds(
+    splits: DataSplits,
+    spec: str,
+    seeds: int,
+    *,
+    model: str | None,
+    settings: dict,
+    tracker: Tracker | None = None,
+    label: str | None = None,
+) -> tuple[StrategyResult, object]:
     """One strategy trained with `seeds` training seeds on the same split: scores are means, runs keeps each seed.
 
     The split stays the one given; only the training seed (initialisation of the head, batch order,
@@ -137,12 +175,14 @@ def run_seeds(splits: DataSplits, spec: str, seeds: int, *, model: str | None, s
     `label` names the result (default: the spec).
     """
     base, label = settings.get("seed") or 0, label or spec
-    first, clf = run_strategy(splits, spec, model=model, settings=settings, tracker=tracker,
-                              label=label if seeds == 1 else f"{label} seed {base}")
+    first, clf = run_strategy(
+        splits, spec, model=model, settings=settings, tracker=tracker, label=label if seeds == 1 else f"{label} seed {base}"
+    )
     first.label = label
     for i in range(1, seeds):
-        more, _ = run_strategy(splits, spec, model=model, settings={**settings, "seed": base + i}, tracker=tracker,
-                               label=f"{label} seed {base + i}")
+        more, _ = run_strategy(
+            splits, spec, model=model, settings={**settings, "seed": base + i}, tracker=tracker, label=f"{label} seed {base + i}"
+        )
         first.runs += more.runs
         first.peak_memory_mib = max(first.peak_memory_mib, more.peak_memory_mib)
     for key in ("val_accuracy", "test_accuracy", "macro_f1", "seconds", "wall_seconds"):
@@ -160,9 +200,19 @@ def train_val_features(clf, splits: DataSplits) -> tuple[np.ndarray, np.ndarray]
 
     device = resolve_device(clf.config_.device)
     dtype = resolve_precision(clf.config_.precision, device)
-    parts = [cached_features(clf.backbone_, split, cache=FeatureCache.default(enabled=clf.cache), device=device,
-                             dtype=dtype, workers=clf.config_.workers, progress=False, engine=clf.config_.engine)[0]
-             for split in (splits.train, splits.val)]
+    parts = [
+        cached_features(
+            clf.backbone_,
+            split,
+            cache=FeatureCache.default(enabled=clf.cache),
+            device=device,
+            dtype=dtype,
+            workers=clf.config_.workers,
+            progress=False,
+            engine=clf.config_.engine,
+        )[0]
+        for split in (splits.train, splits.val)
+    ]
     return np.concatenate(parts).astype(np.float32), np.concatenate([splits.train.labels, splits.val.labels])
 
 
@@ -181,8 +231,7 @@ def cv_probe(clf, splits: DataSplits, k: int | None, seed: int) -> dict | None:
     return cross_validated_probe(x, y, k=k, seed=seed).to_dict() | {"n_train": len(splits.train), "n_val": len(splits.val)}
 
 
-def rank_backbones(probes: dict[str, tuple[StrategyResult, object]], splits: DataSplits, k: int | None,
-                   seed: int) -> Ranking:
+def rank_backbones(probes: dict[str, tuple[StrategyResult, object]], splits: DataSplits, k: int | None, seed: int) -> Ranking:
     """Each backbone's cross-validated probe, LogME and costs from its feature-extraction run; ranked (ranking.rank).
 
     Latencies are timed last, for every backbone in interleaved rounds (`ranking.time_backbones`).
@@ -214,8 +263,7 @@ class BackboneChoice:
         return {"chosen": self.chosen, "reason": self.reason, "ranking": ranking}
 
 
-def choose_backbone(splits: DataSplits, models: Sequence[str], *, settings: dict | None = None,
-                    cv: int | None = None) -> BackboneChoice:
+def choose_backbone(splits: DataSplits, models: Sequence[str], *, settings: dict | None = None, cv: int | None = None) -> BackboneChoice:
     """Rank `models` on the split by the frozen-feature probe's k-fold accuracy on train + val; the first is chosen.
 
     Each backbone's features are extracted once (then cached), so a second call costs the probes. The most
@@ -228,14 +276,15 @@ def choose_backbone(splits: DataSplits, models: Sequence[str], *, settings: dict
     """
     names = check_models(None, models, (), None, cv)
     if len(names) < 2:
-        raise UsageError(f"--models needs at least two backbones to choose from; got '{','.join(names)}'. Give one "
-                         "backbone with --model.")
+        raise UsageError(f"--models needs at least two backbones to choose from; got '{','.join(names)}'. Give one backbone with --model.")
     settings = dict(settings or {})
     probes = {name: run_strategy(splits, "feature-extraction", model=name, settings=settings) for name in names}
     ranking = rank_backbones(probes, splits, cv, settings.get("seed") or 0)
     best = ranking.best
-    reason = (f"{best.model} ranks first of {len(names)} backbones by the {best.cv['k']}-fold probe on {best.cv['n']} "
-              f"train+val {splits.train.noun}s: {format_interval(best.cv['accuracy'], best.cv['low'], best.cv['high'])}")
+    reason = (
+        f"{best.model} ranks first of {len(names)} backbones by the {best.cv['k']}-fold probe on {best.cv['n']} "
+        f"train+val {splits.train.noun}s: {format_interval(best.cv['accuracy'], best.cv['low'], best.cv['high'])}"
+    )
     if ranking.recommended != best.model:
         reason += f"; {ranking.reason.removesuffix(': choose it.')}: pass --model {ranking.recommended} to prefer speed"
     log.info("Backbone: %s.", reason)
@@ -257,23 +306,28 @@ def check_repeats(seeds: int, cv: int | None) -> None:
         raise UsageError(f"--cv (cv) must be 0 (off) or at least 2 folds; got {cv!r}.")
 
 
-def check_models(model: str | None, models: Sequence[str] | None, fractions: Sequence[float], baseline: str | None,
-                 cv: int | None) -> list[str | None]:
+def check_models(
+    model: str | None, models: Sequence[str] | None, fractions: Sequence[float], baseline: str | None, cv: int | None
+) -> list[str | None]:
     """The backbones to compare ([model] without --models); contradictory options refused before any work."""
     if not models:
         return [model]
     names = [m.strip() for m in models]
     if model is not None:
-        raise UsageError(f"Give --model (one backbone) or --models (several), not both; got --model {model} and "
-                         f"--models {','.join(names)}.")
+        raise UsageError(
+            f"Give --model (one backbone) or --models (several), not both; got --model {model} and --models {','.join(names)}."
+        )
     if any(not m for m in names) or len(set(names)) != len(names):
         raise UsageError(f"--models needs distinct, comma-separated backbone names; got '{','.join(names)}'.")
     if len(names) > 1 and (fractions or baseline):
-        raise UsageError("--fractions and --baseline run on one backbone; with --models, rank the backbones first, "
-                         "then run them with --model on the one chosen.")
+        raise UsageError(
+            "--fractions and --baseline run on one backbone; with --models, rank the backbones first, "
+            "then run them with --model on the one chosen."
+        )
     if len(names) > 1 and cv == 0:
-        raise UsageError("--cv 0 turns off the cross-validated probe, which is what ranks several --models; leave --cv "
-                         "out (5 folds) or give at least 2.")
+        raise UsageError(
+            "--cv 0 turns off the cross-validated probe, which is what ranks several --models; leave --cv out (5 folds) or give at least 2."
+        )
     return names
 
 
@@ -289,10 +343,21 @@ def check_strategies(strategies: Sequence[str], baseline: str | None) -> list[st
     return specs
 
 
-def compare(splits: DataSplits, *, data_name: str, model: str | None = None, strategies: Sequence[str] | None = None,
-            fractions: Sequence[float] = (), baseline: str | None = None, settings: dict | None = None,
-            on_result=None, tracker: Tracker | None = None, seeds: int = 1, cv: int | None = None,
-            models: Sequence[str] | None = None) -> Comparison:
+def compare(
+    splits: DataSplits,
+    *,
+    data_name: str,
+    model: str | None = None,
+    strategies: Sequence[str] | None = None,
+    fractions: Sequence[float] = (),
+    baseline: str | None = None,
+    settings: dict | None = None,
+    on_result=None,
+    tracker: Tracker | None = None,
+    seeds: int = 1,
+    cv: int | None = None,
+    models: Sequence[str] | None = None,
+) -> Comparison:
     """Run every strategy on the same split and seed; optionally a learning curve and a scratch baseline.
 
     Args:
@@ -336,29 +401,46 @@ def compare(splits: DataSplits, *, data_name: str, model: str | None = None, str
         curve.extend(results)
     base = None
     if baseline == "scratch":
-        base, _ = run_strategy(splits, "finetune:all", model=model, settings=settings, weights="none",
-                               label="scratch (random init, finetune:all)", tracker=tracker)
+        base, _ = run_strategy(
+            splits,
+            "finetune:all",
+            model=model,
+            settings=settings,
+            weights="none",
+            label="scratch (random init, finetune:all)",
+            tracker=tracker,
+        )
         notify(base)
-    c = Comparison(data=data_name, model=",".join(shown.get(n, n or "default") for n in names), seed=seed,
-                   results=results, curve=curve, baseline=base, configs={r.label: r.phases for r in results},
-                   machine=machine_info(),
-                   split_sizes=splits.sizes(), versions=library_versions(), seeds=seeds, cv=cv_result,
-                   noun=f"{splits.train.noun}s", train_class_counts=list(splits.train.class_counts().values()),
-                   ranking=ranking)
+    c = Comparison(
+        data=data_name,
+        model=",".join(shown.get(n, n or "default") for n in names),
+        seed=seed,
+        results=results,
+        curve=curve,
+        baseline=base,
+        configs={r.label: r.phases for r in results},
+        machine=machine_info(),
+        split_sizes=splits.sizes(),
+        versions=library_versions(),
+        seeds=seeds,
+        cv=cv_result,
+        noun=f"{splits.train.noun}s",
+        train_class_counts=list(splits.train.class_counts().values()),
+        ranking=ranking,
+    )
     c.extras = report_extras(fitted, c.winner().label, data_name)
     return c
 
 
-def _learning_curve(splits: DataSplits, specs: list[str], fractions: Sequence[float], model: str | None, settings: dict,
-                    tracker: Tracker | None, notify) -> list[StrategyResult]:
+def _learning_curve(
+    splits: DataSplits, specs: list[str], fractions: Sequence[float], model: str | None, settings: dict, tracker: Tracker | None, notify
+) -> list[StrategyResult]:
     """Every strategy again on per-class fractions of the training split (the same val and test)."""
     curve = []
     for fraction in sorted(f for f in fractions if f < 1):
-        sub = DataSplits(subsample_per_class(splits.train, fraction, settings.get("seed") or 0), splits.val, splits.test,
-                         splits.summary)
+        sub = DataSplits(subsample_per_class(splits.train, fraction, settings.get("seed") or 0), splits.val, splits.test, splits.summary)
         for spec in specs:
-            result, _ = run_strategy(sub, spec, model=model, settings=settings, label=f"{spec} @ {fraction:g}",
-                                     tracker=tracker)
+            result, _ = run_strategy(sub, spec, model=model, settings=settings, label=f"{spec} @ {fraction:g}", tracker=tracker)
             curve.append(result)
             notify(result)
     return curve
@@ -370,6 +452,7 @@ def report_extras(fitted: dict, best: str, data_name: str) -> dict | None:
     extras = getattr(fitted[best], "report_extras_", None)
     if not extras:
         return None
-    doctor = next((clf.report_extras_["doctor"] for clf in fitted.values()
-                   if (getattr(clf, "report_extras_", None) or {}).get("doctor")), None)
+    doctor = next(
+        (clf.report_extras_["doctor"] for clf in fitted.values() if (getattr(clf, "report_extras_", None) or {}).get("doctor")), None
+    )
     return extras | {"doctor": doctor, "data": data_name, "best": best}

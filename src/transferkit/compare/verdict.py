@@ -27,8 +27,7 @@ def best_of(results: list):
 def paired_against_best(results: list, seed: int = 0) -> list[tuple[object, PairedDifference]]:
     """(strategy, best minus strategy) for every strategy but the best, in the table's order."""
     best = best_of(results)
-    return [(r, paired_difference_over_seeds(best.test_correct, r.test_correct, seed=seed))
-            for r in results if r is not best]
+    return [(r, paired_difference_over_seeds(best.test_correct, r.test_correct, seed=seed)) for r in results if r is not best]
 
 
 def cost_phrase(a, b) -> str:
@@ -43,8 +42,7 @@ def cost_phrase(a, b) -> str:
 
 def _points(d: PairedDifference) -> str:
     sep = " to " if d.low < 0 or d.high < 0 else "-"
-    return (f"{d.difference * 100:+.1f} points (95% CI {_bound(d.low)}{sep}{_bound(d.high)}; McNemar p = "
-            f"{d.mcnemar_p:.2g})")
+    return f"{d.difference * 100:+.1f} points (95% CI {_bound(d.low)}{sep}{_bound(d.high)}; McNemar p = {d.mcnemar_p:.2g})"
 
 
 def _bound(fraction: float) -> str:
@@ -68,23 +66,32 @@ def verdict(results: list, paired: list[tuple[object, PairedDifference]], seeds:
         return f"{best.label} reached {best.test_accuracy:.1%} test accuracy on {n} test examples."
     within = [r for r, d in paired if not d.significant]
     worse = [r for r, d in paired if d.significant]
-    noise = "" if seeds > 1 else (" With one training seed, differences inside these intervals are noise; "
-                                  "--seeds 3 measures how much the seed moves each strategy.")
+    noise = (
+        ""
+        if seeds > 1
+        else (
+            " With one training seed, differences inside these intervals are noise; "
+            "--seeds 3 measures how much the seed moves each strategy."
+        )
+    )
     if not within:
         runner, d = max(paired, key=lambda p: p[0].test_accuracy)
-        return (f"{best.label} is the most accurate ({best.test_accuracy:.1%}), measurably ahead of every other "
-                f"strategy on {n} test examples: {_points(d)} over the runner-up {runner.label}, and "
-                f"{cost_phrase(best, runner)}.")
+        return (
+            f"{best.label} is the most accurate ({best.test_accuracy:.1%}), measurably ahead of every other "
+            f"strategy on {n} test examples: {_points(d)} over the runner-up {runner.label}, and "
+            f"{cost_phrase(best, runner)}."
+        )
     closest, d = max(((r, d) for r, d in paired if r in within), key=lambda p: p[0].test_accuracy)
     cheapest = min([best, *within], key=lambda r: r.seconds)
     names = ", ".join(r.label for r in within)
-    text = (f"No measurable difference on {n} test examples between {best.label} ({best.test_accuracy:.1%}) and "
-            f"{names}: {best.label} minus {closest.label} is {_points(d)}, an interval that includes 0.")
+    text = (
+        f"No measurable difference on {n} test examples between {best.label} ({best.test_accuracy:.1%}) and "
+        f"{names}: {best.label} minus {closest.label} is {_points(d)}, an interval that includes 0."
+    )
     if cheapest is best:
         text += f" {best.label} is also the cheapest of them to train."
     else:
-        text += (f" The cheapest within noise is {cheapest.label} ({cheapest.test_accuracy:.1%}), "
-                 f"{cost_phrase(cheapest, best)}: choose it.")
+        text += f" The cheapest within noise is {cheapest.label} ({cheapest.test_accuracy:.1%}), {cost_phrase(cheapest, best)}: choose it."
     if worse:
         text += f" Measurably less accurate: {', '.join(r.label for r in worse)}."
     return text + noise

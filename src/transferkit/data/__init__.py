@@ -26,8 +26,32 @@ from transferkit.data.sources import detect_modality, load_data, load_eval, load
 from transferkit.data.splits import split_stratified, subsample_per_class, validate_split
 from transferkit.data.texts import TextSet, load_text_data
 
-__all__ = ["DEFAULT_SPLIT", "SPLIT_NAMES", "DataSplits", "DataSummary", "Examples", "ArrayImages", "FileImages",
-           "ImageSet", "TransformedImages", "check_image", "inspect_image", "make_transform", "read_csv", "read_paths",
-           "resolve_data_config", "BUILTIN_DATASETS", "cache_dir", "load_digits_images", "detect_modality", "load_data",
-           "load_eval", "load_image_data", "split_stratified", "subsample_per_class", "validate_split", "TextSet",
-           "load_text_data"]
+__all__ = [
+    "DEFAULT_SPLIT",
+    "SPLIT_NAMES",
+    "DataSplits",
+    "DataSummary",
+    "Examples",
+    "ArrayImages",
+    "FileImages",
+    "ImageSet",
+    "TransformedImages",
+    "check_image",
+    "inspect_image",
+    "make_transform",
+    "read_csv",
+    "read_paths",
+    "resolve_data_config",
+    "BUILTIN_DATASETS",
+    "cache_dir",
+    "load_digits_images",
+    "detect_modality",
+    "load_data",
+    "load_eval",
+    "load_image_data",
+    "split_stratified",
+    "subsample_per_class",
+    "validate_split",
+    "TextSet",
+    "load_text_data",
+]

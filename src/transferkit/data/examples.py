@@ -73,7 +73,7 @@ class Examples:
 
 WARNING_TEXT = {
     "duplicates_across_splits": "val/test file(s) identical to a file in an earlier split (kept; their score "
-                                "measures memory, not generalisation)",
+    "measures memory, not generalisation)",
     "empty_classes": "class folder(s) without usable images, left out",
 }
 
@@ -122,10 +122,13 @@ class DataSummary:
             raise DataError(f"{self.skipped_line()}. Remove or fix these files, or drop --strict to skip them.")
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "found": self.found,
-                "skipped": {k: len(v) for k, v in self.skipped.items()},
-                "first_skipped": [p for v in self.skipped.values() for p in v][:10],
-                "warnings": {k: len(v) for k, v in self.warnings.items()}}
+        return {
+            "source": self.source,
+            "found": self.found,
+            "skipped": {k: len(v) for k, v in self.skipped.items()},
+            "first_skipped": [p for v in self.skipped.values() for p in v][:10],
+            "warnings": {k: len(v) for k, v in self.warnings.items()},
+        }
 
 
 @dataclass

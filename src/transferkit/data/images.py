@@ -166,8 +166,14 @@ class ImageSet(Examples):
 class FileImages(ImageSet):
     """Images stored as files; identity is (path, size, mtime). `digests` are content hashes, when scanned."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], classes: Sequence[str], name: str = "files",
-                 digests: Sequence[str] | None = None):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        classes: Sequence[str],
+        name: str = "files",
+        digests: Sequence[str] | None = None,
+    ):
         super().__init__(labels, classes, name)
         self.paths = [Path(p) for p in paths]
         self.digests = list(digests) if digests is not None else None
@@ -191,8 +197,7 @@ class FileImages(ImageSet):
 class ArrayImages(ImageSet):
     """Images held in memory as uint8 arrays (N,H,W) or (N,H,W,C)."""
 
-    def __init__(self, arrays: np.ndarray, labels: Sequence[int], classes: Sequence[str], name: str,
-                 preprocess_hint: dict | None = None):
+    def __init__(self, arrays: np.ndarray, labels: Sequence[int], classes: Sequence[str], name: str, preprocess_hint: dict | None = None):
         super().__init__(labels, classes, name)
         self.arrays = arrays
         self.preprocess_hint = preprocess_hint or {}
@@ -288,8 +293,7 @@ def _list_images(folder: Path, summary: DataSummary) -> list[Path]:
             seen.add(real)
             keep.append(d)
         dirnames[:] = keep  # os.walk descends only into these
-        found.extend(Path(dirpath, f) for f in filenames
-                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        found.extend(Path(dirpath, f) for f in filenames if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
     return sorted(found)
 
 
@@ -299,8 +303,10 @@ def read_image_folder(root: Path, classes: list[str] | None, summary: DataSummar
     classes = classes or found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise DataError(f"{root} has class folder(s) {unknown} not present in the training split {classes}. "
-                        "Every split must use the training split's classes.")
+        raise DataError(
+            f"{root} has class folder(s) {unknown} not present in the training split {classes}. "
+            "Every split must use the training split's classes."
+        )
     paths, labels = [], []
     for label, name in enumerate(classes):
         if name in found:
@@ -309,8 +315,9 @@ def read_image_folder(root: Path, classes: list[str] | None, summary: DataSummar
                 labels.append(label)
     checks = _scan_files(paths, summary, strict)
     keep = [i for i, c in enumerate(checks) if c.reason is None]
-    return FileImages([paths[i] for i in keep], [labels[i] for i in keep], classes, name=str(root),
-                      digests=[checks[i].digest for i in keep])
+    return FileImages(
+        [paths[i] for i in keep], [labels[i] for i in keep], classes, name=str(root), digests=[checks[i].digest for i in keep]
+    )
 
 
 def read_csv(path: Path, summary: DataSummary, strict: bool, classes: list[str] | None = None) -> FileImages:
@@ -328,8 +335,9 @@ def read_csv(path: Path, summary: DataSummary, strict: bool, classes: list[str] 
         raise DataError(f"Cannot read CSV {path}: {e}. Save it as UTF-8 text whose first line is: path,label") from e
     header = [c.strip().lower() for c in rows[0]] if rows else []
     if "path" not in header or "label" not in header:
-        raise DataError(f"CSV {path} needs a header with columns 'path' and 'label'; found {header[:10]}. "
-                        "Write the first line as: path,label")
+        raise DataError(
+            f"CSV {path} needs a header with columns 'path' and 'label'; found {header[:10]}. Write the first line as: path,label"
+        )
     col_path, col_label = header.index("path"), header.index("label")
     paths, names = [], []
     for n, row in enumerate(rows[1:], start=2):
@@ -353,8 +361,9 @@ def read_csv(path: Path, summary: DataSummary, strict: bool, classes: list[str] 
         elif c.reason is None:
             keep.append(i)
     summary.raise_if_strict(strict)
-    return FileImages([paths[i] for i in keep], [index[names[i]] for i in keep], classes, name=str(path),
-                      digests=[checks[i].digest for i in keep])
+    return FileImages(
+        [paths[i] for i in keep], [index[names[i]] for i in keep], classes, name=str(path), digests=[checks[i].digest for i in keep]
+    )
 
 
 def read_paths(paths: Sequence[str | Path], labels: Sequence, summary: DataSummary, strict: bool) -> FileImages:
@@ -365,8 +374,13 @@ def read_paths(paths: Sequence[str | Path], labels: Sequence, summary: DataSumma
     classes = sorted({str(v) for v in labels})
     checks = _scan_files(paths, summary, strict)
     keep = [i for i, c in enumerate(checks) if c.reason is None]
-    return FileImages([paths[i] for i in keep], [classes.index(str(labels[i])) for i in keep], classes, name="paths",
-                      digests=[checks[i].digest for i in keep])
+    return FileImages(
+        [paths[i] for i in keep],
+        [classes.index(str(labels[i])) for i in keep],
+        classes,
+        name="paths",
+        digests=[checks[i].digest for i in keep],
+    )
 
 
 # --------------------------------------------------------------------------- transforms
@@ -389,14 +403,18 @@ def make_transform(data_config: dict, augment: str = "none"):
     if augment == "none":
         return create_transform(**data_config, is_training=False)
     size = data_config["input_size"]
-    common = dict(input_size=size, mean=data_config["mean"], std=data_config["std"],
-                  interpolation=data_config.get("interpolation", "bilinear"), is_training=True)
+    common = dict(
+        input_size=size,
+        mean=data_config["mean"],
+        std=data_config["std"],
+        interpolation=data_config.get("interpolation", "bilinear"),
+        is_training=True,
+    )
     if augment == "light":
         # Mild crops and colour only: no flips, which would corrupt digits and text.
         return create_transform(**common, scale=(0.7, 1.0), ratio=(0.9, 1.1), hflip=0.0, color_jitter=0.1)
     if augment == "strong":
-        return create_transform(**common, scale=(0.35, 1.0), hflip=0.5, auto_augment="rand-m7-mstd0.5",
-                                re_prob=0.2)
+        return create_transform(**common, scale=(0.35, 1.0), hflip=0.5, auto_augment="rand-m7-mstd0.5", re_prob=0.2)
     raise UsageError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got '{augment}'.{did_you_mean(augment, AUGMENTATIONS)}")
 
 
@@ -469,8 +487,9 @@ def _image_items(inputs) -> list:
     if isinstance(inputs, np.ndarray):
         return _array_images(inputs)
     if not isinstance(inputs, Sequence):
-        raise UsageError(f"Cannot classify a {type(inputs).__name__}: give an image path, a folder, a PIL image, an "
-                         "HWC uint8 array, or a list of those.")
+        raise UsageError(
+            f"Cannot classify a {type(inputs).__name__}: give an image path, a folder, a PIL image, an HWC uint8 array, or a list of those."
+        )
     items = []
     for x in inputs:
         if isinstance(x, str | Path):
@@ -480,15 +499,16 @@ def _image_items(inputs) -> list:
         elif isinstance(x, np.ndarray) and x.ndim in (2, 3):
             items.extend(_array_images(x))
         else:
-            raise UsageError(f"Cannot classify a {type(x).__name__} in the list: give image paths, PIL images or HWC "
-                             "uint8 arrays.")
+            raise UsageError(f"Cannot classify a {type(x).__name__} in the list: give image paths, PIL images or HWC uint8 arrays.")
     return items
 
 
 def _array_images(arr: np.ndarray) -> list[Image.Image]:
     """An H x W (grey), H x W x C or N x H x W x C uint8 array as PIL images."""
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3, 4) or (arr.ndim >= 3 and arr.shape[-1] not in (1, 3, 4)):
-        raise UsageError(f"An image array must be uint8 with shape HxW, HxWxC or NxHxWxC (C = 1, 3 or 4); got "
-                         f"{arr.dtype} {tuple(arr.shape)}. Convert with (x * 255).astype('uint8') and channels last.")
+        raise UsageError(
+            f"An image array must be uint8 with shape HxW, HxWxC or NxHxWxC (C = 1, 3 or 4); got "
+            f"{arr.dtype} {tuple(arr.shape)}. Convert with (x * 255).astype('uint8') and channels last."
+        )
     frames = list(arr) if arr.ndim == 4 else [arr]
     return [Image.fromarray(f[..., 0] if f.ndim == 3 and f.shape[-1] == 1 else f) for f in frames]

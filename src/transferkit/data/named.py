@@ -78,8 +78,9 @@ def load_torchvision(name: str, root: Path, download: bool = True) -> tuple[Imag
     try:
         train_ds, test_ds = make(True), make(False)
     except (RuntimeError, OSError) as e:  # OSError covers urllib's URLError when offline
-        raise DataError(f"torchvision could not load '{name}' under {root}: {e}. On a machine without "
-                        "internet, copy the dataset files there first.") from e
+        raise DataError(
+            f"torchvision could not load '{name}' under {root}: {e}. On a machine without internet, copy the dataset files there first."
+        ) from e
     return _as_image_set(train_ds, f"{name}-train"), (_as_image_set(test_ds, f"{name}-test") if test_ds else None)
 
 

@@ -33,8 +33,7 @@ MODALITIES = ("image", "text")
 SNIFF_ROWS = 20  # CSV rows read to decide whether a column holds image paths
 
 
-def detect_modality(source: str | Path, *, text_column: str | None = None,
-                    label_column: str | None = None) -> tuple[str, str]:
+def detect_modality(source: str | Path, *, text_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
     """'image' or 'text' for a data source, and why, in words.
 
     A folder or a dataset name holds images; a .tsv/.jsonl holds texts; a .csv
@@ -86,9 +85,17 @@ def _image_path_column(path: Path) -> str | None:
     return None
 
 
-def load_data(source: str | Path, *, modality: str | None = None, split: Sequence[float] = DEFAULT_SPLIT,
-              seed: int = 0, strict: bool = False, download: bool = True, text_column: str | None = None,
-              label_column: str | None = None) -> DataSplits:
+def load_data(
+    source: str | Path,
+    *,
+    modality: str | None = None,
+    split: Sequence[float] = DEFAULT_SPLIT,
+    seed: int = 0,
+    strict: bool = False,
+    download: bool = True,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> DataSplits:
     """Labelled examples from a source, split train/val/test (stratified, seeded) unless the source gives splits.
 
     Args:
@@ -108,8 +115,9 @@ def load_data(source: str | Path, *, modality: str | None = None, split: Sequenc
     return load_image_data(source, split=split, seed=seed, strict=strict, download=download)
 
 
-def load_image_data(source: str | Path, *, split: Sequence[float] = DEFAULT_SPLIT, seed: int = 0,
-                    strict: bool = False, download: bool = True) -> DataSplits:
+def load_image_data(
+    source: str | Path, *, split: Sequence[float] = DEFAULT_SPLIT, seed: int = 0, strict: bool = False, download: bool = True
+) -> DataSplits:
     """Labelled images from a folder, a CSV, `digits` or a torchvision dataset name."""
     split = validate_split(split)
     text = str(source)
@@ -129,15 +137,26 @@ def load_image_data(source: str | Path, *, split: Sequence[float] = DEFAULT_SPLI
     if path.is_dir():
         return _load_folder(path, split, seed, strict)
     if not path.exists() and (path.suffix or "/" in text or "\\" in text):
-        raise DataError(f"{path} does not exist. Give an image folder, a CSV of path,label rows, a CSV/TSV/JSONL of "
-                        "labelled texts, 'digits' or a torchvision dataset name.")
+        raise DataError(
+            f"{path} does not exist. Give an image folder, a CSV of path,label rows, a CSV/TSV/JSONL of "
+            "labelled texts, 'digits' or a torchvision dataset name."
+        )
     choices = list(BUILTIN_DATASETS) + sorted(TORCHVISION_DATASETS)
-    raise DataError(f"Data source '{text}' is neither a folder, a .csv file nor a dataset name."
-                    f"{did_you_mean(text.lower(), choices)} Built-in and torchvision names: {', '.join(choices)}.")
+    raise DataError(
+        f"Data source '{text}' is neither a folder, a .csv file nor a dataset name."
+        f"{did_you_mean(text.lower(), choices)} Built-in and torchvision names: {', '.join(choices)}."
+    )
 
 
-def load_eval(source: str | Path, classes: list[str], *, modality: str, strict: bool = False,
-              text_column: str | None = None, label_column: str | None = None) -> tuple[Examples, DataSummary]:
+def load_eval(
+    source: str | Path,
+    classes: list[str],
+    *,
+    modality: str,
+    strict: bool = False,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> tuple[Examples, DataSummary]:
     """All labelled examples of a source, labelled with a trained model's `classes`."""
     if modality == "text":
         columns = {k: v for k, v in (("text_column", text_column), ("label_column", label_column)) if v is not None}
@@ -172,8 +191,10 @@ def split_folders(root: Path) -> dict[str, Path]:
         split = names.get(d.name.lower())
         if split is None:
             accepted = ", ".join(f"{s}: {'/'.join(ns)}" for s, ns in SPLIT_FOLDERS.items())
-            raise DataError(f"{root} has a train/ folder, so its subfolders are splits, but '{d.name}' names no split "
-                            f"(its images would be left out). Accepted names ({accepted}); rename or move it.")
+            raise DataError(
+                f"{root} has a train/ folder, so its subfolders are splits, but '{d.name}' names no split "
+                f"(its images would be left out). Accepted names ({accepted}); rename or move it."
+            )
         if split in given:
             raise DataError(f"{root} has two folders for the {split} split: {given[split].name}/ and {d.name}/. Keep one.")
         given[split] = d
@@ -210,8 +231,10 @@ def _with_classes(images: Examples, classes: list[str], where: Path) -> Examples
     names = [images.classes[i] for i in np.unique(images.labels)]
     extra = [c for c in names if c not in classes]
     if extra:
-        raise DataError(f"{where} has images of class(es) {extra}, which have no usable training images. "
-                        "Add training images for them or remove them from this split.")
+        raise DataError(
+            f"{where} has images of class(es) {extra}, which have no usable training images. "
+            "Add training images for them or remove them from this split."
+        )
     index = {c: i for i, c in enumerate(classes)}
     out = images.subset(range(len(images)))
     out.labels = np.asarray([index[images.classes[v]] for v in images.labels.tolist()], dtype=np.int64)
@@ -230,9 +253,11 @@ def _require_usable(images: Examples, where: Path, summary: DataSummary) -> Exam
     if empty:
         images = _with_classes(images, [c for c in images.classes if c not in empty], where)
     if len(images.classes) < 2:
-        raise DataError(f"{where} has {_classes(len(images.classes))} with usable images ({images.classes}); "
-                        "a classifier needs at least two. Add a subfolder (or CSV label) per class, "
-                        "each holding that class's images.")
+        raise DataError(
+            f"{where} has {_classes(len(images.classes))} with usable images ({images.classes}); "
+            "a classifier needs at least two. Add a subfolder (or CSV label) per class, "
+            "each holding that class's images."
+        )
     return images
 
 
@@ -240,17 +265,22 @@ def _no_images_message(where: Path, summary: DataSummary) -> str:
     missing = summary.skipped.get("missing", [])
     if missing and len(missing) == summary.n_skipped:
         base = where.parent if where.is_file() else where
-        return (f"None of the {len(missing)} image files listed in {where} exist. Paths are read relative to {base}; "
-                f"the first: {', '.join(missing[:3])}. Fix the paths or move the CSV next to the images.")
+        return (
+            f"None of the {len(missing)} image files listed in {where} exist. Paths are read relative to {base}; "
+            f"the first: {', '.join(missing[:3])}. Fix the paths or move the CSV next to the images."
+        )
     if summary.n_skipped:
-        return (f"No usable images in {where}: {summary.skipped_line()}. "
-                "Replace the broken files with images PIL can open.")
+        return f"No usable images in {where}: {summary.skipped_line()}. Replace the broken files with images PIL can open."
     loose = where.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in where.iterdir() if p.is_file())
     if loose:
-        return (f"No images found in class subfolders of {where}, but there are image files directly in it. "
-                f"Move them into one subfolder per class (e.g. {where}/cat/1.jpg).")
-    return (f"No images found in {where}. Expected one subfolder per class holding "
-            f"{', '.join(IMAGE_EXTENSIONS[:4])}, ... files (or a CSV with path,label).")
+        return (
+            f"No images found in class subfolders of {where}, but there are image files directly in it. "
+            f"Move them into one subfolder per class (e.g. {where}/cat/1.jpg)."
+        )
+    return (
+        f"No images found in {where}. Expected one subfolder per class holding "
+        f"{', '.join(IMAGE_EXTENSIONS[:4])}, ... files (or a CSV with path,label)."
+    )
 
 
 def load_eval_images(source: str | Path, classes: list[str], *, strict: bool = False) -> tuple[ImageSet, DataSummary]:

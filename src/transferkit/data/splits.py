@@ -15,8 +15,7 @@ def validate_split(split: Sequence[float]) -> tuple[float, float, float]:
     """Check train/val/test fractions: three positive numbers summing to 1."""
     if len(split) != 3 or any(f <= 0 for f in split) or abs(sum(split) - 1) > 1e-6:
         raise UsageError(
-            f"split must be three positive fractions for train,val,test that sum to 1; got {tuple(split)}. "
-            "Example: --split 0.7,0.15,0.15"
+            f"split must be three positive fractions for train,val,test that sum to 1; got {tuple(split)}. Example: --split 0.7,0.15,0.15"
         )
     return (float(split[0]), float(split[1]), float(split[2]))
 
@@ -34,7 +33,7 @@ def stratified_indices(labels: np.ndarray, fractions: Sequence[float], seed: int
         counts = _largest_remainder(len(idx), fractions)
         start = 0
         for part, n in zip(parts, counts):
-            part.extend(idx[start:start + n])
+            part.extend(idx[start : start + n])
             start += n
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
@@ -75,7 +74,7 @@ def subsample_per_class(images: Examples, amount: float, seed: int) -> Examples:
     for c in np.unique(images.labels):
         idx = np.flatnonzero(images.labels == c)
         n = int(amount) if amount > 1 else max(1, round(len(idx) * amount))
-        keep.extend(rng.permutation(idx)[:min(n, len(idx))])
+        keep.extend(rng.permutation(idx)[: min(n, len(idx))])
     return images.subset(sorted(keep))
 
 

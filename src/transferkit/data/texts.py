@@ -39,8 +39,7 @@ class TextSet(Examples):
     modality = "text"
     noun = "text"
 
-    def __init__(self, texts: Sequence[str], labels: Sequence[int], classes: Sequence[str], name: str,
-                 rows: Sequence[str] | None = None):
+    def __init__(self, texts: Sequence[str], labels: Sequence[int], classes: Sequence[str], name: str, rows: Sequence[str] | None = None):
         super().__init__(labels, classes, name)
         self.texts = list(texts)
         self.paths = list(rows) if rows is not None else [f"{name}:{i + 1}" for i in range(len(self.texts))]
@@ -91,8 +90,7 @@ def read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
                 records = [(n, json.loads(line)) for n, line in enumerate(fh, start=1) if line.strip()]
                 bad = next((n for n, r in records if not isinstance(r, dict)), None)
                 if bad is not None:
-                    raise DataError(f"{path} line {bad} is not a JSON object; each line must be like "
-                                    '{"text": "...", "label": "..."}.')
+                    raise DataError(f'{path} line {bad} is not a JSON object; each line must be like {{"text": "...", "label": "..."}}.')
                 columns = list(dict.fromkeys(k for _, r in records for k in r))
                 return columns, records
             reader = csv.DictReader(fh, delimiter="\t" if kind == "tsv" else ",")
@@ -100,8 +98,10 @@ def read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
             reader.fieldnames = columns
             return columns, [(n, r) for n, r in enumerate(reader, start=2)]
     except (OSError, UnicodeDecodeError, csv.Error, json.JSONDecodeError) as e:
-        raise DataError(f"Cannot read {path}: {e}. Save it as UTF-8 {kind.upper()} with a header row "
-                        f"(or one JSON object per line) holding a text and a label column.") from e
+        raise DataError(
+            f"Cannot read {path}: {e}. Save it as UTF-8 {kind.upper()} with a header row "
+            f"(or one JSON object per line) holding a text and a label column."
+        ) from e
 
 
 def _column(columns: list[str], wanted: str, option: str, path: Path) -> str:
@@ -109,13 +109,16 @@ def _column(columns: list[str], wanted: str, option: str, path: Path) -> str:
     by_lower = {c.lower(): c for c in columns}
     if wanted.lower() in by_lower:
         return by_lower[wanted.lower()]
-    raise DataError(f"{path} has no column '{wanted}'. Its columns: {', '.join(columns) or '(none)'}."
-                    f"{did_you_mean(wanted, columns)} For texts, name the right one with {option} COLUMN; for images, "
-                    "the first line must be path,label (paths relative to the CSV).")
+    raise DataError(
+        f"{path} has no column '{wanted}'. Its columns: {', '.join(columns) or '(none)'}."
+        f"{did_you_mean(wanted, columns)} For texts, name the right one with {option} COLUMN; for images, "
+        "the first line must be path,label (paths relative to the CSV)."
+    )
 
 
-def read_text_file(path: Path, summary: DataSummary, *, text_column: str = TEXT_COLUMN,
-                   label_column: str = LABEL_COLUMN, classes: list[str] | None = None) -> TextSet:
+def read_text_file(
+    path: Path, summary: DataSummary, *, text_column: str = TEXT_COLUMN, label_column: str = LABEL_COLUMN, classes: list[str] | None = None
+) -> TextSet:
     """Read labelled texts; blank texts and rows without a label are skipped and counted in `summary`."""
     columns, records = read_records(path)
     text_col = _column(columns, text_column, "--text-column", path)
@@ -142,8 +145,15 @@ def read_text_file(path: Path, summary: DataSummary, *, text_column: str = TEXT_
     return TextSet(texts, [index[c] for c in names], classes, str(path), rows)
 
 
-def load_text_data(source: str | Path, *, text_column: str = TEXT_COLUMN, label_column: str = LABEL_COLUMN,
-                   split: Sequence[float] = DEFAULT_SPLIT, seed: int = 0, strict: bool = False) -> DataSplits:
+def load_text_data(
+    source: str | Path,
+    *,
+    text_column: str = TEXT_COLUMN,
+    label_column: str = LABEL_COLUMN,
+    split: Sequence[float] = DEFAULT_SPLIT,
+    seed: int = 0,
+    strict: bool = False,
+) -> DataSplits:
     """Labelled texts from a CSV/TSV/JSONL file, split stratified and seeded.
 
     Example:
@@ -152,25 +162,26 @@ def load_text_data(source: str | Path, *, text_column: str = TEXT_COLUMN, label_
     split = validate_split(split)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DataError(f"Text data file {path} does not exist. Give a .csv, .tsv or .jsonl file with a text "
-                        "and a label column.")
+        raise DataError(f"Text data file {path} does not exist. Give a .csv, .tsv or .jsonl file with a text and a label column.")
     summary = DataSummary(str(path), noun="text")
-    [texts] = drop_conflicting_labels([read_text_file(path, summary, text_column=text_column,
-                                                      label_column=label_column)], summary, strict)
+    [texts] = drop_conflicting_labels([read_text_file(path, summary, text_column=text_column, label_column=label_column)], summary, strict)
     if strict and summary.n_skipped:
         raise DataError(f"{summary.skipped_line()}. Fix these rows, or drop --strict to skip them.")
     if len(set(texts.labels.tolist())) < 2:
         n = len(set(texts.labels.tolist()))
-        raise DataError(f"{path} has {n} {'class' if n == 1 else 'classes'} with usable texts ({texts.classes}); "
-                        f"a classifier needs at least two. Column '{label_column}' must hold each text's class."
-                        + (f" {summary.skipped_line()}." if summary.n_skipped else ""))
+        raise DataError(
+            f"{path} has {n} {'class' if n == 1 else 'classes'} with usable texts ({texts.classes}); "
+            f"a classifier needs at least two. Column '{label_column}' must hold each text's class."
+            + (f" {summary.skipped_line()}." if summary.n_skipped else "")
+        )
     splits = DataSplits(*split_stratified(texts, split, seed, str(path)), summary)
     note_cross_split_duplicates(splits)
     return splits
 
 
-def load_eval_texts(source: str | Path, classes: list[str], *, text_column: str = TEXT_COLUMN,
-                    label_column: str = LABEL_COLUMN) -> tuple[TextSet, DataSummary]:
+def load_eval_texts(
+    source: str | Path, classes: list[str], *, text_column: str = TEXT_COLUMN, label_column: str = LABEL_COLUMN
+) -> tuple[TextSet, DataSummary]:
     """All labelled texts of a file, labelled with a trained model's `classes`."""
     path = Path(source).expanduser()
     summary = DataSummary(str(path), noun="text")
@@ -190,12 +201,16 @@ def as_text_set(texts, classes: list[str], labels: Sequence[str] | None = None) 
     from transferkit.data.images import IMAGE_EXTENSIONS
 
     if isinstance(texts, str | Path):
-        raise UsageError(f"Pass a list of texts, not one {type(texts).__name__} ({str(texts)[:60]!r}): "
-                         "predict([text]) for one text, score(FILE) for a labelled file.")
+        raise UsageError(
+            f"Pass a list of texts, not one {type(texts).__name__} ({str(texts)[:60]!r}): "
+            "predict([text]) for one text, score(FILE) for a labelled file."
+        )
     texts = [str(t) for t in texts]
     if texts and all(Path(t).suffix.lower() in IMAGE_EXTENSIONS and Path(t).is_file() for t in texts):
-        raise UsageError(f"These inputs are image files ({texts[0]}, ...), and this is a text model: it would "
-                         "classify the file names. Use an image run for images.")
+        raise UsageError(
+            f"These inputs are image files ({texts[0]}, ...), and this is a text model: it would "
+            "classify the file names. Use an image run for images."
+        )
     if labels is not None and len(labels) != len(texts):
         raise UsageError(f"got {len(texts)} texts and {len(labels)} labels; they must pair up one to one.")
     unknown = sorted(set(labels or []) - set(classes))

@@ -19,9 +19,20 @@ from transferkit.doctor.findings import DEFAULT_FOLDS, Diagnosis, check_settings
 log = logging.getLogger(__name__)
 
 
-def diagnose(data, *, model: str | None = None, threshold: float | None = None,
-             folds: int = DEFAULT_FOLDS, seed: int = 0, split=None, cache: bool = True, progress: bool = False,
-             device: str = "auto", precision: str = "auto", **data_options) -> Diagnosis:
+def diagnose(
+    data,
+    *,
+    model: str | None = None,
+    threshold: float | None = None,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    split=None,
+    cache: bool = True,
+    progress: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+    **data_options,
+) -> Diagnosis:
     """Look for label errors, near-duplicates, leakage and outliers in labelled data.
 
     Args:
@@ -54,19 +65,24 @@ def diagnose(data, *, model: str | None = None, threshold: float | None = None,
     columns = {k: data_options[k] for k in ("text_column", "label_column") if data_options.get(k) is not None}
     given = isinstance(data, DataSplits)
     modality = data.train.modality if given else detect_modality(data, **columns)[0]
-    clf = CLASSIFIERS[modality](model, device=device, precision=precision, seed=seed,
-                                **({"split": split} if split is not None else {}),
-                                **{k: v for k, v in data_options.items() if v is not None})
+    clf = CLASSIFIERS[modality](
+        model,
+        device=device,
+        precision=precision,
+        seed=seed,
+        **({"split": split} if split is not None else {}),
+        **{k: v for k, v in data_options.items() if v is not None},
+    )
     clf.check_settings()  # every setting (the split's fractions too) checked before the data is read
     if given:
         splits, name = data, data.summary.source
     else:
-        splits = load_data(data, modality=modality, seed=seed, **({"split": split} if split is not None else {}),
-                           **columns)
+        splits = load_data(data, modality=modality, seed=seed, **({"split": split} if split is not None else {}), **columns)
         name = str(data)
     features, backbone = split_features(clf, splits, cache=cache, progress=progress)
-    return diagnose_features(splits, features, data_name=name, model_name=backbone, threshold=threshold,
-                             folds=folds, seed=seed, started=started)
+    return diagnose_features(
+        splits, features, data_name=name, model_name=backbone, threshold=threshold, folds=folds, seed=seed, started=started
+    )
 
 
 def split_features(clf, splits: DataSplits, *, cache: bool, progress: bool) -> tuple[dict[str, np.ndarray], str]:
@@ -84,8 +100,15 @@ def split_features(clf, splits: DataSplits, *, cache: bool, progress: bool) -> t
     out = {}
     for name in SPLIT_NAMES:
         examples = getattr(splits, name)
-        arr, hit = cached_features(bb, examples, cache=FeatureCache.default(enabled=cache), device=device, dtype=dtype,
-                                   progress=progress, label=f"features: {name} ({len(examples)} {bb.noun})")
+        arr, hit = cached_features(
+            bb,
+            examples,
+            cache=FeatureCache.default(enabled=cache),
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            label=f"features: {name} ({len(examples)} {bb.noun})",
+        )
         log.info("Features of %s %s: %s", name, bb.noun, "from the feature cache" if hit else "computed")
         out[name] = np.asarray(arr, dtype=np.float32)
     return out, bb.spec.name

@@ -172,16 +172,33 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         """JSON-ready: settings, counts and every finding."""
-        return {"data": self.data, "model": self.model, "modality": self.modality, "classes": list(self.classes),
-                "sizes": self.sizes, "threshold": self.threshold, "measure": self.measure, "folds": self.folds,
-                "probe_accuracy": self.probe_accuracy, "estimated_label_errors": self.estimated_label_errors,
-                "counts": self.counts(), "notes": list(self.notes), "seconds": self.seconds,
-                "findings": [f.row() | {"index": f.index, "other_index": f.other_index} for f in self.findings]}
+        return {
+            "data": self.data,
+            "model": self.model,
+            "modality": self.modality,
+            "classes": list(self.classes),
+            "sizes": self.sizes,
+            "threshold": self.threshold,
+            "measure": self.measure,
+            "folds": self.folds,
+            "probe_accuracy": self.probe_accuracy,
+            "estimated_label_errors": self.estimated_label_errors,
+            "counts": self.counts(),
+            "notes": list(self.notes),
+            "seconds": self.seconds,
+            "findings": [f.row() | {"index": f.index, "other_index": f.other_index} for f in self.findings],
+        }
 
 
 def _kind_word(kind: str, n: int) -> str:
-    words = {"leakage": "leaked pair", "identical-file": "identical file", "label": "likely label error",
-             "conflict": "conflicting pair", "duplicate": "duplicate pair", "outlier": "outlier"}
+    words = {
+        "leakage": "leaked pair",
+        "identical-file": "identical file",
+        "label": "likely label error",
+        "conflict": "conflicting pair",
+        "duplicate": "duplicate pair",
+        "outlier": "outlier",
+    }
     return words[kind] + ("s" if n != 1 else "")
 
 
@@ -189,19 +206,28 @@ def check_settings(*, threshold: float | None, folds: int, seed: int) -> None:
     """Refuse bad doctor settings before any data is read (threshold None: the modality's default)."""
     bad = isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1
     if threshold is not None and bad:
-        raise UsageError(f"--threshold (threshold) must be an input similarity in (0, 1]; got {threshold!r}. "
-                         f"It is the {MEASURES['image']} for images ({MATCH_THRESHOLD['image']} if not given) "
-                         f"and the {MEASURES['text']} for texts ({MATCH_THRESHOLD['text']}).")
+        raise UsageError(
+            f"--threshold (threshold) must be an input similarity in (0, 1]; got {threshold!r}. "
+            f"It is the {MEASURES['image']} for images ({MATCH_THRESHOLD['image']} if not given) "
+            f"and the {MEASURES['text']} for texts ({MATCH_THRESHOLD['text']})."
+        )
     if isinstance(folds, bool) or not isinstance(folds, int) or folds == 1 or folds < 0:
-        raise UsageError(f"--folds (folds) must be 0 (no label check) or at least 2; got {folds!r}. "
-                         f"{DEFAULT_FOLDS} is the usual choice.")
+        raise UsageError(f"--folds (folds) must be 0 (no label check) or at least 2; got {folds!r}. {DEFAULT_FOLDS} is the usual choice.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UsageError(f"--seed (seed) must be an integer; got {seed!r}.")
 
 
-def diagnose_features(splits: DataSplits, features: Mapping[str, np.ndarray], *, data_name: str, model_name: str,
-                      threshold: float | None = None, folds: int = DEFAULT_FOLDS, seed: int = 0,
-                      started: float | None = None) -> Diagnosis:
+def diagnose_features(
+    splits: DataSplits,
+    features: Mapping[str, np.ndarray],
+    *,
+    data_name: str,
+    model_name: str,
+    threshold: float | None = None,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    started: float | None = None,
+) -> Diagnosis:
     """The checks on features already at hand (one (n, d) array per split): what `diagnose` and the reports run.
 
     `threshold` is the input similarity of near-duplicates (None: `near_copies.MATCH_THRESHOLD` of the
@@ -213,17 +239,29 @@ def diagnose_features(splits: DataSplits, features: Mapping[str, np.ndarray], *,
     ids = {s: getattr(splits, s).ids() for s in SPLIT_NAMES}
     notes: list[str] = []
     labels, accuracy, noise, used, scores = _label_findings(splits, features, ids, folds, seed, notes)
-    findings = (_pair_findings(splits, features, ids, threshold) + _identical_files(splits, ids) + labels
-                + _outlier_findings(splits, features, ids))
+    findings = (
+        _pair_findings(splits, features, ids, threshold) + _identical_files(splits, ids) + labels + _outlier_findings(splits, features, ids)
+    )
     findings.sort(key=lambda f: list(KINDS).index(f.kind))  # stable: each kind keeps its own order
-    return Diagnosis(data=data_name, model=model_name, modality=splits.train.modality, classes=tuple(splits.classes),
-                     sizes=splits.sizes(), findings=tuple(findings), threshold=float(threshold), folds=used,
-                     probe_accuracy=accuracy, estimated_label_errors=noise, notes=tuple(notes),
-                     seconds=time.perf_counter() - started, label_scores=scores, splits=splits)
+    return Diagnosis(
+        data=data_name,
+        model=model_name,
+        modality=splits.train.modality,
+        classes=tuple(splits.classes),
+        sizes=splits.sizes(),
+        findings=tuple(findings),
+        threshold=float(threshold),
+        folds=used,
+        probe_accuracy=accuracy,
+        estimated_label_errors=noise,
+        notes=tuple(notes),
+        seconds=time.perf_counter() - started,
+        label_scores=scores,
+        splits=splits,
+    )
 
 
-def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, *, k: int = DEFAULT_FOLDS,
-                              seed: int = 0) -> tuple[np.ndarray, int]:
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, *, k: int = DEFAULT_FOLDS, seed: int = 0) -> tuple[np.ndarray, int]:
     """(n, K) probabilities, row i from probes fitted without example i; and the folds used.
 
     The mean of the logistic probe of `crossval.cross_validated_probe` and a cosine,
@@ -247,8 +285,9 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, *, k: in
     return (linear + neighbours) / 2, probe.k
 
 
-def _label_findings(splits: DataSplits, features: Mapping[str, np.ndarray], ids: dict, folds: int, seed: int,
-                    notes: list[str]) -> tuple[list[Finding], float | None, float | None, int, dict]:
+def _label_findings(
+    splits: DataSplits, features: Mapping[str, np.ndarray], ids: dict, folds: int, seed: int, notes: list[str]
+) -> tuple[list[Finding], float | None, float | None, int, dict]:
     """Confident learning on train + val's out-of-fold probabilities: findings, accuracy, noise share, folds, scores."""
     if folds == 0:
         notes.append("Label check off (folds=0).")
@@ -266,12 +305,11 @@ def _label_findings(splits: DataSplits, features: Mapping[str, np.ndarray], ids:
     findings = []
     for k, suggested, confidence in zip(issues.indices, issues.suggested_labels, issues.self_confidence):
         split, i = where[k]
-        findings.append(Finding("label", split, i, ids[split][i], classes[y[k]], classes[suggested],
-                                float(1 - confidence)))
+        findings.append(Finding("label", split, i, ids[split][i], classes[y[k]], classes[suggested], float(1 - confidence)))
     joint = issues.confident_joint
     noise = float((joint.sum() - np.trace(joint)) / joint.sum())
     given = 1 - probs[np.arange(len(y)), y]
-    scores = {"train": given[:len(splits.train)], "val": given[len(splits.train):]}
+    scores = {"train": given[: len(splits.train)], "val": given[len(splits.train) :]}
     return findings, float((probs.argmax(1) == y).mean()), noise, used, scores
 
 
@@ -292,8 +330,9 @@ def _pair_findings(splits: DataSplits, features: Mapping[str, np.ndarray], ids: 
         (si, i), (sj, j) = where[p.i], where[p.j]
         scale = norms[p.i] * norms[p.j]
         cosine = float(x[p.i] @ x[p.j] / scale) if scale > 0 else 0.0
-        out.append(Finding(p.kind, si, i, ids[si][i], classes[p.label_i], None, p.cosine, sj, j, ids[sj][j],
-                           classes[p.label_j], cosine=cosine))
+        out.append(
+            Finding(p.kind, si, i, ids[si][i], classes[p.label_i], None, p.cosine, sj, j, ids[sj][j], classes[p.label_j], cosine=cosine)
+        )
     return out
 
 
@@ -303,8 +342,11 @@ def _identical_files(splits: DataSplits, ids: dict) -> list[Finding]:
     out = []
     for split in ("val", "test"):
         labels = getattr(splits, split).labels
-        out += [Finding("identical-file", split, i, name, splits.classes[labels[i]], None, 1.0)
-                for i, name in enumerate(ids[split]) if name in flagged]
+        out += [
+            Finding("identical-file", split, i, name, splits.classes[labels[i]], None, 1.0)
+            for i, name in enumerate(ids[split])
+            if name in flagged
+        ]
     return out
 
 
@@ -315,6 +357,8 @@ def _outlier_findings(splits: DataSplits, features: Mapping[str, np.ndarray], id
         labels = getattr(splits, split).labels
         if len(labels) < 2:
             continue
-        out += [Finding("outlier", split, o.index, ids[split][o.index], splits.classes[labels[o.index]], None, o.score)
-                for o in outliers(features[split], labels)]
+        out += [
+            Finding("outlier", split, o.index, ids[split][o.index], splits.classes[labels[o.index]], None, o.score)
+            for o in outliers(features[split], labels)
+        ]
     return out

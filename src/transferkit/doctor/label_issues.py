@@ -117,10 +117,14 @@ def find_label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> LabelIssues
     order = np.argsort(self_confidence)  # default sort: ties as cleanlab (module docstring)
     indices = indices[order]
     col_sums = joint.sum(axis=0, keepdims=True)
-    return LabelIssues(indices=indices, suggested_labels=pred_probs[indices].argmax(axis=1),
-                       self_confidence=self_confidence[order], confident_joint=joint,
-                       noise_matrix=np.divide(joint, col_sums, out=np.zeros(joint.shape), where=col_sums > 0),
-                       thresholds=thresholds)
+    return LabelIssues(
+        indices=indices,
+        suggested_labels=pred_probs[indices].argmax(axis=1),
+        self_confidence=self_confidence[order],
+        confident_joint=joint,
+        noise_matrix=np.divide(joint, col_sums, out=np.zeros(joint.shape), where=col_sums > 0),
+        thresholds=thresholds,
+    )
 
 
 def confident_thresholds(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
@@ -250,21 +254,28 @@ def _check_label_inputs(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.
     if labels.ndim != 1 or len(labels) != len(pred_probs):
         raise UsageError(f"labels must be 1-D with one entry per row of pred_probs ({len(pred_probs)}); got shape {labels.shape}.")
     if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
-        raise UsageError(f"labels must be integer class indices in [0, {pred_probs.shape[1]}); got dtype {labels.dtype}. "
-                         "Map class names to the column order of pred_probs first.")
+        raise UsageError(
+            f"labels must be integer class indices in [0, {pred_probs.shape[1]}); got dtype {labels.dtype}. "
+            "Map class names to the column order of pred_probs first."
+        )
     labels = labels.astype(np.int64)
     bad = (labels < 0) | (labels >= pred_probs.shape[1])
     if bad.any():
-        raise UsageError(f"labels must be in [0, {pred_probs.shape[1]}) (the columns of pred_probs); got {labels[bad][0]} "
-                         f"at index {int(np.argmax(bad))}. Pass probabilities for every class.")
+        raise UsageError(
+            f"labels must be in [0, {pred_probs.shape[1]}) (the columns of pred_probs); got {labels[bad][0]} "
+            f"at index {int(np.argmax(bad))}. Pass probabilities for every class."
+        )
     if len(np.unique(labels)) < 2:
         raise UsageError(f"labels must contain at least 2 classes; got only {np.unique(labels).tolist()}.")
     if not np.isfinite(pred_probs).all() or (pred_probs < 0).any() or (pred_probs > 1 + PROB_SLACK).any():
-        raise UsageError("pred_probs must be probabilities in [0, 1]; got a value outside (or NaN). "
-                         "If they are logits, apply a softmax first.")
+        raise UsageError(
+            "pred_probs must be probabilities in [0, 1]; got a value outside (or NaN). If they are logits, apply a softmax first."
+        )
     sums = pred_probs.sum(axis=1)
     if not np.allclose(sums, 1, atol=1e-3):
         row = int(np.argmax(np.abs(sums - 1)))
-        raise UsageError(f"each row of pred_probs must sum to 1; row {row} sums to {sums[row]:.4f}. "
-                         "Apply a softmax to logits, or divide each row by its sum.")
+        raise UsageError(
+            f"each row of pred_probs must sum to 1; row {row} sums to {sums[row]:.4f}. "
+            "Apply a softmax to logits, or divide each row by its sum."
+        )
     return labels, pred_probs

@@ -40,8 +40,10 @@ THUMBNAIL = 16  # px a side: small enough that re-encoding and a 2% crop vanish,
 # Texts: 0.9, above the distinct template sentences (<= 0.85), below punctuation-only edits (0.93).
 MATCH_THRESHOLD = {"image": 0.98, "text": 0.9}
 GRAM = 3  # characters per text n-gram
-MEASURES = {"image": f"Pearson correlation of {THUMBNAIL}x{THUMBNAIL} grey thumbnails",
-            "text": f"Jaccard index of character {GRAM}-grams (casefolded, whitespace collapsed)"}
+MEASURES = {
+    "image": f"Pearson correlation of {THUMBNAIL}x{THUMBNAIL} grey thumbnails",
+    "text": f"Jaccard index of character {GRAM}-grams (casefolded, whitespace collapsed)",
+}
 
 
 class CopyPair(NamedTuple):
@@ -81,7 +83,8 @@ def image_copies(images: Iterable, *, threshold: float, block: int = 1024) -> li
         [(0, 1)]
     """
     from transferkit.doctor.pairs import near_duplicates
-    thumbs = np.array([thumbnail(im) for im in images], dtype=np.float32).reshape(-1, THUMBNAIL ** 2)
+
+    thumbs = np.array([thumbnail(im) for im in images], dtype=np.float32).reshape(-1, THUMBNAIL**2)
     return [CopyPair(p.i, p.j, p.cosine) for p in near_duplicates(thumbs, threshold=threshold, block=block)]
 
 
@@ -107,13 +110,18 @@ def text_copies(texts: Sequence[str], *, threshold: float, block: int = 1024) ->
         return []
     docs = [normalise_text(t) for t in texts]
     docs = [d if len(d) >= GRAM else d.ljust(GRAM, "\0") for d in docs]  # a short text is its own 3-gram
-    grams = HashingVectorizer(analyzer="char", ngram_range=(GRAM, GRAM), lowercase=False, norm=None,
-                              alternate_sign=False, binary=True, n_features=2 ** 20).transform(docs).tocsr()
+    grams = (
+        HashingVectorizer(
+            analyzer="char", ngram_range=(GRAM, GRAM), lowercase=False, norm=None, alternate_sign=False, binary=True, n_features=2**20
+        )
+        .transform(docs)
+        .tocsr()
+    )
     sizes = np.asarray(grams.sum(axis=1)).ravel()
     found: list[CopyPair] = []
     for i0 in range(0, len(docs), block):
-        inter = (grams[i0:i0 + block] @ grams[i0:].T).toarray()
-        union = sizes[i0:i0 + block, None] + sizes[None, i0:] - inter
+        inter = (grams[i0 : i0 + block] @ grams[i0:].T).toarray()
+        union = sizes[i0 : i0 + block, None] + sizes[None, i0:] - inter
         jac = np.divide(inter, union, out=np.zeros_like(inter, dtype=np.float64), where=union > 0)
         ii, jj = np.nonzero(np.triu(jac >= threshold, k=1))  # j > i within the block row
         found += [CopyPair(int(a + i0), int(b + i0), float(jac[a, b])) for a, b in zip(ii, jj)]
@@ -123,8 +131,7 @@ def text_copies(texts: Sequence[str], *, threshold: float, block: int = 1024) ->
 def find_copies(examples: Iterable, modality: str, *, threshold: float, block: int = 1024) -> list[CopyPair]:
     """Near-copies among loaded examples (PIL images or strings) by the modality's input similarity."""
     if not (isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 < threshold <= 1):
-        raise UsageError(f"threshold must be an input similarity in (0, 1]; got {threshold!r}. "
-                         f"The defaults: {MATCH_THRESHOLD}.")
+        raise UsageError(f"threshold must be an input similarity in (0, 1]; got {threshold!r}. The defaults: {MATCH_THRESHOLD}.")
     if modality == "text":
         return text_copies([str(t) for t in examples], threshold=threshold, block=block)
     return image_copies(examples, threshold=threshold, block=block)

@@ -88,16 +88,15 @@ def _class_scores(unit: np.ndarray, k: int, block: int) -> np.ndarray:
     """Mean cosine distance of each row of one class to its k nearest other rows of that class."""
     out = np.empty(len(unit))
     for start in range(0, len(unit), block):
-        sims = unit[start:start + block] @ unit.T
+        sims = unit[start : start + block] @ unit.T
         rows = np.arange(len(sims))
         sims[rows, rows + start] = -np.inf  # not its own neighbour
         nearest = -np.partition(-sims, k - 1, axis=1)[:, :k]  # the k largest similarities, unordered
-        out[start:start + block] = 1 - nearest.mean(axis=1)
+        out[start : start + block] = 1 - nearest.mean(axis=1)
     return np.clip(out, 0, 2)  # rounding can leave a duplicate at -1e-16
 
 
-def outliers(features: np.ndarray, labels: np.ndarray, *, k: int = 5, z: float = OUTLIER_Z,
-             block: int = 1024) -> list[Outlier]:
+def outliers(features: np.ndarray, labels: np.ndarray, *, k: int = 5, z: float = OUTLIER_Z, block: int = 1024) -> list[Outlier]:
     """Examples far from every neighbour of their own class, by a robust threshold on `outlier_scores`.
 
     An example is flagged when the modified z-score of its log score over the

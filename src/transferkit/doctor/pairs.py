@@ -69,8 +69,9 @@ class PairFinding(NamedTuple):
     label_j: object
 
 
-def near_duplicates(features_a: np.ndarray, features_b: np.ndarray | None = None, *,
-                    threshold: float = DUPLICATE_THRESHOLD, block: int = 1024) -> list[SimilarPair]:
+def near_duplicates(
+    features_a: np.ndarray, features_b: np.ndarray | None = None, *, threshold: float = DUPLICATE_THRESHOLD, block: int = 1024
+) -> list[SimilarPair]:
     """Pairs of examples whose feature vectors have cosine similarity >= threshold.
 
     With one set, every pair i < j within it (no example is paired with
@@ -101,12 +102,16 @@ def near_duplicates(features_a: np.ndarray, features_b: np.ndarray | None = None
     a = unit_rows(features_a, "features_a")
     b = a if features_b is None else unit_rows(features_b, "features_b")
     if a.shape[1] != b.shape[1]:
-        raise UsageError(f"features_a and features_b must have the same width; got {a.shape[1]} and {b.shape[1]}. "
-                         "Extract both sets with the same backbone.")
+        raise UsageError(
+            f"features_a and features_b must have the same width; got {a.shape[1]} and {b.shape[1]}. "
+            "Extract both sets with the same backbone."
+        )
     within = features_b is None
-    tiles = [_pairs_in_tile(a, b, i0, j0, block, threshold, within)
-             for i0 in range(0, len(a), block)
-             for j0 in range(i0 if within else 0, len(b), block)]  # within one set: the upper triangle of tiles
+    tiles = [
+        _pairs_in_tile(a, b, i0, j0, block, threshold, within)
+        for i0 in range(0, len(a), block)
+        for j0 in range(i0 if within else 0, len(b), block)
+    ]  # within one set: the upper triangle of tiles
     i = np.concatenate([tile[0] for tile in tiles] + [np.zeros(0, dtype=np.int64)])
     j = np.concatenate([tile[1] for tile in tiles] + [np.zeros(0, dtype=np.int64)])
     cos = np.concatenate([tile[2] for tile in tiles] + [np.zeros(0)])
@@ -114,10 +119,11 @@ def near_duplicates(features_a: np.ndarray, features_b: np.ndarray | None = None
     return [SimilarPair(int(i[k]), int(j[k]), float(cos[k])) for k in order]
 
 
-def _pairs_in_tile(a: np.ndarray, b: np.ndarray, i0: int, j0: int, block: int, threshold: float,
-                   within: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pairs_in_tile(
+    a: np.ndarray, b: np.ndarray, i0: int, j0: int, block: int, threshold: float, within: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, cosine) arrays of the pairs at or above threshold in the tile a[i0:i0+block] x b[j0:j0+block]."""
-    sims = a[i0:i0 + block] @ b[j0:j0 + block].T
+    sims = a[i0 : i0 + block] @ b[j0 : j0 + block].T
     ii, jj = np.nonzero(sims >= threshold)
     if within:  # a diagonal tile holds each pair twice, and the self pairs
         keep = ii + i0 < jj + j0
@@ -125,8 +131,14 @@ def _pairs_in_tile(a: np.ndarray, b: np.ndarray, i0: int, j0: int, block: int, t
     return ii + i0, jj + j0, sims[ii, jj].astype(np.float64)
 
 
-def classify_pairs(pairs: Sequence[SimilarPair], splits_a: Sequence[str], labels_a: Sequence, *,
-                   splits_b: Sequence[str] | None = None, labels_b: Sequence | None = None) -> list[PairFinding]:
+def classify_pairs(
+    pairs: Sequence[SimilarPair],
+    splits_a: Sequence[str],
+    labels_a: Sequence,
+    *,
+    splits_b: Sequence[str] | None = None,
+    labels_b: Sequence | None = None,
+) -> list[PairFinding]:
     """Say what each near-duplicate pair means: leakage, a label conflict or a plain duplicate.
 
     A pair in different splits is "leakage", whatever its labels (an evaluation
@@ -155,9 +167,11 @@ def classify_pairs(pairs: Sequence[SimilarPair], splits_a: Sequence[str], labels
         ['leakage', 'conflict']
     """
     if (splits_b is None) != (labels_b is None):
-        raise UsageError("classify_pairs needs both splits_b and labels_b (pairs across two sets) or neither (pairs "
-                         f"within one set); got splits_b={'set' if splits_b is not None else None}, "
-                         f"labels_b={'set' if labels_b is not None else None}.")
+        raise UsageError(
+            "classify_pairs needs both splits_b and labels_b (pairs across two sets) or neither (pairs "
+            f"within one set); got splits_b={'set' if splits_b is not None else None}, "
+            f"labels_b={'set' if labels_b is not None else None}."
+        )
     splits_b, labels_b = (splits_a, labels_a) if splits_b is None else (splits_b, labels_b)
     for name, seq, other in (("labels_a", labels_a, splits_a), ("labels_b", labels_b, splits_b)):
         if len(seq) != len(other):
@@ -165,8 +179,10 @@ def classify_pairs(pairs: Sequence[SimilarPair], splits_a: Sequence[str], labels
     findings = []
     for p in pairs:
         if not (0 <= p.i < len(splits_a) and 0 <= p.j < len(splits_b)):
-            raise UsageError(f"pair ({p.i}, {p.j}) is out of range for sets of {len(splits_a)} and {len(splits_b)} examples. "
-                             "Pass the splits and labels of the features given to near_duplicates.")
+            raise UsageError(
+                f"pair ({p.i}, {p.j}) is out of range for sets of {len(splits_a)} and {len(splits_b)} examples. "
+                "Pass the splits and labels of the features given to near_duplicates."
+            )
         si, sj, li, lj = str(splits_a[p.i]), str(splits_b[p.j]), _plain(labels_a[p.i]), _plain(labels_b[p.j])
         kind = "leakage" if si != sj else ("conflict" if li != lj else "duplicate")
         findings.append(PairFinding(p.i, p.j, p.cosine, kind, si, sj, li, lj))
@@ -178,7 +194,6 @@ def _plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
-
 def unit_rows(features: np.ndarray, name: str) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero), in float32 for float32 input and float64 otherwise."""
     x = np.asarray(features)
@@ -187,8 +202,10 @@ def unit_rows(features: np.ndarray, name: str) -> np.ndarray:
     x = x.astype(np.result_type(x.dtype, np.float32) if np.issubdtype(x.dtype, np.floating) else np.float64, copy=False)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
-        raise UsageError(f"{name} has NaN or infinite values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))}). "
-                         "Drop those examples or fix the feature extraction.")
+        raise UsageError(
+            f"{name} has NaN or infinite values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))}). "
+            "Drop those examples or fix the feature extraction."
+        )
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
@@ -196,8 +213,10 @@ def unit_rows(features: np.ndarray, name: str) -> np.ndarray:
 def check_search_settings(*, threshold: float = 0.0, block: int = 1) -> None:
     """Validate the settings of the blocked similarity searches before any data is read."""
     if not (isinstance(threshold, (int, float, np.number)) and -1 <= threshold <= 1):
-        raise UsageError(f"threshold must be a cosine similarity in [-1, 1]; got {threshold!r}. "
-                         f"The default, {DUPLICATE_THRESHOLD}, finds near-copies.")
+        raise UsageError(
+            f"threshold must be a cosine similarity in [-1, 1]; got {threshold!r}. The default, {DUPLICATE_THRESHOLD}, finds near-copies."
+        )
     if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
-        raise UsageError(f"block must be an integer >= 1 (rows per step; memory grows with its square); got {block!r}. "
-                         "1024 suits most machines.")
+        raise UsageError(
+            f"block must be an integer >= 1 (rows per step; memory grows with its square); got {block!r}. 1024 suits most machines."
+        )

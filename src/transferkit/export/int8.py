@@ -83,15 +83,29 @@ class Int8Result:
         return self.fp32_ms / self.int8_ms
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "calibration": self.calibration, "test_n": self.n_test,
-                "fp32_test_accuracy": self.fp32_accuracy, "int8_test_accuracy": self.int8_accuracy,
-                "drop_points": round(self.drop_points, 4), "fp32_ms_per_image": round(self.fp32_ms, 4),
-                "int8_ms_per_image": round(self.int8_ms, 4), "speed_ratio": round(self.speed_ratio, 3),
-                "timing_batch": self.timing_batch, "forced": self.forced}
+        return {
+            "method": self.method,
+            "calibration": self.calibration,
+            "test_n": self.n_test,
+            "fp32_test_accuracy": self.fp32_accuracy,
+            "int8_test_accuracy": self.int8_accuracy,
+            "drop_points": round(self.drop_points, 4),
+            "fp32_ms_per_image": round(self.fp32_ms, 4),
+            "int8_ms_per_image": round(self.int8_ms, 4),
+            "speed_ratio": round(self.speed_ratio, 3),
+            "timing_batch": self.timing_batch,
+            "forced": self.forced,
+        }
 
 
-def quantize_run(run_dir: str | Path, out: str | Path | None = None, *, calibration: str | Path | None = None,
-                 force: bool = False, max_drop_points: float = MAX_DROP_POINTS) -> Int8Result:
+def quantize_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    calibration: str | Path | None = None,
+    force: bool = False,
+    max_drop_points: float = MAX_DROP_POINTS,
+) -> Int8Result:
     """Write an int8 ONNX model of a run, calibrated and checked as the module doc says.
 
     Args:
@@ -124,13 +138,16 @@ def quantize_run(run_dir: str | Path, out: str | Path | None = None, *, calibrat
     acc32, acc8 = accuracies((fp32_session, int8_session), splits.test, transform)
     batch = next(_batches(splits.test, transform))
     ms32, ms8 = timings((fp32_session, int8_session), batch)
-    result = Int8Result(path, fp32_path, acc32, acc8, len(splits.test), what, ms32, ms8, len(batch), METHOD, force,
-                        time.perf_counter() - started)
+    result = Int8Result(
+        path, fp32_path, acc32, acc8, len(splits.test), what, ms32, ms8, len(batch), METHOD, force, time.perf_counter() - started
+    )
     if result.drop_points > max_drop_points and not force:
-        raise ExportError(f"int8 loses {result.drop_points:.1f} points of test accuracy ({acc32:.2%} fp32 -> {acc8:.2%} "
-                          f"int8, n = {len(splits.test)}; calibrated on {what}), more than {max_drop_points:g}. Nothing "
-                          f"was written to {path}. Use the fp32 {fp32_path.name}, calibrate on images like the test "
-                          "images (--calibration DATA), or write it anyway with --force.")
+        raise ExportError(
+            f"int8 loses {result.drop_points:.1f} points of test accuracy ({acc32:.2%} fp32 -> {acc8:.2%} "
+            f"int8, n = {len(splits.test)}; calibrated on {what}), more than {max_drop_points:g}. Nothing "
+            f"was written to {path}. Use the fp32 {fp32_path.name}, calibrate on images like the test "
+            "images (--calibration DATA), or write it anyway with --force."
+        )
     _write_int8(path, int8, run.meta, result)
     return result
 
@@ -139,8 +156,9 @@ def _output_path(run_dir: Path, out: str | Path | None) -> Path:
     if out is None or Path(out).is_dir():
         return Path(out or run_dir) / INT8_FILE
     if Path(out).suffix != ".onnx":
-        raise UsageError(f"out '{out}' does not fit an int8 ONNX export: ONNX files end in .onnx. "
-                         f"Use e.g. {Path(out).with_suffix('.onnx')}.")
+        raise UsageError(
+            f"out '{out}' does not fit an int8 ONNX export: ONNX files end in .onnx. Use e.g. {Path(out).with_suffix('.onnx')}."
+        )
     return Path(out)
 
 
@@ -154,12 +172,15 @@ def run_splits(meta: dict):
     try:
         splits = load_image_data(source, seed=int(meta.get("training", {}).get("seed") or 0))
     except (TransferkitError, TypeError) as e:
-        raise ExportError(f"int8 needs the run's validation and test images, and its data source {source!r} cannot be "
-                          f"read again ({str(e)[:200]}). {fix}.") from e
+        raise ExportError(
+            f"int8 needs the run's validation and test images, and its data source {source!r} cannot be read again ({str(e)[:200]}). {fix}."
+        ) from e
     if (recorded and splits.sizes() != recorded) or list(splits.classes) != list(meta["classes"]):
-        raise ExportError(f"The run's data {source} no longer gives its split ({splits.sizes()} now, {recorded} when "
-                          f"fitted; classes {len(splits.classes)} vs {len(meta['classes'])}), so its test images are "
-                          f"unknown (a fit with --split is not read again either). {fix}.")
+        raise ExportError(
+            f"The run's data {source} no longer gives its split ({splits.sizes()} now, {recorded} when "
+            f"fitted; classes {len(splits.classes)} vs {len(meta['classes'])}), so its test images are "
+            f"unknown (a fit with --split is not read again either). {fix}."
+        )
     return splits
 
 
@@ -224,8 +245,15 @@ def quantize_bytes(fp32: bytes, calibration_batches) -> bytes:
         source.write_bytes(fp32)
         try:
             quant_pre_process(str(source), str(prepared))  # shape inference and graph fusions, as ORT advises
-            quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            quantize_static(
+                str(prepared),
+                str(target),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
         except Exception as e:  # onnxruntime raises its own Fail types and ValueErrors
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise ExportError(f"ONNX Runtime cannot quantize this model ({first}). Use the fp32 export.") from e
@@ -236,7 +264,7 @@ def accuracies(sessions, examples, transform) -> tuple[float, ...]:
     """Test accuracy of each session on `examples`, on the same preprocessed batches."""
     hits, start = [0] * len(sessions), 0
     for batch in _batches(examples, transform):
-        labels = examples.labels[start:start + len(batch)]
+        labels = examples.labels[start : start + len(batch)]
         for k, session in enumerate(sessions):
             hits[k] += int((session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0].argmax(1) == labels).sum())
         start += len(batch)

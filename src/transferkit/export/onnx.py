@@ -97,16 +97,25 @@ def output_path(run_dir: Path, fmt: str, out: str | Path | None) -> Path:
     out = Path(out)
     if (fmt == "onnx") != (out.suffix == ".onnx"):
         fix = out.with_suffix(".onnx") if fmt == "onnx" else out.with_suffix(".pt")
-        raise UsageError(f"out '{out}' does not fit format {fmt}: ONNX files end in .onnx and only they do "
-                         f"(predict recognises an ONNX model by its suffix). Use e.g. {fix}.")
+        raise UsageError(
+            f"out '{out}' does not fit format {fmt}: ONNX files end in .onnx and only they do "
+            f"(predict recognises an ONNX model by its suffix). Use e.g. {fix}."
+        )
     return out
 
 
 def preprocess_info(meta: dict, fmt: str) -> dict:
     """The self-description saved with an export: classes, the timm data config, provenance."""
-    return {"format_version": EXPORT_FORMAT_VERSION, "model_format": fmt, "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "classes": list(meta["classes"]), "data_config": dict(meta["data_config"]), "backbone": meta["backbone"],
-            "versions": library_versions()}
+    return {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "model_format": fmt,
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
+        "classes": list(meta["classes"]),
+        "data_config": dict(meta["data_config"]),
+        "backbone": meta["backbone"],
+        "versions": library_versions(),
+    }
 
 
 def export_model(model: nn.Module, preprocess: dict, fmt: str, path: Path) -> ExportResult:
@@ -135,9 +144,11 @@ def checked_export(model: nn.Module, preprocess: dict, fmt: str, path: Path) -> 
         parity = max_abs_diffs(model, torchscript_runner(data), samples)
     worst = max(parity.values())
     if not worst <= TOLERANCE:  # also catches NaN
-        raise ExportError(f"The {fmt} export ({method}) does not reproduce the PyTorch model: max |logit difference| "
-                          f"{worst:.3g} > tolerance {TOLERANCE:g} (per batch size: {_fmt_parity(parity)}). Nothing "
-                          f"was written to {path}. Try the other format, or report the backbone to transferkit.")
+        raise ExportError(
+            f"The {fmt} export ({method}) does not reproduce the PyTorch model: max |logit difference| "
+            f"{worst:.3g} > tolerance {TOLERANCE:g} (per batch size: {_fmt_parity(parity)}). Nothing "
+            f"was written to {path}. Try the other format, or report the backbone to transferkit."
+        )
     return data, method, parity
 
 
@@ -147,8 +158,7 @@ def sample_inputs(input_size: Sequence[int], seed: int = 0) -> list[torch.Tensor
     return [torch.randn(n, *input_size, generator=gen) for n in PARITY_BATCHES]
 
 
-def max_abs_diffs(model: nn.Module, run: Callable[[torch.Tensor], np.ndarray],
-                  samples: Sequence[torch.Tensor]) -> dict[int, float]:
+def max_abs_diffs(model: nn.Module, run: Callable[[torch.Tensor], np.ndarray], samples: Sequence[torch.Tensor]) -> dict[int, float]:
     """Max |exported - PyTorch| logit difference per sample batch, keyed by batch size."""
     diffs = {}
     with torch.no_grad():
@@ -156,8 +166,10 @@ def max_abs_diffs(model: nn.Module, run: Callable[[torch.Tensor], np.ndarray],
             ours = run(x)
             reference = model(x).numpy()
             if ours.shape != reference.shape:
-                raise ExportError(f"The export returned shape {ours.shape} for a batch of {len(x)}; PyTorch returns "
-                                  f"{reference.shape}. The batch axis is not dynamic; nothing was written.")
+                raise ExportError(
+                    f"The export returned shape {ours.shape} for a batch of {len(x)}; PyTorch returns "
+                    f"{reference.shape}. The batch axis is not dynamic; nothing was written."
+                )
             diffs[len(x)] = float(np.abs(ours - reference).max())
     return diffs
 
@@ -172,8 +184,10 @@ def _fmt_parity(parity: dict[int, float]) -> str:
 def require_onnx() -> None:
     missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
-        raise ExportError(f"ONNX export and inference need {', '.join(ONNX_PACKAGES)}; missing: {', '.join(missing)}. "
-                          "Install them with: pip install 'transferkit[export]'")
+        raise ExportError(
+            f"ONNX export and inference need {', '.join(ONNX_PACKAGES)}; missing: {', '.join(missing)}. "
+            "Install them with: pip install 'transferkit[export]'"
+        )
 
 
 def onnx_model(model: nn.Module, example: torch.Tensor):
@@ -181,12 +195,19 @@ def onnx_model(model: nn.Module, example: torch.Tensor):
     require_onnx()
     batch = torch.export.Dim("batch", min=1)
     try:
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
     except Exception as e:  # torch.export / onnxscript raise many types; all mean "cannot export this model"
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ExportError(f"torch.onnx.export cannot export {type(model).__name__}: {first}. "
-                          "Try --format torchscript.") from e
+        raise ExportError(f"torch.onnx.export cannot export {type(model).__name__}: {first}. Try --format torchscript.") from e
     return program.model_proto
 
 
@@ -198,8 +219,9 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, preprocess: dict) -> tup
     try:
         data = proto.SerializeToString()
     except ValueError as e:  # protobuf refuses messages over 2 GiB
-        raise ExportError(f"The ONNX model is too large for one file ({e}); ONNX external data is not supported "
-                          "yet. Use --format torchscript.") from e
+        raise ExportError(
+            f"The ONNX model is too large for one file ({e}); ONNX external data is not supported yet. Use --format torchscript."
+        ) from e
     return data, f"torch.onnx.export (dynamo, opset {OPSET})"
 
 
@@ -231,8 +253,9 @@ def torchscript_bytes(model: nn.Module, example: torch.Tensor, preprocess: dict)
                 with torch.no_grad():
                     module, method = torch.jit.trace(model, (example,), check_trace=False), "torch.jit.trace"
             except Exception as e:
-                raise ExportError(f"TorchScript can neither script nor trace {type(model).__name__}: "
-                                  f"{str(e).strip()[:300]}. Try --format onnx.") from e
+                raise ExportError(
+                    f"TorchScript can neither script nor trace {type(model).__name__}: {str(e).strip()[:300]}. Try --format onnx."
+                ) from e
         torch.jit.save(module, buf, _extra_files={f"{METADATA_KEY}.json": json.dumps(preprocess)})
     return buf.getvalue(), method
 
@@ -297,7 +320,7 @@ class OnnxClassifier:
 
         logits = []
         for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
+            chunk = images[start : start + batch_size]
             x = torch.stack([self.transform_(p if isinstance(p, Image.Image) else open_image(p)) for p in chunk])
             logits.append(self.logits(x))
         return np.concatenate(logits) if logits else np.zeros((0, len(self.classes_)), np.float32)
@@ -328,8 +351,10 @@ def onnx_providers(device: str) -> list:
     if device.startswith("cuda") and "CUDAExecutionProvider" in available:
         index = device.partition(":")[2] or "0"
         return [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
-    raise UsageError(f"device '{device}' is not available to onnxruntime (it has: {', '.join(available)}). "
-                     "Use --device cpu or auto, or install onnxruntime-gpu for CUDA.")
+    raise UsageError(
+        f"device '{device}' is not available to onnxruntime (it has: {', '.join(available)}). "
+        "Use --device cpu or auto, or install onnxruntime-gpu for CUDA."
+    )
 
 
 def read_onnx_preprocess(path: Path, session) -> dict:
@@ -339,9 +364,11 @@ def read_onnx_preprocess(path: Path, session) -> dict:
     try:
         info = json.loads(embedded) if embedded else json.loads(sidecar.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise ExportError(f"{path} carries no transferkit preprocessing and {sidecar} is missing, so its input "
-                          "size, normalisation and class names are unknown. Export it with: transferkit export RUN "
-                          "--format onnx") from e
+        raise ExportError(
+            f"{path} carries no transferkit preprocessing and {sidecar} is missing, so its input "
+            "size, normalisation and class names are unknown. Export it with: transferkit export RUN "
+            "--format onnx"
+        ) from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"Cannot read the preprocessing of {path}: {e}. Export it again.") from e
     if not isinstance(info, dict) or not isinstance(info.get("classes"), list) or not isinstance(info.get("data_config"), dict):

@@ -68,8 +68,9 @@ MIN_OPENVINO_BATCHES = 2  # engine auto: a pass over fewer batches runs in torch
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
-                   engine: str = "torch") -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(
+    model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None, engine: str = "torch"
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels for every batch of (inputs, labels, ...) in `loader`, in order.
 
     `engine` as in :func:`transferkit.inference.runners.frozen_runner`; the runner is built at the first batch, for its shape.
@@ -92,16 +93,25 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dty
     return torch.cat(out).numpy(), torch.cat(labels).numpy()
 
 
-def predict_examples(bb: Backbone, examples: Examples, n_outputs: int, *, batch_size: int = 64, device: str | None = None,
-                     precision: str | None = None, engine: str = "torch") -> np.ndarray:
+def predict_examples(
+    bb: Backbone,
+    examples: Examples,
+    n_outputs: int,
+    *,
+    batch_size: int = 64,
+    device: str | None = None,
+    precision: str | None = None,
+    engine: str = "torch",
+) -> np.ndarray:
     """The logits of a fitted backbone for `examples`, in order: the backbone's own dataset and collate, then
     :func:`predict_logits` on the device and precision resolved from `device` and `precision` (None: auto)."""
     if len(examples) == 0:
         return np.zeros((0, n_outputs), np.float32)
     torch_device = resolve_device(device or "auto")
     dtype = resolve_precision(precision or "auto", torch_device)
-    loader = torch.utils.data.DataLoader(bb.dataset(examples), batch_size=batch_size,
-                                         num_workers=examples.loader_workers(), collate_fn=bb.collate)
+    loader = torch.utils.data.DataLoader(
+        bb.dataset(examples), batch_size=batch_size, num_workers=examples.loader_workers(), collate_fn=bb.collate
+    )
     model = bb.model.to(torch_device, memory_format=torch.channels_last if dtype is not None else torch.preserve_format)
     return predict_logits(model, loader, torch_device, dtype, engine=engine)[0]
 
@@ -121,7 +131,6 @@ class Cut:
     shape: tuple[int, ...]
     module: nn.Module | None = None  # the module owning fn's weights: what another engine converts
     unused: tuple[str, ...] = ()  # parameters of `module` fn never reads (the head): outside the engine's cache key
-
 
     @property
     def size(self) -> int:
@@ -154,11 +163,21 @@ def input_shape(backbone: Backbone) -> tuple[int, ...]:
     return tuple(backbone.data_config.get("input_size", ())) if backbone.modality == "image" else ()
 
 
-def extract_features(backbone: Backbone, images: Examples, *, device: torch.device,
-                     dtype: torch.dtype | None, batch_size: int = 128, workers: int | None = None,
-                     out: np.ndarray | None = None, progress: bool = True, label: str = "features",
-                     cut: Cut | None = None, engine: str | None = None,
-                     runner: tuple[Callable, EngineInfo] | None = None) -> np.ndarray:
+def extract_features(
+    backbone: Backbone,
+    images: Examples,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    batch_size: int = 128,
+    workers: int | None = None,
+    out: np.ndarray | None = None,
+    progress: bool = True,
+    label: str = "features",
+    cut: Cut | None = None,
+    engine: str | None = None,
+    runner: tuple[Callable, EngineInfo] | None = None,
+) -> np.ndarray:
     """The `cut`'s output (default: pooled features) for every example, in order, flattened into `out` (float16).
 
     Examples go through the backbone's own preprocessing (`dataset`) and batching (`collate`); the
@@ -169,8 +188,12 @@ def extract_features(backbone: Backbone, images: Examples, *, device: torch.devi
     model = backbone.model.to(device).eval()
     if device.type == "cpu" or dtype is not None:
         model = model.to(memory_format=torch.channels_last)
-    loader = torch.utils.data.DataLoader(backbone.dataset(images), batch_size=batch_size, collate_fn=backbone.collate,
-                                         num_workers=images.loader_workers() if workers is None else workers)
+    loader = torch.utils.data.DataLoader(
+        backbone.dataset(images),
+        batch_size=batch_size,
+        collate_fn=backbone.collate,
+        num_workers=images.loader_workers() if workers is None else workers,
+    )
     out = np.zeros((len(images), cut.size), np.float16) if out is None else out
     batches = iter(loader)  # decoding workers start now, so their first batches overlap a one-time conversion
     run, info = runner or frozen_runner(cut, input_shape(backbone), device=device, precision=dtype, engine=engine)
@@ -182,15 +205,14 @@ def extract_features(backbone: Backbone, images: Examples, *, device: torch.devi
         chunk = batch_size  # shrinks on GPU out-of-memory and stays shrunk
         for x, _, _ in batches:
             for i in range(0, len(x), chunk):
-                f, chunk = _features_fitting_memory(run, x[i:i + chunk], device)
-                out[start:start + len(f)] = f
+                f, chunk = _features_fitting_memory(run, x[i : i + chunk], device)
+                out[start : start + len(f)] = f
                 start += len(f)
             bar.update(task, advance=len(x))
     return out
 
 
-def _features_fitting_memory(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                             device: torch.device) -> tuple[np.ndarray, int]:
+def _features_fitting_memory(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device) -> tuple[np.ndarray, int]:
     """Features of one batch; on CUDA out-of-memory, halve the batch and retry (said in the log).
 
     Returns the features and the batch size that worked.
@@ -200,12 +222,13 @@ def _features_fitting_memory(run: Callable[[torch.Tensor], torch.Tensor], x: tor
         return f.cpu().reshape(len(x), -1).numpy().astype(np.float16), len(x)
     except torch.OutOfMemoryError as e:
         if len(x) == 1:
-            raise ResourceError(f"Out of {device} memory with a single image ({e}). Use a smaller --image-size, "
-                                "another backbone or --device cpu.") from e
+            raise ResourceError(
+                f"Out of {device} memory with a single image ({e}). Use a smaller --image-size, another backbone or --device cpu."
+            ) from e
         if device.type == "cuda":
             torch.cuda.empty_cache()
         half = len(x) // 2
         log.warning("%s out of memory at batch size %d: halving to %d and retrying", device, len(x), half)
         first, size = _features_fitting_memory(run, x[:half], device)
-        rest = [_features_fitting_memory(run, x[i:i + size], device)[0] for i in range(half, len(x), size)]
+        rest = [_features_fitting_memory(run, x[i : i + size], device)[0] for i in range(half, len(x), size)]
         return np.concatenate([first, *rest]), size

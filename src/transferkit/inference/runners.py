@@ -124,8 +124,10 @@ def plan_engine(engine: str, device: torch.device, precision: torch.dtype | None
         return EngineInfo("torch", torch_info.precision, "engine=torch was asked for")
     if device.type != "cpu":
         if engine == "openvino":
-            raise UsageError(f"engine=openvino (--engine openvino) runs on the CPU; the device is {device}. "
-                             f"Use --device cpu, or --engine auto (torch on {device.type}).")
+            raise UsageError(
+                f"engine=openvino (--engine openvino) runs on the CPU; the device is {device}. "
+                f"Use --device cpu, or --engine auto (torch on {device.type})."
+            )
         return EngineInfo("torch", torch_info.precision, f"torch on {device.type}")
     if not openvino_installed():
         if engine == "openvino":
@@ -139,9 +141,16 @@ def plan_engine(engine: str, device: torch.device, precision: torch.dtype | None
     return EngineInfo("openvino", "bf16" if native else "fp32", "OpenVINO on the CPU")
 
 
-def frozen_runner(model_or_cut, example_input_shape: Sequence[int], *, device: torch.device,
-                  precision: torch.dtype | None, engine: str = "auto", cache_root: Path | None = None,
-                  route: str = ROUTE) -> tuple[Callable[[torch.Tensor], torch.Tensor], EngineInfo]:
+def frozen_runner(
+    model_or_cut,
+    example_input_shape: Sequence[int],
+    *,
+    device: torch.device,
+    precision: torch.dtype | None,
+    engine: str = "auto",
+    cache_root: Path | None = None,
+    route: str = ROUTE,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], EngineInfo]:
     """A callable for frozen forward passes (a batch in, a float32 tensor on `device` out) and what runs it.
 
     Args:
@@ -167,8 +176,7 @@ def frozen_runner(model_or_cut, example_input_shape: Sequence[int], *, device: t
     check_choice("route", route, ROUTES)
     try:
         key = model_key(module, cut_name, tuple(example_input_shape), route, unused)
-        compiled, actual = _compile(module, fn, key, tuple(example_input_shape), info.precision, route,
-                                    cache_root or default_root())
+        compiled, actual = _compile(module, fn, key, tuple(example_input_shape), info.precision, route, cache_root or default_root())
     except Exception as e:  # noqa: BLE001  (any conversion failure: unsupported op, tracing error, ...)
         reason = f"OpenVINO could not convert the model ({conversion_failure(e)}); torch runs it"
         log.warning(reason)
@@ -182,12 +190,15 @@ def _unpack(model_or_cut) -> tuple[Callable, nn.Module | None, str, tuple[str, .
     return model_or_cut.fn, getattr(model_or_cut, "module", None), model_or_cut.name, getattr(model_or_cut, "unused", ())
 
 
-def torch_runner(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                 precision: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def torch_runner(
+    fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device, precision: torch.dtype | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """fn under autocast on channels_last inputs (the torch path of extraction and prediction)."""
+
     def run(x: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
             return fn(to_channels_last(x.to(device))).float()
+
     return run
 
 
@@ -200,6 +211,7 @@ def openvino_runner(compiled) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         out = request.infer({0: np.ascontiguousarray(x.detach().cpu().float().numpy())})  # outputs are copies
         return torch.from_numpy(out.to_tuple()[0])
+
     return run
 
 
@@ -231,8 +243,14 @@ def model_key(module: nn.Module, cut_name: str, input_shape: tuple[int, ...], ro
     import openvino
 
     h = hashlib.sha256()
-    header = {"format": FORMAT, "openvino": openvino.__version__, "route": route, "cut": cut_name,
-              "input": list(input_shape), "structure": hashlib.sha256(repr(module).encode()).hexdigest()}
+    header = {
+        "format": FORMAT,
+        "openvino": openvino.__version__,
+        "route": route,
+        "cut": cut_name,
+        "input": list(input_shape),
+        "structure": hashlib.sha256(repr(module).encode()).hexdigest(),
+    }
     h.update(json.dumps(header, sort_keys=True).encode())
     skip = set(unused)
     for name, t in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items()):
@@ -244,8 +262,7 @@ def model_key(module: nn.Module, cut_name: str, input_shape: tuple[int, ...], ro
     return h.hexdigest()[:32]
 
 
-def _compile(module: nn.Module, fn: Callable, key: str, input_shape: tuple[int, ...], precision: str, route: str,
-             root: Path):
+def _compile(module: nn.Module, fn: Callable, key: str, input_shape: tuple[int, ...], precision: str, route: str, root: Path):
     """The compiled model (converted or read from the cache under `key`) and the precision it actually runs at."""
     import openvino as ov
 
@@ -254,8 +271,13 @@ def _compile(module: nn.Module, fn: Callable, key: str, input_shape: tuple[int, 
         started = time.perf_counter()
         model = convert(module, fn, input_shape, route)
         write_cached_(root, key, model)
-        log.info("OpenVINO: converted %s (%s route) in %.1f s; cached under %s", type(module).__name__, route,
-                 time.perf_counter() - started, root / key)
+        log.info(
+            "OpenVINO: converted %s (%s route) in %.1f s; cached under %s",
+            type(module).__name__,
+            route,
+            time.perf_counter() - started,
+            root / key,
+        )
     # No pinning: pinned OpenVINO threads slowed torch's work after it in the same process (the probe took
     # 1.7x as long after an OpenVINO pass), and on a shared machine a pinned core may be another job's.
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "ENABLE_CPU_PINNING": False}
@@ -287,8 +309,7 @@ def convert(module: nn.Module, fn: Callable, input_shape: tuple[int, ...], route
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.trace")
             if route == "direct":
                 return ov.convert_model(wrapped, example_input=example, input=[ov.PartialShape([-1, *input_shape])])
-            program = torch.onnx.export(wrapped, (example,), dynamo=True, verbose=False,
-                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+            program = torch.onnx.export(wrapped, (example,), dynamo=True, verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
             return ov.Core().read_model(program.model_proto.SerializeToString(), b"")
     finally:
         module.train(was_training)
@@ -321,8 +342,12 @@ def write_cached_(root: Path, key: str, model) -> None:
         _remove_stale_tmp_(root)
         tmp.mkdir()
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-        manifest = {"format": FORMAT, "key": key, "created": time.time(),
-                    "sha256": {f: sha256_file(tmp / f) for f in ("model.xml", "model.bin")}}
+        manifest = {
+            "format": FORMAT,
+            "key": key,
+            "created": time.time(),
+            "sha256": {f: sha256_file(tmp / f) for f in ("model.xml", "model.bin")},
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, root / key)  # fails when another process committed the key first: theirs stays
     except OSError as e:

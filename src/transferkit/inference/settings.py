@@ -24,8 +24,9 @@ def default_engine() -> str:
     """
     value = os.environ.get(ENGINE_VARIABLE, "").strip() or DEFAULT_ENGINE
     if value not in ENGINES:
-        raise UsageError(f"{ENGINE_VARIABLE}={value!r} is not an engine; use one of {', '.join(ENGINES)}, or unset it."
-                         f"{did_you_mean(value, ENGINES)}")
+        raise UsageError(
+            f"{ENGINE_VARIABLE}={value!r} is not an engine; use one of {', '.join(ENGINES)}, or unset it.{did_you_mean(value, ENGINES)}"
+        )
     return value
 
 

@@ -28,27 +28,52 @@ th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.verdict{fon
 padding:.6em 1em;border-left:4px solid #3a3}img{max-width:100%;border:1px solid #eee}.grid{display:flex;
 flex-wrap:wrap;gap:1em}.grid figure{margin:0;width:48%}pre{background:#f7f7f7;padding:1em;overflow-x:auto}"""
 
-COLUMNS = ("strategy", "trainable params", "epochs", "train time", "fit wall time", "peak memory +", "val acc",
-           "test acc (95% CI)", "balanced acc", "macro-F1")
-TIME_NOTE = ("train time: the strategy's training phases (the probe's fit, the fine-tuning epochs), measured alike for "
-             "every strategy; fit wall time adds loading the backbone, computing or reading the cached features "
-             "(computed once, by the first strategy that needs them) and the test pass.")
+COLUMNS = (
+    "strategy",
+    "trainable params",
+    "epochs",
+    "train time",
+    "fit wall time",
+    "peak memory +",
+    "val acc",
+    "test acc (95% CI)",
+    "balanced acc",
+    "macro-F1",
+)
+TIME_NOTE = (
+    "train time: the strategy's training phases (the probe's fit, the fine-tuning epochs), measured alike for "
+    "every strategy; fit wall time adds loading the backbone, computing or reading the cached features "
+    "(computed once, by the first strategy that needs them) and the test pass."
+)
 
 
 def table_note(seeds: int) -> str:
     """What the table's columns mean; with several seeds, how they are summarised."""
     if seeds < 2:
         return TIME_NOTE
-    return (f"{TIME_NOTE} With {seeds} training seeds on the same split: val and test acc are mean ± sd (min-max) over "
-            "the seeds; times, balanced acc and macro-F1 are means; peak memory the largest.")
+    return (
+        f"{TIME_NOTE} With {seeds} training seeds on the same split: val and test acc are mean ± sd (min-max) over "
+        "the seeds; times, balanced acc and macro-F1 are means; peak memory the largest."
+    )
 
 
 def table_rows(results: list[StrategyResult]) -> list[list[str]]:
     """The comparison table as strings, one list per strategy (same columns as COLUMNS)."""
-    return [[r.label, f"{r.trainable_params:,} ({r.trainable_share:.1%})", str(r.epochs) if r.epochs else "probe",
-             _secs(r.seconds), _secs(r.wall_seconds), f"{r.peak_memory_mib:.0f} MiB", _acc(r, "val_accuracy"),
-             _acc(r, "test_accuracy"), _plain(_seed_mean(r, "balanced_accuracy")), f"{r.macro_f1:.4f}"]
-            for r in results]
+    return [
+        [
+            r.label,
+            f"{r.trainable_params:,} ({r.trainable_share:.1%})",
+            str(r.epochs) if r.epochs else "probe",
+            _secs(r.seconds),
+            _secs(r.wall_seconds),
+            f"{r.peak_memory_mib:.0f} MiB",
+            _acc(r, "val_accuracy"),
+            _acc(r, "test_accuracy"),
+            _plain(_seed_mean(r, "balanced_accuracy")),
+            f"{r.macro_f1:.4f}",
+        ]
+        for r in results
+    ]
 
 
 def _seed_mean(r: StrategyResult, key: str) -> float | None:
@@ -122,8 +147,12 @@ def plot_reliability(results: list[StrategyResult]) -> str:
         if not p.get("prob"):
             continue
         bins = [b for b in confidence_bins(p["prob"], np.asarray(p["true"]) == np.asarray(p["pred"])) if b["count"]]
-        ax.plot([b["mean_confidence"] * 100 for b in bins], [b["accuracy"] * 100 for b in bins], marker="o",
-                label=f"{r.label} (ECE {r.metrics.get('ece', 0):.3f})")
+        ax.plot(
+            [b["mean_confidence"] * 100 for b in bins],
+            [b["accuracy"] * 100 for b in bins],
+            marker="o",
+            label=f"{r.label} (ECE {r.metrics.get('ece', 0):.3f})",
+        )
     ax.set_xlabel("confidence of the predicted class (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Reliability (test, after temperature scaling)")
@@ -306,8 +335,14 @@ def _templates():
     """The template environment, built on first use (jinja2 is imported only by the commands that write reports)."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.DictLoader(_TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.DictLoader(_TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
     env.globals.update(css=CSS, per_class_columns=_PER_CLASS_COLUMNS)
     return env
 
@@ -322,13 +357,16 @@ def _score(value: float | None) -> str:
 
 
 def _per_class_rows(metrics: dict) -> list[list[str]]:
-    return [[c, _score(m["precision"]), _score(m["recall"]), _score(m["f1"]), str(m["support"])]
-            for c, m in metrics["per_class"].items()]
+    return [[c, _score(m["precision"]), _score(m["recall"]), _score(m["f1"]), str(m["support"])] for c, m in metrics["per_class"].items()]
 
 
 def _strategy_section(r: StrategyResult, classes: list[str]) -> dict:
-    return {"label": r.label, "per_class": _per_class_rows(r.metrics), "absent": r.metrics.get("absent_classes", []),
-            "confusion_png": plot_confusion(r.metrics["confusion"], classes, f"{r.label}: confusion (test)")}
+    return {
+        "label": r.label,
+        "per_class": _per_class_rows(r.metrics),
+        "absent": r.metrics.get("absent_classes", []),
+        "confusion_png": plot_confusion(r.metrics["confusion"], classes, f"{r.label}: confusion (test)"),
+    }
 
 
 def comparison_html(c: Comparison) -> str:
@@ -338,45 +376,78 @@ def comparison_html(c: Comparison) -> str:
     classes = list(c.results[0].metrics["per_class"])
     baseline = {"rows": table_rows([c.baseline]), "sentence": pretraining_sentence(c)} if c.baseline else None
     curve = {"crossover": c.crossover() or "", "png": plot_learning_curves(c.curve)} if c.curve else None
-    return _render("comparison.html", title=f"transferkit compare: {c.data}", data=c.data, model=c.model,
-                   verdict=c.verdict(), split_sizes=c.split_sizes, seed=c.seed, machine=json.dumps(c.machine),
-                   columns=COLUMNS, rows=table_rows(c.results), time_note=table_note(c.seeds), baseline=baseline,
-                   accuracy_png=plot_accuracy_vs_time(c.results), curve=curve, best=c.winner().label,
-                   n_test=c.split_sizes.get("test", ""), paired_columns=PAIRED_COLUMNS, paired_rows=paired_table(c),
-                   cv=_cv_context(c.cv), reliability_png=plot_reliability(c.results),
-                   val_png=plot_validation_curves(c.results), ranking=ranking_context(c.ranking),
-                   strategies=[_strategy_section(r, classes) for r in c.results],
-                   configs=json.dumps(c.configs, indent=1), versions=json.dumps(c.versions, indent=1),
-                   extra=report_section(c.extras))
+    return _render(
+        "comparison.html",
+        title=f"transferkit compare: {c.data}",
+        data=c.data,
+        model=c.model,
+        verdict=c.verdict(),
+        split_sizes=c.split_sizes,
+        seed=c.seed,
+        machine=json.dumps(c.machine),
+        columns=COLUMNS,
+        rows=table_rows(c.results),
+        time_note=table_note(c.seeds),
+        baseline=baseline,
+        accuracy_png=plot_accuracy_vs_time(c.results),
+        curve=curve,
+        best=c.winner().label,
+        n_test=c.split_sizes.get("test", ""),
+        paired_columns=PAIRED_COLUMNS,
+        paired_rows=paired_table(c),
+        cv=_cv_context(c.cv),
+        reliability_png=plot_reliability(c.results),
+        val_png=plot_validation_curves(c.results),
+        ranking=ranking_context(c.ranking),
+        strategies=[_strategy_section(r, classes) for r in c.results],
+        configs=json.dumps(c.configs, indent=1),
+        versions=json.dumps(c.versions, indent=1),
+        extra=report_section(c.extras),
+    )
 
 
-PAIRED_COLUMNS = ("strategy", "minus the best (points)", "95% CI", "McNemar p", "only best right", "only it right",
-                  "reading")
+PAIRED_COLUMNS = ("strategy", "minus the best (points)", "95% CI", "McNemar p", "only best right", "only it right", "reading")
 
 
 def paired_table(c: Comparison) -> list[list[str]]:
     """Each strategy against the best, as strings (PAIRED_COLUMNS)."""
-    return [[p["strategy"], f"{-p['difference'] * 100:+.1f}", f"{-p['high'] * 100:.1f} to {-p['low'] * 100:.1f}",
-             f"{p['mcnemar_p']:.3g}", str(p["only_a_correct"]), str(p["only_b_correct"]),
-             "measurably less accurate" if p["significant"] else "within noise"] for p in c.paired()]
+    return [
+        [
+            p["strategy"],
+            f"{-p['difference'] * 100:+.1f}",
+            f"{-p['high'] * 100:.1f} to {-p['low'] * 100:.1f}",
+            f"{p['mcnemar_p']:.3g}",
+            str(p["only_a_correct"]),
+            str(p["only_b_correct"]),
+            "measurably less accurate" if p["significant"] else "within noise",
+        ]
+        for p in c.paired()
+    ]
 
 
 def _cv_context(cv: dict | None) -> dict | None:
     if not cv:
         return None
-    return {"k": cv["k"], "n": cv["n"], "text": f"{format_interval(cv['accuracy'], cv['low'], cv['high'])}, per fold "
-                                                f"{cv['fold_mean']:.1%} ± {cv['fold_sd']:.1%}"}
+    return {
+        "k": cv["k"],
+        "n": cv["n"],
+        "text": f"{format_interval(cv['accuracy'], cv['low'], cv['high'])}, per fold {cv['fold_mean']:.1%} ± {cv['fold_sd']:.1%}",
+    }
 
 
 def pretraining_sentence(c: Comparison) -> str:
     best = c.winner()
     gap = (best.test_accuracy - c.baseline.test_accuracy) * 100
     if gap < 1:
-        return (f"Pretraining adds little here: random initialisation reaches {c.baseline.test_accuracy:.1%} vs "
-                f"{best.test_accuracy:.1%} ({gap:.1f} points). On data this far from ImageNet (or this easy), "
-                "the architecture matters more than the weights.")
-    return (f"Pretraining is worth {gap:.1f} points: {best.label} reaches {best.test_accuracy:.1%}, the same "
-            f"architecture from random initialisation {c.baseline.test_accuracy:.1%} with the same budget.")
+        return (
+            f"Pretraining adds little here: random initialisation reaches {c.baseline.test_accuracy:.1%} vs "
+            f"{best.test_accuracy:.1%} ({gap:.1f} points). On data this far from ImageNet (or this easy), "
+            "the architecture matters more than the weights."
+        )
+    return (
+        f"Pretraining is worth {gap:.1f} points: {best.label} reaches {best.test_accuracy:.1%}, the same "
+        f"architecture from random initialisation {c.baseline.test_accuracy:.1%} with the same budget."
+    )
 
 
 def comparison_markdown(c: Comparison) -> str:
@@ -384,8 +455,15 @@ def comparison_markdown(c: Comparison) -> str:
     lines += ranking_markdown(c.ranking) if c.ranking else []
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(c.results)]
-    lines += ["", table_note(c.seeds), "", f"## Paired differences against {c.winner().label}", "",
-              "| " + " | ".join(PAIRED_COLUMNS) + " |", "|" + "---|" * len(PAIRED_COLUMNS)]
+    lines += [
+        "",
+        table_note(c.seeds),
+        "",
+        f"## Paired differences against {c.winner().label}",
+        "",
+        "| " + " | ".join(PAIRED_COLUMNS) + " |",
+        "|" + "---|" * len(PAIRED_COLUMNS),
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in paired_table(c)]
     if c.cv:
         cv = _cv_context(c.cv)
@@ -393,8 +471,7 @@ def comparison_markdown(c: Comparison) -> str:
     if c.baseline:
         lines += ["", "## Value of pretraining", "", pretraining_sentence(c)]
     if c.curve:
-        lines += ["", "## Learning curve", "", c.crossover() or "", "", "| strategy | examples/class | test acc |",
-                  "|---|---|---|"]
+        lines += ["", "## Learning curve", "", c.crossover() or "", "", "| strategy | examples/class | test acc |", "|---|---|---|"]
         lines += [f"| {r.strategy} | {r.train_per_class:.0f} | {r.test_accuracy:.4f} |" for r in c.curve]
     lines += ["", f"Machine: {c.machine}", ""]
     return "\n".join(lines)
@@ -425,12 +502,22 @@ def write_fit_report(out: Path, meta: dict, history: list[dict], extras: dict | 
     curves_png = plot_history(history, f"{meta['strategy']['spec']}: training")
     write_atomic(out / "confusion.png", base64.b64decode(confusion_png))
     write_atomic(out / "curves.png", base64.b64decode(curves_png))
-    page = _render("fit.html", title="transferkit fit", spec=meta["strategy"]["spec"], backbone=meta["backbone"]["name"],
-                   test=test, scores=scores_sentence(test, "texts" if meta.get("modality") == "text" else "images"),
-                   calibration=meta["metrics"].get("calibration"),
-                   curves_png=curves_png, confusion_png=confusion_png, per_class_rows=_per_class_rows(test),
-                   absent=test.get("absent_classes", []), strategy=json.dumps(meta["strategy"], indent=1),
-                   training=json.dumps(meta.get("training", {}), indent=1), extra=report_section(extras))
+    page = _render(
+        "fit.html",
+        title="transferkit fit",
+        spec=meta["strategy"]["spec"],
+        backbone=meta["backbone"]["name"],
+        test=test,
+        scores=scores_sentence(test, "texts" if meta.get("modality") == "text" else "images"),
+        calibration=meta["metrics"].get("calibration"),
+        curves_png=curves_png,
+        confusion_png=confusion_png,
+        per_class_rows=_per_class_rows(test),
+        absent=test.get("absent_classes", []),
+        strategy=json.dumps(meta["strategy"], indent=1),
+        training=json.dumps(meta.get("training", {}), indent=1),
+        extra=report_section(extras),
+    )
     write_extras(extras, out)
     write_atomic(out / "report.html", page)
     return out / "report.html"
@@ -445,10 +532,11 @@ def scores_sentence(m: dict, noun: str = "examples") -> str:
     iv = m.get("intervals")
     if not iv:
         return f"accuracy {m['accuracy']:.1%}, macro-F1 {m['macro_f1']:.1%} on {m['n']} {noun}"
-    parts = [f"{name} {format_interval(e['value'], e['low'], e['high'])}" for name, e in
-             (("accuracy", iv["accuracy"]), ("balanced accuracy", iv["balanced_accuracy"]), ("macro-F1", iv["macro_f1"]))]
-    return (", ".join(parts) + f" on {m['n']} {noun} (accuracy: Wilson interval; the others: bootstrap over "
-            f"{noun})")
+    parts = [
+        f"{name} {format_interval(e['value'], e['low'], e['high'])}"
+        for name, e in (("accuracy", iv["accuracy"]), ("balanced accuracy", iv["balanced_accuracy"]), ("macro-F1", iv["macro_f1"]))
+    ]
+    return ", ".join(parts) + f" on {m['n']} {noun} (accuracy: Wilson interval; the others: bootstrap over {noun})"
 
 
 IMBALANCE_RATIO = 3.0  # largest class over smallest beyond which the output suggests --class-weights auto
@@ -459,6 +547,8 @@ def imbalance_hint(train_counts: list[int]) -> str | None:
     counts = [c for c in train_counts if c > 0]
     if len(counts) < 2 or max(counts) <= IMBALANCE_RATIO * min(counts):
         return None
-    return (f"The training classes are imbalanced (largest {max(counts)}, smallest {min(counts)}: "
-            f"{max(counts) / min(counts):.1f}x); read balanced accuracy and per-class recall beside accuracy, and "
-            "try --class-weights auto.")
+    return (
+        f"The training classes are imbalanced (largest {max(counts)}, smallest {min(counts)}: "
+        f"{max(counts) / min(counts):.1f}x); read balanced accuracy and per-class recall beside accuracy, and "
+        "try --class-weights auto."
+    )

@@ -27,10 +27,13 @@ SHOWN_PER_KIND = 60  # findings of one kind shown with thumbnails; issues.csv ha
 # to `transferkit doctor`, whose time the user chooses to spend.
 MAX_REPORT_EXAMPLES = 20_000
 
-CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+CSS = (
+    """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.finding{border:1px solid #ddd;padding:.5em;
-margin:0;width:230px;font-size:.8em}.finding.wide{width:440px}td:last-child{text-align:left}""" + GALLERY_CSS
+margin:0;width:230px;font-size:.8em}.finding.wide{width:440px}td:last-child{text-align:left}"""
+    + GALLERY_CSS
+)
 
 _PAGE = """<!doctype html>
 <html><head><meta charset='utf-8'><title>transferkit doctor: {{ d.data }}</title><style>{{ css|safe }}</style></head>
@@ -63,15 +66,21 @@ label {{ f.other.given }}</div>{% endif %}
 
 def method_sentence(d: Diagnosis) -> str:
     """How the findings were made, with their thresholds, in one paragraph."""
-    label = ("Label errors: confident learning (Northcutt et al., JAIR 2021) on out-of-sample probabilities of every "
-             f"train and val example, each from {d.folds}-fold probes that never saw it (logistic regression and "
-             f"cosine k-NN, averaged; accuracy {d.probe_accuracy:.1%}); estimated share of wrong labels "
-             f"{d.estimated_label_errors:.1%}." if d.folds else "Label errors: not checked.")
-    return (f"{label} Near-duplicates: {d.measure} at or above {d.threshold:g}, searched over every pair "
-            f"(across splits: leakage; within a split: conflict under different labels, duplicate under the same); "
-            f"each pair also shows the cosine similarity of its centred {d.model} features, which does not decide. "
-            "Outliers: mean cosine distance to their 5 nearest same-class neighbours, modified z-score of its log "
-            "above 3.5.")
+    label = (
+        "Label errors: confident learning (Northcutt et al., JAIR 2021) on out-of-sample probabilities of every "
+        f"train and val example, each from {d.folds}-fold probes that never saw it (logistic regression and "
+        f"cosine k-NN, averaged; accuracy {d.probe_accuracy:.1%}); estimated share of wrong labels "
+        f"{d.estimated_label_errors:.1%}."
+        if d.folds
+        else "Label errors: not checked."
+    )
+    return (
+        f"{label} Near-duplicates: {d.measure} at or above {d.threshold:g}, searched over every pair "
+        f"(across splits: leakage; within a split: conflict under different labels, duplicate under the same); "
+        f"each pair also shows the cosine similarity of its centred {d.model} features, which does not decide. "
+        "Outliers: mean cosine distance to their 5 nearest same-class neighbours, modified z-score of its log "
+        "above 3.5."
+    )
 
 
 def _caption(f: Finding) -> str:
@@ -86,12 +95,17 @@ def _caption(f: Finding) -> str:
 
 def _finding_context(d: Diagnosis, f: Finding) -> dict:
     examples = getattr(d.splits, f.split)
-    item = {"view": example_view(examples, f.index), "id": f.id, "split": f.split, "given": f.given_label,
-            "caption": _caption(f), "other": None}
+    item = {
+        "view": example_view(examples, f.index),
+        "id": f.id,
+        "split": f.split,
+        "given": f.given_label,
+        "caption": _caption(f),
+        "other": None,
+    }
     if f.other_split is not None:
         other = getattr(d.splits, f.other_split)
-        item["other"] = {"view": example_view(other, f.other_index), "id": f.other_id, "split": f.other_split,
-                         "given": f.other_label}
+        item["other"] = {"view": example_view(other, f.other_index), "id": f.other_id, "split": f.other_split, "given": f.other_label}
     return item
 
 
@@ -105,11 +119,17 @@ def doctor_html(d: Diagnosis) -> str:
         found = d.of_kind(kind)
         if found:
             shown = found[:SHOWN_PER_KIND]
-            sections.append({"kind": kind, "text": text[0].upper() + text[1:] + ".", "count": len(found),
-                             "shown": len(shown), "more": len(found) > len(shown),
-                             "entries": [_finding_context(d, f) for f in shown]})
-    return environment().from_string(_PAGE).render(d=d, css=CSS, kinds=KINDS, counts=counts, sections=sections,
-                                                   method=method_sentence(d))
+            sections.append(
+                {
+                    "kind": kind,
+                    "text": text[0].upper() + text[1:] + ".",
+                    "count": len(found),
+                    "shown": len(shown),
+                    "more": len(found) > len(shown),
+                    "entries": [_finding_context(d, f) for f in shown],
+                }
+            )
+    return environment().from_string(_PAGE).render(d=d, css=CSS, kinds=KINDS, counts=counts, sections=sections, method=method_sentence(d))
 
 
 def issues_csv(d: Diagnosis) -> str:
@@ -167,11 +187,22 @@ def fit_extras(inputs: ReportInputs) -> dict:
     doctor = None
     if features is not None and sum(splits.sizes().values()) <= MAX_REPORT_EXAMPLES:
         d = diagnose_features(splits, features, data_name=data_name, model_name=model_name, folds=0)
-        doctor = {"summary": d.summary_line(), "threshold": d.threshold,
-                  "files": {"doctor.html": doctor_html(d), "issues.csv": issues_csv(d),
-                            "doctor.json": json.dumps(d.to_dict(), indent=2, default=str) + "\n"}}
-    return {"gallery": mistakes_html(splits.test, inputs.test_probs, list(splits.classes)), "doctor": doctor,
-            "data": data_name, "model": model_name, "noun": f"{splits.train.noun}s"}
+        doctor = {
+            "summary": d.summary_line(),
+            "threshold": d.threshold,
+            "files": {
+                "doctor.html": doctor_html(d),
+                "issues.csv": issues_csv(d),
+                "doctor.json": json.dumps(d.to_dict(), indent=2, default=str) + "\n",
+            },
+        }
+    return {
+        "gallery": mistakes_html(splits.test, inputs.test_probs, list(splits.classes)),
+        "doctor": doctor,
+        "data": data_name,
+        "model": model_name,
+        "noun": f"{splits.train.noun}s",
+    }
 
 
 def report_section(extras: dict | None) -> str:
@@ -180,10 +211,20 @@ def report_section(extras: dict | None) -> str:
         return ""
     d = extras.get("doctor")
     command = f"transferkit doctor {extras['data']} --model {extras['model']}"
-    return environment().from_string(_SECTION).render(
-        css=GALLERY_CSS, summary=d["summary"] if d else None, noun=extras.get("noun", "examples"),
-        threshold=d["threshold"] if d else "", command=command, gallery=extras.get("gallery", ""),
-        best=extras.get("best"), limit=f"{MAX_REPORT_EXAMPLES:,}")
+    return (
+        environment()
+        .from_string(_SECTION)
+        .render(
+            css=GALLERY_CSS,
+            summary=d["summary"] if d else None,
+            noun=extras.get("noun", "examples"),
+            threshold=d["threshold"] if d else "",
+            command=command,
+            gallery=extras.get("gallery", ""),
+            best=extras.get("best"),
+            limit=f"{MAX_REPORT_EXAMPLES:,}",
+        )
+    )
 
 
 def write_extras(extras: dict | None, out: Path) -> None:

@@ -61,8 +61,9 @@ class Mistake:
         return float(-np.log(max(self.prob_true, 1e-12)))
 
 
-def mistakes(probs: np.ndarray, labels: np.ndarray, classes: list[str], ids: list[str], *, top_pairs: int = TOP_PAIRS,
-             per_pair: int = PER_PAIR) -> list[tuple[tuple[str, str], int, list[Mistake]]]:
+def mistakes(
+    probs: np.ndarray, labels: np.ndarray, classes: list[str], ids: list[str], *, top_pairs: int = TOP_PAIRS, per_pair: int = PER_PAIR
+) -> list[tuple[tuple[str, str], int, list[Mistake]]]:
     """The most confused (true, predicted) pairs, most mistakes first, each with its highest-loss mistakes.
 
     Args:
@@ -81,8 +82,7 @@ def mistakes(probs: np.ndarray, labels: np.ndarray, classes: list[str], ids: lis
     for (t, p), n in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:top_pairs]:
         members = [i for i in wrong if labels[i] == t and pred[i] == p]
         members.sort(key=lambda i: probs[i, t])  # lowest p(true) = highest loss first
-        shown = [Mistake(int(i), ids[i], classes[t], classes[p], float(probs[i, p]), float(probs[i, t]))
-                 for i in members[:per_pair]]
+        shown = [Mistake(int(i), ids[i], classes[t], classes[p], float(probs[i, p]), float(probs[i, t])) for i in members[:per_pair]]
         out.append(((classes[t], classes[p]), n, shown))
     return out
 
@@ -134,10 +134,25 @@ def mistakes_html(examples, probs: np.ndarray, classes: list[str]) -> str:
     """The mistakes gallery of `examples` (the test split) as an HTML fragment (CSS: GALLERY_CSS)."""
     ids = examples.ids()
     groups = mistakes(probs, examples.labels, classes, ids)
-    context = [{"true": t, "pred": p, "count": n,
-                "entries": [{"view": example_view(examples, m.index), "id": m.id, "true": m.true, "pred": m.pred,
-                           "prob_true": m.prob_true, "prob_pred": m.prob_pred, "loss": m.loss} for m in items]}
-               for (t, p), n, items in groups]
+    context = [
+        {
+            "true": t,
+            "pred": p,
+            "count": n,
+            "entries": [
+                {
+                    "view": example_view(examples, m.index),
+                    "id": m.id,
+                    "true": m.true,
+                    "pred": m.pred,
+                    "prob_true": m.prob_true,
+                    "prob_pred": m.prob_pred,
+                    "loss": m.loss,
+                }
+                for m in items
+            ],
+        }
+        for (t, p), n, items in groups
+    ]
     n_wrong = int((np.asarray(probs).argmax(axis=1) != examples.labels).sum()) if len(examples) else 0
-    return environment().from_string(_FRAGMENT).render(groups=context, n=len(examples), n_wrong=n_wrong,
-                                                       noun=f"{examples.noun}s")
+    return environment().from_string(_FRAGMENT).render(groups=context, n=len(examples), n_wrong=n_wrong, noun=f"{examples.noun}s")

@@ -28,5 +28,7 @@ def require_serve() -> None:
     """Raise ServeError naming the missing packages and the install command, before any of them is imported."""
     missing = [dist for module, dist in PACKAGES.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise ServeError(f"transferkit serve needs {', '.join(PACKAGES.values())}; missing: {', '.join(missing)}. "
-                         "Install them with: pip install 'transferkit[serve]'")
+        raise ServeError(
+            f"transferkit serve needs {', '.join(PACKAGES.values())}; missing: {', '.join(missing)}. "
+            "Install them with: pip install 'transferkit[serve]'"
+        )

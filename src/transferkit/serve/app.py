@@ -35,9 +35,12 @@ log = logging.getLogger(__name__)
 def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastAPI:
     """The ASGI application serving `predictor` (run it with uvicorn, or `transferkit.serve.server.run`)."""
     service = Service(predictor, config or ServeConfig())
-    app = FastAPI(title="transferkit serve", version=__version__, lifespan=service.lifespan,
-                  description=f"Classify {predictor.modality}s with {service.info['source']} "
-                              f"({len(predictor.classes)} classes).")
+    app = FastAPI(
+        title="transferkit serve",
+        version=__version__,
+        lifespan=service.lifespan,
+        description=f"Classify {predictor.modality}s with {service.info['source']} ({len(predictor.classes)} classes).",
+    )
     app.state.info = service.info
     add_error_handlers(app)
     add_routes(app, service)
@@ -49,12 +52,17 @@ class Service:
 
     def __init__(self, predictor: Predictor, config: ServeConfig):
         self.predictor, self.config, self.reader = predictor, config, READERS[predictor.modality]
-        self.batcher = Batcher(predictor.infer, max_batch=config.max_batch, wait_s=config.batch_wait_ms / 1000,
-                               max_queued=config.max_queued)
+        self.batcher = Batcher(
+            predictor.infer, max_batch=config.max_batch, wait_s=config.batch_wait_ms / 1000, max_queued=config.max_queued
+        )
         self.pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="transferkit-prepare")
         reader = self.reader
-        self.info = {**predictor.info(), "limits": config.to_dict(), "server": {"transferkit": __version__},
-                     "input": {"content_type": reader.content_type, "field": reader.field, "example": reader.example}}
+        self.info = {
+            **predictor.info(),
+            "limits": config.to_dict(),
+            "server": {"transferkit": __version__},
+            "input": {"content_type": reader.content_type, "field": reader.field, "example": reader.example},
+        }
         self.started = time.monotonic()
 
     @asynccontextmanager
@@ -63,9 +71,16 @@ class Service:
         # Warm-up: the first pass builds kernels and allocates; no client should pay for it.
         await self.batcher.submit(self.predictor.prepare(self.reader.sample()), self.config.timeout_s)
         engine = self.info["inference"]
-        log.info("Serving %d classes from %s: %s on %s, %s; batches of up to %d inputs, waiting %g ms",
-                 len(self.predictor.classes), self.info["source"], engine["engine"], engine.get("device", "cpu"),
-                 engine["precision"], self.config.max_batch, self.config.batch_wait_ms)
+        log.info(
+            "Serving %d classes from %s: %s on %s, %s; batches of up to %d inputs, waiting %g ms",
+            len(self.predictor.classes),
+            self.info["source"],
+            engine["engine"],
+            engine.get("device", "cpu"),
+            engine["precision"],
+            self.config.max_batch,
+            self.config.batch_wait_ms,
+        )
         yield
         await self.batcher.stop()  # after uvicorn has answered every request in flight
         self.pool.shutdown(wait=True)
@@ -73,8 +88,11 @@ class Service:
     async def predict(self, request: Request, top_k: int) -> JSONResponse:
         reader, config = self.reader, self.config
         if media_type(request) != reader.content_type:
-            raise RequestError(f"POST /predict takes {reader.content_type} for this {reader.modality} model; got "
-                               f"'{media_type(request) or 'no content type'}'. Example: {reader.example}", 415)
+            raise RequestError(
+                f"POST /predict takes {reader.content_type} for this {reader.modality} model; got "
+                f"'{media_type(request) or 'no content type'}'. Example: {reader.example}",
+                415,
+            )
         with self.batcher.expect():
             body = await read_body(request, config)
             raw = await reader.read(request, body, config)
@@ -89,16 +107,24 @@ class Service:
 
     def health(self) -> JSONResponse:
         b = self.batcher
-        body = {"status": "ok" if b.alive else "stopped", "queued": b.queued, "batches": b.batches, "inputs": b.inputs,
-                "uptime_s": round(time.monotonic() - self.started, 1)}
+        body = {
+            "status": "ok" if b.alive else "stopped",
+            "queued": b.queued,
+            "batches": b.batches,
+            "inputs": b.inputs,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+        }
         return JSONResponse(body, status_code=200 if b.alive else 503)
 
 
 def add_routes(app: FastAPI, service: Service) -> None:
-    @app.post("/predict", summary="Top-k labels with probabilities for each input",
-              openapi_extra=request_body(service.reader), responses=PREDICT_RESPONSES)
-    async def predict(request: Request, top_k: int = Query(1, ge=1, description="Labels per input, most probable "
-                                                                                 "first.")) -> JSONResponse:
+    @app.post(
+        "/predict",
+        summary="Top-k labels with probabilities for each input",
+        openapi_extra=request_body(service.reader),
+        responses=PREDICT_RESPONSES,
+    )
+    async def predict(request: Request, top_k: int = Query(1, ge=1, description="Labels per input, most probable first.")) -> JSONResponse:
         return await service.predict(request, top_k)
 
     @app.get("/healthz", summary="Whether the server answers and its inference loop runs")
@@ -135,30 +161,41 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         where = f" {request.method} {request.url.path}" if e.status_code in (404, 405) else ""
-        return JSONResponse({"error": f"{e.detail}:{where}" if where else str(e.detail)}, status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        return JSONResponse(
+            {"error": f"{e.detail}:{where}" if where else str(e.detail)}, status_code=e.status_code, headers=getattr(e, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def bug(request: Request, e: Exception) -> JSONResponse:
         log.exception("Unexpected error answering %s %s", request.method, request.url.path)
-        return JSONResponse({"error": f"Internal error ({type(e).__name__}); the server log has the details."},
-                            status_code=500)
+        return JSONResponse({"error": f"Internal error ({type(e).__name__}); the server log has the details."}, status_code=500)
 
 
 def request_body(reader) -> dict:
     """The OpenAPI description of the body this model's /predict takes (read by hand, so declared by hand)."""
     item = {"type": "string", "format": "binary"} if reader.modality == "image" else {"type": "string"}
-    schema = {"type": "object", "required": [reader.field],
-              "properties": {reader.field: {"type": "array", "items": item}}}
+    schema = {"type": "object", "required": [reader.field], "properties": {reader.field: {"type": "array", "items": item}}}
     return {"requestBody": {"required": True, "content": {reader.content_type: {"schema": schema}}}}
 
 
 PREDICT_RESPONSES = {
-    200: {"description": "One entry per input, in order", "content": {"application/json": {"example": {
-        "predictions": [{"file": "photo.jpg", "predictions": [{"label": "rose", "probability": 0.93}]}]}}}},
-    **{status: {"description": what, "content": {"application/json": {"example": {"error": "..."}}}}
-       for status, what in ((400, "A body that cannot be parsed"), (408, "A body that arrived too slowly"),
-                            (413, "Over a bound: bytes, inputs, pixels, characters"), (415, "Wrong content type"),
-                            (422, "A missing field, or a file that is no usable image"),
-                            (503, "Busy or stopping: retry"))},
+    200: {
+        "description": "One entry per input, in order",
+        "content": {
+            "application/json": {
+                "example": {"predictions": [{"file": "photo.jpg", "predictions": [{"label": "rose", "probability": 0.93}]}]}
+            }
+        },
+    },
+    **{
+        status: {"description": what, "content": {"application/json": {"example": {"error": "..."}}}}
+        for status, what in (
+            (400, "A body that cannot be parsed"),
+            (408, "A body that arrived too slowly"),
+            (413, "Over a bound: bytes, inputs, pixels, characters"),
+            (415, "Wrong content type"),
+            (422, "A missing field, or a file that is no usable image"),
+            (503, "Busy or stopping: retry"),
+        )
+    },
 }

@@ -159,7 +159,7 @@ class Batcher:
         start = 0
         for job in batch:
             if not job.future.done():
-                job.future.set_result(proba[start:start + len(job.items)])
+                job.future.set_result(proba[start : start + len(job.items)])
             start += len(job.items)
         self.batches += 1
         self.inputs += len(items)

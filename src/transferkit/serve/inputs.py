@@ -21,8 +21,11 @@ from transferkit.errors import DataError, RequestError
 from transferkit.serve.config import ServeConfig
 
 MAX_FIELDS = 16  # non-file parts of a multipart body: none is read, so a few are tolerated
-WHY = {"empty": "is empty (0 bytes)", "truncated": "is a truncated image: its data ends early",
-       "unreadable": "is not an image this server can decode (JPEG, PNG, WebP, BMP, GIF, TIFF, ...)"}
+WHY = {
+    "empty": "is empty (0 bytes)",
+    "truncated": "is a truncated image: its data ends early",
+    "unreadable": "is not an image this server can decode (JPEG, PNG, WebP, BMP, GIF, TIFF, ...)",
+}
 
 
 def media_type(request: Request) -> str:
@@ -34,8 +37,11 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
     limit = config.max_upload_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"The request body is {int(declared):,} bytes; this server takes at most {limit:,} "
-                           "per request. Send fewer or smaller files per request.", 413)
+        raise RequestError(
+            f"The request body is {int(declared):,} bytes; this server takes at most {limit:,} "
+            "per request. Send fewer or smaller files per request.",
+            413,
+        )
     chunks, size = [], 0
 
     async def receive() -> None:
@@ -43,8 +49,11 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise RequestError(f"The request body exceeds {limit:,} bytes, the most this server takes per "
-                                   "request. Send fewer or smaller files per request.", 413)
+                raise RequestError(
+                    f"The request body exceeds {limit:,} bytes, the most this server takes per "
+                    "request. Send fewer or smaller files per request.",
+                    413,
+                )
             chunks.append(chunk)
 
     try:
@@ -78,8 +87,9 @@ class ImageRequests:
             form = await replayed(request, body).form(max_files=config.max_inputs, max_fields=MAX_FIELDS)
         except HTTPException as e:  # starlette's MultiPartException, re-raised inside an app
             if "Too many files" in str(e.detail):
-                raise RequestError(f"Too many files: this server takes at most {config.max_inputs} per request. "
-                                   "Split them over several requests.", 413) from e
+                raise RequestError(
+                    f"Too many files: this server takes at most {config.max_inputs} per request. Split them over several requests.", 413
+                ) from e
             if "Too many fields" in str(e.detail):
                 raise RequestError(f"Too many form fields: at most {MAX_FIELDS} besides the files.", 413) from e
             raise RequestError(f"The multipart body cannot be parsed: {e.detail}", 400) from e
@@ -94,12 +104,14 @@ class ImageRequests:
         values = form.getlist(self.field)
         if not values:
             got = ", ".join(sorted(set(form.keys()))) or "none"
-            raise RequestError(f"The multipart body has no field '{self.field}' (fields sent: {got}). Send the images "
-                               f"as file parts named '{self.field}', e.g. {self.example}", 422)
+            raise RequestError(
+                f"The multipart body has no field '{self.field}' (fields sent: {got}). Send the images "
+                f"as file parts named '{self.field}', e.g. {self.example}",
+                422,
+            )
         texts = [v for v in values if not isinstance(v, UploadFile)]
         if texts:
-            raise RequestError(f"Field '{self.field}' holds text, not files: send each image as a file part "
-                               f"(e.g. {self.example}).", 422)
+            raise RequestError(f"Field '{self.field}' holds text, not files: send each image as a file part (e.g. {self.example}).", 422)
         return [(v.filename or f"file {i + 1}", await v.read()) for i, v in enumerate(values)]
 
     def decode(self, raw: Sequence[tuple[str, bytes]], config: ServeConfig) -> tuple[list[str], list]:
@@ -118,8 +130,13 @@ def decode_image(name: str, data: bytes, max_pixels: int):
 
     problem = image_problem(data, max_pixels)
     if problem == "too large":
-        raise RequestError(f"{name} declares more than {max_pixels:,} pixels, the most this server decodes (a "
-                           "decompression-bomb guard). Send a smaller image.", 413, file=name, reason=problem)
+        raise RequestError(
+            f"{name} declares more than {max_pixels:,} pixels, the most this server decodes (a "
+            "decompression-bomb guard). Send a smaller image.",
+            413,
+            file=name,
+            reason=problem,
+        )
     if problem is not None:
         raise RequestError(f"{name} {WHY.get(problem, 'cannot be decoded')}.", 422, file=name, reason=problem)
     try:
@@ -138,22 +155,31 @@ class TextRequests:
         try:
             data = json.loads(body)
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-            raise RequestError(f"The body is not valid JSON ({str(e)[:120]}). Send {{\"texts\": [\"...\"]}}.", 400) from e
+            raise RequestError(f'The body is not valid JSON ({str(e)[:120]}). Send {{"texts": ["..."]}}.', 400) from e
         texts = data.get(self.field) if isinstance(data, dict) else None
         if texts is None:
-            raise RequestError(f"The JSON body has no field '{self.field}'. Send {{\"texts\": [\"...\", ...]}}.", 422)
+            raise RequestError(f'The JSON body has no field \'{self.field}\'. Send {{"texts": ["...", ...]}}.', 422)
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise RequestError(f"'{self.field}' must be a list of strings; got {type(texts).__name__}"
-                               f"{'' if not isinstance(texts, list) else ' with non-string items'}.", 422)
+            raise RequestError(
+                f"'{self.field}' must be a list of strings; got {type(texts).__name__}"
+                f"{'' if not isinstance(texts, list) else ' with non-string items'}.",
+                422,
+            )
         if not texts:
             raise RequestError(f"'{self.field}' is empty: give at least one text.", 422)
         if len(texts) > config.max_inputs:
-            raise RequestError(f"Too many texts ({len(texts)}): this server takes at most {config.max_inputs} per "
-                               "request. Split them over several requests.", 413)
+            raise RequestError(
+                f"Too many texts ({len(texts)}): this server takes at most {config.max_inputs} per "
+                "request. Split them over several requests.",
+                413,
+            )
         for i, t in enumerate(texts):
             if len(t) > config.max_text_chars:
-                raise RequestError(f"Text {i + 1} has {len(t):,} characters; at most {config.max_text_chars:,} are "
-                                   "taken (a model reads only its first tokens anyway).", 413)
+                raise RequestError(
+                    f"Text {i + 1} has {len(t):,} characters; at most {config.max_text_chars:,} are "
+                    "taken (a model reads only its first tokens anyway).",
+                    413,
+                )
             if not t.strip():
                 raise RequestError(f"Text {i + 1} is blank.", 422)
         return texts

@@ -117,8 +117,8 @@ def _sha256(text: str) -> str:
 # Only this page's own inline style and script, its own API, and the picked image (a blob: URL) may load.
 PAGE_HEADERS = {
     "Content-Security-Policy": f"default-src 'none'; script-src {_sha256(SCRIPT)}; style-src {_sha256(STYLE)}; "
-                               "connect-src 'self'; img-src 'self' blob: data:; base-uri 'none'; form-action 'none'; "
-                               "frame-ancestors 'none'",
+    "connect-src 'self'; img-src 'self' blob: data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }

@@ -79,11 +79,19 @@ class RunPredictor(Predictor):
 
     def info(self) -> dict:
         meta = self.clf.meta_
-        return {"source": str(self.source), "format": "run", "modality": self.modality, "classes": self.classes,
-                "backbone": meta["backbone"], "strategy": meta["strategy"].get("spec"),
-                "preprocessing": meta["data_config"], "metrics": metrics_summary(meta.get("metrics", {})),
-                "calibration": meta.get("calibration"), "versions": meta.get("versions", {}),
-                "inference": {"engine": "torch", "device": str(self.device), "precision": precision_name(self.dtype)}}
+        return {
+            "source": str(self.source),
+            "format": "run",
+            "modality": self.modality,
+            "classes": self.classes,
+            "backbone": meta["backbone"],
+            "strategy": meta["strategy"].get("spec"),
+            "preprocessing": meta["data_config"],
+            "metrics": metrics_summary(meta.get("metrics", {})),
+            "calibration": meta.get("calibration"),
+            "versions": meta.get("versions", {}),
+            "inference": {"engine": "torch", "device": str(self.device), "precision": precision_name(self.dtype)},
+        }
 
 
 class OnnxPredictor(Predictor):
@@ -106,12 +114,19 @@ class OnnxPredictor(Predictor):
 
         pre = self.clf.preprocess_
         run = read_meta_or_none(self.source.parent) or {}  # an export inside its run directory: the run's metrics
-        return {"source": str(self.source), "format": "onnx", "modality": "image", "classes": self.classes,
-                "backbone": pre.get("backbone"), "strategy": run.get("strategy", {}).get("spec"),
-                "preprocessing": pre["data_config"], "metrics": metrics_summary(run.get("metrics", {})),
-                "calibration": run.get("calibration"), "versions": pre.get("versions", {}),
-                "inference": {"engine": "onnxruntime", "providers": self.clf.session_.get_providers(),
-                              "precision": "fp32"}}
+        return {
+            "source": str(self.source),
+            "format": "onnx",
+            "modality": "image",
+            "classes": self.classes,
+            "backbone": pre.get("backbone"),
+            "strategy": run.get("strategy", {}).get("spec"),
+            "preprocessing": pre["data_config"],
+            "metrics": metrics_summary(run.get("metrics", {})),
+            "calibration": run.get("calibration"),
+            "versions": pre.get("versions", {}),
+            "inference": {"engine": "onnxruntime", "providers": self.clf.session_.get_providers(), "precision": "fp32"},
+        }
 
 
 def load_predictor(source: str | Path, device: str | None = None, precision: str | None = None) -> Predictor:

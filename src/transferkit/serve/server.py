@@ -67,8 +67,16 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run(source: str | Path, sock: socket.socket, *, config: ServeConfig | None = None, workers: int = 1,
-        device: str | None = None, precision: str | None = None, on_ready: Callable[[dict], None] | None = None) -> None:
+def run(
+    source: str | Path,
+    sock: socket.socket,
+    *,
+    config: ServeConfig | None = None,
+    workers: int = 1,
+    device: str | None = None,
+    precision: str | None = None,
+    on_ready: Callable[[dict], None] | None = None,
+) -> None:
     """Serve `source` (a run directory or an ONNX export) on `sock` until SIGTERM or Ctrl-C; returns after the stop.
 
     `on_ready` gets the model's ``/info`` once it is loaded (with workers: once the source is checked).
@@ -118,9 +126,18 @@ def app_from_environment():
 
 def uvicorn_config(app, sock: socket.socket, config: ServeConfig, workers: int = 1) -> uvicorn.Config:
     host, port = sock.getsockname()[:2]
-    return uvicorn.Config(app, host=host, port=port, workers=workers, factory=isinstance(app, str), log_config=None,
-                          access_log=False, server_header=False, limit_concurrency=CONCURRENCY_LIMIT,
-                          timeout_graceful_shutdown=int(config.read_timeout_s + config.timeout_s) + 1)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        workers=workers,
+        factory=isinstance(app, str),
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        limit_concurrency=CONCURRENCY_LIMIT,
+        timeout_graceful_shutdown=int(config.read_timeout_s + config.timeout_s) + 1,
+    )
 
 
 class GracefulServer(uvicorn.Server):

@@ -29,6 +29,7 @@ TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 # --------------------------------------------------------------------------- calibration
 
+
 def _check_probabilities(probabilities: ArrayLike, y_true: ArrayLike, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(probabilities, dtype=np.float64)
     y = as_labels("y_true", y_true)
@@ -37,15 +38,16 @@ def _check_probabilities(probabilities: ArrayLike, y_true: ArrayLike, n_bins: in
         raise UsageError(f"probabilities must be an (examples, classes) array with at least 2 classes; got shape {p.shape}.")
     check_same_length("probabilities and y_true", p, y)
     if not np.all(np.isfinite(p)) or p.min() < 0 or not np.allclose(p.sum(1), 1.0, atol=1e-3):
-        raise UsageError("probabilities must be finite, non-negative and sum to 1 per row; got values from "
-                         f"{np.nanmin(p):.3g} to {np.nanmax(p):.3g}. Pass softmax(logits), not logits.")
+        raise UsageError(
+            "probabilities must be finite, non-negative and sum to 1 per row; got values from "
+            f"{np.nanmin(p):.3g} to {np.nanmax(p):.3g}. Pass softmax(logits), not logits."
+        )
     if y.min() < 0 or y.max() >= p.shape[1]:
         raise UsageError(f"y_true must hold class indices in [0, {p.shape[1]}); got values from {y.min()} to {y.max()}.")
     return p, y
 
 
-def _bin_statistics(confidence: np.ndarray, correct: np.ndarray,
-                    n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _bin_statistics(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width bin (m-1)/M < confidence <= m/M (Guo et al. 2017): edges, counts, summed confidence, hits."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # side="left" puts a confidence equal to an edge in the bin below it; 0 (impossible for a max) joins bin 0.
@@ -113,9 +115,16 @@ def confidence_bins(confidence: ArrayLike, correct: ArrayLike, n_bins: int = 15)
     if not np.all(np.isfinite(conf)) or conf.min() < 0 or conf.max() > 1:
         raise UsageError("confidence must hold probabilities in [0, 1]: the probability of each predicted class.")
     edges, counts, conf_sum, hits = _bin_statistics(conf, right, n_bins)
-    return [{"low": float(edges[i]), "high": float(edges[i + 1]), "count": int(counts[i]),
-             "mean_confidence": float(conf_sum[i] / counts[i]) if counts[i] else None,
-             "accuracy": float(hits[i] / counts[i]) if counts[i] else None} for i in range(n_bins)]
+    return [
+        {
+            "low": float(edges[i]),
+            "high": float(edges[i + 1]),
+            "count": int(counts[i]),
+            "mean_confidence": float(conf_sum[i] / counts[i]) if counts[i] else None,
+            "accuracy": float(hits[i] / counts[i]) if counts[i] else None,
+        }
+        for i in range(n_bins)
+    ]
 
 
 def _nll_and_grad(log_t: np.ndarray, logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -201,8 +210,10 @@ def fold_temperature_(linear_head: torch.nn.Linear, temperature: float) -> torch
     import torch
 
     if not isinstance(linear_head, torch.nn.Linear):
-        raise UsageError(f"linear_head must be a torch.nn.Linear; got {type(linear_head).__name__}. "
-                         "Pass the classifier's final layer (e.g. model.get_classifier() of a timm model).")
+        raise UsageError(
+            f"linear_head must be a torch.nn.Linear; got {type(linear_head).__name__}. "
+            "Pass the classifier's final layer (e.g. model.get_classifier() of a timm model)."
+        )
     if not (is_number(temperature) and math.isfinite(temperature) and temperature > 0):
         raise UsageError(f"temperature must be a finite number above 0; got {temperature!r}. Use fit_temperature's result.")
     with torch.no_grad():
@@ -210,5 +221,3 @@ def fold_temperature_(linear_head: torch.nn.Linear, temperature: float) -> torch
         if linear_head.bias is not None:
             linear_head.bias.div_(float(temperature))
     return linear_head
-
-

@@ -48,8 +48,10 @@ def as_correct(name: str, values: ArrayLike) -> np.ndarray:
     """A 1-D boolean correctness array (bool or 0/1), or a UsageError naming `name`."""
     arr = np.asarray(values)
     if arr.ndim != 1 or not (arr.dtype == bool or np.isin(arr, (0, 1)).all()):
-        raise UsageError(f"{name} must be a 1-D array of per-example correctness (True/False or 0/1); "
-                         f"got shape {arr.shape}, dtype {arr.dtype}. Pass predictions == labels.")
+        raise UsageError(
+            f"{name} must be a 1-D array of per-example correctness (True/False or 0/1); "
+            f"got shape {arr.shape}, dtype {arr.dtype}. Pass predictions == labels."
+        )
     return arr.astype(bool)
 
 
@@ -63,4 +65,3 @@ def check_same_length(names: str, *arrays: np.ndarray) -> int:
 
 
 # --------------------------------------------------------------------------- intervals
-

@@ -27,6 +27,7 @@ MAX_CV_CELLS = 4_000_000
 
 # --------------------------------------------------------------------------- cross-validated probe
 
+
 @dataclass(frozen=True, eq=False)
 class CVProbe:
     """Out-of-fold results of a cross-validated linear probe.
@@ -59,11 +60,22 @@ class CVProbe:
 
     def to_dict(self) -> dict:
         """JSON-ready summary; the per-example arrays are left out (they are data, not a result)."""
-        return {"n": self.n, "k": self.k, "C": self.C, "accuracy": self.accuracy, "low": self.low, "high": self.high,
-                "confidence": self.confidence, "fold_accuracies": list(self.fold_accuracies), "fold_mean": self.fold_mean,
-                "fold_sd": self.fold_sd, "seed": self.seed, "classes": self.classes.tolist(),
-                "method": f"stratified {self.k}-fold, standardised features, L2 logistic regression (C={self.C:g}), "
-                          f"Wilson interval over out-of-fold predictions"}
+        return {
+            "n": self.n,
+            "k": self.k,
+            "C": self.C,
+            "accuracy": self.accuracy,
+            "low": self.low,
+            "high": self.high,
+            "confidence": self.confidence,
+            "fold_accuracies": list(self.fold_accuracies),
+            "fold_mean": self.fold_mean,
+            "fold_sd": self.fold_sd,
+            "seed": self.seed,
+            "classes": self.classes.tolist(),
+            "method": f"stratified {self.k}-fold, standardised features, L2 logistic regression (C={self.C:g}), "
+            f"Wilson interval over out-of-fold predictions",
+        }
 
 
 def default_cv_folds(n_examples: int, feature_dim: int) -> int:
@@ -97,8 +109,10 @@ def _cv_folds(labels: np.ndarray, k: int) -> int:
     smallest = int(counts.min())
     if smallest < 2:
         rare = classes[counts < 2].tolist()
-        raise UsageError(f"Cross-validation needs at least 2 examples of every class; classes {rare} have 1. "
-                         "Add examples of them, or leave them out of the probe.")
+        raise UsageError(
+            f"Cross-validation needs at least 2 examples of every class; classes {rare} have 1. "
+            "Add examples of them, or leave them out of the probe."
+        )
     if smallest < k:
         logger.info("cross_validated_probe: %d folds instead of %d (the smallest class has %d examples).", smallest, k, smallest)
     return min(k, smallest)
@@ -116,8 +130,9 @@ def _check_probe_inputs(features: ArrayLike, labels: ArrayLike, k: int, C: float
     return x, y
 
 
-def cross_validated_probe(features: ArrayLike, labels: ArrayLike, *, k: int = 5, seed: int = 0, C: float | None = None,
-                          confidence: float = 0.95) -> CVProbe:
+def cross_validated_probe(
+    features: ArrayLike, labels: ArrayLike, *, k: int = 5, seed: int = 0, C: float | None = None, confidence: float = 0.95
+) -> CVProbe:
     """Stratified k-fold estimate of a linear probe's accuracy, and out-of-fold probabilities for every example.
 
     Each fold fits `StandardScaler` + L2 multinomial `LogisticRegression`
@@ -165,8 +180,20 @@ def cross_validated_probe(features: ArrayLike, labels: ArrayLike, *, k: int = 5,
         fold_acc.append(float((classes[probabilities[test].argmax(1)] == y[test]).mean()))
     hits = int((classes[probabilities.argmax(1)] == y).sum())
     low, high = wilson_interval(hits, len(y), confidence)
-    return CVProbe(n=len(y), k=k, C=c, accuracy=hits / len(y), low=low, high=high, fold_accuracies=tuple(fold_acc),
-                   classes=classes, probabilities=probabilities, fold_of=fold_of, confidence=confidence, seed=seed)
+    return CVProbe(
+        n=len(y),
+        k=k,
+        C=c,
+        accuracy=hits / len(y),
+        low=low,
+        high=high,
+        fold_accuracies=tuple(fold_acc),
+        classes=classes,
+        probabilities=probabilities,
+        fold_of=fold_of,
+        confidence=confidence,
+        seed=seed,
+    )
 
 
 def _fit_predict_fold(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, classes: np.ndarray, C: float) -> np.ndarray:

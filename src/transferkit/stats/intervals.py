@@ -71,8 +71,15 @@ def percentile_interval(stats: np.ndarray, alpha: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bootstrap_interval(metric: Callable[[np.ndarray, np.ndarray], float], y_true: ArrayLike, y_pred: ArrayLike, *,
-                       n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric(y_true, y_pred)`, resampling examples with replacement.
 
     Resample b takes the indices `rng.integers(0, n, size=n)`, the b-th such
@@ -108,6 +115,7 @@ def bootstrap_interval(metric: Callable[[np.ndarray, np.ndarray], float], y_true
 
 
 # --------------------------------------------------------------------------- metrics with intervals
+
 
 def _bootstrap_confusions(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, K, K) confusion counts (true rows, predicted columns) of the same resamples as `bootstrap_interval`."""
@@ -152,8 +160,9 @@ def _per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, co
     return out
 
 
-def score_with_intervals(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int, *, seed: int = 0, n_boot: int = 2000,
-                         confidence: float = 0.95) -> dict:
+def score_with_intervals(
+    y_true: ArrayLike, y_pred: ArrayLike, n_classes: int, *, seed: int = 0, n_boot: int = 2000, confidence: float = 0.95
+) -> dict:
     """Accuracy, balanced accuracy, macro-F1 and per-class recall, each with its interval.
 
     Accuracy and per-class recall are proportions: Wilson intervals. Balanced
@@ -198,8 +207,10 @@ def score_with_intervals(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int, *
     n = check_same_length("y_true and y_pred", y_true, y_pred)
     for name, arr in (("y_true", y_true), ("y_pred", y_pred)):
         if arr.min() < 0 or arr.max() >= n_classes:
-            raise UsageError(f"{name} must hold class indices in [0, {n_classes}); got values from {arr.min()} to {arr.max()}. "
-                             f"Pass n_classes = the number of classes of the task.")
+            raise UsageError(
+                f"{name} must hold class indices in [0, {n_classes}); got values from {arr.min()} to {arr.max()}. "
+                f"Pass n_classes = the number of classes of the task."
+            )
     hits = int((y_true == y_pred).sum())
     cm = _bootstrap_confusions(y_true, y_pred, n_classes, n_boot, seed)
     alpha, boot = 1.0 - confidence, f"bootstrap ({n_boot} resamples over examples, seed {seed})"
@@ -214,4 +225,3 @@ def score_with_intervals(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int, *
         "macro_f1": _interval_entry(macro_f1, *percentile_interval(_macro_f1_from_counts(cm), alpha), boot),
         "per_class_recall": _per_class_recall(y_true, y_pred, n_classes, confidence),
     }
-

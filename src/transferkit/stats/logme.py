@@ -178,8 +178,12 @@ def log_evidence(spec: Spectrum, alpha: np.ndarray, beta: np.ndarray) -> np.ndar
         array([-2.781, -2.781])
     """
     t = beta * spec.s[:, None] / alpha  # signal-to-prior ratio of each direction, (r, k)
-    return (spec.n / 2 * np.log(beta) - spec.n / 2 * np.log(2 * np.pi)
-            - beta / 2 * ((spec.z2 / (1 + t)).sum(axis=0) + spec.rest) - np.log1p(t).sum(axis=0) / 2)
+    return (
+        spec.n / 2 * np.log(beta)
+        - spec.n / 2 * np.log(2 * np.pi)
+        - beta / 2 * ((spec.z2 / (1 + t)).sum(axis=0) + spec.rest)
+        - np.log1p(t).sum(axis=0) / 2
+    )
 
 
 def maximise_evidence(spec: Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -225,8 +229,11 @@ def maximise_evidence(spec: Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarra
         no_weights = (gamma <= TOLERANCE) | ~np.isfinite(new_alpha)  # alpha -> inf
         no_noise = ~no_weights & ((spec.n - gamma <= TOLERANCE * spec.n) | ~np.isfinite(new_beta))  # beta -> inf
         moving = ~(no_weights | no_noise)
-        converged = moving & (np.abs(new_alpha - alpha[active]) <= TOLERANCE * alpha[active]) \
+        converged = (
+            moving
+            & (np.abs(new_alpha - alpha[active]) <= TOLERANCE * alpha[active])
             & (np.abs(new_beta - beta[active]) <= TOLERANCE * beta[active])
+        )
         alpha[active[moving]], beta[active[moving]] = new_alpha[moving], new_beta[moving]
         cols = active[no_weights]
         alpha[cols] = np.inf
@@ -235,8 +242,13 @@ def maximise_evidence(spec: Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarra
         if len(active) == 0:
             break
     else:
-        logger.warning("LogME: %d of %d targets did not converge in %d fixed-point iterations; their evidence is "
-                       "taken at the last iterate, which is below the maximum.", len(active), k, MAX_ITERATIONS)
+        logger.warning(
+            "LogME: %d of %d targets did not converge in %d fixed-point iterations; their evidence is "
+            "taken at the last iterate, which is below the maximum.",
+            len(active),
+            k,
+            MAX_ITERATIONS,
+        )
     return log_evidence(spec, alpha, beta), alpha, beta
 
 
@@ -274,17 +286,22 @@ def kendall_tau(a: np.ndarray, b: np.ndarray) -> RankAgreement:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape:
-        raise UsageError(f"kendall_tau needs two 1-D arrays of the same length; got shapes {a.shape} and {b.shape}. "
-                         "Pass one score per item in each, in the same item order.")
+        raise UsageError(
+            f"kendall_tau needs two 1-D arrays of the same length; got shapes {a.shape} and {b.shape}. "
+            "Pass one score per item in each, in the same item order."
+        )
     if len(a) < 2:
         raise UsageError(f"kendall_tau needs at least 2 items; got {len(a)}. Rank two or more models.")
     for name, x in (("a", a), ("b", b)):
         if not np.isfinite(x).all():
-            raise UsageError(f"kendall_tau: {name} has a NaN or infinite value at index {int(np.argmin(np.isfinite(x)))}. "
-                             "Drop that item from both rankings.")
+            raise UsageError(
+                f"kendall_tau: {name} has a NaN or infinite value at index {int(np.argmin(np.isfinite(x)))}. "
+                "Drop that item from both rankings."
+            )
         if np.all(x == x[0]):
-            raise UsageError(f"kendall_tau: {name} is constant ({x[0]!r} for every item), so it ranks nothing. "
-                             "Pass scores that differ between items.")
+            raise UsageError(
+                f"kendall_tau: {name} is constant ({x[0]!r} for every item), so it ranks nothing. Pass scores that differ between items."
+            )
     result = scipy.stats.kendalltau(a, b)
     return RankAgreement(tau=float(result.statistic), p_value=float(result.pvalue), n=len(a))
 
@@ -294,22 +311,30 @@ def _check_inputs(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     features = np.asarray(features)
     labels = np.asarray(labels)
     if features.ndim != 2:
-        raise UsageError(f"features must be 2-D (n examples x d dimensions); got shape {features.shape}. "
-                         "Reshape with features.reshape(len(features), -1).")
+        raise UsageError(
+            f"features must be 2-D (n examples x d dimensions); got shape {features.shape}. "
+            "Reshape with features.reshape(len(features), -1)."
+        )
     if labels.ndim != 1 or len(labels) != len(features):
         raise UsageError(f"labels must be 1-D with one entry per row of features ({len(features)}); got shape {labels.shape}.")
     if not (np.issubdtype(features.dtype, np.number) or features.dtype == bool):
         raise UsageError(f"features must be numeric; got dtype {features.dtype}.")
     if np.issubdtype(labels.dtype, np.floating) or np.issubdtype(labels.dtype, np.complexfloating):
-        raise UsageError(f"labels must be class ids (integers or strings); got dtype {labels.dtype}. "
-                         "Convert with labels.astype(int) if they are whole numbers.")
+        raise UsageError(
+            f"labels must be class ids (integers or strings); got dtype {labels.dtype}. "
+            "Convert with labels.astype(int) if they are whole numbers."
+        )
     features = features.astype(np.float64, copy=False)
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
-        raise UsageError(f"features has NaN or infinite values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))}). "
-                         "Drop those examples or fix the feature extraction.")
+        raise UsageError(
+            f"features has NaN or infinite values in {int(bad.sum())} rows (first: row {int(np.argmax(bad))}). "
+            "Drop those examples or fix the feature extraction."
+        )
     classes = np.unique(labels)
     if len(classes) < 2:
-        raise UsageError(f"labels have {len(classes)} distinct class(es) ({classes.tolist()}); LogME needs at least 2. "
-                         "Pass the labelled set with every class.")
+        raise UsageError(
+            f"labels have {len(classes)} distinct class(es) ({classes.tolist()}); LogME needs at least 2. "
+            "Pass the labelled set with every class."
+        )
     return features, labels

@@ -17,8 +17,7 @@ from transferkit.stats.intervals import score_with_intervals
 TOP_K = 5
 
 
-def metrics(logits: np.ndarray, y_true: np.ndarray, classes: list[str], ids: list[str] | None = None,
-            seed: int = 0) -> dict:
+def metrics(logits: np.ndarray, y_true: np.ndarray, classes: list[str], ids: list[str] | None = None, seed: int = 0) -> dict:
     """Every metric transferkit reports, as plain JSON-ready numbers.
 
     Args:
@@ -57,8 +56,10 @@ def metrics(logits: np.ndarray, y_true: np.ndarray, classes: list[str], ids: lis
     if len(y_true) == 0:
         return _empty(classes)
     if logits.shape != (len(y_true), len(classes)):
-        raise UsageError(f"metrics: logits have shape {logits.shape}, expected (n, K) = ({len(y_true)}, {len(classes)}): "
-                         "one row per label in y_true and one column per class, in the order of `classes`.")
+        raise UsageError(
+            f"metrics: logits have shape {logits.shape}, expected (n, K) = ({len(y_true)}, {len(classes)}): "
+            "one row per label in y_true and one column per class, in the order of `classes`."
+        )
     pred = logits.argmax(1)
     cm = confusion_matrix(y_true, pred, labels=labels)
     precision, recall, f1, support = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
@@ -83,8 +84,12 @@ def metrics(logits: np.ndarray, y_true: np.ndarray, classes: list[str], ids: lis
 
 def _predictions(probs: np.ndarray, y_true: np.ndarray, pred: np.ndarray, ids: list[str] | None) -> dict:
     """Per example, as columns: id, true and predicted class index, probability of the predicted class."""
-    return {"id": list(ids) if ids is not None else [str(i) for i in range(len(y_true))], "true": y_true.tolist(),
-            "pred": pred.tolist(), "prob": [round(float(p), 6) for p in probs[np.arange(len(pred)), pred]]}
+    return {
+        "id": list(ids) if ids is not None else [str(i) for i in range(len(y_true))],
+        "true": y_true.tolist(),
+        "pred": pred.tolist(),
+        "prob": [round(float(p), 6) for p in probs[np.arange(len(pred)), pred]],
+    }
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -109,14 +114,22 @@ def _class_scores(precision: float, recall: float, f1: float, support: int) -> d
 
 def _empty(classes: list[str]) -> dict:
     k = len(classes)
-    return {"n": 0, "accuracy": 0.0, "top5_accuracy": 0.0, "macro_f1": 0.0, "balanced_accuracy": 0.0,
-            "per_class": {c: _class_scores(0.0, 0.0, 0.0, 0) for c in classes}, "absent_classes": list(classes),
-            "confusion": [[0] * k for _ in range(k)], "intervals": None, "ece": None,
-            "predictions": {"id": [], "true": [], "pred": [], "prob": []}}
+    return {
+        "n": 0,
+        "accuracy": 0.0,
+        "top5_accuracy": 0.0,
+        "macro_f1": 0.0,
+        "balanced_accuracy": 0.0,
+        "per_class": {c: _class_scores(0.0, 0.0, 0.0, 0) for c in classes},
+        "absent_classes": list(classes),
+        "confusion": [[0] * k for _ in range(k)],
+        "intervals": None,
+        "ece": None,
+        "predictions": {"id": [], "true": [], "pred": [], "prob": []},
+    }
 
 
-def top_predictions(items: Sequence, proba: np.ndarray, classes: Sequence[str], top_k: int,
-                    key: str = "file") -> list[dict]:
+def top_predictions(items: Sequence, proba: np.ndarray, classes: Sequence[str], top_k: int, key: str = "file") -> list[dict]:
     """The `top_k` labels with their probabilities per input (a file, or a text), as plain JSON-ready data.
 
     What ``transferkit predict --json`` prints and ``POST /predict`` of ``transferkit serve`` answers:

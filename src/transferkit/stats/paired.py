@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- paired comparison
 
+
 @dataclass(frozen=True)
 class PairedDifference:
     """Accuracy difference of model A minus model B on the same examples, with its evidence.
@@ -62,8 +63,9 @@ def _mcnemar_p(only_a: int, only_b: int, both: int, neither: int) -> float:
     return float(mcnemar([[both, only_a], [only_b, neither]], exact=True).pvalue)
 
 
-def paired_difference(correct_a: ArrayLike, correct_b: ArrayLike, *, n_boot: int = 2000, seed: int = 0,
-                      confidence: float = 0.95) -> PairedDifference:
+def paired_difference(
+    correct_a: ArrayLike, correct_b: ArrayLike, *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> PairedDifference:
     """Compare two models' accuracy on the same examples: difference, paired interval and exact McNemar test.
 
     Pairing matters: both models err on the hard examples, so the difference
@@ -96,14 +98,24 @@ def paired_difference(correct_a: ArrayLike, correct_b: ArrayLike, *, n_boot: int
     low, high = percentile_interval(diffs, alpha)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     both, neither = int((a & b).sum()), int((~a & ~b).sum())
-    return PairedDifference(n=n, accuracy_a=float(a.mean()), accuracy_b=float(b.mean()), difference=float(delta.mean()),
-                            low=low, high=high, mcnemar_p=_mcnemar_p(only_a, only_b, both, neither),
-                            only_a_correct=only_a, only_b_correct=only_b, confidence=confidence,
-                            method=f"paired bootstrap ({n_boot} resamples over examples, seed {seed}); exact McNemar")
+    return PairedDifference(
+        n=n,
+        accuracy_a=float(a.mean()),
+        accuracy_b=float(b.mean()),
+        difference=float(delta.mean()),
+        low=low,
+        high=high,
+        mcnemar_p=_mcnemar_p(only_a, only_b, both, neither),
+        only_a_correct=only_a,
+        only_b_correct=only_b,
+        confidence=confidence,
+        method=f"paired bootstrap ({n_boot} resamples over examples, seed {seed}); exact McNemar",
+    )
 
 
-def paired_difference_over_seeds(correct_a: ArrayLike, correct_b: ArrayLike, *, n_boot: int = 2000, seed: int = 0,
-                                 confidence: float = 0.95) -> PairedDifference:
+def paired_difference_over_seeds(
+    correct_a: ArrayLike, correct_b: ArrayLike, *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> PairedDifference:
     """`paired_difference` for models trained with several seeds: rows are seeds, columns the same examples.
 
     Each example's correctness is averaged over a model's seeds (a deterministic model, such as the
@@ -126,7 +138,7 @@ def paired_difference_over_seeds(correct_a: ArrayLike, correct_b: ArrayLike, *, 
     """
     a, b = (np.atleast_2d(np.asarray(x)) for x in (correct_a, correct_b))
     rows = [as_correct(name, row) for name, arr in (("correct_a", a), ("correct_b", b)) for row in arr]
-    a, b = np.array(rows[:len(a)]), np.array(rows[len(a):])
+    a, b = np.array(rows[: len(a)]), np.array(rows[len(a) :])
     if len(a) == 1 and len(b) == 1:
         return paired_difference(a[0], b[0], n_boot=n_boot, seed=seed, confidence=confidence)
     first = paired_difference(a[0], b[0], n_boot=1, seed=seed, confidence=confidence)
@@ -136,14 +148,19 @@ def paired_difference_over_seeds(correct_a: ArrayLike, correct_b: ArrayLike, *, 
     units = a.sum(0).astype(np.int64) * len(b) - b.sum(0).astype(np.int64) * len(a)
     scale = len(units) * len(a) * len(b)
     delta = units / (len(a) * len(b))
-    diffs = np.concatenate([units[block].sum(1) / scale
-                            for block in resamples(len(units), check_positive_int("n_boot", n_boot), seed)])
+    diffs = np.concatenate([units[block].sum(1) / scale for block in resamples(len(units), check_positive_int("n_boot", n_boot), seed)])
     low, high = percentile_interval(diffs, alpha)
-    return PairedDifference(n=len(delta), accuracy_a=float(a.mean()), accuracy_b=float(b.mean()),
-                            difference=float(delta.mean()), low=low, high=high, mcnemar_p=first.mcnemar_p,
-                            only_a_correct=first.only_a_correct, only_b_correct=first.only_b_correct,
-                            confidence=confidence,
-                            method=f"paired bootstrap ({n_boot} resamples over examples of the correctness averaged "
-                                   f"over {len(a)} and {len(b)} seeds, seed {seed}); exact McNemar on the first seeds")
-
-
+    return PairedDifference(
+        n=len(delta),
+        accuracy_a=float(a.mean()),
+        accuracy_b=float(b.mean()),
+        difference=float(delta.mean()),
+        low=low,
+        high=high,
+        mcnemar_p=first.mcnemar_p,
+        only_a_correct=first.only_a_correct,
+        only_b_correct=first.only_b_correct,
+        confidence=confidence,
+        method=f"paired bootstrap ({n_boot} resamples over examples of the correctness averaged "
+        f"over {len(a)} and {len(b)} seeds, seed {seed}); exact McNemar on the first seeds",
+    )

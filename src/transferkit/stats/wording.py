@@ -49,8 +49,7 @@ def ratio_phrase(a_seconds: float, b_seconds: float, *, what: str = "time") -> s
     return f"1/{ratio:.0f} of the {what}" if faster else f"{ratio:.0f}x the {what}"
 
 
-def format_interval(value: float | None, low: float | None, high: float | None, percent: bool = True, *,
-                    confidence: float = 0.95) -> str:
+def format_interval(value: float | None, low: float | None, high: float | None, percent: bool = True, *, confidence: float = 0.95) -> str:
     """A value with its interval: "96.3% (95% CI 93.3-98.0)", or "n/a" when the value is None.
 
     Args:

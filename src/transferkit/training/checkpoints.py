@@ -52,9 +52,11 @@ class Checkpoints:
             more = _more_epochs(saved, self.fingerprint)
             if more is None:
                 diff = "; ".join(fingerprint_diff(saved, self.fingerprint))
-                raise UsageError(f"Checkpoint {self.path} was written for a different run ({diff}). Resume with the "
-                                 "same data and options (only a larger --epochs may be given, to train longer), or "
-                                 "fit into another --out without --resume.")
+                raise UsageError(
+                    f"Checkpoint {self.path} was written for a different run ({diff}). Resume with the "
+                    "same data and options (only a larger --epochs may be given, to train longer), or "
+                    "fit into another --out without --resume."
+                )
             state["extend"] = more
         return state
 

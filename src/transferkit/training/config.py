@@ -20,8 +20,17 @@ from transferkit.inference.settings import (
     default_engine,
 )
 
-__all__ = ["DEFAULT_CACHE_BUDGET_GB", "DEFAULT_ENGINE", "DEVICES", "ENGINES", "ENGINE_VARIABLE", "PRECISIONS", "TrainConfig",
-           "check_device", "default_engine"]
+__all__ = [
+    "DEFAULT_CACHE_BUDGET_GB",
+    "DEFAULT_ENGINE",
+    "DEVICES",
+    "ENGINES",
+    "ENGINE_VARIABLE",
+    "PRECISIONS",
+    "TrainConfig",
+    "check_device",
+    "default_engine",
+]
 
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTATIONS = ("none", "light", "strong")
@@ -84,16 +93,26 @@ class TrainConfig:
         """A config from keyword settings; None for a setting means its default."""
         unknown = [k for k in settings if k not in cls.names()]
         if unknown:
-            raise UsageError(f"{owner} got an unknown setting '{unknown[0]}'.{did_you_mean(unknown[0], cls.names())} "
-                             f"Valid: {', '.join(cls.names())}.")
+            raise UsageError(
+                f"{owner} got an unknown setting '{unknown[0]}'.{did_you_mean(unknown[0], cls.names())} Valid: {', '.join(cls.names())}."
+            )
         return cls(**{k: v for k, v in settings.items() if v is not None})
 
 
 # (name, type, smallest allowed, whether the bound itself is allowed, whether None is allowed): checked before any work.
-_RANGES = (("epochs", int, 1, True, True), ("head_epochs", int, 1, True, True), ("lr", float, 0, False, True),
-           ("backbone_lr_scale", float, 0, False, False), ("weight_decay", float, 0, True, False),
-           ("batch_size", int, 1, True, False), ("grad_clip", float, 0, True, True), ("accumulate", int, 1, True, False),
-           ("patience", int, 1, True, True), ("workers", int, 0, True, True), ("seed", int, 0, True, False))
+_RANGES = (
+    ("epochs", int, 1, True, True),
+    ("head_epochs", int, 1, True, True),
+    ("lr", float, 0, False, True),
+    ("backbone_lr_scale", float, 0, False, False),
+    ("weight_decay", float, 0, True, False),
+    ("batch_size", int, 1, True, False),
+    ("grad_clip", float, 0, True, True),
+    ("accumulate", int, 1, True, False),
+    ("patience", int, 1, True, True),
+    ("workers", int, 0, True, True),
+    ("seed", int, 0, True, False),
+)
 
 
 def _check_number(name: str, kind: type, low: float, inclusive: bool, optional: bool, value) -> None:
@@ -104,4 +123,3 @@ def _check_number(name: str, kind: type, low: float, inclusive: bool, optional: 
         raise UsageError(f"{name} must be {'an integer' if kind is int else 'a number'}; got {value!r}.")
     if value < low or (value == low and not inclusive):
         raise UsageError(f"{name} must be {'>=' if inclusive else '>'} {low}; got {value!r}.")
-

@@ -64,28 +64,57 @@ class Fitted:
 
     def attributes(self) -> dict:
         """The estimator's fitted attributes (names end in `_`)."""
-        return {"backbone_": self.backbone, "model_": self.backbone.model.eval(), "classes_": list(self.classes),
-                "data_config_": dict(self.backbone.data_config), "strategy_": self.strategy, "decision_": self.decision,
-                "config_": self.config, "phases_": self.phases, "history_": self.history, "metrics_": self.metrics,
-                "feature_cache_": self.feature_cache, "data_summary_": self.data_summary}
+        return {
+            "backbone_": self.backbone,
+            "model_": self.backbone.model.eval(),
+            "classes_": list(self.classes),
+            "data_config_": dict(self.backbone.data_config),
+            "strategy_": self.strategy,
+            "decision_": self.decision,
+            "config_": self.config,
+            "phases_": self.phases,
+            "history_": self.history,
+            "metrics_": self.metrics,
+            "feature_cache_": self.feature_cache,
+            "data_summary_": self.data_summary,
+        }
 
     def to_meta(self, requested: str) -> dict:
         """transferkit.json's content (plain JSON values)."""
-        return {"modality": self.backbone.modality, "backbone": self.backbone.spec.to_dict(), "classes": self.classes,
-                "data_config": jsonable(self.backbone.data_config),
-                "strategy": {"spec": self.strategy.spec, "requested": requested, "phases": self.phases,
-                             "auto": self.decision.to_dict() if self.decision else None},
-                "training": self.config.to_dict(), "feature_cache": self.feature_cache, "data": self.data_summary,
-                "metrics": self.metrics, "history": self.history}
+        return {
+            "modality": self.backbone.modality,
+            "backbone": self.backbone.spec.to_dict(),
+            "classes": self.classes,
+            "data_config": jsonable(self.backbone.data_config),
+            "strategy": {
+                "spec": self.strategy.spec,
+                "requested": requested,
+                "phases": self.phases,
+                "auto": self.decision.to_dict() if self.decision else None,
+            },
+            "training": self.config.to_dict(),
+            "feature_cache": self.feature_cache,
+            "data": self.data_summary,
+            "metrics": self.metrics,
+            "history": self.history,
+        }
 
     @classmethod
     def from_meta(cls, backbone: Backbone, meta: dict) -> Fitted:
         strategy = meta["strategy"]
         known = {k: v for k, v in meta.get("training", {}).items() if k in TrainConfig.names()}
-        return cls(backbone, list(meta["classes"]), parse_strategy(strategy.get("spec", "feature-extraction")),
-                   AutoDecision.from_dict(strategy["auto"]) if strategy.get("auto") else None, TrainConfig(**known),
-                   strategy.get("phases", []), meta.get("history", []), meta.get("metrics", {}),
-                   meta.get("feature_cache", {}), meta.get("data", {}))
+        return cls(
+            backbone,
+            list(meta["classes"]),
+            parse_strategy(strategy.get("spec", "feature-extraction")),
+            AutoDecision.from_dict(strategy["auto"]) if strategy.get("auto") else None,
+            TrainConfig(**known),
+            strategy.get("phases", []),
+            meta.get("history", []),
+            meta.get("metrics", {}),
+            meta.get("feature_cache", {}),
+            meta.get("data", {}),
+        )
 
 
 @dataclass
@@ -113,39 +142,67 @@ def fit(request: FitRequest, cfg: TrainConfig) -> Fitted:
     with distributed.main_first():  # one process downloads a named dataset, the others then read it
         splits = request.load_splits(cfg.seed)
     sizes = splits.sizes()
-    log.info("Data: %d train / %d val / %d test %ss, %d classes", sizes["train"], sizes["val"], sizes["test"],
-             splits.train.noun, len(splits.classes))
+    log.info(
+        "Data: %d train / %d val / %d test %ss, %d classes",
+        sizes["train"],
+        sizes["val"],
+        sizes["test"],
+        splits.train.noun,
+        len(splits.classes),
+    )
     if splits.summary.line():
         log.warning(splits.summary.line())
     fit_log = FitLog(request.tracker)
-    fit_log.start({**(request.tracked or {}), **cfg.to_dict(), "data": {"source": splits.summary.source, **sizes,
-                                                                          "classes": len(splits.classes)}})
+    fit_log.start(
+        {**(request.tracked or {}), **cfg.to_dict(), "data": {"source": splits.summary.source, **sizes, "classes": len(splits.classes)}}
+    )
     seed_everything(cfg.seed)
     with distributed.main_first():  # hub weights: one download, then the others read the hub cache
         bb = request.new_backbone(splits)
     log.info("Backbone: %s (%s)", bb.spec.name, bb.load_report)
     precision = Precision(resolve_precision(cfg.precision, device), resolve_precision(cfg.precision, device, training=True))
-    trainer = Trainer(bb, splits, cfg, device=device, precision=precision, bn=request.bn,
-                      cache=FeatureCache.default(enabled=request.cache), cache_budget_gb=request.cache_budget_gb,
-                      progress=request.progress and distributed.is_main(),
-                      checkpoints=_checkpoints(request, cfg, splits, bb))
+    trainer = Trainer(
+        bb,
+        splits,
+        cfg,
+        device=device,
+        precision=precision,
+        bn=request.bn,
+        cache=FeatureCache.default(enabled=request.cache),
+        cache_budget_gb=request.cache_budget_gb,
+        progress=request.progress and distributed.is_main(),
+        checkpoints=_checkpoints(request, cfg, splits, bb),
+    )
     trainer.on_epochs = fit_log.epochs
-    strategy, phases, results, decision = run_strategy(trainer, request.strategy, cfg,
-                                                       lambda: request.new_backbone(splits), resume=request.resume)
+    strategy, phases, results, decision = run_strategy(
+        trainer, request.strategy, cfg, lambda: request.new_backbone(splits), resume=request.resume
+    )
     calibration = calibrate(trainer, phases[-1])
     test_logits = trainer.logits("test", phases[-1])
     test = metrics(test_logits, splits.test.labels, list(splits.classes), ids=splits.test.ids(), seed=cfg.seed)
     if calibration is not None and len(splits.test):
-        calibration.update(test_ece_before=scaled_ece(test_logits, splits.test.labels, calibration["temperature"]),
-                           test_ece_after=test["ece"])
-    fitted = Fitted(trainer.bb, list(splits.classes), strategy, decision, cfg,
-                    [_phase_record(p, r, trainer.phase_notes) for p, r in zip(phases, results)],
-                    [row for r in results for row in r.history],
-                    {"test": test, "val_accuracy": max(r.best_val_acc for r in results),
-                     "train_seconds": time.perf_counter() - started, "split_sizes": sizes, "calibration": calibration,
-                     "feature_seconds": dict(trainer.feature_seconds)},
-                    dict(trainer.cache_hits) | ({"engine": trainer.feature_engine} if trainer.feature_engine else {}),
-                    {**splits.summary.to_dict(), "train_class_counts": list(splits.train.class_counts().values())})
+        calibration.update(
+            test_ece_before=scaled_ece(test_logits, splits.test.labels, calibration["temperature"]), test_ece_after=test["ece"]
+        )
+    fitted = Fitted(
+        trainer.bb,
+        list(splits.classes),
+        strategy,
+        decision,
+        cfg,
+        [_phase_record(p, r, trainer.phase_notes) for p, r in zip(phases, results)],
+        [row for r in results for row in r.history],
+        {
+            "test": test,
+            "val_accuracy": max(r.best_val_acc for r in results),
+            "train_seconds": time.perf_counter() - started,
+            "split_sizes": sizes,
+            "calibration": calibration,
+            "feature_seconds": dict(trainer.feature_seconds),
+        },
+        dict(trainer.cache_hits) | ({"engine": trainer.feature_engine} if trainer.feature_engine else {}),
+        {**splits.summary.to_dict(), "train_class_counts": list(splits.train.class_counts().values())},
+    )
     fitted.report_inputs = _report_inputs(trainer, splits, test_logits)
     fit_log.end(fitted.to_meta(request.strategy.spec))
     return fitted
@@ -157,8 +214,9 @@ def _report_inputs(trainer: Trainer, splits: DataSplits, test_logits) -> ReportI
         return None
     cached = all(s in trainer.cache_hits for s in ("train", "val", "test"))  # else computing them costs a pass
     features = {s: trainer.features(s) for s in ("train", "val", "test")} if cached else None
-    return ReportInputs(splits=splits, test_probs=softmax(test_logits), features=features,
-                        data_name=splits.summary.source, model_name=trainer.bb.spec.name)
+    return ReportInputs(
+        splits=splits, test_probs=softmax(test_logits), features=features, data_name=splits.summary.source, model_name=trainer.bb.spec.name
+    )
 
 
 def calibrate(trainer: Trainer, last) -> dict | None:
@@ -174,19 +232,36 @@ def calibrate(trainer: Trainer, last) -> dict | None:
 
     labels, head = trainer.splits.val.labels, trainer.bb.head()
     if len(labels) == 0 or len(trainer.splits.classes) < 2 or not isinstance(head, torch.nn.Linear):
-        log.info("No calibration: %s.", "no validation set" if len(labels) == 0 else "a single class"
-                 if len(trainer.splits.classes) < 2 else f"the head is a {type(head).__name__}, not one linear layer")
+        log.info(
+            "No calibration: %s.",
+            "no validation set"
+            if len(labels) == 0
+            else "a single class"
+            if len(trainer.splits.classes) < 2
+            else f"the head is a {type(head).__name__}, not one linear layer",
+        )
         return None
     logits = trainer.logits("val", last)
     t = fit_temperature(logits, labels)
     fold_temperature_(head, t)
     before, after = scaled_ece(logits, labels, 1.0), scaled_ece(logits, labels, 1.0 / t)
-    log.info("Calibration: temperature %.3f fitted on %d validation %s (ECE %.4f -> %.4f), folded into the head.",
-             t, len(labels), trainer.bb.noun, before, after)
-    return {"temperature": t, "val_ece_before": before, "val_ece_after": after,
-            "n_val": len(labels), "method": "temperature scaling (Guo et al. 2017) on validation logits, L-BFGS on "
-                                            "the NLL; folded into the head (weights and bias divided by T); ECE with "
-                                            "15 equal-width bins"}
+    log.info(
+        "Calibration: temperature %.3f fitted on %d validation %s (ECE %.4f -> %.4f), folded into the head.",
+        t,
+        len(labels),
+        trainer.bb.noun,
+        before,
+        after,
+    )
+    return {
+        "temperature": t,
+        "val_ece_before": before,
+        "val_ece_after": after,
+        "n_val": len(labels),
+        "method": "temperature scaling (Guo et al. 2017) on validation logits, L-BFGS on "
+        "the NLL; folded into the head (weights and bias divided by T); ECE with "
+        "15 equal-width bins",
+    }
 
 
 def scaled_ece(logits, labels, scale: float) -> float:
@@ -203,8 +278,15 @@ def _checkpoints(request: FitRequest, cfg: TrainConfig, splits: DataSplits, bb: 
         return None
     data = hashlib.sha256("\n".join(splits.train.identities() + splits.val.identities()).encode()).hexdigest()[:16]
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "workers")}
-    fingerprint = {"model": bb.spec.name, "weights": bb.spec.weights, "strategy": request.strategy.spec,
-                   "bn": request.bn, "preprocessing": jsonable(bb.data_config), "data": data, "settings": settings}
+    fingerprint = {
+        "model": bb.spec.name,
+        "weights": bb.spec.weights,
+        "strategy": request.strategy.spec,
+        "bn": request.bn,
+        "preprocessing": jsonable(bb.data_config),
+        "data": data,
+        "settings": settings,
+    }
     return Checkpoints(Path(request.checkpoint_dir), fingerprint)
 
 
@@ -213,6 +295,12 @@ def jsonable(config: dict) -> dict:
 
 
 def _phase_record(phase, result, notes: dict) -> dict:
-    return {"name": phase.name, "on_features": phase.on_features, "epochs_run": len(result.history),
-            "best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc, "seconds": round(result.seconds, 3),
-            **notes.get(phase.name, {})}
+    return {
+        "name": phase.name,
+        "on_features": phase.on_features,
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "best_val_acc": result.best_val_acc,
+        "seconds": round(result.seconds, 3),
+        **notes.get(phase.name, {}),
+    }

@@ -52,11 +52,13 @@ class PhaseResult:
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """Learning-rate multiplier: linear warmup, then cosine decay to zero."""
+
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -82,10 +84,13 @@ def rng_state(loader_generator: torch.Generator | None) -> dict:
     import random
 
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-            "loader": loader_generator.get_state() if loader_generator is not None else None,
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "loader": loader_generator.get_state() if loader_generator is not None else None,
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state_(state: dict, loader_generator: torch.Generator | None) -> None:
@@ -142,8 +147,9 @@ class PhaseSpec:
     start_best: float = -1.0  # validation accuracy an epoch must beat to be kept (the model as handed in)
 
 
-def run_phase(model: nn.Module, groups: list[dict], train_loader, val_loader, spec: PhaseSpec,
-              hooks: Hooks | None = None, resume: dict | None = None) -> PhaseResult:
+def run_phase(
+    model: nn.Module, groups: list[dict], train_loader, val_loader, spec: PhaseSpec, hooks: Hooks | None = None, resume: dict | None = None
+) -> PhaseResult:
     """Train `model` for `spec.epochs`, keep the weights with the best validation accuracy.
 
     With `spec.start_best` >= 0 the weights handed in count as a candidate with that accuracy: an
@@ -159,8 +165,12 @@ def run_phase(model: nn.Module, groups: list[dict], train_loader, val_loader, sp
     schedule = warmup_cosine(spec.epochs * steps_per_epoch, int(spec.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = getattr(train_loader, "generator", None)
-    state = {"result": PhaseResult(spec.name, best_val_acc=spec.start_best, best_epoch=0 if spec.start_best >= 0 else -1),
-             "best_state": copy.deepcopy(model.state_dict()) if spec.start_best >= 0 else None, "since_best": 0, "first": 0}
+    state = {
+        "result": PhaseResult(spec.name, best_val_acc=spec.start_best, best_epoch=0 if spec.start_best >= 0 else -1),
+        "best_state": copy.deepcopy(model.state_dict()) if spec.start_best >= 0 else None,
+        "since_best": 0,
+        "first": 0,
+    }
     if resume is not None:
         _restore_loop(resume, model, optimizer, scheduler, generator, state)
     start = time.perf_counter()
@@ -187,11 +197,19 @@ def _one_epoch(model, epoch: int, train_loader, val_loader, optimizer, scheduler
     t0 = time.perf_counter()
     loss_fn = make_loss(spec.cfg, spec.class_weights)
     trained = spec.replicas.wrap(model) if spec.replicas else model
-    train_loss, train_acc = train_epoch(trained, train_loader, optimizer, scheduler, loss_fn, spec.cfg, spec.device,
-                                        spec.dtype, hooks.train_mode, spec.replicas)
+    train_loss, train_acc = train_epoch(
+        trained, train_loader, optimizer, scheduler, loss_fn, spec.cfg, spec.device, spec.dtype, hooks.train_mode, spec.replicas
+    )
     val_acc = validation_accuracy(model, val_loader, spec.device, spec.dtype, spec.replicas)
-    return {"phase": spec.name, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-            "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "phase": spec.name,
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_acc": val_acc,
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _keep_if_best(model: nn.Module, row: dict, state: dict) -> None:
@@ -206,10 +224,18 @@ def _keep_if_best(model: nn.Module, row: dict, state: dict) -> None:
 
 def _loop_state(model, optimizer, scheduler, generator, state: dict, epoch: int) -> dict:
     result = state["result"]
-    return {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(generator), "best_state": state["best_state"],
-            "since_best": state["since_best"], "history": result.history, "best_val_acc": result.best_val_acc,
-            "best_epoch": result.best_epoch}
+    return {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(generator),
+        "best_state": state["best_state"],
+        "since_best": state["since_best"],
+        "history": result.history,
+        "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+    }
 
 
 def _restore_loop(resume: dict, model, optimizer, scheduler, generator, state: dict) -> None:
@@ -225,8 +251,9 @@ def _restore_loop(resume: dict, model, optimizer, scheduler, generator, state: d
     result.history, result.best_val_acc, result.best_epoch = resume["history"], resume["best_val_acc"], resume["best_epoch"]
 
 
-def validation_accuracy(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
-                        replicas: Replicas | None = None) -> float:
+def validation_accuracy(
+    model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None, replicas: Replicas | None = None
+) -> float:
     """Accuracy over `loader`; with `replicas`, over every process's share of the validation set."""
     logits, y = predict_logits(model, loader, device, dtype)
     correct, total = (int((logits.argmax(1) == y).sum()) if len(y) else 0), len(y)
@@ -235,9 +262,18 @@ def validation_accuracy(model: nn.Module, loader, device: torch.device, dtype: t
     return correct / max(1, total)
 
 
-def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, cfg: TrainConfig, device: torch.device,
-                dtype: torch.dtype | None, train_mode: Callable[[], None] | None = None,
-                replicas: Replicas | None = None) -> tuple[float, float]:
+def train_epoch(
+    model: nn.Module,
+    loader,
+    optimizer,
+    scheduler,
+    loss_fn,
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    train_mode: Callable[[], None] | None = None,
+    replicas: Replicas | None = None,
+) -> tuple[float, float]:
     """One pass over `loader` with gradient accumulation and clipping; returns (loss, accuracy).
 
     With `replicas` the loss and accuracy are over the images of every process.
@@ -258,8 +294,10 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, cfg: Tr
                 break
             except torch.OutOfMemoryError as e:
                 if replicas:  # pieces would give this process more gradient all-reduces than the others: a hang
-                    raise ResourceError(f"Out of {device} memory at {len(x)} images per process ({e}). Use a smaller "
-                                        "--batch-size (it is the global batch), --image-size or finetune:last=N.") from e
+                    raise ResourceError(
+                        f"Out of {device} memory at {len(x)} images per process ({e}). Use a smaller "
+                        "--batch-size (it is the global batch), --image-size or finetune:last=N."
+                    ) from e
                 chunks = _split_after_oom(e, optimizer, x, chunks, device)
         if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
             if cfg.grad_clip:
@@ -273,8 +311,16 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, cfg: Tr
     return total_loss / max(1, seen), correct / max(1, seen)
 
 
-def forward_backward(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, chunks: int, accumulate: int,
-                     device: torch.device, dtype: torch.dtype | None) -> tuple[torch.Tensor, float]:
+def forward_backward(
+    model: nn.Module,
+    loss_fn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chunks: int,
+    accumulate: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, float]:
     """Logits and mean loss of one batch computed in `chunks` pieces; the gradients add up to the whole batch's."""
     outs, total = [], 0.0
     for xs, ys in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
@@ -290,11 +336,17 @@ def forward_backward(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor
 def _split_after_oom(error: Exception, optimizer, x: torch.Tensor, chunks: int, device: torch.device) -> int:
     """Out of device memory: drop this step's partial gradients and compute each batch in twice as many pieces."""
     if len(x) // chunks <= 1:
-        raise ResourceError(f"Out of {device} memory with a single image per step ({error}). Use a smaller "
-                            "--image-size, --strategy finetune:last=N with a smaller N, or another backbone.") from error
+        raise ResourceError(
+            f"Out of {device} memory with a single image per step ({error}). Use a smaller "
+            "--image-size, --strategy finetune:last=N with a smaller N, or another backbone."
+        ) from error
     optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    log.warning("%s out of memory at %d images per pass: retrying in pieces of %d (same batch, gradients accumulated)",
-                device, math.ceil(len(x) / chunks), math.ceil(len(x) / (2 * chunks)))
+    log.warning(
+        "%s out of memory at %d images per pass: retrying in pieces of %d (same batch, gradients accumulated)",
+        device,
+        math.ceil(len(x) / chunks),
+        math.ceil(len(x) / (2 * chunks)),
+    )
     return chunks * 2

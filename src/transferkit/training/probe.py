@@ -16,9 +16,16 @@ from transferkit.training.loop import PhaseResult
 PROBE_C_GRID = tuple(float(c) for c in np.logspace(-3, 3, 13))
 
 
-def fit_linear_probe(head: nn.Linear, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                     *, c_grid: Iterable[float] = PROBE_C_GRID, max_iter: int = 300, progress: bool = True,
-                     name: str = "head") -> PhaseResult:
+def fit_linear_probe(
+    head: nn.Linear,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    *,
+    c_grid: Iterable[float] = PROBE_C_GRID,
+    max_iter: int = 300,
+    progress: bool = True,
+    name: str = "head",
+) -> PhaseResult:
     """Fit `head` as L2-regularised multinomial logistic regression on features, C chosen on validation.
 
     The Kornblith et al. (2019) / CLIP linear-probe protocol: full-batch L-BFGS
@@ -39,16 +46,26 @@ def fit_linear_probe(head: nn.Linear, train: tuple[torch.Tensor, torch.Tensor], 
         task = bar.add_task(name, total=len(grid), info="")
         for c in grid:
             lam = 1.0 / (c * len(y))  # sklearn: C * sum(loss) + 0.5 ||w||^2  ==  mean(loss) + lam/2 ||w||^2
-            opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                    tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+            opt = torch.optim.LBFGS(
+                [weight, bias], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6, line_search_fn="strong_wolfe"
+            )
             loss = float(opt.step(lambda lam=lam: _loss_and_grad_(weight, bias, xt, x, y, lam)))
             with torch.no_grad():
                 train_acc = float(((x @ weight.T + bias).argmax(1) == y).float().mean())
                 val_logits = xv @ weight.T + bias
                 val_acc = float((val_logits.argmax(1) == yv).float().mean())
                 val_loss = float(nn.functional.cross_entropy(val_logits, yv))
-            result.history.append({"phase": name, "epoch": len(result.history) + 1, "train_loss": loss,
-                                   "train_acc": train_acc, "val_acc": val_acc, "val_loss": val_loss, "C": c})
+            result.history.append(
+                {
+                    "phase": name,
+                    "epoch": len(result.history) + 1,
+                    "train_loss": loss,
+                    "train_acc": train_acc,
+                    "val_acc": val_acc,
+                    "val_loss": val_loss,
+                    "C": c,
+                }
+            )
             if best is None or (val_acc, -val_loss, c) > best_key:
                 best_key = (val_acc, -val_loss, c)
                 result.best_val_acc, result.best_epoch = val_acc, len(result.history)
@@ -61,8 +78,9 @@ def fit_linear_probe(head: nn.Linear, train: tuple[torch.Tensor, torch.Tensor], 
     return result
 
 
-def _loss_and_grad_(weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    lam: float) -> torch.Tensor:
+def _loss_and_grad_(
+    weight: torch.Tensor, bias: torch.Tensor, xt: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lam: float
+) -> torch.Tensor:
     """mean cross-entropy + lam/2 ||W||^2, with its gradient written to weight.grad and bias.grad.
 
     The gradient in closed form (softmax minus one-hot, over n) instead of autograd: the same

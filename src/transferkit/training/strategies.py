@@ -27,8 +27,13 @@ from dataclasses import dataclass
 from transferkit.errors import UsageError, did_you_mean
 
 KINDS = ("feature-extraction", "finetune", "lp-ft", "gradual", "lora", "auto")
-ALIASES = {"linear-probe": "feature-extraction", "transfer": "feature-extraction", "probe": "feature-extraction",
-           "fine-tune": "finetune", "lpft": "lp-ft"}
+ALIASES = {
+    "linear-probe": "feature-extraction",
+    "transfer": "feature-extraction",
+    "probe": "feature-extraction",
+    "fine-tune": "finetune",
+    "lpft": "lp-ft",
+}
 BN_POLICIES = ("all-frozen", "frozen-blocks")  # the first is the default: see ImageClassifier(bn=...)
 
 
@@ -98,8 +103,10 @@ def parse_strategy(spec: str) -> Strategy:
     kind = ALIASES.get(head, head)
     if kind not in KINDS:
         names = list(KINDS) + list(ALIASES)
-        raise UsageError(f"Unknown strategy '{spec}'.{did_you_mean(head, names)} Valid: feature-extraction, "
-                         "finetune:last=N, finetune:all, lp-ft, gradual, lora, auto.")
+        raise UsageError(
+            f"Unknown strategy '{spec}'.{did_you_mean(head, names)} Valid: feature-extraction, "
+            "finetune:last=N, finetune:all, lp-ft, gradual, lora, auto."
+        )
     if kind != "finetune":
         if arg:
             raise UsageError(f"Strategy '{kind}' takes no argument; got '{spec}'.")
@@ -125,12 +132,13 @@ def plan_phases(strategy: Strategy, epochs: int | None, head_epochs: int | None,
     if strategy.kind == "auto":
         raise UsageError("'auto' must be resolved to a concrete strategy before planning (see transferkit.auto).")
     if strategy.last is not None and strategy.last > n_blocks:
-        raise UsageError(f"finetune:last={strategy.last} asks for more blocks than the backbone has ({n_blocks}). "
-                         f"Use finetune:last=N with N <= {n_blocks}, or finetune:all.")
+        raise UsageError(
+            f"finetune:last={strategy.last} asks for more blocks than the backbone has ({n_blocks}). "
+            f"Use finetune:last=N with N <= {n_blocks}, or finetune:all."
+        )
     # Head on cached features: L-BFGS logistic regression with C chosen on validation
     # (seconds), or AdamW epochs when head_epochs is given (milliseconds each).
-    head = Phase("head", 0, head_epochs or DEFAULT_HEAD_EPOCHS, on_features=True,
-                 solver="adamw" if head_epochs else "lbfgs")
+    head = Phase("head", 0, head_epochs or DEFAULT_HEAD_EPOCHS, on_features=True, solver="adamw" if head_epochs else "lbfgs")
     ft_epochs = epochs or DEFAULT_FINETUNE_EPOCHS
     if strategy.kind == "feature-extraction":
         return [head]
@@ -181,21 +189,26 @@ def decide_before_trial(per_class: int, probe_val: float) -> AutoDecision | None
     """
     fe = Strategy("feature-extraction")
     if per_class < AUTO_MIN_PER_CLASS:
-        return AutoDecision(fe, f"only {per_class} training examples in the smallest class (< {AUTO_MIN_PER_CLASS}): "
-                                "too little data to fine-tune reliably, so the backbone stays frozen.",
-                            {"min_examples_per_class": per_class, "probe_val_acc": probe_val})
+        return AutoDecision(
+            fe,
+            f"only {per_class} training examples in the smallest class (< {AUTO_MIN_PER_CLASS}): "
+            "too little data to fine-tune reliably, so the backbone stays frozen.",
+            {"min_examples_per_class": per_class, "probe_val_acc": probe_val},
+        )
     if probe_val >= AUTO_PROBE_CEILING:
-        return AutoDecision(fe, f"the frozen features already reach {probe_val:.1%} validation accuracy "
-                                f"(>= {AUTO_PROBE_CEILING:.1%}): fine-tuning has nothing to gain.",
-                            {"min_examples_per_class": per_class, "probe_val_acc": probe_val})
+        return AutoDecision(
+            fe,
+            f"the frozen features already reach {probe_val:.1%} validation accuracy "
+            f"(>= {AUTO_PROBE_CEILING:.1%}): fine-tuning has nothing to gain.",
+            {"min_examples_per_class": per_class, "probe_val_acc": probe_val},
+        )
     return None
 
 
 AUTO_CANDIDATE = Strategy("lp-ft")  # the most robust fine-tune across data sizes measured (Kumar et al. 2022)
 
 
-def decide_after_trial(per_class: int, probe_correct, tuned_correct, probe_seconds: float,
-                       tuned_seconds: float) -> AutoDecision:
+def decide_after_trial(per_class: int, probe_correct, tuned_correct, probe_seconds: float, tuned_seconds: float) -> AutoDecision:
     """Keep the fine-tuned model only when its validation gain over the probe is more than noise, else the probe.
 
     The test: the paired bootstrap 95% interval of (fine-tuned minus probe) validation accuracy on the same
@@ -214,19 +227,35 @@ def decide_after_trial(per_class: int, probe_correct, tuned_correct, probe_secon
     from transferkit.stats.wording import ratio_phrase
 
     d = paired_difference(tuned_correct, probe_correct)
-    numbers = {"min_examples_per_class": per_class, "probe_val_acc": d.accuracy_b, "trial_strategy": AUTO_CANDIDATE.spec,
-               "trial_val_acc": d.accuracy_a, "probe_seconds": round(probe_seconds, 2),
-               "trial_seconds": round(tuned_seconds, 2), "val_gain": d.difference, "val_gain_low": d.low,
-               "val_gain_high": d.high, "mcnemar_p": d.mcnemar_p, "n_val": d.n, "test": d.method}
-    gain = (f"{d.difference * 100:+.1f} points of validation accuracy (95% CI {d.low * 100:.1f} to {d.high * 100:.1f}) "
-            f"on {d.n} examples")
+    numbers = {
+        "min_examples_per_class": per_class,
+        "probe_val_acc": d.accuracy_b,
+        "trial_strategy": AUTO_CANDIDATE.spec,
+        "trial_val_acc": d.accuracy_a,
+        "probe_seconds": round(probe_seconds, 2),
+        "trial_seconds": round(tuned_seconds, 2),
+        "val_gain": d.difference,
+        "val_gain_low": d.low,
+        "val_gain_high": d.high,
+        "mcnemar_p": d.mcnemar_p,
+        "n_val": d.n,
+        "test": d.method,
+    }
+    gain = f"{d.difference * 100:+.1f} points of validation accuracy (95% CI {d.low * 100:.1f} to {d.high * 100:.1f}) on {d.n} examples"
     if d.significant and d.difference > 0:
-        return AutoDecision(AUTO_CANDIDATE, f"{AUTO_CANDIDATE.spec} reaches {d.accuracy_a:.1%} validation accuracy vs "
-                                            f"{d.accuracy_b:.1%} for the frozen-feature probe: a gain of {gain} "
-                                            f"(paired bootstrap; McNemar p = {d.mcnemar_p:.2g}), more than noise, so "
-                                            "the features are worth adapting.", numbers)
+        return AutoDecision(
+            AUTO_CANDIDATE,
+            f"{AUTO_CANDIDATE.spec} reaches {d.accuracy_a:.1%} validation accuracy vs "
+            f"{d.accuracy_b:.1%} for the frozen-feature probe: a gain of {gain} "
+            f"(paired bootstrap; McNemar p = {d.mcnemar_p:.2g}), more than noise, so "
+            "the features are worth adapting.",
+            numbers,
+        )
     cost = ratio_phrase(probe_seconds, tuned_seconds, what="cost")
-    return AutoDecision(Strategy("feature-extraction"),
-                        f"{AUTO_CANDIDATE.spec} reaches {d.accuracy_a:.1%} vs {d.accuracy_b:.1%} for the probe: a "
-                        f"difference of {gain} (paired bootstrap; McNemar p = {d.mcnemar_p:.2g}), an interval that "
-                        f"includes 0, so feature extraction is as accurate within noise at {cost}.", numbers)
+    return AutoDecision(
+        Strategy("feature-extraction"),
+        f"{AUTO_CANDIDATE.spec} reaches {d.accuracy_a:.1%} vs {d.accuracy_b:.1%} for the probe: a "
+        f"difference of {gain} (paired bootstrap; McNemar p = {d.mcnemar_p:.2g}), an interval that "
+        f"includes 0, so feature extraction is as accurate within noise at {cost}.",
+        numbers,
+    )

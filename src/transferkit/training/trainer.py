@@ -55,9 +55,20 @@ class Precision:
 class Trainer:
     """Runs the phases of one fit: loaders, freezing and BatchNorm policy, checkpoints; the engine does the loop."""
 
-    def __init__(self, bb: Backbone, splits: DataSplits, cfg: TrainConfig, *, device: torch.device,
-                 precision: Precision, bn: str = "all-frozen", cache: FeatureCache | None = None,
-                 cache_budget_gb: float = 0.0, progress: bool = False, checkpoints: Checkpoints | None = None):
+    def __init__(
+        self,
+        bb: Backbone,
+        splits: DataSplits,
+        cfg: TrainConfig,
+        *,
+        device: torch.device,
+        precision: Precision,
+        bn: str = "all-frozen",
+        cache: FeatureCache | None = None,
+        cache_budget_gb: float = 0.0,
+        progress: bool = False,
+        checkpoints: Checkpoints | None = None,
+    ):
         self.bb, self.splits, self.cfg, self.device = bb, splits, cfg, device
         self.dtype, self.train_dtype = precision.infer, precision.train
         self.bn, self.progress, self.checkpoints = bn, progress, checkpoints
@@ -86,13 +97,27 @@ class Trainer:
         """The cut's outputs (default pooled features) for a split, and 'hit', 'miss' or 'off' for the cache."""
         examples = getattr(self.splits, split)
         what = "features" if cut is None else "frozen blocks"
-        arr, hit, engine = cached_features_info(self.bb, examples, cache=self.cache, device=self.device, dtype=self.dtype,
-                                                workers=self.cfg.workers, progress=self.progress, engine=self.cfg.engine,
-                                                label=f"{what}: {split} ({len(examples)} {self.bb.noun})", cut=cut)
+        arr, hit, engine = cached_features_info(
+            self.bb,
+            examples,
+            cache=self.cache,
+            device=self.device,
+            dtype=self.dtype,
+            workers=self.cfg.workers,
+            progress=self.progress,
+            engine=self.cfg.engine,
+            label=f"{what}: {split} ({len(examples)} {self.bb.noun})",
+            cut=cut,
+        )
         self.feature_engine = f"{engine.name} {engine.precision}"  # transferkit.json's feature_cache.engine
         status = "hit" if hit else ("miss" if self.cache.enabled else "off")
-        log.info("%s of %s %s: %s", what.capitalize(), split, self.bb.noun, {"hit": "from the feature cache",
-                 "miss": "computed and cached", "off": "computed (cache off)"}[status])
+        log.info(
+            "%s of %s %s: %s",
+            what.capitalize(),
+            split,
+            self.bb.noun,
+            {"hit": "from the feature cache", "miss": "computed and cached", "off": "computed (cache off)"}[status],
+        )
         return arr, status
 
     def _feature_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,20 +141,24 @@ class Trainer:
         if not train:
             if distributed.active():
                 data = torch.utils.data.Subset(data, distributed.shard(len(data)))
-            return torch.utils.data.DataLoader(data, batch_size=self.cfg.batch_size, generator=gen, num_workers=workers,
-                                               collate_fn=collate)
-        return torch.utils.data.DataLoader(data, batch_size=distributed.local_batch(self.cfg.batch_size),
-                                           sampler=distributed.train_sampler(len(data), self.cfg.seed), generator=gen,
-                                           num_workers=workers, drop_last=len(data) > self.cfg.batch_size,
-                                           collate_fn=collate)
+            return torch.utils.data.DataLoader(data, batch_size=self.cfg.batch_size, generator=gen, num_workers=workers, collate_fn=collate)
+        return torch.utils.data.DataLoader(
+            data,
+            batch_size=distributed.local_batch(self.cfg.batch_size),
+            sampler=distributed.train_sampler(len(data), self.cfg.seed),
+            generator=gen,
+            num_workers=workers,
+            drop_last=len(data) > self.cfg.batch_size,
+            collate_fn=collate,
+        )
 
     def _example_loaders(self, phase_name: str) -> tuple:
         """Train and validation loaders over examples: stored pixels where they allow it (decode once), else decoding."""
         splits = {"train": (self.splits.train, self.cfg.augment), "val": (self.splits.val, "none")}
         data, self.phase_notes[phase_name]["decoded_cache"] = decode_once(
-            self.bb, splits, self.cache, self.cache_budget, workers=self.cfg.workers, progress=self.progress)
-        return tuple(self._loader(data[s], s == "train") if s in data else self.example_loader(s, s == "train")
-                     for s in splits)
+            self.bb, splits, self.cache, self.cache_budget, workers=self.cfg.workers, progress=self.progress
+        )
+        return tuple(self._loader(data[s], s == "train") if s in data else self.example_loader(s, s == "train") for s in splits)
 
     def _class_weights(self) -> torch.Tensor | None:
         if self.cfg.class_weights is None:
@@ -158,8 +187,13 @@ class Trainer:
             self.on_epochs(results[-1].history)
             if state is not None and i == state["phase_index"]:
                 state = None
-            self._checkpoint(i + 1, "done" if i + 1 == len(phases) else phases[i + 1].name, results, None,
-                             final_loop=self._last_loop if i + 1 == len(phases) else None)
+            self._checkpoint(
+                i + 1,
+                "done" if i + 1 == len(phases) else phases[i + 1].name,
+                results,
+                None,
+                final_loop=self._last_loop if i + 1 == len(phases) else None,
+            )
         if state is not None:  # every phase had finished before the interruption
             self._restore_model(state["model"])
         return results
@@ -175,16 +209,25 @@ class Trainer:
         (old, new), last = state["extend"], len(phases) - 1
         if state["phase_index"] > last:
             if not state.get("final_loop"):
-                raise UsageError(f"{self.checkpoints.path} holds no state of its last epoch (written by an older "
-                                 "transferkit), so it cannot be extended; fit again with --overwrite --epochs "
-                                 f"{new}.")
+                raise UsageError(
+                    f"{self.checkpoints.path} holds no state of its last epoch (written by an older "
+                    "transferkit), so it cannot be extended; fit again with --overwrite --epochs "
+                    f"{new}."
+                )
             state = {**state, "phase_index": last, "loop": state["final_loop"], "results": state["results"][:last]}
         if phases[last].on_features:
-            raise UsageError(f"--epochs {new}: this strategy's phases train on cached features only and take no "
-                             "--epochs; resume with the options it was fitted with.")
-        log.warning("Extending the fit from %d to %d epochs: the %s phase continues from epoch %d, on a cosine "
-                    "schedule recomputed for %d epochs.", old, new, phases[last].name,
-                    (state.get("loop") or {}).get("epoch", 0), new)
+            raise UsageError(
+                f"--epochs {new}: this strategy's phases train on cached features only and take no "
+                "--epochs; resume with the options it was fitted with."
+            )
+        log.warning(
+            "Extending the fit from %d to %d epochs: the %s phase continues from epoch %d, on a cosine schedule recomputed for %d epochs.",
+            old,
+            new,
+            phases[last].name,
+            (state.get("loop") or {}).get("epoch", 0),
+            new,
+        )
         return state
 
     def _restore_model(self, state: dict) -> None:
@@ -193,23 +236,32 @@ class Trainer:
             lora.add_adapters_(self.bb)
         self.bb.model.load_state_dict(state)
 
-    def _checkpoint(self, phase_index: int, phase_name: str, results: list[PhaseResult], loop: dict | None,
-                    final_loop: dict | None = None) -> None:
+    def _checkpoint(
+        self, phase_index: int, phase_name: str, results: list[PhaseResult], loop: dict | None, final_loop: dict | None = None
+    ) -> None:
         """`final_loop`: the last phase's last epoch, kept in the finished checkpoint so `--epochs` can extend it."""
         if self.checkpoints is None:
             return
-        self.checkpoints.write({
-            "phase_index": phase_index, "phase": phase_name, "epoch": loop["epoch"] if loop else 0,
-            "trainable_blocks": self.trainable_block_names(), "bn": self.bn, "loop": loop,
-            "model": self.bb.model.state_dict() if loop is None else None, "final_loop": final_loop,
-            "results": [vars(r) for r in results], "notes": self.phase_notes})
+        self.checkpoints.write(
+            {
+                "phase_index": phase_index,
+                "phase": phase_name,
+                "epoch": loop["epoch"] if loop else 0,
+                "trainable_blocks": self.trainable_block_names(),
+                "bn": self.bn,
+                "loop": loop,
+                "model": self.bb.model.state_dict() if loop is None else None,
+                "final_loop": final_loop,
+                "results": [vars(r) for r in results],
+                "notes": self.phase_notes,
+            }
+        )
 
     def trainable_block_names(self) -> list[str]:
         params = dict(self.bb.model.named_parameters())
         return [b.name for b in self.bb.blocks if any(params[n].requires_grad for n in b.param_names)]
 
-    def run(self, phase: Phase, index: int = 0, done: list[PhaseResult] | None = None,
-            resume: dict | None = None) -> PhaseResult:
+    def run(self, phase: Phase, index: int = 0, done: list[PhaseResult] | None = None, resume: dict | None = None) -> PhaseResult:
         if phase.on_features:
             return self.run_head_on_features(phase)
         if phase.adapters:
@@ -222,8 +274,7 @@ class Trainer:
         for split in ("train", "val"):  # every process takes part in the (sharded) extraction
             self.features(split)
         head = self.bb.head()
-        result, state, notes = distributed.on_main(lambda: (self._fit_head(phase), head.state_dict(),
-                                                            self.phase_notes[phase.name]))
+        result, state, notes = distributed.on_main(lambda: (self._fit_head(phase), head.state_dict(), self.phase_notes[phase.name]))
         head.load_state_dict(state)
         self.phase_notes[phase.name] = notes
         with torch.no_grad():  # what the probe predicts on validation: auto's paired test compares a trial with it
@@ -232,16 +283,17 @@ class Trainer:
 
     def _fit_head(self, phase: Phase) -> PhaseResult:
         if phase.solver == "lbfgs":
-            result = fit_linear_probe(self.bb.head(), self._feature_tensors("train"), self._feature_tensors("val"),
-                                      progress=self.progress, name=phase.name)
-            self.phase_notes[phase.name] = {"trainable_blocks": [], "solver": "lbfgs",
-                                            "C": result.history[result.best_epoch - 1]["C"]}
+            result = fit_linear_probe(
+                self.bb.head(), self._feature_tensors("train"), self._feature_tensors("val"), progress=self.progress, name=phase.name
+            )
+            self.phase_notes[phase.name] = {"trainable_blocks": [], "solver": "lbfgs", "C": result.history[result.best_epoch - 1]["C"]}
             return result
         head, head_lr = self.bb.head(), self.cfg.lr or HEAD_LR
         groups = [{"name": "head", "params": list(head.parameters()), "lr_scale": 1.0}]
         self.phase_notes[phase.name] = {"trainable_blocks": [], "solver": "adamw", "lrs": {"head": head_lr}}
-        spec = PhaseSpec(phase.name, phase.epochs, head_lr, self.cfg, torch.device("cpu"),
-                         class_weights=self._class_weights(), progress=self.progress)
+        spec = PhaseSpec(
+            phase.name, phase.epochs, head_lr, self.cfg, torch.device("cpu"), class_weights=self._class_weights(), progress=self.progress
+        )
         return run_phase(head, groups, self._feature_loader("train", True), self._feature_loader("val", False), spec)
 
     def _phase_groups(self, phase: Phase, cap: int) -> tuple[list[dict], float]:
@@ -260,9 +312,12 @@ class Trainer:
         freeze.set_trainable_(self.bb, cap)
         model = self.bb.model.to(self.device).to(memory_format=torch.channels_last)
         loaders, prefix_note = self._prefix_loaders(phase, cap)
-        self.phase_notes[phase.name] = {"trainable_blocks": [b.name for b in self.bb.blocks[n_blocks - cap:]],
-                                        "lrs": {g["name"]: lr * g["lr_scale"] for g in groups}, "bn": self.bn,
-                                        "prefix_cache": prefix_note}
+        self.phase_notes[phase.name] = {
+            "trainable_blocks": [b.name for b in self.bb.blocks[n_blocks - cap :]],
+            "lrs": {g["name"]: lr * g["lr_scale"] for g in groups},
+            "bn": self.bn,
+            "prefix_cache": prefix_note,
+        }
         if loaders is None:
             loaders = (*self._example_loaders(phase.name), model)
 
@@ -275,18 +330,31 @@ class Trainer:
             self._checkpoint(index, phase.name, done, loop)
             self.on_epochs(loop["history"])
 
-        hooks = Hooks(epoch_start=lambda epoch: freeze.set_trainable_(self.bb, phase.trainable_count(n_blocks, epoch)),
-                      train_mode=train_mode, epoch_end=epoch_end)
+        hooks = Hooks(
+            epoch_start=lambda epoch: freeze.set_trainable_(self.bb, phase.trainable_count(n_blocks, epoch)),
+            train_mode=train_mode,
+            epoch_end=epoch_end,
+        )
         # The weights handed in (the probe's head) compete too: a phase never ends worse on validation.
         start_best = max((r.best_val_acc for r in done), default=-1.0)
-        spec = PhaseSpec(phase.name, phase.epochs, lr, self.cfg, self.device, self.train_dtype, phase.warmup_epochs,
-                         self._class_weights(), self.progress, distributed.Replicas.create(self.device), start_best)
+        spec = PhaseSpec(
+            phase.name,
+            phase.epochs,
+            lr,
+            self.cfg,
+            self.device,
+            self.train_dtype,
+            phase.warmup_epochs,
+            self._class_weights(),
+            self.progress,
+            distributed.Replicas.create(self.device),
+            start_best,
+        )
         train_loader, val_loader, trained = loaders
         result = run_phase(trained, groups, train_loader, val_loader, spec, hooks, resume)
         if result.best_epoch == 0:
             self.phase_notes[phase.name]["kept_previous"] = True
-            log.warning("%s: no epoch beat the previous phase on validation (%.4f); its weights are kept.",
-                        phase.name, start_best)
+            log.warning("%s: no epoch beat the previous phase on validation (%.4f); its weights are kept.", phase.name, start_best)
         return result
 
     def _prefix_loaders(self, phase: Phase, top_blocks: int) -> tuple[tuple | None, dict]:
@@ -304,19 +372,26 @@ class Trainer:
         n = len(self.splits.train) + len(self.splits.val)
         size = n * cut.size * 2  # float16
         if size > self.cache_budget:
-            reason = (f"the outputs of the frozen blocks (up to {split.cut}) would take {_gb(size)} on disk for "
-                      f"{n} {self.bb.noun}, over the cache budget of {_gb(self.cache_budget)}; training on "
-                      f"{self.bb.noun} instead. Raise --cache-budget (cache_budget_gb) to at least {_gb(size)} to train "
-                      "on cached outputs.")
+            reason = (
+                f"the outputs of the frozen blocks (up to {split.cut}) would take {_gb(size)} on disk for "
+                f"{n} {self.bb.noun}, over the cache budget of {_gb(self.cache_budget)}; training on "
+                f"{self.bb.noun} instead. Raise --cache-budget (cache_budget_gb) to at least {_gb(size)} to train "
+                "on cached outputs."
+            )
             if distributed.is_main():
                 log.warning("Frozen-prefix cache refused: %s", reason)
             return None, {"used": False, "reason": reason, "bytes": size}
         (train, train_hit), (val, val_hit) = self._cached("train", cut), self._cached("val", cut)
         if distributed.is_main():
-            log.info("Frozen-prefix cache: blocks up to %s computed once (%s, train %s, val %s); %s trains the rest on "
-                     "them.", split.cut, _gb(size), train_hit, val_hit, phase.name)
-        note = {"used": True, "cut": split.cut, "item_shape": list(cut.shape), "bytes": size,
-                "train": train_hit, "val": val_hit}
+            log.info(
+                "Frozen-prefix cache: blocks up to %s computed once (%s, train %s, val %s); %s trains the rest on them.",
+                split.cut,
+                _gb(size),
+                train_hit,
+                val_hit,
+                phase.name,
+            )
+        note = {"used": True, "cut": split.cut, "item_shape": list(cut.shape), "bytes": size, "train": train_hit, "val": val_hit}
         train_loader = self._loader(CachedOutputs(train, self.splits.train.labels, cut.shape), train=True)
         val_loader = self._loader(CachedOutputs(val, self.splits.val.labels, cut.shape), train=False)
         return (train_loader, val_loader, TrainsThrough(split.suffix, self.bb.model)), note
@@ -342,8 +417,7 @@ class Trainer:
             head = self.bb.head().cpu().eval()
             with torch.no_grad():
                 return head(torch.from_numpy(self.features(split))).numpy()
-        logits, _ = predict_logits(self.bb.model, self.example_loader(split, False), self.device, self.dtype,
-                                   engine=self.cfg.engine)
+        logits, _ = predict_logits(self.bb.model, self.example_loader(split, False), self.device, self.dtype, engine=self.cfg.engine)
         return distributed.gather_rows(logits)  # each process predicted its shard
 
     def test_logits(self, last: Phase) -> np.ndarray:
@@ -388,8 +462,9 @@ class TrainsThrough(nn.Module):
         return self._model[0].load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def run_strategy(trainer: Trainer, strategy: Strategy, cfg: TrainConfig, fresh_backbone: Callable[[], Backbone],
-                 resume: bool = False) -> tuple[Strategy, list[Phase], list[PhaseResult], AutoDecision | None]:
+def run_strategy(
+    trainer: Trainer, strategy: Strategy, cfg: TrainConfig, fresh_backbone: Callable[[], Backbone], resume: bool = False
+) -> tuple[Strategy, list[Phase], list[PhaseResult], AutoDecision | None]:
     """Run a strategy's phases; `auto` decides first from the probe, or trials its candidate, and says why.
 
     `fresh_backbone` gives the pretrained backbone again when auto keeps the probe after a trial.
@@ -404,9 +479,13 @@ def run_strategy(trainer: Trainer, strategy: Strategy, cfg: TrainConfig, fresh_b
     results = trainer.run_all(phases, resume=resume)
     if trial:
         labels = trainer.splits.val.labels
-        decision = decide_after_trial(trainer.min_per_class(), trainer.probe_val_pred == labels,
-                                      trainer.logits("val", phases[-1]).argmax(1) == labels,
-                                      results[0].seconds, sum(r.seconds for r in results))
+        decision = decide_after_trial(
+            trainer.min_per_class(),
+            trainer.probe_val_pred == labels,
+            trainer.logits("val", phases[-1]).argmax(1) == labels,
+            results[0].seconds,
+            sum(r.seconds for r in results),
+        )
         if decision.strategy != strategy:  # keep the probe: back to pretrained weights, refit the head
             strategy = decision.strategy
             trainer.bb = fresh_backbone()
