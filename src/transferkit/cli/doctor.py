@@ -21,6 +21,7 @@ from transferkit.cli.common import (
     Seed,
     Split,
     TextColumn,
+    app,
     given,
     handles_errors,
     parse_split,
@@ -29,6 +30,7 @@ from transferkit.cli.common import (
 from transferkit.cli.render import out, wrapping_table
 
 
+@app.command()
 @handles_errors
 def doctor(
     data: Annotated[

@@ -46,7 +46,7 @@ class ReportInputs:
     model_name: str
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Fitted:
     """A trained model and everything measured and decided on the way."""
 
@@ -104,16 +104,16 @@ class Fitted:
         strategy = meta["strategy"]
         known = {k: v for k, v in meta.get("training", {}).items() if k in TrainConfig.names()}
         return cls(
-            backbone,
-            list(meta["classes"]),
-            parse_strategy(strategy.get("spec", "feature-extraction")),
-            AutoDecision.from_dict(strategy["auto"]) if strategy.get("auto") else None,
-            TrainConfig(**known),
-            strategy.get("phases", []),
-            meta.get("history", []),
-            meta.get("metrics", {}),
-            meta.get("feature_cache", {}),
-            meta.get("data", {}),
+            backbone=backbone,
+            classes=list(meta["classes"]),
+            strategy=parse_strategy(strategy.get("spec", "feature-extraction")),
+            decision=AutoDecision.from_dict(strategy["auto"]) if strategy.get("auto") else None,
+            config=TrainConfig(**known),
+            phases=strategy.get("phases", []),
+            history=meta.get("history", []),
+            metrics=meta.get("metrics", {}),
+            feature_cache=meta.get("feature_cache", {}),
+            data_summary=meta.get("data", {}),
         )
 
 
@@ -139,19 +139,8 @@ def fit(request: FitRequest, cfg: TrainConfig) -> Fitted:
     device = distributed.join(resolve_device(cfg.device))  # under torchrun: this process's device
     distributed.local_batch(cfg.batch_size)  # fail now if the global batch does not split over the processes
     started = time.perf_counter()
-    with distributed.main_first():  # one process downloads a named dataset, the others then read it
-        splits = request.load_splits(cfg.seed)
+    splits = _load_splits(request, cfg)
     sizes = splits.sizes()
-    log.info(
-        "Data: %d train / %d val / %d test %ss, %d classes",
-        sizes["train"],
-        sizes["val"],
-        sizes["test"],
-        splits.train.noun,
-        len(splits.classes),
-    )
-    if splits.summary.line():
-        log.warning(splits.summary.line())
     fit_log = FitLog(request.tracker)
     fit_log.start(
         {**(request.tracked or {}), **cfg.to_dict(), "data": {"source": splits.summary.source, **sizes, "classes": len(splits.classes)}}
@@ -177,6 +166,35 @@ def fit(request: FitRequest, cfg: TrainConfig) -> Fitted:
     strategy, phases, results, decision = run_strategy(
         trainer, request.strategy, cfg, lambda: request.new_backbone(splits), resume=request.resume
     )
+    fitted, test_logits = _measured(trainer, strategy, decision, phases, results, started)
+    fitted.report_inputs = _report_inputs(trainer, splits, test_logits)
+    fit_log.end(fitted.to_meta(request.strategy.spec))
+    return fitted
+
+
+def _load_splits(request: FitRequest, cfg: TrainConfig) -> DataSplits:
+    """The data, split; its sizes and any warning about it logged."""
+    with distributed.main_first():  # one process downloads a named dataset, the others then read it
+        splits = request.load_splits(cfg.seed)
+    sizes = splits.sizes()
+    log.info(
+        "Data: %d train / %d val / %d test %ss, %d classes",
+        sizes["train"],
+        sizes["val"],
+        sizes["test"],
+        splits.train.noun,
+        len(splits.classes),
+    )
+    if splits.summary.line():
+        log.warning(splits.summary.line())
+    return splits
+
+
+def _measured(
+    trainer: Trainer, strategy: Strategy, decision: AutoDecision | None, phases: list, results: list, started: float
+) -> tuple[Fitted, np.ndarray]:
+    """The trained model calibrated and measured on the test split, as a Fitted; and the test logits."""
+    splits, cfg = trainer.splits, trainer.cfg
     calibration = calibrate(trainer, phases[-1])
     test_logits = trainer.logits("test", phases[-1])
     test = metrics(test_logits, splits.test.labels, list(splits.classes), ids=splits.test.ids(), seed=cfg.seed)
@@ -184,28 +202,27 @@ def fit(request: FitRequest, cfg: TrainConfig) -> Fitted:
         calibration.update(
             test_ece_before=scaled_ece(test_logits, splits.test.labels, calibration["temperature"]), test_ece_after=test["ece"]
         )
+    measured = {
+        "test": test,
+        "val_accuracy": max(r.best_val_acc for r in results),
+        "train_seconds": time.perf_counter() - started,
+        "split_sizes": splits.sizes(),
+        "calibration": calibration,
+        "feature_seconds": dict(trainer.feature_seconds),
+    }
     fitted = Fitted(
-        trainer.bb,
-        list(splits.classes),
-        strategy,
-        decision,
-        cfg,
-        [_phase_record(p, r, trainer.phase_notes) for p, r in zip(phases, results)],
-        [row for r in results for row in r.history],
-        {
-            "test": test,
-            "val_accuracy": max(r.best_val_acc for r in results),
-            "train_seconds": time.perf_counter() - started,
-            "split_sizes": sizes,
-            "calibration": calibration,
-            "feature_seconds": dict(trainer.feature_seconds),
-        },
-        dict(trainer.cache_hits) | ({"engine": trainer.feature_engine} if trainer.feature_engine else {}),
-        {**splits.summary.to_dict(), "train_class_counts": list(splits.train.class_counts().values())},
+        backbone=trainer.bb,
+        classes=list(splits.classes),
+        strategy=strategy,
+        decision=decision,
+        config=cfg,
+        phases=[_phase_record(p, r, trainer.phase_notes) for p, r in zip(phases, results)],
+        history=[row for r in results for row in r.history],
+        metrics=measured,
+        feature_cache=dict(trainer.cache_hits) | ({"engine": trainer.feature_engine} if trainer.feature_engine else {}),
+        data_summary={**splits.summary.to_dict(), "train_class_counts": list(splits.train.class_counts().values())},
     )
-    fitted.report_inputs = _report_inputs(trainer, splits, test_logits)
-    fit_log.end(fitted.to_meta(request.strategy.spec))
-    return fitted
+    return fitted, test_logits
 
 
 def _report_inputs(trainer: Trainer, splits: DataSplits, test_logits) -> ReportInputs | None:
