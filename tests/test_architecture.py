@@ -48,10 +48,10 @@ def test_the_imports_form_a_dag():
         state[node] = 1
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep) :] + [dep] if dep in path else [node, dep]
+                cycle = [*path[path.index(dep) :], dep] if dep in path else [node, dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
-                visit(dep, path + [dep])
+                visit(dep, [*path, dep])
         state[node] = 2
 
     for name in graph:
@@ -80,7 +80,7 @@ LAYERS = [
     ("runs", ("transferkit.runs",)),
     ("report", ("transferkit.report",)),
     ("training", ("transferkit.training", "transferkit.tracking")),
-    ("records", ("transferkit.compare", "transferkit.doctor")),
+    ("records", ("transferkit.compare", "transferkit.doctor", "transferkit.runs.meta")),
     ("cache", ("transferkit.cache",)),
     ("inference", ("transferkit.inference",)),
     ("backbones", ("transferkit.backbones",)),
@@ -166,3 +166,50 @@ def test_library_modules_do_not_print_or_touch_global_state():
             if bad in text:
                 offenders.append(f"{name}: {bad}")
     assert not offenders, offenders
+
+
+def _private_names(tree: ast.AST) -> set[str]:
+    """Private names a module defines: functions and methods, and attributes it sets on self."""
+    names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"}
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def private_reach_ins() -> list[str]:
+    """`obj._name` where `_name` is private to another transferkit module and `obj` is not self/cls."""
+    trees = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
+    owners: dict[str, set[str]] = {}
+    for name, tree in trees.items():
+        for private in _private_names(tree):
+            owners.setdefault(private, set()).add(name)
+    found = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or node.attr not in owners or name in owners[node.attr]:
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            found.append(f"{name}:{node.lineno} uses {node.attr} of {', '.join(sorted(owners[node.attr]))}")
+        for node in ast.walk(tree):  # `from transferkit.x import _private`
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("transferkit"):
+                found += [
+                    f"{name}:{node.lineno} imports {a.name} from {node.module}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+    return found
+
+
+def test_no_module_touches_another_modules_private_names():
+    assert not private_reach_ins(), "\n".join(private_reach_ins())
+    for name, path in MODULES.items():  # the reach-ins the architecture issue found, by name
+        text = path.read_text()
+        for private in ("._fitted", "._validated(", "._new_backbone("):
+            assert name == "transferkit.classifier" or private not in text, f"{name} uses {private}"
+
+
+def test_the_private_name_check_can_fail(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f(clf):\n    return clf._set_fitted(None)\n")
+    monkeypatch.setitem(MODULES, "transferkit.compare.bad", bad)
+    assert any(r.startswith("transferkit.compare.bad:2 uses _set_fitted") for r in private_reach_ins())

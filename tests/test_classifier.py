@@ -174,8 +174,8 @@ def test_a_fine_tune_that_never_beats_the_probe_keeps_the_probe(tmp_path):
     probe = ImageClassifier(strategy="feature-extraction", image_size=32, precision="fp32").fit(root)
     wrecked = ImageClassifier(strategy="finetune:all", epochs=1, lr=3.0, image_size=32, precision="fp32").fit(root)
     head, tune = wrecked.phases_
-    assert tune["kept_previous"] is True and tune["best_epoch"] == 0
-    assert tune["best_val_acc"] == head["best_val_acc"] == wrecked.metrics_["val_accuracy"]
+    assert tune.kept_previous is True and tune.best_epoch == 0
+    assert tune.best_val_acc == head.best_val_acc == wrecked.metrics_["val_accuracy"]
     assert wrecked.metrics_["test"]["accuracy"] == pytest.approx(probe.metrics_["test"]["accuracy"], abs=0.05)
 
 

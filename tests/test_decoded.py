@@ -89,15 +89,15 @@ def test_split_transform_takes_the_tensor_steps_off_the_end(lite0):
 def test_finetune_on_stored_pixels_trains_exactly_as_decoding_each_epoch(colours):
     settings = dict(TINY, strategy="finetune:all", seed=3)
     once = ImageClassifier(**settings).fit(colours)
-    note = once.phases_[-1]["decoded_cache"]
+    note = once.phases_[-1].decoded_cache
     assert note["train"]["used"] and note["val"]["used"]
     each = ImageClassifier(**settings, cache_budget_gb=0).fit(colours)
-    assert each.phases_[-1]["decoded_cache"]["train"] == {"used": False, "reason": "the cache budget is 0"}
+    assert each.phases_[-1].decoded_cache["train"] == {"used": False, "reason": "the cache budget is 0"}
     assert [r["val_acc"] for r in once.history_] == [r["val_acc"] for r in each.history_]
     a, b = once.model_.state_dict(), each.model_.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = ImageClassifier(**settings).fit(colours)
-    assert again.phases_[-1]["decoded_cache"]["train"]["cache"] == "hit"
+    assert again.phases_[-1].decoded_cache["train"]["cache"] == "hit"
 
 
 def test_cli_records_the_decoded_cache_and_says_when_it_is_refused(tmp_path):

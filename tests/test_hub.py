@@ -43,6 +43,11 @@ def run(colours_run):
     return colours_run
 
 
+def read_meta_dict(run_dir) -> dict:
+    """transferkit.json's content as checked and read by read_meta."""
+    return read_meta(run_dir).to_dict()
+
+
 def some_images(images, n=6):
     return sorted(p for p in images.rglob("*") if p.is_file())[:n]
 
@@ -66,7 +71,7 @@ def hub_env(hub, home, **extra):
 
 def test_plain_timm_loads_a_run_with_its_classes_and_preprocessing(run):
     run_dir, images = run
-    meta = read_meta(run_dir)
+    meta = read_meta_dict(run_dir)
     model = timm.create_model(f"local-dir:{run_dir}", pretrained=True).eval()
     assert model.pretrained_cfg["label_names"] == meta["classes"] == ["blue", "green", "red"]
     config = timm.data.resolve_model_data_config(model)
@@ -85,7 +90,7 @@ def test_plain_timm_loads_a_run_with_its_classes_and_preprocessing(run):
 def test_config_json_is_timms_own_hub_config(run):
     run_dir, _ = run
     config = json.loads((run_dir / "config.json").read_text())
-    meta = read_meta(run_dir)
+    meta = read_meta_dict(run_dir)
     assert config["architecture"] == "tf_efficientnet_lite0" and config["num_classes"] == 3
     assert config["num_features"] == 1280 and config["label_names"] == meta["classes"]
     cfg = config["pretrained_cfg"]
@@ -117,7 +122,7 @@ def test_a_run_is_a_backbone_for_the_next_fit(run):
 def test_model_card_parses_and_holds_the_metrics(run):
     run_dir, _ = run
     card = ModelCard.load(run_dir / "README.md")
-    meta, test = read_meta(run_dir), read_meta(run_dir)["metrics"]["test"]
+    meta, test = read_meta_dict(run_dir), read_meta_dict(run_dir)["metrics"]["test"]
     assert card.data.library_name == "timm" and card.data.pipeline_tag == "image-classification"
     assert {"transferkit", "transfer-learning", "timm"} <= set(card.data.tags)
     assert card.data.base_model is None  # built-in weights: the package is named in the body, no hub repo claimed
@@ -142,7 +147,7 @@ def test_the_cards_timm_snippet_runs_and_agrees_with_transferkit(run):
 
 def test_card_uses_intervals_the_run_records_else_computes_them(run):
     run_dir, _ = run
-    meta = read_meta(run_dir)
+    meta = read_meta_dict(run_dir)
     recorded = meta["metrics"]["test"]["intervals"]["accuracy"]  # what fit measured: the card shows it as given
     assert (
         metric_intervals(meta["metrics"]["test"], 3)["accuracy"]["low"],
@@ -169,7 +174,7 @@ def test_card_uses_intervals_the_run_records_else_computes_them(run):
 
 def test_card_shows_a_comparison_the_run_holds(run):
     """A run that holds compare.json's results (its `results` rows) gets the comparison table in its card."""
-    from transferkit.report.comparison import StrategyResult
+    from transferkit.compare.results import StrategyResult
 
     def row(strategy, trainable, epochs, seconds, memory, val, test):
         return StrategyResult(
@@ -187,14 +192,14 @@ def test_card_shows_a_comparison_the_run_holds(run):
         ).row()
 
     rows = [row("feature-extraction", 3843, 0, 1.5, 10.0, 1.0, 1.0), row("lp-ft", 3400000, 5, 40.0, 300.0, 0.98, 0.97)]
-    text = model_card({**read_meta(run[0]), "comparison": {"results": rows}}, "run")
+    text = model_card({**read_meta_dict(run[0]), "comparison": {"results": rows}}, "run")
     assert "## Comparison (same split and seed)" in text and "| lp-ft | 3400000 | 5 | 40 | 0.98 | 0.97 |" in text
     ModelCard(text)
 
 
 def test_a_text_runs_card_says_how_transformers_loads_it(run):
     """The card of a text run's transferkit.json (pooling and max length in its data config) parses and loads."""
-    meta = read_meta(run[0]) | {
+    meta = read_meta_dict(run[0]) | {
         "modality": "text",
         "data_config": {"pooling": "mean", "max_length": 64},
         "backbone": {"name": "minilm", "arch": "bert", "weights": "builtin"},
@@ -236,7 +241,7 @@ def test_fit_downloads_from_the_hub_caches_and_works_offline(run, tmp_path):
     assert ("GET", f"/{HUB_REPO}/resolve/main/model.safetensors") in hub.log  # timm asked huggingface_hub for it
     snapshots = list((home / "hub" / "models--timm--tf_efficientnet_lite0.in1k" / "snapshots").glob("*/model.safetensors"))
     assert len(snapshots) == 1
-    online = read_meta(tmp_path / "online")
+    online = read_meta_dict(tmp_path / "online")
     assert online["backbone"]["weights"] == "hub" and online["backbone"]["arch"] == "tf_efficientnet_lite0"
     # The hub's copy of the built-in weights trains the same model as the built-in weights do.
     hub_state, builtin_state = load_file(tmp_path / "online" / "model.safetensors"), load_file(run_dir / "model.safetensors")
@@ -246,7 +251,7 @@ def test_fit_downloads_from_the_hub_caches_and_works_offline(run, tmp_path):
     requests = len(hub.log)
     cli(*args, "--out", str(tmp_path / "offline"), env_extra=hub_env(hub, home, HF_HUB_OFFLINE="1"))  # server stopped
     assert len(hub.log) == requests
-    assert read_meta(tmp_path / "offline")["metrics"]["test"] == online["metrics"]["test"]
+    assert read_meta_dict(tmp_path / "offline")["metrics"]["test"] == online["metrics"]["test"]
 
     failed = cli(*args, "--out", str(tmp_path / "none"), env_extra=hub_env(hub, tmp_path / "empty", HF_HUB_OFFLINE="1"), check=False)
     message = failed.stderr.strip()
@@ -342,7 +347,7 @@ def test_int8_export_reports_accuracy_and_speed_and_predicts_alike(run, int8_run
     assert re.search(rf"Test accuracy \(n = 6\): fp32 {q['fp32_test_accuracy']:.4f}, int8 {q['int8_test_accuracy']:.4f}", stdout)
     assert f"int8 {q['speed_ratio']:.2f}x the fp32 speed" in stdout and q["drop_points"] <= 1
     assert "the run's 6 validation images" in q["calibration"] and (run_dir / "model.onnx").is_file()
-    assert info["data_config"] == read_meta(run_dir)["data_config"]
+    assert info["data_config"] == read_meta_dict(run_dir)["data_config"]
     files = some_images(run[1], 12)
     int8 = OnnxClassifier.load(run_dir / "model.int8.onnx")
     assert int8.data_config_ == OnnxClassifier.load(run_dir / "model.onnx").data_config_  # the same preprocessing

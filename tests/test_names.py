@@ -116,5 +116,5 @@ def test_a_run_saved_under_the_legacy_name_loads_without_a_message(colours_run, 
         warnings.simplefilter("error")
         clf = ImageClassifier.load(run)
         clf.predict([next(colours_run[1].rglob("*.png"))])
-    assert clf.model == "builtin:efficientnet_lite0" and clf.meta_["backbone"]["name"] == "builtin:efficientnet_lite0"
+    assert clf.model == "builtin:efficientnet_lite0" and clf.meta_.backbone["name"] == "builtin:efficientnet_lite0"
     assert not [r for r in caplog.records if "now names" in r.getMessage()]

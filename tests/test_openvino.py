@@ -203,7 +203,7 @@ def test_partial_finetune_caches_its_frozen_prefix_through_openvino(tmp_path, ca
     data = write_folder(tmp_path / "colours", per_class=6)
     with caplog.at_level(logging.WARNING, logger="transferkit"):
         clf = ImageClassifier(strategy="finetune:last=1", engine="auto", **TINY).fit(data)
-    note = clf.phases_[-1]["prefix_cache"]
+    note = clf.phases_[-1].prefix_cache
     assert note["used"], note
     assert "could not convert" not in caplog.text
     assert clf.feature_cache_["engine"].startswith("openvino "), clf.feature_cache_

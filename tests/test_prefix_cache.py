@@ -11,6 +11,7 @@ import torch
 from conftest import TINY, finetune_phase_alone, run_cli, write_folder
 from transferkit import ImageClassifier
 from transferkit.backbones import Backbone, BackboneSpec, ImageBackbone, load_backbone
+from transferkit.backbones.base import NoPrefix
 from transferkit.backbones.prefix import split_frozen_prefix
 from transferkit.cache.features import FeatureCache, cached_features, feature_key
 from transferkit.data import load_data
@@ -52,7 +53,7 @@ def test_suffix_of_prefix_is_the_model_at_every_cut(make):
         expected = bb.model(x)
         for top in range(1, len(bb.blocks)):
             split = split_frozen_prefix(bb, top)
-            assert not isinstance(split, str), split
+            assert not isinstance(split, NoPrefix), split
             torch.testing.assert_close(split.suffix(split.prefix(x)), expected, rtol=0, atol=1e-5)
             trainable = {id(p) for p in split.suffix.parameters()}
             top_params = dict(bb.model.named_parameters())
@@ -60,8 +61,8 @@ def test_suffix_of_prefix_is_the_model_at_every_cut(make):
                 assert all(id(top_params[n]) in trainable for n in block.param_names)
             for block in bb.blocks[: len(bb.blocks) - top]:
                 assert not any(id(top_params[n]) in trainable for n in block.param_names)
-    assert split_frozen_prefix(bb, 0) == "every block is frozen"
-    assert split_frozen_prefix(bb, len(bb.blocks)) == "nothing is frozen"
+    assert split_frozen_prefix(bb, 0) == NoPrefix("every block is frozen")
+    assert split_frozen_prefix(bb, len(bb.blocks)) == NoPrefix("nothing is frozen")
 
 
 def test_cached_prefix_outputs_give_the_uncached_logits_within_bf16_tolerance(lite0, colours, tmp_path):
@@ -118,7 +119,7 @@ def test_prefix_key_changes_with_weights_preprocessing_and_cut_not_with_the_trai
 def test_partial_finetune_trains_the_top_on_cached_outputs_and_reuses_them(colours):
     pretrained = load_backbone("builtin:efficientnet_lite0", 3).model.state_dict()
     clf = ImageClassifier(strategy="finetune:last=1", **TINY).fit(colours)
-    note = clf.phases_[-1]["prefix_cache"]
+    note = clf.phases_[-1].prefix_cache
     assert note["used"] and (note["train"], note["val"]) == ("miss", "miss") and note["bytes"] > 0
     trained = clf.model_.state_dict()
     for block in clf.backbone_.blocks[:-1]:
@@ -131,7 +132,7 @@ def test_partial_finetune_trains_the_top_on_cached_outputs_and_reuses_them(colou
     for block in bb.blocks[:-1]:
         assert all(torch.equal(trained[n], pretrained[n]) for n in block.param_names)
     again = ImageClassifier(strategy="finetune:last=1", **TINY).fit(colours)
-    assert (again.phases_[-1]["prefix_cache"]["train"], again.phases_[-1]["prefix_cache"]["val"]) == ("hit", "hit")
+    assert (again.phases_[-1].prefix_cache["train"], again.phases_[-1].prefix_cache["val"]) == ("hit", "hit")
     np.testing.assert_allclose(again.predict_proba(colours.test), clf.predict_proba(colours.test), atol=1e-5)
 
 
@@ -147,7 +148,7 @@ def test_partial_finetune_trains_the_top_on_cached_outputs_and_reuses_them(colou
 )
 def test_prefix_cache_is_skipped_with_the_reason_recorded(colours, settings, reason):
     clf = ImageClassifier(**{**TINY, "epochs": 1, **settings}).fit(colours)
-    note = clf.phases_[-1]["prefix_cache"]
+    note = clf.phases_[-1].prefix_cache
     assert not note["used"] and reason in note["reason"]
 
 

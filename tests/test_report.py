@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transferkit.compare.results import Comparison, StrategyResult
 from transferkit.report.comparison import (
     COLUMNS,
-    Comparison,
-    StrategyResult,
     comparison_html,
     comparison_markdown,
     scores_sentence,
     table_rows,
     write_comparison,
-    write_fit_report,
 )
+from transferkit.report.fit import write_fit_report
+from transferkit.runs.meta import RunMeta
 from transferkit.stats.metrics import metrics
 
 SCRIPT = "<script>alert(1)</script>"
@@ -125,15 +125,32 @@ def comparison_page(comparison) -> str:
 @pytest.fixture(scope="module")
 def fit_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fit")
-    meta = {
-        "metrics": {"test": _test_metrics()},
-        "classes": CLASSES,
-        "backbone": {"name": f"net {QUOTES}"},
-        "strategy": {"spec": f"feature-extraction {SCRIPT}", "phases": [{"train": "head", "lr": 1e-3}]},
-        "training": {"batch_size": 8, "comment": SCRIPT},
-    }
     history = [{"epoch": i, "train_acc": 0.5 + 0.1 * i, "val_acc": 0.4 + 0.1 * i} for i in range(3)]
-    assert write_fit_report(out, meta, history) == out / "report.html"
+    meta = RunMeta.from_dict(
+        {
+            "metrics": {"test": _test_metrics()},
+            "classes": CLASSES,
+            "backbone": {"name": f"net {QUOTES}"},
+            "data_config": {},
+            "strategy": {
+                "spec": f"feature-extraction {SCRIPT}",
+                "phases": [
+                    {
+                        "name": "head",
+                        "on_features": True,
+                        "epochs_run": 1,
+                        "best_epoch": 1,
+                        "best_val_acc": 0.5,
+                        "seconds": 1.0,
+                        "lrs": {"head": 1e-3},
+                    }
+                ],
+            },
+            "training": {"batch_size": 8, "comment": SCRIPT},
+            "history": history,
+        }
+    )
+    assert write_fit_report(out, meta) == out / "report.html"
     return out
 
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from transferkit.report.comparison import Comparison, StrategyResult, comparison_markdown, table_rows
+from transferkit.compare.results import Comparison, StrategyResult
+from transferkit.report.comparison import comparison_markdown, table_rows
 from transferkit.stats.paired import paired_difference
 
 N = 268  # the digits demo's test images

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from sklearn.base import BaseEstimator
 
 from transferkit.data.examples import DEFAULT_SPLIT
 from transferkit.errors import NotFittedError, UsageError, check_choice, did_you_mean
 from transferkit.training.strategies import BN_POLICIES, parse_strategy
+
+if TYPE_CHECKING:
+    from transferkit.runs.meta import RunMeta
 
 # Settings only one modality has: given to the other classifier they are refused with the reason.
 IMAGE_ONLY = ("image_size", "bn", "augment", "cache_budget_gb")
@@ -181,11 +184,11 @@ class _Classifier(BaseEstimator):
 
     # ------------------------------------------------------------------ persistence
 
-    def run_meta(self) -> dict:
-        """What transferkit.json holds about this fitted classifier (plain JSON values)."""
+    def run_meta(self) -> RunMeta:
+        """The record of this fitted classifier that transferkit.json holds."""
         self._check_fitted()
-        choice = {"backbone_choice": self.backbone_choice_} if getattr(self, "backbone_choice_", None) else {}
-        return {**self._fitted.to_meta(self.strategy), "settings": self._run_settings(), **choice}
+        choice = getattr(self, "backbone_choice_", None) or None
+        return self._fitted.to_meta(self.strategy).with_(settings=self._run_settings(), backbone_choice=choice)
 
     def save(self, path: str | Path) -> Path:
         """Write a run directory (model, transferkit.json, metrics, history, report); under torchrun rank 0 only."""
@@ -204,7 +207,7 @@ class _Classifier(BaseEstimator):
         from transferkit.training.fit import Fitted
 
         run = load_run(path, expect=cls.modality)
-        clf = cls(**{**run.meta.get("settings", {}), "model": run.meta["backbone"].get("name"), **settings})
+        clf = cls(**{**(run.meta.settings or {}), "model": run.meta.backbone.get("name"), **settings})
         clf._set_fitted(Fitted.from_meta(run.backbone, run.meta))
         clf.meta_ = run.meta
         return clf
@@ -314,12 +317,14 @@ class ImageClassifier(_Classifier):
             return load_image_data(X, split=self.split, seed=seed, strict=self.strict)
         summary = DataSummary("paths")
         images = read_paths(list(X), list(y), summary, self.strict)
-        return DataSplits(*split_stratified(images, self.split, seed, "the given paths"), summary)
+        train, val, test = split_stratified(images, self.split, seed, "the given paths")
+        return DataSplits(train, val, test, summary)
 
     def new_backbone(self, splits):
-        from transferkit.backbones import load_backbone
+        from transferkit.backbones import ImageBackbone, load_backbone
 
         bb = load_backbone(self.model, len(splits.classes), modality="image", weights=self.weights)
+        assert isinstance(bb, ImageBackbone)  # modality="image"
         bb.configure_input(self.image_size, splits.train.preprocess_hint)
         return bb
 
@@ -412,7 +417,8 @@ class TextClassifier(_Classifier):
         if y is None:
             return load_text_data(X, split=self.split, seed=seed, strict=self.strict, **self._columns())
         texts = as_text_set(X, sorted({str(v) for v in y}), [str(v) for v in y])
-        return DataSplits(*split_stratified(texts, self.split, seed, "the given texts"), DataSummary("texts"))
+        train, val, test = split_stratified(texts, self.split, seed, "the given texts")
+        return DataSplits(train, val, test, DataSummary("texts"))
 
     def new_backbone(self, splits):
         from transferkit.backbones import load_backbone

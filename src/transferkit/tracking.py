@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from transferkit.errors import TrackingError, UsageError, did_you_mean
+from transferkit.runs.meta import RunMeta
 
 TRACKERS = ("tensorboard", "mlflow")
 INSTALL = 'pip install "transferkit[log]"'
@@ -356,18 +357,18 @@ class FitLog:
             phase = row.get("phase", "train")
             self.tracker.log_metrics({f"{phase}/{k}": v for k, v in row.items() if k not in ("phase", "epoch")}, self.step)
 
-    def end(self, meta: dict) -> None:
-        """`meta`: the fitted run's transferkit.json content."""
+    def end(self, meta: RunMeta) -> None:
+        """`meta`: the fitted run's record."""
         if self.tracker is None:
             return
         self.tracker.log_params(
             {
-                "strategy": meta["strategy"]["spec"],
-                "auto": meta["strategy"]["auto"] or "not used",
-                "feature_cache": meta["feature_cache"] or "not used",
+                "strategy": meta.strategy.spec,
+                "auto": meta.strategy.auto or "not used",
+                "feature_cache": meta.feature_cache or "not used",
             }
         )
-        self.tracker.log_metrics(fit_results(meta["metrics"]))
+        self.tracker.log_metrics(fit_results(meta.metrics))
 
 
 def fit_results(metrics: dict) -> dict[str, float]:
@@ -382,19 +383,19 @@ def fit_results(metrics: dict) -> dict[str, float]:
     }
 
 
-def fit_summary(meta: dict) -> str:
-    """A markdown summary of a fit (TensorBoard's text tab, MLflow's summary.md), from its transferkit.json."""
-    m, sizes = meta["metrics"], meta["metrics"]["split_sizes"]
-    noun = "texts" if meta.get("modality") == "text" else "images"
+def fit_summary(meta: RunMeta) -> str:
+    """A markdown summary of a fit (TensorBoard's text tab, MLflow's summary.md), from its record."""
+    m, sizes = meta.metrics, meta.metrics["split_sizes"]
+    noun = "texts" if meta.modality == "text" else "images"
     lines = [
-        f"# transferkit fit: {meta['strategy']['spec']} on {meta['backbone']['name']}",
+        f"# transferkit fit: {meta.strategy.spec} on {meta.backbone_name}",
         "",
         f"Test accuracy **{m['test']['accuracy']:.4f}**, macro-F1 {m['test']['macro_f1']:.4f}, "
         f"val accuracy {m['val_accuracy']:.4f}, {m['train_seconds']:.1f} s.",
         "",
-        f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {noun}, {len(meta['classes'])} classes.",
+        f"Data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test {noun}, {len(meta.classes)} classes.",
     ]
-    auto = meta["strategy"].get("auto")
+    auto = meta.strategy.auto
     if auto:
         lines += ["", f"auto chose {auto['chosen']}: {auto['reason']}"]
     return "\n".join(lines) + "\n"
@@ -403,7 +404,7 @@ def fit_summary(meta: dict) -> str:
 REPORT_FILES = ("report.html", "metrics.json", "transferkit.json")
 
 
-def log_fit_report(tracker: Tracker, meta: dict, run_dir: str | Path) -> None:
+def log_fit_report(tracker: Tracker, meta: RunMeta, run_dir: str | Path) -> None:
     """After the run is saved to `run_dir`: attach its report, metrics and manifest, and the summary."""
     tracker.log_report([Path(run_dir) / name for name in REPORT_FILES], fit_summary(meta))
 

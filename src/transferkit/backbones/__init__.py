@@ -82,9 +82,10 @@ def refuse_other_modality(name: str, modality: str) -> None:
         )
 
 
-def read_trained(run_dir: Path, meta: dict) -> Backbone:
-    """The trained backbone of a run directory, by the modality its transferkit.json names."""
-    return BACKBONE_TYPES[meta.get("modality", "image")].read_trained(run_dir, meta)
+def read_trained(run_dir: Path, *, modality: str, spec: dict, n_classes: int, data_config: dict) -> Backbone:
+    """The trained backbone of a run directory, by its modality: `spec` (BackboneSpec.to_dict()), its number of
+    classes and its preprocessing, as the run's record holds them."""
+    return BACKBONE_TYPES[modality].read_trained(run_dir, spec=spec, n_classes=n_classes, data_config=data_config)
 
 
 def list_models(filter: str = "") -> dict[str, list[str]]:
@@ -98,26 +99,26 @@ def list_models(filter: str = "") -> dict[str, list[str]]:
 
 
 __all__ = [
+    "BACKBONE_TYPES",
+    "BUILTIN_BACKBONES",
+    "BUILTIN_TEXT_BACKBONES",
+    "DEFAULT_BACKBONE",
+    "DEFAULT_BACKBONES",
+    "DEFAULT_TEXT_BACKBONE",
     "Backbone",
     "BackboneSpec",
     "Block",
     "ImageBackbone",
     "TextBackbone",
-    "BACKBONE_TYPES",
-    "BUILTIN_BACKBONES",
-    "BUILTIN_TEXT_BACKBONES",
-    "DEFAULT_BACKBONE",
-    "DEFAULT_TEXT_BACKBONE",
-    "DEFAULT_BACKBONES",
+    "canonical_name",
+    "is_text_model",
+    "list_models",
     "load_backbone",
     "load_image_backbone",
     "load_text_backbone",
     "model_modality",
     "read_trained",
-    "list_models",
-    "resolve_arch",
-    "canonical_name",
-    "timm_name",
-    "is_text_model",
     "refuse_other_modality",
+    "resolve_arch",
+    "timm_name",
 ]

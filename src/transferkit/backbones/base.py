@@ -16,7 +16,7 @@ images and texts differ behind it:
                          ``collate`` batches its items (None: default stacking)
 ``prefix_split(n)``      the frozen part below the top n blocks, or why there is none
 ``write_trained(out)``   the trained model in the backbone library's own format;
-``read_trained(run)``    and back, without downloading anything
+``read_trained(run, ...)`` and back, without downloading anything
 =======================  =========================================================
 """
 
@@ -50,6 +50,31 @@ class BackboneSpec:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "arch": self.arch, "weights": self.weights, "weights_digest": self.weights_digest}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BackboneSpec:
+        """From a run's record (fields an older run lacks read as "")."""
+        return cls(**{k: d.get(k, "") for k in ("name", "arch", "weights", "weights_digest")})
+
+
+@dataclass(frozen=True)
+class PrefixSplit:
+    """A backbone cut below its top trainable blocks: ``suffix(prefix(x)) == model(x)``.
+
+    Both are torch.fx GraphModules that share the model's own parameters, so
+    training `suffix` trains the model. `cut` names the last frozen block.
+    """
+
+    prefix: nn.Module
+    suffix: nn.Module
+    cut: str
+
+
+@dataclass(frozen=True)
+class NoPrefix:
+    """Why a backbone's frozen blocks cannot be split off (then frozen-prefix caching is not used)."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -104,9 +129,9 @@ class Backbone:
         """`examples` as (input, label, index) items; `augment` for training views (images only)."""
         raise NotImplementedError
 
-    def prefix_split(self, top_blocks: int):
-        """The frozen blocks below the top `top_blocks` as a separate module (a PrefixSplit), or why not (a str)."""
-        return f"frozen-prefix caching is not available for {self.modality} backbones"
+    def prefix_split(self, top_blocks: int) -> PrefixSplit | NoPrefix:
+        """The frozen blocks below the top `top_blocks` as a separate module, or why they cannot be split off."""
+        return NoPrefix(f"frozen-prefix caching is not available for {self.modality} backbones")
 
     def export_refusal(self) -> str | None:
         """Why this backbone's trained model cannot be exported to ONNX/TorchScript, or None when it can."""
@@ -117,8 +142,8 @@ class Backbone:
         raise NotImplementedError
 
     @classmethod
-    def read_trained(cls, run_dir: Path, meta: dict) -> Backbone:
-        """The trained backbone of a run directory (no download)."""
+    def read_trained(cls, run_dir: Path, *, spec: dict, n_classes: int, data_config: dict) -> Backbone:
+        """The trained backbone of a run directory (no download): `spec` as BackboneSpec.to_dict() wrote it."""
         raise NotImplementedError
 
     def describe(self) -> dict:

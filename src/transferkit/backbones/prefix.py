@@ -6,28 +6,13 @@ so training the suffix trains the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from transferkit.backbones.base import Backbone, block_modules
+from transferkit.backbones.base import Backbone, NoPrefix, PrefixSplit, block_modules
 
 
-@dataclass
-class PrefixSplit:
-    """A backbone cut below its top trainable blocks: ``suffix(prefix(x)) == model(x)``.
-
-    Both are torch.fx GraphModules that share the model's own parameters, so
-    training `suffix` trains the model. `cut` names the last frozen block.
-    """
-
-    prefix: nn.Module
-    suffix: nn.Module
-    cut: str
-
-
-def split_frozen_prefix(bb: Backbone, top_blocks: int) -> PrefixSplit | str:
-    """Split `bb.model` where its frozen blocks end, or say (a string) why it cannot be split.
+def split_frozen_prefix(bb: Backbone, top_blocks: int) -> PrefixSplit | NoPrefix:
+    """Split `bb.model` where its frozen blocks end, or say why it cannot be split.
 
     The graph comes from torch.fx with timm's own leaf modules and functions
     (those timm's FX feature extraction uses). Nodes that depend on the input
@@ -36,19 +21,19 @@ def split_frozen_prefix(bb: Backbone, top_blocks: int) -> PrefixSplit | str:
     ViTs), else the model is left whole.
     """
     if not 0 < top_blocks < len(bb.blocks):
-        return "nothing is frozen" if top_blocks >= len(bb.blocks) else "every block is frozen"
+        return NoPrefix("nothing is frozen" if top_blocks >= len(bb.blocks) else "every block is frozen")
     from torch import fx
 
     try:
         graph = _trace(bb.model)
     except Exception as e:  # data-dependent control flow: fx cannot trace every model
-        return f"torch.fx cannot trace {bb.spec.arch} ({type(e).__name__})"
+        return NoPrefix(f"torch.fx cannot trace {bb.spec.arch} ({type(e).__name__})")
     trainable = [m for b in bb.blocks[len(bb.blocks) - top_blocks :] for m in block_modules(b.param_names)]
     trainable += block_modules(bb.head_param_names)
     part = _partition(list(graph.nodes), trainable)
     crossing = [n for n in graph.nodes if part[n] == 0 and any(part[u] == 1 for u in n.users)]
     if len(crossing) != 1:
-        return f"{len(crossing)} values cross the cut of {bb.spec.arch} below block {bb.blocks[-top_blocks].name}"
+        return NoPrefix(f"{len(crossing)} values cross the cut of {bb.spec.arch} below block {bb.blocks[-top_blocks].name}")
     prefix, suffix = fx.Graph(), fx.Graph()
     env: dict = {crossing[0]: None}
     for node in graph.nodes:

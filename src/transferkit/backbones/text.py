@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.backbones.base import Backbone, BackboneSpec, Block, HubReach, file_digest, hub_or_cache, zero_head_
+from transferkit.backbones.base import Backbone, BackboneSpec, Block, HubReach, NoPrefix, file_digest, hub_or_cache, zero_head_
 from transferkit.data.examples import Examples
 from transferkit.errors import ModelError, RunError, UsageError, did_you_mean
 
@@ -200,8 +200,8 @@ class TextBackbone(Backbone):
             )
         return TextItems(examples)
 
-    def prefix_split(self, top_blocks: int) -> str:
-        return "frozen-prefix caching covers image backbones (torch.fx graphs); text layers train on tokens"
+    def prefix_split(self, top_blocks: int) -> NoPrefix:
+        return NoPrefix("frozen-prefix caching covers image backbones (torch.fx graphs); text layers train on tokens")
 
     def export_refusal(self) -> str | None:
         return (
@@ -226,7 +226,7 @@ class TextBackbone(Backbone):
         write_atomic(out / HEAD_FILE, save(head, metadata={"format": "pt", "pooling": model.pooling}))
 
     @classmethod
-    def read_trained(cls, run_dir: Path, meta: dict) -> TextBackbone:
+    def read_trained(cls, run_dir: Path, *, spec: dict, n_classes: int, data_config: dict) -> TextBackbone:
         """The TextModel and tokenizer of a text run directory (transformers' own loaders, no download)."""
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
@@ -234,12 +234,13 @@ class TextBackbone(Backbone):
         try:
             encoder = AutoModel.from_pretrained(str(run_dir / ENCODER_DIR))
             tokenizer = AutoTokenizer.from_pretrained(str(run_dir / ENCODER_DIR))
-            model = TextModel(encoder.float(), len(meta["classes"]), meta["data_config"]["pooling"])
+            model = TextModel(encoder.float(), n_classes, data_config["pooling"])
             model.head.load_state_dict(load_file(str(run_dir / HEAD_FILE)), strict=True)
         except Exception as e:  # OSError, SafetensorError, RuntimeError on a shape mismatch
             raise RunError(f"Cannot load the text model in {run_dir}: {str(e)[:300]}. The run directory is damaged; fit again.") from e
-        spec = BackboneSpec(**{k: meta["backbone"].get(k, "") for k in ("name", "arch", "weights", "weights_digest")})
-        return cls(model.eval(), tokenizer, spec, meta["data_config"]["max_length"], f"trained run {run_dir}", new_head=False)
+        return cls(
+            model.eval(), tokenizer, BackboneSpec.from_dict(spec), data_config["max_length"], f"trained run {run_dir}", new_head=False
+        )
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:

@@ -29,6 +29,8 @@ from transferkit.backbones.base import (
     Backbone,
     BackboneSpec,
     Block,
+    NoPrefix,
+    PrefixSplit,
     block_modules,
     file_digest,
     hub_or_cache,
@@ -78,7 +80,7 @@ class ImageBackbone(Backbone):
     def dataset(self, examples: Examples, augment: str = "none") -> torch.utils.data.Dataset:
         return TransformedImages(examples, make_transform(self.data_config, augment))
 
-    def prefix_split(self, top_blocks: int):
+    def prefix_split(self, top_blocks: int) -> PrefixSplit | NoPrefix:
         from transferkit.backbones.prefix import split_frozen_prefix
 
         return split_frozen_prefix(self, top_blocks)
@@ -98,18 +100,17 @@ class ImageBackbone(Backbone):
         write_atomic(out / MODEL_FILE, save(state, metadata={"format": "pt"}))
 
     @classmethod
-    def read_trained(cls, run_dir: Path, meta: dict) -> ImageBackbone:
+    def read_trained(cls, run_dir: Path, *, spec: dict, n_classes: int, data_config: dict) -> ImageBackbone:
         """Rebuild the timm model of a run directory and load its weights (strict)."""
         from safetensors.torch import load_file
 
-        model = create_for_run(meta["backbone"]["arch"], len(meta["classes"]))
+        model = create_for_run(spec["arch"], n_classes)
         try:
             model.load_state_dict(load_file(str(run_dir / MODEL_FILE)), strict=True)
         except Exception as e:  # SafetensorError, RuntimeError on mismatch, FileNotFoundError
             raise RunError(f"Cannot load {run_dir / MODEL_FILE}: {str(e)[:300]}. The run directory is damaged; fit again.") from e
-        spec = BackboneSpec(**{k: meta["backbone"].get(k, "") for k in ("name", "arch", "weights", "weights_digest")})
-        config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()}
-        return cls(model.eval(), spec, f"trained run {run_dir}", data_config=config)
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+        return cls(model.eval(), BackboneSpec.from_dict(spec), f"trained run {run_dir}", data_config=config)
 
 
 def _classifier_name(model: nn.Module) -> str:

@@ -67,14 +67,15 @@ def predict(
     if key == "file":
         from transferkit.data.images import check_image
 
-        items = [Path(f) for f in items]
-        bad = [(f, r) for f in items if (r := check_image(f))]
-        if bad and all(r == "missing" for _, r in bad) and len(bad) == len(items):
+        files = [Path(f) for f in items]
+        bad = [(f, why) for f in files if (why := check_image(f))]
+        if bad and all(why == "missing" for _, why in bad) and len(bad) == len(files):
             raise UsageError(
                 f"{run} classifies images, and none of the inputs is a file ({items[0]}, ...). Give image files, or a text run for texts."
             )
         if bad:
-            raise DataError(f"Cannot read {len(bad)} file(s): " + ", ".join(f"{f} ({r})" for f, r in bad[:5]))
+            raise DataError(f"Cannot read {len(bad)} file(s): " + ", ".join(f"{f} ({why})" for f, why in bad[:5]))
+        items = [str(f) for f in files]
     rows = top_predictions(items, clf.predict_proba(items), clf.classes_, top_k, key)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")

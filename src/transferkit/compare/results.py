@@ -13,6 +13,7 @@ import numpy as np
 
 from transferkit.compare import verdict as verdicts
 from transferkit.compare.ranking import Ranking
+from transferkit.runs.meta import PhaseRecord
 
 
 @dataclass(kw_only=True)
@@ -31,7 +32,7 @@ class StrategyResult:
     macro_f1: float
     train_per_class: float
     metrics: dict = field(repr=False, default_factory=dict)
-    phases: list = field(repr=False, default_factory=list)
+    phases: list[PhaseRecord] = field(repr=False, default_factory=list)
     history: list = field(repr=False, default_factory=list)
     wall_seconds: float = 0.0  # the whole fit: backbone loading, features (computed or read from the cache), test pass
     runs: list = field(repr=False, default_factory=list)  # one dict per training seed (scores, per-example predictions)
@@ -148,7 +149,7 @@ class Comparison:
             "results": [
                 r.row()
                 | {
-                    "phases": r.phases,
+                    "phases": [p.to_dict() for p in r.phases],
                     "metrics": _without_predictions(r.metrics),
                     "runs": r.runs or [{"seed": self.seed, "predictions": r.metrics.get("predictions")}],
                 }

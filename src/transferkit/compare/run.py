@@ -26,10 +26,10 @@ import torch
 
 from transferkit.classifier import CLASSIFIERS
 from transferkit.compare.ranking import Ranking
+from transferkit.compare.results import Comparison, StrategyResult
 from transferkit.data.examples import DataSplits
 from transferkit.data.splits import subsample_per_class
 from transferkit.errors import UsageError
-from transferkit.report.comparison import Comparison, StrategyResult
 from transferkit.runs.directory import library_versions
 from transferkit.stats.wording import format_interval
 from transferkit.tracking import Tracker, log_strategy_result
@@ -123,8 +123,8 @@ def _measure(
     trainable = trainable_params(clf)
     test = clf.metrics_["test"]
     per_class = len(splits.train) / len(splits.classes)
-    epochs = sum(p["epochs_run"] for p in clf.phases_ if not p["on_features"] or p.get("solver") != "lbfgs")
-    training = sum(p["seconds"] for p in clf.phases_)
+    epochs = sum(p.trained_epochs for p in clf.phases_)
+    training = sum(p.seconds for p in clf.phases_)
     run = {
         "seed": clf.config_.seed,
         "val_accuracy": clf.metrics_["val_accuracy"],
@@ -294,7 +294,7 @@ def choose_backbone(splits: DataSplits, models: Sequence[str], *, settings: dict
 def trainable_params(clf) -> int:
     """Parameters the strategy's last phase trained (head plus its unfrozen blocks)."""
     counts = clf.backbone_.param_counts()
-    blocks = clf.phases_[-1].get("trainable_blocks", [])
+    blocks = clf.phases_[-1].trainable_blocks or []
     return counts["head"] + sum(counts[b] for b in blocks)
 
 
@@ -418,7 +418,7 @@ def compare(
         results=results,
         curve=curve,
         baseline=base,
-        configs={r.label: r.phases for r in results},
+        configs={r.label: [p.to_dict() for p in r.phases] for r in results},
         machine=machine_info(),
         split_sizes=splits.sizes(),
         versions=library_versions(),

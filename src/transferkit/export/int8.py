@@ -45,6 +45,7 @@ from transferkit.export.onnx import (
     require_onnx,
 )
 from transferkit.runs.directory import load_run
+from transferkit.runs.meta import RunMeta
 
 INT8_FILE = "model.int8.onnx"
 MAX_DROP_POINTS = 1.0  # largest accepted loss of test accuracy, in percentage points, without force
@@ -162,36 +163,36 @@ def _output_path(run_dir: Path, out: str | Path | None) -> Path:
     return Path(out)
 
 
-def run_splits(meta: dict):
+def run_splits(meta: RunMeta):
     """The run's train/val/test split, read again from its data source with its seed, checked against its sizes."""
     from transferkit.data.sources import load_image_data
 
-    source = meta.get("data", {}).get("source")
-    recorded = meta.get("metrics", {}).get("split_sizes")
+    source = meta.data.get("source")
+    recorded = meta.metrics.get("split_sizes")
     fix = "Run the export where the run's data is, at the same path and with the same files"
     try:
-        splits = load_image_data(source, seed=int(meta.get("training", {}).get("seed") or 0))
+        splits = load_image_data(source, seed=int(meta.training.get("seed") or 0))
     except (TransferkitError, TypeError) as e:
         raise ExportError(
             f"int8 needs the run's validation and test images, and its data source {source!r} cannot be read again ({str(e)[:200]}). {fix}."
         ) from e
-    if (recorded and splits.sizes() != recorded) or list(splits.classes) != list(meta["classes"]):
+    if (recorded and splits.sizes() != recorded) or list(splits.classes) != list(meta.classes):
         raise ExportError(
             f"The run's data {source} no longer gives its split ({splits.sizes()} now, {recorded} when "
-            f"fitted; classes {len(splits.classes)} vs {len(meta['classes'])}), so its test images are "
+            f"fitted; classes {len(splits.classes)} vs {len(meta.classes)}), so its test images are "
             f"unknown (a fit with --split is not read again either). {fix}."
         )
     return splits
 
 
-def _calibration_examples(meta: dict, val, calibration: str | Path | None):
+def _calibration_examples(meta: RunMeta, val, calibration: str | Path | None):
     """The images to calibrate on (at most MAX_CALIBRATION, evenly spaced) and a phrase naming them."""
     if calibration is None:
         examples, what = val, f"the run's {len(val)} validation images"
     else:
         from transferkit.data.sources import load_eval_images
 
-        examples, _ = load_eval_images(calibration, list(meta["classes"]))
+        examples, _ = load_eval_images(calibration, list(meta.classes))
         what = f"{len(examples)} images of {calibration}"
     if len(examples) == 0:
         raise ExportError(f"There are no images to calibrate on ({what}). Give --calibration DATA with images.")
@@ -215,10 +216,10 @@ def fp32_onnx(run, run_dir: Path) -> tuple[Path, bytes]:
     return path, path.read_bytes()
 
 
-def _transform(meta: dict):
+def _transform(meta: RunMeta):
     from transferkit.data.images import make_transform
 
-    return make_transform({k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()})
+    return make_transform({k: tuple(v) if isinstance(v, list) else v for k, v in meta.data_config.items()})
 
 
 def _batches(examples, transform, size: int = BATCH):
@@ -284,7 +285,7 @@ def timings(sessions, batch: np.ndarray, rounds: int = TIMING_ROUNDS) -> tuple[f
     return tuple(1000.0 * float(np.median(t)) / len(batch) for t in times)
 
 
-def _write_int8(path: Path, int8: bytes, meta: dict, result: Int8Result) -> None:
+def _write_int8(path: Path, int8: bytes, meta: RunMeta, result: Int8Result) -> None:
     """The int8 model with the run's preprocessing (embedded and beside it) and its measured comparison."""
     import onnx
 

@@ -35,6 +35,7 @@ from torch import nn
 from transferkit.atomic import write_atomic, write_json
 from transferkit.errors import ExportError, UsageError, did_you_mean
 from transferkit.runs.directory import library_versions, load_run
+from transferkit.runs.meta import RunMeta
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # format -> default file name in the run
 OPSET = 18  # the lowest opset torch's dynamo ONNX exporter emits; onnxruntime >= 1.14 runs it
@@ -104,16 +105,16 @@ def output_path(run_dir: Path, fmt: str, out: str | Path | None) -> Path:
     return out
 
 
-def preprocess_info(meta: dict, fmt: str) -> dict:
+def preprocess_info(meta: RunMeta, fmt: str) -> dict:
     """The self-description saved with an export: classes, the timm data config, provenance."""
     return {
         "format_version": EXPORT_FORMAT_VERSION,
         "model_format": fmt,
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,
-        "classes": list(meta["classes"]),
-        "data_config": dict(meta["data_config"]),
-        "backbone": meta["backbone"],
+        "classes": list(meta.classes),
+        "data_config": dict(meta.data_config),
+        "backbone": meta.backbone,
         "versions": library_versions(),
     }
 

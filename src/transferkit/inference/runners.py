@@ -177,7 +177,7 @@ def frozen_runner(
     try:
         key = model_key(module, cut_name, tuple(example_input_shape), route, unused)
         compiled, actual = _compile(module, fn, key, tuple(example_input_shape), info.precision, route, cache_root or default_root())
-    except Exception as e:  # noqa: BLE001  (any conversion failure: unsupported op, tracing error, ...)
+    except Exception as e:
         reason = f"OpenVINO could not convert the model ({conversion_failure(e)}); torch runs it"
         log.warning(reason)
         return torch_runner(fn, device, precision), EngineInfo("torch", precision_name(precision), reason)

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from transferkit.atomic import write_atomic, write_json
 from transferkit.doctor.findings import CSV_COLUMNS, KINDS, Diagnosis, Finding
-from transferkit.report.gallery import GALLERY_CSS, environment, example_view
+from transferkit.report.environment import render
+from transferkit.report.gallery import example_view
 
 if TYPE_CHECKING:
     from transferkit.training.fit import ReportInputs
@@ -26,42 +27,6 @@ SHOWN_PER_KIND = 60  # findings of one kind shown with thumbnails; issues.csv ha
 # multiply-adds at 20,000 examples, seconds on a CPU) after one decode of every example; beyond, it points
 # to `transferkit doctor`, whose time the user chooses to spend.
 MAX_REPORT_EXAMPLES = 20_000
-
-CSS = (
-    """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.finding{border:1px solid #ddd;padding:.5em;
-margin:0;width:230px;font-size:.8em}.finding.wide{width:440px}td:last-child{text-align:left}"""
-    + GALLERY_CSS
-)
-
-_PAGE = """<!doctype html>
-<html><head><meta charset='utf-8'><title>transferkit doctor: {{ d.data }}</title><style>{{ css|safe }}</style></head>
-<body>
-<h1>transferkit doctor: {{ d.data }} with {{ d.model }}</h1>
-<p>{{ d.summary_line() }}</p>
-<table><thead><tr><th>finding</th><th>count</th><th>what it means</th></tr></thead><tbody>
-{% for kind, text in kinds.items() %}<tr><td><a href="#{{ kind }}">{{ kind }}</a></td><td>{{ counts[kind] }}</td>
-<td>{{ text }}</td></tr>
-{% endfor %}</tbody></table>
-<p>{{ method }}</p>
-{% for note in d.notes %}<p>{{ note }}</p>{% endfor %}
-<p>Every finding, with its score, is in issues.csv.</p>
-{% for s in sections %}
-<h2 id="{{ s.kind }}">{{ s.kind }}: {{ s.count }}</h2>
-<p>{{ s.text }}{% if s.more %} The first {{ s.shown }} are shown; issues.csv lists all {{ s.count }}.{% endif %}</p>
-<div class="gallery">
-{% for f in s.entries %}
-<figure class="finding{% if f.other %} wide{% endif %}"><div class="pair">
-<div>{{ show(f.view, f.id) }}<br>{{ f.split }}: {{ f.id }}<br>label {{ f.given }}</div>
-{% if f.other %}<div>{{ show(f.other.view, f.other.id) }}<br>{{ f.other.split }}: {{ f.other.id }}<br>
-label {{ f.other.given }}</div>{% endif %}
-</div><figcaption>{{ f.caption }}</figcaption></figure>
-{% endfor %}
-</div>
-{% endfor %}
-</body></html>
-"""
 
 
 def method_sentence(d: Diagnosis) -> str:
@@ -103,7 +68,7 @@ def _finding_context(d: Diagnosis, f: Finding) -> dict:
         "caption": _caption(f),
         "other": None,
     }
-    if f.other_split is not None:
+    if f.other_split is not None and f.other_index is not None:
         other = getattr(d.splits, f.other_split)
         item["other"] = {"view": example_view(other, f.other_index), "id": f.other_id, "split": f.other_split, "given": f.other_label}
     return item
@@ -129,7 +94,7 @@ def doctor_html(d: Diagnosis) -> str:
                     "entries": [_finding_context(d, f) for f in shown],
                 }
             )
-    return environment().from_string(_PAGE).render(d=d, css=CSS, kinds=KINDS, counts=counts, sections=sections, method=method_sentence(d))
+    return render("doctor.html.j2", d=d, kinds=KINDS, counts=counts, sections=sections, method=method_sentence(d))
 
 
 def issues_csv(d: Diagnosis) -> str:
@@ -151,23 +116,6 @@ def write_doctor_report(d: Diagnosis, out: Path) -> dict[str, Path]:
 
 
 # --- the fit and compare reports' part -------------------------------------------------------
-
-_SECTION = """<style>{{ css|safe }}</style>
-<h2 id="doctor">The data doctor</h2>
-{% if summary %}
-<p>{{ summary }} On the features this fit cached: near-duplicates (leakage across splits, conflicts and duplicates
-within one) at an input similarity of {{ threshold }} or more (thumbnail correlation or 3-gram Jaccard), and outliers.
-<a href="doctor.html">doctor.html</a> shows each finding with its thumbnails; issues.csv lists them.</p>
-{% else %}
-<p>The data doctor did not run with this fit: a fit has the pretrained features of every split at hand only when
-its head trained on them (feature-extraction, or auto choosing it), and the report runs the checks up to {{ limit }}
-{{ noun }}.</p>
-{% endif %}
-<p>Likely label errors need k-fold probes on train + val and are not looked for here: run
-<code>{{ command }}</code>.</p>
-{% if best %}<p>The mistakes below are those of {{ best }}, the best strategy (its first seed).</p>{% endif %}
-{{ gallery|safe }}
-"""
 
 
 def fit_extras(inputs: ReportInputs) -> dict:
@@ -211,19 +159,15 @@ def report_section(extras: dict | None) -> str:
         return ""
     d = extras.get("doctor")
     command = f"transferkit doctor {extras['data']} --model {extras['model']}"
-    return (
-        environment()
-        .from_string(_SECTION)
-        .render(
-            css=GALLERY_CSS,
-            summary=d["summary"] if d else None,
-            noun=extras.get("noun", "examples"),
-            threshold=d["threshold"] if d else "",
-            command=command,
-            gallery=extras.get("gallery", ""),
-            best=extras.get("best"),
-            limit=f"{MAX_REPORT_EXAMPLES:,}",
-        )
+    return render(
+        "doctor_section.html.j2",
+        summary=d["summary"] if d else None,
+        noun=extras.get("noun", "examples"),
+        threshold=d["threshold"] if d else "",
+        command=command,
+        gallery=extras.get("gallery", ""),
+        best=extras.get("best"),
+        limit=f"{MAX_REPORT_EXAMPLES:,}",
     )
 
 

@@ -11,12 +11,13 @@ renders them as an HTML fragment that the fit and compare reports include.
 from __future__ import annotations
 
 import base64
-import functools
 import io
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+
+from transferkit.report.environment import render
 
 THUMBNAIL_PX = 96  # longest side of a thumbnail; small images (digits' 8x8) are enlarged to it, sharp
 TEXT_CHARS = 300  # a text is shown up to this many characters
@@ -38,7 +39,7 @@ def thumbnail_uri(image) -> str:
 
     scale = THUMBNAIL_PX / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    image = image.resize(size, Image.NEAREST if scale > 1 else Image.LANCZOS)
+    image = image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -87,51 +88,8 @@ def mistakes(
     return out
 
 
-_FRAGMENT = """<h2 id="mistakes">Mistakes on the test split</h2>
-{% if not groups %}
-<p>No test example is misclassified.</p>
-{% else %}
-<p>{{ n_wrong }} of {{ n }} test {{ noun }} misclassified. The most confused pairs (true → predicted), each with its
-most confident mistakes first (highest loss, −log p(true)).</p>
-{% for g in groups %}
-<h3>{{ g.true }} → {{ g.pred }}: {{ g.count }}</h3>
-<div class="gallery">
-{% for m in g.entries %}
-<figure class="example">{{ show(m.view, m.id) }}
-<figcaption>{{ m.id }}<br>true {{ m.true }} ({{ "%.2f"|format(m.prob_true) }}), predicted {{ m.pred }}
-({{ "%.2f"|format(m.prob_pred) }}); loss {{ "%.2f"|format(m.loss) }}</figcaption></figure>
-{% endfor %}
-</div>
-{% endfor %}
-{% endif %}
-"""
-
-# One example cell: an <img> that counts itself into <body data-loaded / data-failed> (as report.py's figures do,
-# so a headless browser can check that every thumbnail decoded), or the text in a box.
-SHOW_MACRO = """{%- macro show(view, alt) -%}
-{% if view.src is defined %}<img alt="{{ alt }}" src="{{ view.src }}" \
-onload="var d=document.body.dataset;d.loaded=(+d.loaded||0)+1" \
-onerror="var d=document.body.dataset;d.failed=(+d.failed||0)+1">\
-{% else %}<blockquote class="text">{{ view.text }}</blockquote>{% endif %}
-{%- endmacro %}"""
-GALLERY_CSS = """.gallery{display:flex;flex-wrap:wrap;gap:.8em}.example{margin:0;width:200px;font-size:.8em}
-.example img{image-rendering:pixelated;width:96px;border:1px solid #ccc}.text{margin:0;padding:.4em;
-background:#f7f7f7;border-left:3px solid #ccc;white-space:pre-wrap;word-break:break-word;max-height:12em;overflow:auto}
-.pair{display:flex;gap:.5em}"""
-
-
-@functools.cache
-def environment():
-    """The jinja2 environment of the example pages (autoescape on: names and texts from the data stay text)."""
-    import jinja2
-
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.globals["show"] = env.from_string(SHOW_MACRO).module.show
-    return env
-
-
 def mistakes_html(examples, probs: np.ndarray, classes: list[str]) -> str:
-    """The mistakes gallery of `examples` (the test split) as an HTML fragment (CSS: GALLERY_CSS)."""
+    """The mistakes gallery of `examples` (the test split) as an HTML fragment (styled by report.css)."""
     ids = examples.ids()
     groups = mistakes(probs, examples.labels, classes, ids)
     context = [
@@ -155,4 +113,4 @@ def mistakes_html(examples, probs: np.ndarray, classes: list[str]) -> str:
         for (t, p), n, items in groups
     ]
     n_wrong = int((np.asarray(probs).argmax(axis=1) != examples.labels).sum()) if len(examples) else 0
-    return environment().from_string(_FRAGMENT).render(groups=context, n=len(examples), n_wrong=n_wrong, noun=f"{examples.noun}s")
+    return render("mistakes.html.j2", groups=context, n=len(examples), n_wrong=n_wrong, noun=f"{examples.noun}s")

@@ -15,7 +15,7 @@ from the test predictions, which the confusion matrix holds exactly
 (:func:`transferkit.stats.evidence.score_with_intervals`).
 
 Example:
-    >>> text = model_card(read_meta("runs/plants"), "plants")          # doctest: +SKIP
+    >>> text = model_card(read_meta("runs/plants").to_dict(), "plants")          # doctest: +SKIP
     >>> huggingface_hub.ModelCard(text).data.eval_results[0].metric_value  # doctest: +SKIP
     0.9627
 """
@@ -58,7 +58,7 @@ def card_metadata(meta: dict, name: str):
     dataset = _dataset_name(meta)
     results = [EvalResult(task_type=task, dataset_type=_dataset_type(meta), dataset_name=dataset, dataset_split="test",
                           metric_type=kind, metric_name=f"Test {shown[0].lower()}{shown[1:]}", metric_value=round(value, 4),
-                          **({"metric_args": {"average": "macro"}} if key == "macro_f1" else {}))
+                          metric_args={"average": "macro"} if key == "macro_f1" else None)
                for key, shown, kind in METRICS if (value := metric_value(test, key)) is not None]
     spec = meta.get("strategy", {}).get("spec", "")
     tags = ["transferkit", "transfer-learning" if spec == "feature-extraction" else "fine-tuning", task]

@@ -35,9 +35,9 @@ from transferkit.backbones import read_trained
 from transferkit.backbones.base import Backbone
 from transferkit.backbones.names import LEGACY_NAMES
 from transferkit.errors import RunError
+from transferkit.report.fit import write_fit_report
 from transferkit.runs.hubfiles import write_hub_files
-
-FORMAT_VERSION = 1
+from transferkit.runs.meta import FORMAT_VERSION, RunMeta
 REQUIRED_FIELDS = {"format_version": int, "backbone": dict, "classes": list, "data_config": dict, "strategy": dict}
 META_FILE = "transferkit.json"
 # Written into a run directory during the fit, not by the save: kept when the saved run replaces the folder.
@@ -56,7 +56,7 @@ def library_versions() -> dict[str, str]:
     return out | {"python": platform.python_version()}
 
 
-def save_run(out: Path, backbone: Backbone, meta: dict, report_extras: dict | None = None) -> None:
+def save_run(out: Path, backbone: Backbone, meta: RunMeta, report_extras: dict | None = None) -> None:
     """Write a run directory as a unit: built beside `out`, then swapped in; a previous run is replaced whole.
 
     Everything (model through the backbone contract, metadata, metrics, history, report; the manifest last)
@@ -79,23 +79,20 @@ def save_run(out: Path, backbone: Backbone, meta: dict, report_extras: dict | No
         shutil.rmtree(stage, ignore_errors=True)
         raise
     if replaced is not None:
-        log.info("Replaced the previous run in %s (%s, %s).", out, replaced.get("strategy", {}).get("spec", "?"),
-                 replaced.get("backbone", {}).get("name", "?"))
+        log.info("Replaced the previous run in %s (%s, %s).", out, replaced.strategy.spec, replaced.backbone_name)
 
 
-def _write_run_files(stage: Path, backbone: Backbone, meta: dict, name: str, report_extras: dict | None = None) -> None:
+def _write_run_files(stage: Path, backbone: Backbone, meta: RunMeta, name: str, report_extras: dict | None = None) -> None:
     backbone.write_trained(stage)
-    manifest = {"format_version": FORMAT_VERSION, **meta, "versions": library_versions()}
-    if meta.get("history"):
-        write_history_csv(stage / "history.csv", meta["history"])
-    if "metrics" in meta:
-        write_json(stage / "metrics.json", meta["metrics"])
-    if "test" in meta.get("metrics", {}):
-        from transferkit.report.comparison import write_fit_report
-
-        write_fit_report(stage, meta, meta.get("history", []), report_extras)
+    manifest = meta.with_(format_version=FORMAT_VERSION, versions=library_versions())
+    if meta.history:
+        write_history_csv(stage / "history.csv", meta.history)
+    if meta.metrics:
+        write_json(stage / "metrics.json", meta.metrics)
+    if meta.test_metrics:
+        write_fit_report(stage, meta, report_extras)
     write_hub_files(stage, backbone, manifest, name)  # timm's config.json, the model card
-    write_json(stage / META_FILE, manifest)
+    write_json(stage / META_FILE, manifest.to_dict())
 
 
 def _link_carried(out: Path, stage: Path) -> None:
@@ -140,10 +137,11 @@ def _remove_stale_staging(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def read_meta_or_none(run_dir: Path) -> dict | None:
+def read_meta_or_none(run_dir: Path) -> RunMeta | None:
+    """The record of the run in `run_dir`, or None where there is none (or it cannot be read), without checks."""
     try:
-        return json.loads((run_dir / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return RunMeta.from_dict(json.loads((run_dir / META_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
 
 
@@ -239,7 +237,8 @@ def validate_meta(meta: object, where: Path) -> dict:
     return meta
 
 
-def read_meta(run_dir: Path) -> dict:
+def read_meta(run_dir: Path) -> RunMeta:
+    """The checked record of a finished run (RunError, saying what is wrong and the fix, where it is not one)."""
     path = Path(run_dir) / META_FILE
     if not path.is_file():
         hint = " (it has checkpoints: finish it with fit --resume)" if (Path(run_dir) / "checkpoints").is_dir() else ""
@@ -248,7 +247,7 @@ def read_meta(run_dir: Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"Cannot read {path}: {e}. The run directory is damaged; fit again.") from e
-    return current_names(validate_meta(meta, path))
+    return RunMeta.from_dict(current_names(validate_meta(meta, path)))
 
 
 def current_names(meta: dict) -> dict:
@@ -263,7 +262,7 @@ def current_names(meta: dict) -> dict:
 
 def run_modality(run_dir: str | Path) -> str:
     """'image' or 'text': what a run directory's model classifies."""
-    return read_meta(Path(run_dir)).get("modality", "image")
+    return read_meta(Path(run_dir)).modality
 
 
 @dataclass
@@ -271,7 +270,7 @@ class LoadedRun:
     """A trained backbone ready to predict, with its metadata."""
 
     backbone: Backbone
-    meta: dict
+    meta: RunMeta
 
     @property
     def model(self):
@@ -279,7 +278,7 @@ class LoadedRun:
 
     @property
     def classes(self) -> list[str]:
-        return self.meta["classes"]
+        return self.meta.classes
 
 
 def load_run(run_dir: str | Path, expect: str | None = None) -> LoadedRun:
@@ -293,8 +292,10 @@ def load_run(run_dir: str | Path, expect: str | None = None) -> LoadedRun:
     """
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
-    modality = meta.get("modality", "image")
+    modality = meta.modality
     if expect is not None and modality != expect:
         cls = "TextClassifier" if modality == "text" else "ImageClassifier"
         raise RunError(f"{run_dir} holds a {modality} model; load it with {cls}.load (or transferkit.load_classifier).")
-    return LoadedRun(read_trained(run_dir, meta), meta)
+    backbone = read_trained(run_dir, modality=modality, spec=meta.backbone, n_classes=len(meta.classes),
+                            data_config=meta.data_config)
+    return LoadedRun(backbone, meta)

@@ -26,6 +26,7 @@ from pathlib import Path
 from transferkit.errors import RunError, UsageError
 from transferkit.runs.hubfiles import CARD_FILE, CONFIG_FILE
 from transferkit.runs.directory import META_FILE, read_meta
+from transferkit.runs.meta import RunMeta
 
 # What a repository of a run holds (fnmatch patterns on paths inside the run; '*' crosses folders).
 UPLOADED = (META_FILE, CONFIG_FILE, CARD_FILE, "model.safetensors", "metrics.json", "history.csv", "report.html",
@@ -88,7 +89,7 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revisi
         if revision and revision != constants.DEFAULT_REVISION:
             api.create_branch(url.repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(repo_id=url.repo_id, folder_path=run_dir, allow_patterns=list(UPLOADED), revision=revision,
-                                   commit_message=f"transferkit run {run_dir.name} ({meta['strategy'].get('spec')})")
+                                   commit_message=f"transferkit run {run_dir.name} ({meta.strategy.spec})")
     except Exception as e:  # huggingface_hub's HTTP errors, httpx's connection errors, ValueError for bad metadata
         raise _push_failure(repo_id, constants.ENDPOINT, e) from e
     size = sum((run_dir / f).stat().st_size for f in files)
@@ -96,8 +97,8 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revisi
     return PushResult(url.repo_id, str(url), revision or constants.DEFAULT_REVISION, commit.commit_url, tuple(files), size)
 
 
-def _check_hub_layout(run_dir: Path, meta: dict) -> None:
-    needed = [CARD_FILE] + ([CONFIG_FILE] if meta.get("modality", "image") == "image" else [])
+def _check_hub_layout(run_dir: Path, meta: RunMeta) -> None:
+    needed = [CARD_FILE] + ([CONFIG_FILE] if meta.modality == "image" else [])
     missing = [f for f in needed if not (run_dir / f).is_file()]
     if missing:
         raise RunError(f"{run_dir} has no {' or '.join(missing)}: it was written by a transferkit without the Hub "
@@ -119,8 +120,9 @@ def _check_repo_id(repo_id: str) -> None:
 def _push_failure(repo_id: str, endpoint: str, error: Exception) -> RunError:
     status = getattr(getattr(error, "response", None), "status_code", None)
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    fix = {401: "The token was refused: log in again with `hf auth login` or set a valid HF_TOKEN.",
-           403: f"The token may not write to {repo_id}: use a token with write access to its owner."}.get(
-        status, f"Check the connection to {endpoint} (HF_ENDPOINT) and try again.")
+    fixes = {401: "The token was refused: log in again with `hf auth login` or set a valid HF_TOKEN.",
+             403: f"The token may not write to {repo_id}: use a token with write access to its owner."}
+    fix = fixes.get(status) if isinstance(status, int) else None
+    fix = fix or f"Check the connection to {endpoint} (HF_ENDPOINT) and try again."
     return RunError(f"Pushing to {repo_id} at {endpoint} failed ({type(error).__name__}"
                     f"{f' {status}' if status else ''}: {reason}). {fix}")

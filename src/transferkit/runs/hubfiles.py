@@ -26,19 +26,20 @@ from pathlib import Path
 
 from transferkit.atomic import write_atomic
 from transferkit.runs.card import model_card
+from transferkit.runs.meta import RunMeta
 
 CONFIG_FILE = "config.json"  # timm's hub config (the name timm's loaders look for)
 CARD_FILE = "README.md"  # the model card (the name the Hub renders)
 
 
-def write_hub_files(stage: Path, backbone, meta: dict, name: str) -> None:
+def write_hub_files(stage: Path, backbone, meta: RunMeta, name: str) -> None:
     """timm's config.json (image runs) and the model card, into the folder that becomes run `name`."""
     if backbone.modality == "image":
         write_timm_config(stage / CONFIG_FILE, backbone.model, meta)
-    write_atomic(stage / CARD_FILE, model_card(meta, name))
+    write_atomic(stage / CARD_FILE, model_card(meta.to_dict(), name))
 
 
-def write_timm_config(path: Path, model, meta: dict) -> None:
+def write_timm_config(path: Path, model, meta: RunMeta) -> None:
     """config.json as timm writes it for the Hub, with the run's classes and preprocessing.
 
     timm's own writer describes the model (architecture, pooling, reconstruction
@@ -49,8 +50,8 @@ def write_timm_config(path: Path, model, meta: dict) -> None:
     from timm.models._hub import save_config_for_hf
 
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the timm model
-    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()}
-    extra = {"label_names": list(meta["classes"])}
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.data_config.items()}
+    extra = {"label_names": list(meta.classes)}
     with tempfile.TemporaryDirectory() as tmp:
         written = Path(tmp) / CONFIG_FILE
         if "data_config" in inspect.signature(save_config_for_hf).parameters:

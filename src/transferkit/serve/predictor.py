@@ -84,12 +84,12 @@ class RunPredictor(Predictor):
             "format": "run",
             "modality": self.modality,
             "classes": self.classes,
-            "backbone": meta["backbone"],
-            "strategy": meta["strategy"].get("spec"),
-            "preprocessing": meta["data_config"],
-            "metrics": metrics_summary(meta.get("metrics", {})),
-            "calibration": meta.get("calibration"),
-            "versions": meta.get("versions", {}),
+            "backbone": meta.backbone,
+            "strategy": meta.strategy.spec,
+            "preprocessing": meta.data_config,
+            "metrics": metrics_summary(meta.metrics),
+            "calibration": meta.calibration,
+            "versions": meta.versions or {},
             "inference": {"engine": "torch", "device": str(self.device), "precision": precision_name(self.dtype)},
         }
 
@@ -113,17 +113,17 @@ class OnnxPredictor(Predictor):
         from transferkit.runs.directory import read_meta_or_none
 
         pre = self.clf.preprocess_
-        run = read_meta_or_none(self.source.parent) or {}  # an export inside its run directory: the run's metrics
+        run = read_meta_or_none(self.source.parent)  # an export inside its run directory: the run's metrics
         return {
             "source": str(self.source),
             "format": "onnx",
             "modality": "image",
             "classes": self.classes,
             "backbone": pre.get("backbone"),
-            "strategy": run.get("strategy", {}).get("spec"),
+            "strategy": run.strategy.spec if run else None,
             "preprocessing": pre["data_config"],
-            "metrics": metrics_summary(run.get("metrics", {})),
-            "calibration": run.get("calibration"),
+            "metrics": metrics_summary(run.metrics if run else {}),
+            "calibration": run.calibration if run else None,
             "versions": pre.get("versions", {}),
             "inference": {"engine": "onnxruntime", "providers": self.clf.session_.get_providers(), "precision": "fp32"},
         }

@@ -8,7 +8,9 @@ phase and epoch; ``last.json`` says where it stands in words. Loaded with
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,6 +18,39 @@ from transferkit import distributed
 from transferkit.atomic import write_atomic, write_json
 from transferkit.errors import RunError, UsageError
 from transferkit.training.strategies import DEFAULT_FINETUNE_EPOCHS
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeState:
+    """Where a fit stands after an epoch: what ``last.pt`` holds besides the run's fingerprint.
+
+    Between phases `loop` is None and `model` holds the weights; inside a phase `loop` holds the loop's state
+    (training.loop: model, optimizer, scheduler, RNG states, best weights) and `model` is None.
+    """
+
+    phase_index: int  # phases finished: the index of the phase running (len(phases) when done)
+    phase: str  # that phase's name, or "done"
+    epoch: int  # epochs the running phase finished (0 between phases)
+    trainable_blocks: list[str]
+    bn: str
+    loop: dict[str, Any] | None
+    model: dict[str, Any] | None
+    final_loop: dict[str, Any] | None = None  # the last phase's last epoch: what --epochs N extends a finished fit from
+    results: list[dict[str, Any]]  # the finished phases' PhaseResult fields
+    notes: dict[str, dict[str, Any]]  # each phase's notes (the PhaseRecord fields beyond its result)
+    extend: tuple[int, int] | None = None  # (epochs before, epochs now): resumed with a larger --epochs; never saved
+
+    def to_dict(self) -> dict[str, Any]:
+        """What torch.save writes (plain values and tensors, so weights_only=True loads it); not copied."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extend"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ResumeState:
+        """From a loaded checkpoint (one written before final_loop was kept has none)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d and f.name != "extend"})
+
+    def with_(self, **changes: Any) -> ResumeState:
+        return replace(self, **changes)
 
 
 class Checkpoints:
@@ -31,16 +66,17 @@ class Checkpoints:
     def path(self) -> Path:
         return self.folder / "last.pt"
 
-    def write(self, state: dict) -> None:
+    def write(self, state: ResumeState) -> None:
         """Write `state` (rank 0 only: every process holds the same state, nothing in it depends on their number)."""
         if not distributed.is_main():
             return
         buf = io.BytesIO()
-        torch.save({"fingerprint": self.fingerprint, **state}, buf)
+        torch.save({"fingerprint": self.fingerprint, **state.to_dict()}, buf)
         write_atomic(self.path, buf.getvalue())
-        write_json(self.folder / "last.json", {k: state[k] for k in ("phase_index", "phase", "epoch", "trainable_blocks")})
+        where = {"phase_index": state.phase_index, "phase": state.phase, "epoch": state.epoch, "trainable_blocks": state.trainable_blocks}
+        write_json(self.folder / "last.json", where)
 
-    def read(self) -> dict:
+    def read(self) -> ResumeState:
         if not self.path.is_file():
             raise UsageError(f"--resume found no checkpoint at {self.path}. Run fit without --resume to start.")
         try:
@@ -57,8 +93,8 @@ class Checkpoints:
                     "same data and options (only a larger --epochs may be given, to train longer), or "
                     "fit into another --out without --resume."
                 )
-            state["extend"] = more
-        return state
+            return ResumeState.from_dict(state).with_(extend=more)
+        return ResumeState.from_dict(state)
 
     def exists(self) -> bool:
         return self.path.is_file()

@@ -74,8 +74,8 @@ class TrainConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("engine", self.engine, ENGINES)
         check_device(self.device)
-        for name, *rule in _RANGES:
-            _check_number(name, *rule, getattr(self, name))
+        for name, kind, low, inclusive, optional in _RANGES:
+            _check_number(name, kind, low, inclusive, optional, getattr(self, name))
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"label_smoothing must be in [0, 1); got {self.label_smoothing!r}.")
         if not 0 < self.layer_decay <= 1:

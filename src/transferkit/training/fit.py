@@ -22,8 +22,9 @@ from transferkit.backbones.base import Backbone
 from transferkit.cache.features import FeatureCache
 from transferkit.data.examples import DataSplits
 from transferkit.inference.extraction import resolve_device, resolve_precision
+from transferkit.runs.meta import PhaseRecord, RunMeta, StrategyRecord
 from transferkit.stats.metrics import metrics, softmax
-from transferkit.tracking import FitLog
+from transferkit.tracking import FitLog, Tracker
 from transferkit.training.checkpoints import Checkpoints
 from transferkit.training.config import TrainConfig
 from transferkit.training.loop import seed_everything
@@ -55,7 +56,7 @@ class Fitted:
     strategy: Strategy
     decision: AutoDecision | None
     config: TrainConfig
-    phases: list[dict]
+    phases: list[PhaseRecord]
     history: list[dict]
     metrics: dict
     feature_cache: dict
@@ -79,41 +80,40 @@ class Fitted:
             "data_summary_": self.data_summary,
         }
 
-    def to_meta(self, requested: str) -> dict:
-        """transferkit.json's content (plain JSON values)."""
-        return {
-            "modality": self.backbone.modality,
-            "backbone": self.backbone.spec.to_dict(),
-            "classes": self.classes,
-            "data_config": jsonable(self.backbone.data_config),
-            "strategy": {
-                "spec": self.strategy.spec,
-                "requested": requested,
-                "phases": self.phases,
-                "auto": self.decision.to_dict() if self.decision else None,
-            },
-            "training": self.config.to_dict(),
-            "feature_cache": self.feature_cache,
-            "data": self.data_summary,
-            "metrics": self.metrics,
-            "history": self.history,
-        }
+    def to_meta(self, requested: str) -> RunMeta:
+        """The run's record (transferkit.json's content)."""
+        return RunMeta(
+            modality=self.backbone.modality,
+            backbone=self.backbone.spec.to_dict(),
+            classes=self.classes,
+            data_config=jsonable(self.backbone.data_config),
+            strategy=StrategyRecord(
+                spec=self.strategy.spec,
+                requested=requested,
+                phases=self.phases,
+                auto=self.decision.to_dict() if self.decision else None,
+            ),
+            training=self.config.to_dict(),
+            feature_cache=self.feature_cache,
+            data=self.data_summary,
+            metrics=self.metrics,
+            history=self.history,
+        )
 
     @classmethod
-    def from_meta(cls, backbone: Backbone, meta: dict) -> Fitted:
-        strategy = meta["strategy"]
-        known = {k: v for k, v in meta.get("training", {}).items() if k in TrainConfig.names()}
+    def from_meta(cls, backbone: Backbone, meta: RunMeta) -> Fitted:
+        known = {k: v for k, v in meta.training.items() if k in TrainConfig.names()}
         return cls(
             backbone=backbone,
-            classes=list(meta["classes"]),
-            strategy=parse_strategy(strategy.get("spec", "feature-extraction")),
-            decision=AutoDecision.from_dict(strategy["auto"]) if strategy.get("auto") else None,
+            classes=list(meta.classes),
+            strategy=parse_strategy(meta.strategy.spec),
+            decision=AutoDecision.from_dict(meta.strategy.auto) if meta.strategy.auto else None,
             config=TrainConfig(**known),
-            phases=strategy.get("phases", []),
-            history=meta.get("history", []),
-            metrics=meta.get("metrics", {}),
-            feature_cache=meta.get("feature_cache", {}),
-            data_summary=meta.get("data", {}),
+            phases=list(meta.strategy.phases),
+            history=meta.history,
+            metrics=meta.metrics,
+            feature_cache=meta.feature_cache,
+            data_summary=meta.data,
         )
 
 
@@ -130,7 +130,7 @@ class FitRequest:
     progress: bool = False
     checkpoint_dir: Path | None = None
     resume: bool = False
-    tracker: object | None = None
+    tracker: Tracker | None = None
     tracked: dict | None = None  # the estimator's settings, for the experiment tracker
 
 
@@ -311,13 +311,13 @@ def jsonable(config: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
-def _phase_record(phase, result, notes: dict) -> dict:
-    return {
-        "name": phase.name,
-        "on_features": phase.on_features,
-        "epochs_run": len(result.history),
-        "best_epoch": result.best_epoch,
-        "best_val_acc": result.best_val_acc,
-        "seconds": round(result.seconds, 3),
+def _phase_record(phase, result, notes: dict) -> PhaseRecord:
+    return PhaseRecord(
+        name=phase.name,
+        on_features=phase.on_features,
+        epochs_run=len(result.history),
+        best_epoch=result.best_epoch,
+        best_val_acc=result.best_val_acc,
+        seconds=round(result.seconds, 3),
         **notes.get(phase.name, {}),
-    }
+    )

@@ -83,11 +83,11 @@ def rng_state(loader_generator: torch.Generator | None) -> dict:
     """Every random state a resumed run needs to continue exactly (tensors and plain tuples only)."""
     import random
 
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, cached),
         "loader": loader_generator.get_state() if loader_generator is not None else None,
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -125,7 +125,7 @@ class Hooks:
         epoch_end: receives the loop state after each epoch (a checkpoint, experiment tracking).
     """
 
-    epoch_start: Callable[[int], None] = _noop
+    epoch_start: Callable[[int], object] = _noop  # its return value is ignored
     train_mode: Callable[[], None] | None = None
     epoch_end: Callable[[dict], None] = _noop
 
@@ -147,6 +147,16 @@ class PhaseSpec:
     start_best: float = -1.0  # validation accuracy an epoch must beat to be kept (the model as handed in)
 
 
+@dataclass(kw_only=True)
+class _Progress:
+    """Where a phase's loop stands: its result so far, the best weights, epochs since they were found, the next epoch."""
+
+    result: PhaseResult
+    best_state: dict | None
+    since_best: int = 0
+    first: int = 0
+
+
 def run_phase(
     model: nn.Module, groups: list[dict], train_loader, val_loader, spec: PhaseSpec, hooks: Hooks | None = None, resume: dict | None = None
 ) -> PhaseResult:
@@ -165,27 +175,25 @@ def run_phase(
     schedule = warmup_cosine(spec.epochs * steps_per_epoch, int(spec.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = getattr(train_loader, "generator", None)
-    state = {
-        "result": PhaseResult(spec.name, best_val_acc=spec.start_best, best_epoch=0 if spec.start_best >= 0 else -1),
-        "best_state": copy.deepcopy(model.state_dict()) if spec.start_best >= 0 else None,
-        "since_best": 0,
-        "first": 0,
-    }
+    state = _Progress(
+        result=PhaseResult(spec.name, best_val_acc=spec.start_best, best_epoch=0 if spec.start_best >= 0 else -1),
+        best_state=copy.deepcopy(model.state_dict()) if spec.start_best >= 0 else None,
+    )
     if resume is not None:
         _restore_loop(resume, model, optimizer, scheduler, generator, state)
     start = time.perf_counter()
     with make_progress(spec.progress) as bar:
-        task = bar.add_task(spec.name, total=spec.epochs, completed=state["first"], info="")
-        for epoch in range(state["first"], spec.epochs):
-            if cfg.patience is not None and state["since_best"] >= cfg.patience:
+        task = bar.add_task(spec.name, total=spec.epochs, completed=state.first, info="")
+        for epoch in range(state.first, spec.epochs):
+            if cfg.patience is not None and state.since_best >= cfg.patience:
                 break  # early-stopped before an interruption
             row = _one_epoch(model, epoch, train_loader, val_loader, optimizer, scheduler, spec, hooks)
             _keep_if_best(model, row, state)
             bar.update(task, advance=1, info=f"loss {row['train_loss']:.3f} val {row['val_acc']:.3f}")
             hooks.epoch_end(_loop_state(model, optimizer, scheduler, generator, state, epoch + 1))
-    result = state["result"]
-    if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
+    result = state.result
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -212,33 +220,33 @@ def _one_epoch(model, epoch: int, train_loader, val_loader, optimizer, scheduler
     }
 
 
-def _keep_if_best(model: nn.Module, row: dict, state: dict) -> None:
-    result = state["result"]
+def _keep_if_best(model: nn.Module, row: dict, state: _Progress) -> None:
+    result = state.result
     result.history.append(row)
     if row["val_acc"] > result.best_val_acc:
-        result.best_val_acc, result.best_epoch, state["since_best"] = row["val_acc"], row["epoch"], 0
-        state["best_state"] = copy.deepcopy(model.state_dict())
+        result.best_val_acc, result.best_epoch, state.since_best = row["val_acc"], row["epoch"], 0
+        state.best_state = copy.deepcopy(model.state_dict())
     else:
-        state["since_best"] += 1
+        state.since_best += 1
 
 
-def _loop_state(model, optimizer, scheduler, generator, state: dict, epoch: int) -> dict:
-    result = state["result"]
+def _loop_state(model, optimizer, scheduler, generator, state: _Progress, epoch: int) -> dict:
+    result = state.result
     return {
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(generator),
-        "best_state": state["best_state"],
-        "since_best": state["since_best"],
+        "best_state": state.best_state,
+        "since_best": state.since_best,
         "history": result.history,
         "best_val_acc": result.best_val_acc,
         "best_epoch": result.best_epoch,
     }
 
 
-def _restore_loop(resume: dict, model, optimizer, scheduler, generator, state: dict) -> None:
+def _restore_loop(resume: dict, model, optimizer, scheduler, generator, state: _Progress) -> None:
     model.load_state_dict(resume["model"])
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
@@ -246,8 +254,8 @@ def _restore_loop(resume: dict, model, optimizer, scheduler, generator, state: d
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
     set_rng_state_(resume["rng"], generator)
-    result = state["result"]
-    state.update(best_state=resume["best_state"], since_best=resume["since_best"], first=resume["epoch"])
+    result = state.result
+    state.best_state, state.since_best, state.first = resume["best_state"], resume["since_best"], resume["epoch"]
     result.history, result.best_val_acc, result.best_epoch = resume["history"], resume["best_val_acc"], resume["best_epoch"]
 
 
@@ -256,7 +264,8 @@ def validation_accuracy(
 ) -> float:
     """Accuracy over `loader`; with `replicas`, over every process's share of the validation set."""
     logits, y = predict_logits(model, loader, device, dtype)
-    correct, total = (int((logits.argmax(1) == y).sum()) if len(y) else 0), len(y)
+    correct: float = int((logits.argmax(1) == y).sum()) if len(y) else 0
+    total: float = len(y)
     if replicas:
         correct, total = replicas.sum(correct, total)
     return correct / max(1, total)
@@ -283,7 +292,7 @@ def train_epoch(
     else:
         model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen = 0.0, 0.0, 0.0
     chunks = 1  # pieces each batch is computed in; doubles on device out-of-memory
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):

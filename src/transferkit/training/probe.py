@@ -40,7 +40,9 @@ def fit_linear_probe(
     xv, yv = val[0].float(), val[1].long()
     xt = x.T.contiguous()  # logits as weight @ xt: the fastest layout for a thin matmul on the CPU
     weight, bias = torch.zeros(head.out_features, head.in_features), torch.zeros(head.out_features)
-    result, best, best_key, start = PhaseResult(name), None, None, time.perf_counter()
+    result, start = PhaseResult(name), time.perf_counter()
+    best: tuple[torch.Tensor, torch.Tensor] | None = None
+    best_key: tuple[float, float, float] = (-1.0, 0.0, 0.0)
     grid = sorted(c_grid)
     with make_progress(progress) as bar:
         task = bar.add_task(name, total=len(grid), info="")
@@ -71,6 +73,7 @@ def fit_linear_probe(
                 result.best_val_acc, result.best_epoch = val_acc, len(result.history)
                 best = (weight.clone(), bias.clone())
             bar.update(task, advance=1, info=f"C={c:g} val {val_acc:.3f}")
+    assert best is not None, "the C grid is never empty"
     with torch.no_grad():
         head.weight.copy_(best[0])
         head.bias.copy_(best[1])

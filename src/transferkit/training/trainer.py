@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +21,13 @@ from torch import nn
 
 from transferkit import distributed
 from transferkit.backbones import freeze, lora
-from transferkit.backbones.base import Backbone
+from transferkit.backbones.base import Backbone, NoPrefix, PrefixSplit
 from transferkit.cache.features import FeatureCache, cached_features_info
 from transferkit.cache.pixels import decode_once
 from transferkit.data.examples import DataSplits
-from transferkit.errors import UsageError
+from transferkit.errors import RunError, UsageError
 from transferkit.inference.extraction import Cut, predict_logits, prefix_cut
-from transferkit.training.checkpoints import Checkpoints
+from transferkit.training.checkpoints import Checkpoints, ResumeState
 from transferkit.training.config import FINETUNE_LR, HEAD_LR, TrainConfig
 from transferkit.training.loop import Hooks, PhaseResult, PhaseSpec, run_phase
 from transferkit.training.probe import fit_linear_probe
@@ -137,6 +137,7 @@ class Trainer:
 
     def _loader(self, data: torch.utils.data.Dataset, train: bool, workers: int = 0, collate: Callable | None = None):
         """Training: this process's share of each seeded global batch. Evaluation: its contiguous shard, in order."""
+        assert isinstance(data, Sized), "map-style datasets only"
         gen = torch.Generator().manual_seed(self.cfg.seed)  # seeds the loader's workers
         if not train:
             if distributed.active():
@@ -171,21 +172,21 @@ class Trainer:
     def run_all(self, phases: list[Phase], resume: bool = False) -> list[PhaseResult]:
         """Run every phase in order; with `resume`, skip finished phases and continue the current one exactly."""
         state = self.checkpoints.read() if resume and self.checkpoints else None
-        if state is not None and "extend" in state:
+        if state is not None and state.extend is not None:
             state = self._reopen_last_phase(state, phases)
         results: list[PhaseResult] = []
         for i, phase in enumerate(phases):
-            if state is not None and i < state["phase_index"]:
-                results.append(PhaseResult(**state["results"][i]))
-                self.phase_notes[phase.name] = state["notes"].get(phase.name, {})
+            if state is not None and i < state.phase_index:
+                results.append(PhaseResult(**state.results[i]))
+                self.phase_notes[phase.name] = state.notes.get(phase.name, {})
                 self.on_epochs(results[-1].history)
                 continue
-            loop = state["loop"] if state is not None and i == state["phase_index"] else None
-            if state is not None and loop is None and i == state["phase_index"]:
-                self._restore_model(state["model"])  # the phase had finished: restore its result
+            loop = state.loop if state is not None and i == state.phase_index else None
+            if state is not None and loop is None and i == state.phase_index:
+                self._restore_model(state.model)  # the phase had finished: restore its result
             results.append(self.run(phase, i, results, loop))
             self.on_epochs(results[-1].history)
-            if state is not None and i == state["phase_index"]:
+            if state is not None and i == state.phase_index:
                 state = None
             self._checkpoint(
                 i + 1,
@@ -195,10 +196,10 @@ class Trainer:
                 final_loop=self._last_loop if i + 1 == len(phases) else None,
             )
         if state is not None:  # every phase had finished before the interruption
-            self._restore_model(state["model"])
+            self._restore_model(state.model)
         return results
 
-    def _reopen_last_phase(self, state: dict, phases: list[Phase]) -> dict:
+    def _reopen_last_phase(self, state: ResumeState, phases: list[Phase]) -> ResumeState:
         """`--resume --epochs N` with N larger than before: the last phase continues to N epochs.
 
         An interrupted phase simply runs on; a finished one is reopened from its last epoch (optimizer,
@@ -206,15 +207,16 @@ class Trainer:
         epochs, so the learning rate resumes where the longer schedule is at the epoch reached and decays to
         zero at N; the best epoch on validation is still kept, across the old and new epochs.
         """
-        (old, new), last = state["extend"], len(phases) - 1
-        if state["phase_index"] > last:
-            if not state.get("final_loop"):
+        assert state.extend is not None and self.checkpoints is not None, "called only to extend a resumed fit"
+        (old, new), last = state.extend, len(phases) - 1
+        if state.phase_index > last:
+            if not state.final_loop:
                 raise UsageError(
                     f"{self.checkpoints.path} holds no state of its last epoch (written by an older "
                     "transferkit), so it cannot be extended; fit again with --overwrite --epochs "
                     f"{new}."
                 )
-            state = {**state, "phase_index": last, "loop": state["final_loop"], "results": state["results"][:last]}
+            state = state.with_(phase_index=last, loop=state.final_loop, results=state.results[:last])
         if phases[last].on_features:
             raise UsageError(
                 f"--epochs {new}: this strategy's phases train on cached features only and take no "
@@ -225,13 +227,18 @@ class Trainer:
             old,
             new,
             phases[last].name,
-            (state.get("loop") or {}).get("epoch", 0),
+            (state.loop or {}).get("epoch", 0),
             new,
         )
         return state
 
-    def _restore_model(self, state: dict) -> None:
+    def _restore_model(self, state: dict | None) -> None:
         """Load a checkpoint's model; one saved with LoRA adapters gets them added first (a lora phase had run)."""
+        if state is None:
+            raise RunError(
+                f"{self.checkpoints.path if self.checkpoints else 'The checkpoint'} holds no model weights "
+                "between phases; it is damaged. Fit again with --overwrite."
+            )
         if lora.saved_with_adapters(state) and not lora.is_adapted(self.bb.model):
             lora.add_adapters_(self.bb)
         self.bb.model.load_state_dict(state)
@@ -243,18 +250,18 @@ class Trainer:
         if self.checkpoints is None:
             return
         self.checkpoints.write(
-            {
-                "phase_index": phase_index,
-                "phase": phase_name,
-                "epoch": loop["epoch"] if loop else 0,
-                "trainable_blocks": self.trainable_block_names(),
-                "bn": self.bn,
-                "loop": loop,
-                "model": self.bb.model.state_dict() if loop is None else None,
-                "final_loop": final_loop,
-                "results": [vars(r) for r in results],
-                "notes": self.phase_notes,
-            }
+            ResumeState(
+                phase_index=phase_index,
+                phase=phase_name,
+                epoch=loop["epoch"] if loop else 0,
+                trainable_blocks=self.trainable_block_names(),
+                bn=self.bn,
+                loop=loop,
+                model=self.bb.model.state_dict() if loop is None else None,
+                final_loop=final_loop,
+                results=[vars(r) for r in results],
+                notes=self.phase_notes,
+            )
         )
 
     def trainable_block_names(self) -> list[str]:
@@ -283,8 +290,10 @@ class Trainer:
 
     def _fit_head(self, phase: Phase) -> PhaseResult:
         if phase.solver == "lbfgs":
+            linear = self.bb.head()
+            assert isinstance(linear, nn.Linear), f"the probe fits a linear head; {self.bb.spec.arch} has {type(linear).__name__}"
             result = fit_linear_probe(
-                self.bb.head(), self._feature_tensors("train"), self._feature_tensors("val"), progress=self.progress, name=phase.name
+                linear, self._feature_tensors("train"), self._feature_tensors("val"), progress=self.progress, name=phase.name
             )
             self.phase_notes[phase.name] = {"trainable_blocks": [], "solver": "lbfgs", "C": result.history[result.best_epoch - 1]["C"]}
             return result
@@ -366,8 +375,8 @@ class Trainer:
         rest of the network on it. Returns None and the reason when not used.
         """
         split = self._prefix_split(phase, top_blocks)
-        if isinstance(split, str):
-            return None, {"used": False, "reason": split}
+        if isinstance(split, NoPrefix):
+            return None, {"used": False, "reason": split.reason}
         cut = prefix_cut(split, self.bb.data_config["input_size"])
         n = len(self.splits.train) + len(self.splits.val)
         size = n * cut.size * 2  # float16
@@ -396,16 +405,16 @@ class Trainer:
         val_loader = self._loader(CachedOutputs(val, self.splits.val.labels, cut.shape), train=False)
         return (train_loader, val_loader, TrainsThrough(split.suffix, self.bb.model)), note
 
-    def _prefix_split(self, phase: Phase, top_blocks: int):
-        """Where the phase's frozen blocks end (a PrefixSplit), or why its inputs cannot be cached (a str)."""
+    def _prefix_split(self, phase: Phase, top_blocks: int) -> PrefixSplit | NoPrefix:
+        """Where the phase's frozen blocks end, or why its inputs cannot be cached."""
         if phase.gradual:
-            return "gradual unfreezing changes the frozen blocks every epoch"
+            return NoPrefix("gradual unfreezing changes the frozen blocks every epoch")
         if self.cfg.augment != "none":
-            return f"augment={self.cfg.augment}: the frozen blocks see a new view of each example every epoch"
+            return NoPrefix(f"augment={self.cfg.augment}: the frozen blocks see a new view of each example every epoch")
         if not self.cache.enabled:
-            return "the feature cache is off"
+            return NoPrefix("the feature cache is off")
         if self.cache_budget <= 0:
-            return "the cache budget is 0"
+            return NoPrefix("the cache budget is 0")
         return self.bb.prefix_split(top_blocks)
 
     def min_per_class(self) -> int:
@@ -419,9 +428,6 @@ class Trainer:
                 return head(torch.from_numpy(self.features(split))).numpy()
         logits, _ = predict_logits(self.bb.model, self.example_loader(split, False), self.device, self.dtype, engine=self.cfg.engine)
         return distributed.gather_rows(logits)  # each process predicted its shard
-
-    def test_logits(self, last: Phase) -> np.ndarray:
-        return self.logits("test", last)
 
 
 def _gb(n_bytes: int) -> str:
@@ -474,7 +480,7 @@ def run_strategy(
         probe = trainer.run_head_on_features(Phase("head", 0, 1, on_features=True, solver="lbfgs"))
         decision = decide_before_trial(trainer.min_per_class(), probe.best_val_acc)
         trial = decision is None
-        strategy = AUTO_CANDIDATE if trial else decision.strategy
+        strategy = AUTO_CANDIDATE if decision is None else decision.strategy
     phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(trainer.bb.blocks))
     results = trainer.run_all(phases, resume=resume)
     if trial:
