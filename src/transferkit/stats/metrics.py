@@ -67,7 +67,7 @@ def metrics(logits: np.ndarray, y_true: np.ndarray, classes: list[str], ids: lis
     probs = softmax(logits)
     intervals = score_with_intervals(y_true, pred, len(classes), seed=seed)
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "accuracy": float(np.trace(cm) / len(y_true)),
         "top5_accuracy": _top_k_accuracy(logits, y_true, labels),
         "macro_f1": float(f1_score(y_true, pred, labels=present, average="macro", zero_division=0)),
@@ -101,7 +101,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def _top_k_accuracy(logits: np.ndarray, y_true: np.ndarray, labels: np.ndarray) -> float:
     """Share of examples whose true class is among the min(TOP_K, K) highest scores."""
-    if TOP_K >= len(labels):  # every class is in the top K: scikit-learn would warn that the score is meaningless
+    if len(labels) <= TOP_K:  # every class is in the top K: scikit-learn would warn that the score is meaningless
         return 1.0
     return float(top_k_accuracy_score(y_true, logits, k=TOP_K, labels=labels))
 
