@@ -50,6 +50,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ AUGMENTATIONS = ("none", "light", "strong")
 # --------------------------------------------------------------------------- decoding
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path | IO[bytes]) -> Image.Image:
     """Decode an image file to RGB with its EXIF orientation applied.
 
     Raises:
