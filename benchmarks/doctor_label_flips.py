@@ -33,7 +33,7 @@ def with_flips(splits: DataSplits, rate: float, seed: int) -> tuple[DataSplits, 
     """The splits with round(rate * n_train) training labels moved to another class; and which were moved."""
     rng = np.random.default_rng(seed)
     train = splits.train.subset(range(len(splits.train)))
-    flipped = rng.choice(len(train), int(round(rate * len(train))), replace=False)
+    flipped = rng.choice(len(train), round(rate * len(train)), replace=False)
     k = len(splits.classes)
     train.labels = train.labels.copy()
     train.labels[flipped] = (train.labels[flipped] + rng.integers(1, k, len(flipped))) % k

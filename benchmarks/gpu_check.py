@@ -205,7 +205,7 @@ def train_under_pressure(device: torch.device, records: list[str]) -> tuple[str,
     batch = [(torch.randn(128, 3, 448, 448), torch.randint(0, 10, (128,)))]
     try:
         loss, _ = train_epoch(model, batch, optimizer, scheduler, make_loss(cfg), cfg, device, torch.bfloat16)
-    except Exception as e:  # noqa: BLE001  (the check reports any failure)
+    except Exception as e:  # the check reports any failure
         return f"{type(e).__name__}: {e}"[:200], False
     pieces = any("pieces" in m for m in records)
     return f"retried in pieces: {pieces}, loss {loss:.3f}", pieces and np.isfinite(loss)
@@ -269,7 +269,7 @@ def main() -> int:
     for step in (extraction, finetune_step, jpeg_decoding, out_of_memory, torchrun_nccl, compare_memory):
         try:
             step(device)
-        except Exception as e:  # noqa: BLE001  (one failing check must not hide the others)
+        except Exception as e:  # one failing check must not hide the others
             check(f"{step.__name__} ran", f"{type(e).__name__}: {e}"[:300], False)
         print(f"[{step.__name__} done at {time.perf_counter() - started:.0f} s]\n")
     print(f"gpu_check: {sum(RESULTS)} of {len(RESULTS)} checks passed in {time.perf_counter() - started:.0f} s")

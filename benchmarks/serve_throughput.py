@@ -40,10 +40,10 @@ BOUNDARY = "transferkit-bench"
 
 
 def start(run: Path, extra: list[str], log: Path) -> tuple[subprocess.Popen, int]:
-    out = open(log, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "transferkit", "serve", str(run), "--port", "0", "-q", *extra], stdout=out, stderr=subprocess.STDOUT
-    )
+    with open(log, "w") as out:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "transferkit", "serve", str(run), "--port", "0", "-q", *extra], stdout=out, stderr=subprocess.STDOUT
+        )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         found = re.search(r"at http://[\d.]+:(\d+)", log.read_text())

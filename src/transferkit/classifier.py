@@ -47,7 +47,7 @@ FITTED = (
 )
 
 
-class _Classifier(BaseEstimator):
+class Classifier(BaseEstimator):
     """What both estimators share: settings, fit, predict, score, save and load (see the module doc)."""
 
     modality: ClassVar[str]
@@ -219,14 +219,14 @@ class _Classifier(BaseEstimator):
         return 0.0
 
 
-def load_classifier(run: str | Path, **settings) -> _Classifier:
+def load_classifier(run: str | Path, **settings) -> Classifier:
     """The fitted ImageClassifier or TextClassifier of a run directory, by the modality it records."""
     from transferkit.runs.directory import run_modality
 
     return CLASSIFIERS[run_modality(run)].load(run, **settings)
 
 
-class ImageClassifier(_Classifier):
+class ImageClassifier(Classifier):
     """Adapt a pretrained image backbone to labelled images.
 
     Args:
@@ -334,7 +334,7 @@ class ImageClassifier(_Classifier):
         return as_image_set(X, self.classes_, labels)
 
 
-class TextClassifier(_Classifier):
+class TextClassifier(Classifier):
     """Adapt a pretrained text encoder (Hugging Face transformers) to labelled texts.
 
     Args:
@@ -432,4 +432,4 @@ class TextClassifier(_Classifier):
         return as_text_set(X, self.classes_, labels)
 
 
-CLASSIFIERS: dict[str, type[_Classifier]] = {"image": ImageClassifier, "text": TextClassifier}
+CLASSIFIERS: dict[str, type[Classifier]] = {"image": ImageClassifier, "text": TextClassifier}

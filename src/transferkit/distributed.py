@@ -30,7 +30,7 @@ from __future__ import annotations
 import atexit
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TypeVar
 
 import numpy as np
@@ -120,10 +120,8 @@ def join(device: torch.device) -> torch.device:
 def leave() -> None:
     """Destroy the process group if there is one (registered to run at exit by `join`)."""
     if dist.is_available() and dist.is_initialized():
-        try:
+        with suppress(Exception):  # exiting anyway, e.g. after a peer died: nothing left to clean
             dist.destroy_process_group()
-        except Exception:  # exiting anyway, e.g. after a peer died: nothing left to clean
-            pass
 
 
 def _comm_device() -> torch.device:
@@ -222,7 +220,7 @@ def train_sampler(n: int, seed: int, rank_: int | None = None, world: int | None
     many batches and no image counts twice.
     """
     return torch.utils.data.DistributedSampler(
-        range(n),
+        range(n),  # type: ignore[arg-type]  # torch annotates Dataset; the sampler only takes len() of it
         num_replicas=world_size() if world is None else world,
         rank=rank() if rank_ is None else rank_,
         shuffle=True,

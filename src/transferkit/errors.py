@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import TypeVar
 
 
 class TransferkitError(Exception):
@@ -83,7 +84,10 @@ def did_you_mean(value: str, choices: Iterable[str], n: int = 3) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-def check_choice(name: str, value: object, choices: Iterable) -> object:
+T = TypeVar("T")
+
+
+def check_choice(name: str, value: T, choices: Iterable) -> T:
     """`value` if it is one of `choices`, else a UsageError naming the parameter, the value and the choices."""
     choices = list(choices)
     if value in choices:

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,16 +268,16 @@ def cached_features_info(
         return feature_key(backbone, backbone.data_config, info.cache_tag, images.identities(), cut.name)
 
     hit = cache.load(key_for(plan))
-    if distributed.all_true(hit is not None):
+    if distributed.all_true(hit is not None) and hit is not None:  # every process asks (a collective), then narrows
         return hit, True, plan
     runner = frozen_runner(cut, input_shape(backbone), device=device, precision=dtype, engine=engine)
     info = runner[1]
     if info.cache_tag != plan.cache_tag:
         hit = cache.load(key_for(info))
-        if distributed.all_true(hit is not None):
+        if distributed.all_true(hit is not None) and hit is not None:
             return hit, True, info
     key = key_for(info)
-    extract = dict(
+    extract = Extraction(
         device=device, dtype=dtype, batch_size=batch_size, workers=workers, progress=progress, label=label, cut=cut, runner=runner
     )
     meta = {
@@ -291,17 +292,46 @@ def cached_features_info(
     if distributed.active():
         return sharded_features(backbone, images, cache, key, meta, extract), False, info
     if not cache.enabled:
-        return extract_features(backbone, images, **extract), False, info
+        return extract.run(backbone, images), False, info
     writer = cache.writer(key, len(images), cut.size)
     try:
-        extract_features(backbone, images, out=writer.array, **extract)
+        extract.run(backbone, images, out=writer.array)
     except BaseException:
         writer.abort()
         raise
     return writer.commit(meta), False, info
 
 
-def sharded_features(backbone: Backbone, images: Examples, cache: FeatureCache, key: str, meta: dict, extract: dict) -> np.ndarray:
+@dataclass(frozen=True, kw_only=True)
+class Extraction:
+    """How features are computed on a miss (the arguments of `extract_features` but the examples and `out`)."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    batch_size: int
+    workers: int | None
+    progress: bool
+    label: str
+    cut: Cut
+    runner: tuple[Callable, EngineInfo]
+
+    def run(self, backbone: Backbone, images: Examples, out: np.ndarray | None = None) -> np.ndarray:
+        return extract_features(
+            backbone,
+            images,
+            device=self.device,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            out=out,
+            progress=self.progress,
+            label=self.label,
+            cut=self.cut,
+            runner=self.runner,
+        )
+
+
+def sharded_features(backbone: Backbone, images: Examples, cache: FeatureCache, key: str, meta: dict, extract: Extraction) -> np.ndarray:
     """Features of `images` computed by every process of the group, each its `distributed.shard`; all get all rows.
 
     With the cache: rank 0 opens the entry's temporary folder, each process writes
@@ -313,27 +343,33 @@ def sharded_features(backbone: Backbone, images: Examples, cache: FeatureCache, 
     """
     part = images.subset(distributed.shard(len(images)))
     if not cache.enabled:
-        return distributed.gather_rows(extract_features(backbone, part, **extract))
+        return distributed.gather_rows(extract.run(backbone, part))
     writer: FeatureWriter | None = None
 
     def open_entry() -> Path:
         nonlocal writer
-        writer = cache.writer(key, len(images), extract["cut"].size)
+        writer = cache.writer(key, len(images), extract.cut.size)
         return writer.tmp
 
     folder = distributed.on_main(open_entry)
     if len(part):  # more processes than images leaves some with none (and no file)
         write_shard(backbone, part, folder / f"shard-{distributed.rank()}.npy", cache.root, extract)
     distributed.barrier()
-    distributed.on_main(lambda: commit_shards_(writer, len(images), meta))
+
+    def commit() -> None:
+        if writer is None:  # on_main ran open_entry on this same process first
+            raise RuntimeError("sharded_features: the cache entry was not opened on the main process")
+        commit_shards_(writer, len(images), meta)
+
+    distributed.on_main(commit)
     return _read_committed(cache, key)
 
 
-def write_shard(backbone: Backbone, images: Examples, path: Path, root: Path, extract: dict) -> None:
+def write_shard(backbone: Backbone, images: Examples, path: Path, root: Path, extract: Extraction) -> None:
     """Extract `images` into a new float16 .npy at `path`, streamed batch by batch."""
     try:
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(images), extract["cut"].size))
-        extract_features(backbone, images, out=out, **extract)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(images), extract.cut.size))
+        extract.run(backbone, images, out=out)
         out.flush()
         del out
     except OSError as e:

@@ -196,7 +196,12 @@ def time_backbones(
                 for j, once in enumerate(pair):
                     times[i][j].append(once())
             rounds += 1
-    return [(*(round(float(np.median(t)) * 1000 / n, 3) for t, n in zip(pair, (1, 32))), engine) for pair, engine in zip(times, engines)]
+    return [(_ms_per_example(b1, 1), _ms_per_example(b32, 32), engine) for (b1, b32), engine in zip(times, engines)]
+
+
+def _ms_per_example(seconds: list[float], batch: int) -> float:
+    """The median of timed passes of one batch, in milliseconds per example (3 decimals)."""
+    return round(float(np.median(seconds)) * 1000 / batch, 3)
 
 
 def _timer(run, x, device):
@@ -269,7 +274,7 @@ def _agreement(scores: list[BackboneScore]) -> RankAgreement | None:
 def recommend(scores: list[BackboneScore]) -> tuple[str, str]:
     """The fastest backbone (batch-1 latency) within noise of the best, and the sentence that says why."""
     best = scores[0]
-    within = [best] + [s for s in scores[1:] if not s.against_best.significant]
+    within = [best, *(s for s in scores[1:] if not _against_best(s).significant)]
     fastest = min(within, key=lambda s: s.costs.latency_ms_batch1)
     n, k = best.cv["n"], best.cv["k"]
     evidence = f"the {k}-fold probe on {n} train+val examples"
@@ -284,7 +289,7 @@ def recommend(scores: list[BackboneScore]) -> tuple[str, str]:
         return best.model, (
             f"{best.model} is the most accurate by {evidence}, {_cv_text(best)}, and the fastest of those within noise ({rest}): choose it."
         )
-    d = fastest.against_best
+    d = _against_best(fastest)
     speed = ratio_phrase(fastest.costs.latency_ms_batch1, best.costs.latency_ms_batch1, what="latency")
     gap = format_interval(d.difference, d.low, d.high)
     return fastest.model, (
@@ -292,6 +297,13 @@ def recommend(scores: list[BackboneScore]) -> tuple[str, str]:
         f"({fastest.cv['accuracy']:.1%} vs {best.cv['accuracy']:.1%}; difference {gap.replace('%', ' points', 1)}"
         f", McNemar p = {d.mcnemar_p:.2g}) and {speed} at batch 1: choose it."
     )
+
+
+def _against_best(s: BackboneScore) -> PairedDifference:
+    """The score's paired test against the best, which `rank` sets on every score but the best's."""
+    if s.against_best is None:
+        raise ValueError(f"{s.model} has no paired test against the best backbone; rank(scores) pairs each with the best first.")
+    return s.against_best
 
 
 def _cv_text(s: BackboneScore) -> str:

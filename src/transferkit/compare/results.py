@@ -14,6 +14,7 @@ import numpy as np
 from transferkit.compare import verdict as verdicts
 from transferkit.compare.ranking import Ranking
 from transferkit.runs.meta import PhaseRecord
+from transferkit.stats.paired import PairedDifference
 
 
 @dataclass(kw_only=True)
@@ -120,7 +121,7 @@ class Comparison:
         return verdicts.paired_rows(self.results, self._pairs)
 
     @functools.cached_property
-    def _pairs(self) -> list:
+    def _pairs(self) -> list[tuple[StrategyResult, PairedDifference]]:
         """The paired tests against the best, computed once for the verdict, the tables and compare.json."""
         return verdicts.paired_against_best(self.results, self.seed)
 

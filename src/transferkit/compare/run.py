@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 import torch
 
-from transferkit.classifier import CLASSIFIERS
+from transferkit.classifier import CLASSIFIERS, Classifier
 from transferkit.compare.ranking import Ranking
 from transferkit.compare.results import Comparison, StrategyResult
 from transferkit.data.examples import DataSplits
@@ -102,7 +102,7 @@ def run_strategy(
     label: str | None = None,
     weights: str | None = None,
     tracker: Tracker | None = None,
-) -> tuple[StrategyResult, object]:
+) -> tuple[StrategyResult, Classifier]:
     """Fit one strategy and measure it; with `tracker`, logged as a run nested in it, named by the label."""
     with tracker.child(label or spec) if tracker is not None else nullcontext() as run:
         result, clf = _measure(splits, spec, model=model, settings=settings, label=label, weights=weights, tracker=run)
@@ -113,7 +113,7 @@ def run_strategy(
 
 def _measure(
     splits: DataSplits, spec: str, *, model: str | None, settings: dict, label: str | None, weights: str | None, tracker: Tracker | None
-) -> tuple[StrategyResult, object]:
+) -> tuple[StrategyResult, Classifier]:
     """Fit the classifier of the data's modality, timing it and sampling its memory."""
     clf = CLASSIFIERS[splits.train.modality](model, strategy=spec, weights=weights, tracker=tracker, **settings)
     with PeakMemory(settings.get("device", "auto")) as mem:
@@ -167,7 +167,7 @@ def run_seeds(
     settings: dict,
     tracker: Tracker | None = None,
     label: str | None = None,
-) -> tuple[StrategyResult, object]:
+) -> tuple[StrategyResult, Classifier]:
     """One strategy trained with `seeds` training seeds on the same split: scores are means, runs keeps each seed.
 
     The split stays the one given; only the training seed (initialisation of the head, batch order,
@@ -231,7 +231,7 @@ def cv_probe(clf, splits: DataSplits, k: int | None, seed: int) -> dict | None:
     return cross_validated_probe(x, y, k=k, seed=seed).to_dict() | {"n_train": len(splits.train), "n_val": len(splits.val)}
 
 
-def rank_backbones(probes: dict[str, tuple[StrategyResult, object]], splits: DataSplits, k: int | None, seed: int) -> Ranking:
+def rank_backbones(probes: dict[str, tuple[StrategyResult, Classifier]], splits: DataSplits, k: int | None, seed: int) -> Ranking:
     """Each backbone's cross-validated probe, LogME and costs from its feature-extraction run; ranked (ranking.rank).
 
     Latencies are timed last, for every backbone in interleaved rounds (`ranking.time_backbones`).
@@ -274,7 +274,7 @@ def choose_backbone(splits: DataSplits, models: Sequence[str], *, settings: dict
         >>> choice = choose_backbone(load_data("digits"), ["builtin:efficientnet_lite0", "builtin:efficientnet_lite1"])  # doctest: +SKIP
         >>> ImageClassifier(choice.chosen).fit("digits")  # doctest: +SKIP
     """
-    names = check_models(None, models, (), None, cv)
+    names = check_several_models(models, (), None, cv)
     if len(names) < 2:
         raise UsageError(f"--models needs at least two backbones to choose from; got '{','.join(names)}'. Give one backbone with --model.")
     settings = dict(settings or {})
@@ -312,11 +312,15 @@ def check_models(
     """The backbones to compare ([model] without --models); contradictory options refused before any work."""
     if not models:
         return [model]
-    names = [m.strip() for m in models]
     if model is not None:
-        raise UsageError(
-            f"Give --model (one backbone) or --models (several), not both; got --model {model} and --models {','.join(names)}."
-        )
+        names = ",".join(m.strip() for m in models)
+        raise UsageError(f"Give --model (one backbone) or --models (several), not both; got --model {model} and --models {names}.")
+    return list(check_several_models(models, fractions, baseline, cv))
+
+
+def check_several_models(models: Sequence[str], fractions: Sequence[float], baseline: str | None, cv: int | None) -> list[str]:
+    """The backbones of --models, stripped; repeats, blanks and options that need one backbone refused."""
+    names = [m.strip() for m in models]
     if any(not m for m in names) or len(set(names)) != len(names):
         raise UsageError(f"--models needs distinct, comma-separated backbone names; got '{','.join(names)}'.")
     if len(names) > 1 and (fractions or baseline):
@@ -394,7 +398,8 @@ def compare(
         if name not in probes and (cv != 0 or len(names) > 1):  # the probe's features come from the cache
             probes[name] = run_strategy(splits, "feature-extraction", model=name, settings=settings)
     seed = settings.get("seed") or 0
-    ranking = rank_backbones(probes, splits, cv, seed) if len(names) > 1 else None
+    several = {n: probe for n, probe in probes.items() if n is not None}  # all of them when len(names) > 1: --models names each
+    ranking = rank_backbones(several, splits, cv, seed) if len(names) > 1 else None
     cv_result = cv_probe(probes[names[0]][1], splits, cv, seed) if cv != 0 and ranking is None else None
     curve = _learning_curve(splits, specs, fractions, model, settings, tracker, notify)
     if curve:

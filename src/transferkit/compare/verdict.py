@@ -15,22 +15,45 @@ The functions take the comparison's rows duck-typed (``label``, ``seconds``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+import numpy as np
+
 from transferkit.stats.paired import PairedDifference, paired_difference_over_seeds
 from transferkit.stats.wording import ratio_phrase
 
 
-def best_of(results: list):
+class Row(Protocol):
+    """What the verdict reads of a comparison row (`compare.results.StrategyResult` is one)."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def test_accuracy(self) -> float: ...
+    @property
+    def val_accuracy(self) -> float: ...
+    @property
+    def test_correct(self) -> np.ndarray: ...
+
+
+R = TypeVar("R", bound=Row)
+
+
+def best_of(results: Sequence[R]) -> R:
     """The most accurate on test (mean over seeds); ties go to validation accuracy, then the shorter training."""
     return max(results, key=lambda r: (r.test_accuracy, r.val_accuracy, -r.seconds))
 
 
-def paired_against_best(results: list, seed: int = 0) -> list[tuple[object, PairedDifference]]:
+def paired_against_best(results: Sequence[R], seed: int = 0) -> list[tuple[R, PairedDifference]]:
     """(strategy, best minus strategy) for every strategy but the best, in the table's order."""
     best = best_of(results)
     return [(r, paired_difference_over_seeds(best.test_correct, r.test_correct, seed=seed)) for r in results if r is not best]
 
 
-def cost_phrase(a, b) -> str:
+def cost_phrase(a: Row, b: Row) -> str:
     """How A's training time reads beside B's: "9.5x faster to train than B", "1/40 of B's training time"."""
     phrase = ratio_phrase(a.seconds, b.seconds, what="training time")
     if phrase.endswith(("faster", "slower")):
@@ -55,7 +78,7 @@ def _bound(fraction: float) -> str:
     return f"{points:.1e}"
 
 
-def verdict(results: list, paired: list[tuple[object, PairedDifference]], seeds: int = 1) -> str:
+def verdict(results: Sequence[R], paired: list[tuple[R, PairedDifference]], seeds: int = 1) -> str:
     """One or two sentences: the winner with its evidence, or no measurable difference and the cheapest within noise.
 
     `paired` is `paired_against_best(results)`, computed once by the caller for the verdict and the table.
@@ -97,7 +120,7 @@ def verdict(results: list, paired: list[tuple[object, PairedDifference]], seeds:
     return text + noise
 
 
-def paired_rows(results: list, paired: list[tuple[object, PairedDifference]]) -> list[dict]:
+def paired_rows(results: Sequence[R], paired: list[tuple[R, PairedDifference]]) -> list[dict]:
     """The paired-difference table (`paired` from `paired_against_best`): each strategy against the best, JSON-ready."""
     best = best_of(results)
     return [{"strategy": r.label, "against": best.label, **d.to_dict()} for r, d in paired]

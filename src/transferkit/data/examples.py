@@ -13,9 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 from transferkit.errors import DataError
 
@@ -24,20 +27,24 @@ SPLIT_NAMES = ("train", "val", "test")
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"), "test": ("test", "testing")}
 DEFAULT_SPLIT = (0.7, 0.15, 0.15)
 
+IntArrayLike = Sequence[int] | np.ndarray  # class indices or example positions: a list, or a NumPy integer array
+
 
 class Examples:
     """Labelled examples of one split. Subclasses hold the examples; this base holds labels and class names.
 
     Attributes:
         noun: what one example is called in messages ("image", "text").
-        paths: one name per example for reports (a file path, or "file:row" for a text).
         digests: content hashes where known (duplicate and conflict checks), else None.
+
+    Subclasses whose examples have names (a file path, or "file:row" for a text) keep them in `paths`;
+    `ids()` is the contract that reads them.
     """
 
     noun = "example"
     modality = ""  # "image" or "text": which backbones and classifier take these examples
 
-    def __init__(self, labels: Sequence[int], classes: Sequence[str], name: str):
+    def __init__(self, labels: IntArrayLike, classes: Sequence[str], name: str):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = list(classes)
         self.name = name
@@ -55,7 +62,8 @@ class Examples:
         """One string per example that changes when the example's content may have."""
         raise NotImplementedError
 
-    def subset(self, indices: Sequence[int]) -> Examples:
+    def subset(self, indices: IntArrayLike) -> Self:
+        """The examples at `indices`, in that order, as the same kind of set."""
         raise NotImplementedError
 
     def ids(self) -> list[str]:
@@ -110,7 +118,8 @@ class DataSummary:
 
     def line(self) -> str | None:
         """Skipped files and warnings, one line each, or None when there is nothing to say."""
-        lines = [self.skipped_line()] if self.n_skipped else []
+        skipped = self.skipped_line()
+        lines = [skipped] if skipped is not None else []
         for kind, paths in sorted(self.warnings.items()):
             more = ", ..." if len(paths) > 3 else ""
             lines.append(f"Warning: {len(paths)} {WARNING_TEXT.get(kind, kind)}: {', '.join(paths[:3])}{more}")

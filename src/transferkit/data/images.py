@@ -50,12 +50,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from transferkit.data.examples import DataSummary, Examples
+from transferkit.data.examples import DataSummary, Examples, IntArrayLike
 from transferkit.errors import DataError, UsageError, did_you_mean
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -64,7 +65,7 @@ AUGMENTATIONS = ("none", "light", "strong")
 # --------------------------------------------------------------------------- decoding
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path | IO[bytes]) -> Image.Image:
     """Decode an image file to RGB with its EXIF orientation applied.
 
     Raises:
@@ -72,8 +73,7 @@ def open_image(path: str | Path) -> Image.Image:
     """
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # PIL raises many types on malformed bytes (OSError, SyntaxError, struct.error, ...)
         raise DataError(f"Cannot decode image {path}: {e}. Remove or replace the file.") from e
 
@@ -169,7 +169,7 @@ class FileImages(ImageSet):
     def __init__(
         self,
         paths: Sequence[Path],
-        labels: Sequence[int],
+        labels: IntArrayLike,
         classes: Sequence[str],
         name: str = "files",
         digests: Sequence[str] | None = None,
@@ -188,7 +188,7 @@ class FileImages(ImageSet):
             out.append(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}")
         return out
 
-    def subset(self, indices: Sequence[int]) -> FileImages:
+    def subset(self, indices: IntArrayLike) -> FileImages:
         idx = [int(i) for i in indices]
         digests = [self.digests[i] for i in idx] if self.digests is not None else None
         return FileImages([self.paths[i] for i in idx], self.labels[idx], self.classes, self.name, digests)
@@ -197,7 +197,7 @@ class FileImages(ImageSet):
 class ArrayImages(ImageSet):
     """Images held in memory as uint8 arrays (N,H,W) or (N,H,W,C)."""
 
-    def __init__(self, arrays: np.ndarray, labels: Sequence[int], classes: Sequence[str], name: str, preprocess_hint: dict | None = None):
+    def __init__(self, arrays: np.ndarray, labels: IntArrayLike, classes: Sequence[str], name: str, preprocess_hint: dict | None = None):
         super().__init__(labels, classes, name)
         self.arrays = arrays
         self.preprocess_hint = preprocess_hint or {}
@@ -211,7 +211,7 @@ class ArrayImages(ImageSet):
     def loader_workers(self) -> int:
         return 0  # already decoded: worker processes would only copy the arrays
 
-    def subset(self, indices: Sequence[int]) -> ArrayImages:
+    def subset(self, indices: IntArrayLike) -> ArrayImages:
         idx = list(indices)
         return ArrayImages(self.arrays[idx], self.labels[idx], self.classes, self.name, self.preprocess_hint)
 
@@ -219,7 +219,7 @@ class ArrayImages(ImageSet):
 class DatasetImages(ImageSet):
     """A torch/torchvision dataset yielding (PIL image or array, label)."""
 
-    def __init__(self, dataset, indices: Sequence[int], labels: Sequence[int], classes: Sequence[str], name: str):
+    def __init__(self, dataset, indices: IntArrayLike, labels: IntArrayLike, classes: Sequence[str], name: str):
         super().__init__(labels, classes, name)
         self.dataset, self.indices = dataset, list(indices)
 
@@ -235,7 +235,7 @@ class DatasetImages(ImageSet):
         # A named dataset's files are fixed by name and checksum: position is identity.
         return [f"{self.name}|{j}" for j in self.indices]
 
-    def subset(self, indices: Sequence[int]) -> DatasetImages:
+    def subset(self, indices: IntArrayLike) -> DatasetImages:
         idx = list(indices)
         return DatasetImages(self.dataset, [self.indices[i] for i in idx], self.labels[idx], self.classes, self.name)
 
@@ -256,6 +256,11 @@ def _scan_files(paths: list[Path], summary: DataSummary, strict: bool, workers: 
             summary.skip(c.reason, str(p))
     summary.raise_if_strict(strict)
     return checks
+
+
+def _digests(checks: Sequence[FileCheck], keep: Sequence[int]) -> list[str]:
+    """The content hashes of the kept files: each decodes, so inspect_image read it whole and hashed it."""
+    return [d for i in keep if (d := checks[i].digest) is not None]
 
 
 def _is_within(inner: str, outer: str) -> bool:
@@ -279,7 +284,8 @@ def _folder_classes(root: Path, summary: DataSummary) -> list[str]:
 def _list_images(folder: Path, summary: DataSummary) -> list[Path]:
     """Image files under `folder`, recursively: hidden entries ignored, symlinked folders followed once."""
     top = os.path.realpath(folder)
-    seen, found = {top}, []
+    seen: set[str] = {top}
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         keep = []
         for d in sorted(dirnames):
@@ -315,9 +321,7 @@ def read_image_folder(root: Path, classes: list[str] | None, summary: DataSummar
                 labels.append(label)
     checks = _scan_files(paths, summary, strict)
     keep = [i for i, c in enumerate(checks) if c.reason is None]
-    return FileImages(
-        [paths[i] for i in keep], [labels[i] for i in keep], classes, name=str(root), digests=[checks[i].digest for i in keep]
-    )
+    return FileImages([paths[i] for i in keep], [labels[i] for i in keep], classes, name=str(root), digests=_digests(checks, keep))
 
 
 def read_csv(path: Path, summary: DataSummary, strict: bool, classes: list[str] | None = None) -> FileImages:
@@ -361,25 +365,23 @@ def read_csv(path: Path, summary: DataSummary, strict: bool, classes: list[str] 
         elif c.reason is None:
             keep.append(i)
     summary.raise_if_strict(strict)
-    return FileImages(
-        [paths[i] for i in keep], [index[names[i]] for i in keep], classes, name=str(path), digests=[checks[i].digest for i in keep]
-    )
+    return FileImages([paths[i] for i in keep], [index[names[i]] for i in keep], classes, name=str(path), digests=_digests(checks, keep))
 
 
 def read_paths(paths: Sequence[str | Path], labels: Sequence, summary: DataSummary, strict: bool) -> FileImages:
     """Image files with their labels given in Python, scanned like a folder (unreadable files skipped and counted)."""
     if len(paths) != len(labels):
         raise UsageError(f"got {len(paths)} paths and {len(labels)} labels; they must pair up one to one.")
-    paths = [Path(p) for p in paths]
+    files = [Path(p) for p in paths]
     classes = sorted({str(v) for v in labels})
-    checks = _scan_files(paths, summary, strict)
+    checks = _scan_files(files, summary, strict)
     keep = [i for i, c in enumerate(checks) if c.reason is None]
     return FileImages(
-        [paths[i] for i in keep],
+        [files[i] for i in keep],
         [classes.index(str(labels[i])) for i in keep],
         classes,
         name="paths",
-        digests=[checks[i].digest for i in keep],
+        digests=_digests(checks, keep),
     )
 
 
@@ -434,7 +436,7 @@ class TransformedImages(torch.utils.data.Dataset):
 class MemoryImages(ImageSet):
     """Images given as PIL images in memory (any mode: converted to RGB when loaded)."""
 
-    def __init__(self, images: Sequence[Image.Image], labels: Sequence[int], classes: Sequence[str], name: str = "images"):
+    def __init__(self, images: Sequence[Image.Image], labels: IntArrayLike, classes: Sequence[str], name: str = "images"):
         super().__init__(labels, classes, name)
         self.images = list(images)
 
@@ -444,7 +446,7 @@ class MemoryImages(ImageSet):
     def identities(self) -> list[str]:
         return [f"{self.name}|{hashlib.blake2b(img.tobytes(), digest_size=10).hexdigest()}" for img in self.images]
 
-    def subset(self, indices: Sequence[int]) -> MemoryImages:
+    def subset(self, indices: IntArrayLike) -> MemoryImages:
         idx = [int(i) for i in indices]
         return MemoryImages([self.images[i] for i in idx], self.labels[idx], self.classes, self.name)
 
@@ -490,7 +492,7 @@ def _image_items(inputs) -> list:
         raise UsageError(
             f"Cannot classify a {type(inputs).__name__}: give an image path, a folder, a PIL image, an HWC uint8 array, or a list of those."
         )
-    items = []
+    items: list[Path | Image.Image] = []
     for x in inputs:
         if isinstance(x, str | Path):
             items.append(Path(x).expanduser())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,10 +25,13 @@ from transferkit.data.splits import (
     note_cross_split_duplicates,
     split_stratified,
     stratified_indices,
+    stratified_splits,
     validate_split,
 )
 from transferkit.data.texts import TEXT_FORMATS, load_eval_texts, load_text_data
 from transferkit.errors import DataError, did_you_mean
+
+E = TypeVar("E", bound=Examples)
 
 MODALITIES = ("image", "text")
 SNIFF_ROWS = 20  # CSV rows read to decide whether a column holds image paths
@@ -124,14 +128,14 @@ def load_image_data(
     path = Path(source).expanduser()
     if text in BUILTIN_DATASETS:
         summary = DataSummary(text, found=1797)
-        return DataSplits(*split_stratified(load_digits_images(), split, seed, text), summary)
+        return stratified_splits(load_digits_images(), split, seed, text, summary)
     if text.lower() in TORCHVISION_DATASETS and not path.exists():
         return _load_named(text.lower(), split, seed, download)
     if path.is_file() and path.suffix.lower() == ".csv":
         summary = DataSummary(str(path))
         [images] = drop_conflicting_labels([read_csv(path, summary, strict)], summary, strict)
         images = _require_usable(images, path, summary)
-        splits = DataSplits(*split_stratified(images, split, seed, str(path)), summary)
+        splits = stratified_splits(images, split, seed, str(path), summary)
         note_cross_split_duplicates(splits)
         return splits
     if path.is_dir():
@@ -168,7 +172,7 @@ def _load_named(name: str, split: Sequence[float], seed: int, download: bool) ->
     train_all, test = load_torchvision(name, cache_dir() / "datasets" / name, download)
     summary = DataSummary(name, found=len(train_all) + (len(test) if test else 0))
     if test is None:
-        return DataSplits(*split_stratified(train_all, split, seed, name), summary)
+        return stratified_splits(train_all, split, seed, name, summary)
     # Keep the dataset's own test split; carve validation out of its training split.
     val_share = split[1] / (split[0] + split[1])
     tr, va = stratified_indices(train_all.labels, (1 - val_share, val_share), seed)
@@ -221,12 +225,12 @@ def _load_folder(root: Path, split: Sequence[float], seed: int, strict: bool) ->
     else:
         [images] = drop_conflicting_labels([read_image_folder(root, None, summary, strict)], summary, strict)
         images = _require_usable(images, root, summary)
-        splits = DataSplits(*split_stratified(images, split, seed, str(root)), summary)
+        splits = stratified_splits(images, split, seed, str(root), summary)
     note_cross_split_duplicates(splits)
     return splits
 
 
-def _with_classes(images: Examples, classes: list[str], where: Path) -> Examples:
+def _with_classes(images: E, classes: list[str], where: Path) -> E:
     """Relabel `images` to `classes` (a subset of its own); images of any other class are an error."""
     names = [images.classes[i] for i in np.unique(images.labels)]
     extra = [c for c in names if c not in classes]
@@ -242,7 +246,7 @@ def _with_classes(images: Examples, classes: list[str], where: Path) -> Examples
     return out
 
 
-def _require_usable(images: Examples, where: Path, summary: DataSummary) -> Examples:
+def _require_usable(images: E, where: Path, summary: DataSummary) -> E:
     """Dataset-level checks: some images, at least two classes; classes without images are left out."""
     if len(images) == 0:
         raise DataError(_no_images_message(where, summary))
@@ -291,7 +295,7 @@ def load_eval_images(source: str | Path, classes: list[str], *, strict: bool = F
     text, path = str(source), Path(source).expanduser()
     summary = DataSummary(text)
     if text in BUILTIN_DATASETS:
-        images: Examples = load_digits_images()
+        images: ImageSet = load_digits_images()
     elif text.lower() in TORCHVISION_DATASETS and not path.exists():
         train, test = load_torchvision(text.lower(), cache_dir() / "datasets" / text.lower())
         images = test or train

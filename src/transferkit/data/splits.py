@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from transferkit.data.examples import SPLIT_NAMES, DataSplits, DataSummary, Examples
 from transferkit.errors import DataError, UsageError
+
+E = TypeVar("E", bound=Examples)
 
 
 def validate_split(split: Sequence[float]) -> tuple[float, float, float]:
@@ -51,7 +54,7 @@ def _largest_remainder(n: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
-def split_stratified(images: Examples, split: Sequence[float], seed: int, source: str) -> tuple[Examples, ...]:
+def split_stratified(images: E, split: Sequence[float], seed: int, source: str) -> tuple[E, ...]:
     """Split one image set into train/val/test by `split` fractions."""
     counts = images.class_counts()
     small = {c: n for c, n in counts.items() if n < len(split)}
@@ -65,12 +68,18 @@ def split_stratified(images: Examples, split: Sequence[float], seed: int, source
     return tuple(images.subset(idx) for idx in stratified_indices(images.labels, split, seed))
 
 
+def stratified_splits(images: Examples, split: Sequence[float], seed: int, source: str, summary: DataSummary) -> DataSplits:
+    """Train, val and test by the three `split` fractions (`split_stratified`), with what the load found."""
+    train, val, test = split_stratified(images, split, seed, source)
+    return DataSplits(train, val, test, summary)
+
+
 def subsample_per_class(images: Examples, amount: float, seed: int) -> Examples:
     """Keep a seeded share of each class: `amount` <= 1 is a fraction, > 1 a count per class (at least 1 each)."""
     if amount <= 0:
         raise UsageError(f"a training fraction must be > 0; got {amount}.")
     rng = np.random.default_rng(seed)
-    keep = []
+    keep: list[int] = []
     for c in np.unique(images.labels):
         idx = np.flatnonzero(images.labels == c)
         n = int(amount) if amount > 1 else max(1, round(len(idx) * amount))
@@ -78,7 +87,7 @@ def subsample_per_class(images: Examples, amount: float, seed: int) -> Examples:
     return images.subset(sorted(keep))
 
 
-def drop_conflicting_labels(parts: Sequence[Examples], summary: DataSummary, strict: bool) -> list[Examples]:
+def drop_conflicting_labels(parts: Sequence[E], summary: DataSummary, strict: bool) -> list[E]:
     """Skip every copy of a file whose identical bytes carry two different labels, across all `parts`.
 
     The parts must share one class list (the training split's).
@@ -92,9 +101,9 @@ def drop_conflicting_labels(parts: Sequence[Examples], summary: DataSummary, str
         return list(parts)
     out = []
     for images in parts:
-        digests = images.digests or []
+        digests, names = images.digests or [], images.ids()
         for i in (i for i, d in enumerate(digests) if d in bad):
-            summary.skip("conflicting labels", str(images.paths[i]))
+            summary.skip("conflicting labels", names[i])
         out.append(images.subset([i for i, d in enumerate(digests) if d not in bad]))
     summary.raise_if_strict(strict)
     return out

@@ -25,8 +25,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from transferkit.data.examples import DEFAULT_SPLIT, DataSplits, DataSummary, Examples
-from transferkit.data.splits import drop_conflicting_labels, note_cross_split_duplicates, split_stratified, validate_split
+from transferkit.data.examples import DEFAULT_SPLIT, DataSplits, DataSummary, Examples, IntArrayLike
+from transferkit.data.splits import drop_conflicting_labels, note_cross_split_duplicates, stratified_splits, validate_split
 from transferkit.errors import DataError, UsageError, did_you_mean
 
 TEXT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -39,11 +39,11 @@ class TextSet(Examples):
     modality = "text"
     noun = "text"
 
-    def __init__(self, texts: Sequence[str], labels: Sequence[int], classes: Sequence[str], name: str, rows: Sequence[str] | None = None):
+    def __init__(self, texts: Sequence[str], labels: IntArrayLike, classes: Sequence[str], name: str, rows: Sequence[str] | None = None):
         super().__init__(labels, classes, name)
         self.texts = list(texts)
         self.paths = list(rows) if rows is not None else [f"{name}:{i + 1}" for i in range(len(self.texts))]
-        self.digests = [text_digest(t) for t in self.texts]
+        self.digests: list[str] = [text_digest(t) for t in self.texts]  # always known: the texts are in memory
 
     def load(self, i: int) -> str:
         return self.texts[i]
@@ -54,7 +54,7 @@ class TextSet(Examples):
     def loader_workers(self) -> int:
         return 0  # in memory; the tokenizer works on whole batches in the main process
 
-    def subset(self, indices: Sequence[int]) -> TextSet:
+    def subset(self, indices: IntArrayLike) -> TextSet:
         idx = [int(i) for i in indices]
         return TextSet([self.texts[i] for i in idx], self.labels[idx], self.classes, self.name, [self.paths[i] for i in idx])
 
@@ -174,7 +174,7 @@ def load_text_data(
             f"a classifier needs at least two. Column '{label_column}' must hold each text's class."
             + (f" {summary.skipped_line()}." if summary.n_skipped else "")
         )
-    splits = DataSplits(*split_stratified(texts, split, seed, str(path)), summary)
+    splits = stratified_splits(texts, split, seed, str(path), summary)
     note_cross_split_duplicates(splits)
     return splits
 

@@ -331,7 +331,7 @@ def _pair_findings(splits: DataSplits, features: Mapping[str, np.ndarray], ids: 
         scale = norms[p.i] * norms[p.j]
         cosine = float(x[p.i] @ x[p.j] / scale) if scale > 0 else 0.0
         out.append(
-            Finding(p.kind, si, i, ids[si][i], classes[p.label_i], None, p.cosine, sj, j, ids[sj][j], classes[p.label_j], cosine=cosine)
+            Finding(p.kind, si, i, ids[si][i], classes[labels[p.i]], None, p.cosine, sj, j, ids[sj][j], classes[labels[p.j]], cosine=cosine)
         )
     return out
 

@@ -63,7 +63,7 @@ def thumbnail(image, size: int = THUMBNAIL) -> np.ndarray:
     """(size * size,) float32 grey pixels of a PIL image, mean removed and scaled to unit length (zero if flat)."""
     from PIL import Image
 
-    grey = np.asarray(image.convert("L").resize((size, size), Image.LANCZOS), dtype=np.float32).ravel()
+    grey = np.asarray(image.convert("L").resize((size, size), Image.Resampling.LANCZOS), dtype=np.float32).ravel()
     grey = grey - grey.mean()
     norm = float(np.linalg.norm(grey))
     return grey / norm if norm > 1e-3 else np.zeros_like(grey)

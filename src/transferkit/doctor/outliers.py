@@ -6,7 +6,7 @@ The search works in blocks, so memory is O(block * n) and never the full n x n m
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,7 +34,8 @@ MAD_TO_SD = 1.4826
 MEAN_AD_TO_SD = 1.2533
 
 
-class Outlier(NamedTuple):
+@dataclass(frozen=True, kw_only=True)
+class Outlier:
     """An example far from every neighbour of its own class.
 
     Attributes:
@@ -138,4 +139,4 @@ def outliers(features: np.ndarray, labels: np.ndarray, *, k: int = 5, z: float =
     zs = (logs - median) / spread
     flagged = np.flatnonzero(np.nan_to_num(zs, nan=-np.inf) > z)
     flagged = flagged[np.argsort(-scores[flagged], kind="stable")]
-    return [Outlier(int(i), float(scores[i]), float(zs[i])) for i in flagged]
+    return [Outlier(index=int(i), score=float(scores[i]), z=float(zs[i])) for i in flagged]

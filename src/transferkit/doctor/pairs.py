@@ -134,10 +134,10 @@ def _pairs_in_tile(
 def classify_pairs(
     pairs: Sequence[SimilarPair],
     splits_a: Sequence[str],
-    labels_a: Sequence,
+    labels_a: Sequence | np.ndarray,
     *,
     splits_b: Sequence[str] | None = None,
-    labels_b: Sequence | None = None,
+    labels_b: Sequence | np.ndarray | None = None,
 ) -> list[PairFinding]:
     """Say what each near-duplicate pair means: leakage, a label conflict or a plain duplicate.
 
@@ -172,18 +172,18 @@ def classify_pairs(
             f"within one set); got splits_b={'set' if splits_b is not None else None}, "
             f"labels_b={'set' if labels_b is not None else None}."
         )
-    splits_b, labels_b = (splits_a, labels_a) if splits_b is None else (splits_b, labels_b)
-    for name, seq, other in (("labels_a", labels_a, splits_a), ("labels_b", labels_b, splits_b)):
+    splits_j, labels_j = (splits_a, labels_a) if splits_b is None or labels_b is None else (splits_b, labels_b)
+    for name, seq, other in (("labels_a", labels_a, splits_a), ("labels_b", labels_j, splits_j)):
         if len(seq) != len(other):
             raise UsageError(f"{name} has {len(seq)} entries but its splits have {len(other)}; give one of each per example.")
     findings = []
     for p in pairs:
-        if not (0 <= p.i < len(splits_a) and 0 <= p.j < len(splits_b)):
+        if not (0 <= p.i < len(splits_a) and 0 <= p.j < len(splits_j)):
             raise UsageError(
-                f"pair ({p.i}, {p.j}) is out of range for sets of {len(splits_a)} and {len(splits_b)} examples. "
+                f"pair ({p.i}, {p.j}) is out of range for sets of {len(splits_a)} and {len(splits_j)} examples. "
                 "Pass the splits and labels of the features given to near_duplicates."
             )
-        si, sj, li, lj = str(splits_a[p.i]), str(splits_b[p.j]), _plain(labels_a[p.i]), _plain(labels_b[p.j])
+        si, sj, li, lj = str(splits_a[p.i]), str(splits_j[p.j]), _plain(labels_a[p.i]), _plain(labels_j[p.j])
         kind = "leakage" if si != sj else ("conflict" if li != lj else "duplicate")
         findings.append(PairFinding(p.i, p.j, p.cosine, kind, si, sj, li, lj))
     return findings

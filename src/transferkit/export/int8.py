@@ -274,7 +274,7 @@ def accuracies(sessions, examples, transform) -> tuple[float, ...]:
 
 def timings(sessions, batch: np.ndarray, rounds: int = TIMING_ROUNDS) -> tuple[float, ...]:
     """Milliseconds per image of each session on `batch`: one warm-up, then alternating rounds, the medians."""
-    times = [[] for _ in sessions]
+    times: list[list[float]] = [[] for _ in sessions]
     for session in sessions:
         session.run([OUTPUT_NAME], {INPUT_NAME: batch})
     for _ in range(rounds):

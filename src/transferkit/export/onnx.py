@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -209,6 +210,8 @@ def onnx_model(model: nn.Module, example: torch.Tensor):
     except Exception as e:  # torch.export / onnxscript raise many types; all mean "cannot export this model"
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.onnx.export cannot export {type(model).__name__}: {first}. Try --format torchscript.") from e
+    if program is None:  # only the legacy exporter (dynamo=False) returns None
+        raise ExportError(f"torch.onnx.export returned no ONNX program for {type(model).__name__}. Try --format torchscript.")
     return program.model_proto
 
 
@@ -290,6 +293,13 @@ class OnnxClassifier:
         >>> clf.predict(["photo.jpg"]), clf.classes_
         (['rose'], ['daisy', 'rose'])
     """
+
+    # set by `load` (fitted state ends in _)
+    session_: Any  # onnxruntime.InferenceSession
+    preprocess_: dict  # the preprocessing record written at export: classes, data_config, ...
+    classes_: list[str]
+    data_config_: dict
+    transform_: Callable[[Image.Image], torch.Tensor]  # a decoded RGB image -> the model's input tensor
 
     def __init__(self, path: str | Path, *, device: str = "auto"):
         self.path = path

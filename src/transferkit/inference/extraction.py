@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +77,7 @@ def predict_logits(
     """
     was_training = model.training
     model.eval()
-    if engine == "auto" and hasattr(loader, "__len__") and len(loader) < MIN_OPENVINO_BATCHES:
+    if engine == "auto" and isinstance(loader, Sized) and len(loader) < MIN_OPENVINO_BATCHES:
         engine = "torch"
     out, labels, run = [], [], None
     for batch in loader:
@@ -112,7 +112,8 @@ def predict_examples(
     loader = torch.utils.data.DataLoader(
         bb.dataset(examples), batch_size=batch_size, num_workers=examples.loader_workers(), collate_fn=bb.collate
     )
-    model = bb.model.to(torch_device, memory_format=torch.channels_last if dtype is not None else torch.preserve_format)
+    channels = torch.channels_last if dtype is not None else torch.preserve_format
+    model = bb.model.to(torch_device, memory_format=channels)  # type: ignore[call-overload]  # Module.to takes memory_format; its stubs omit it
     return predict_logits(model, loader, torch_device, dtype, engine=engine)[0]
 
 

@@ -171,13 +171,13 @@ def frozen_runner(
     info = plan_engine(engine, device, precision, image_input=len(example_input_shape) == 3)
     if info.name == "openvino" and module is None:
         info = EngineInfo("torch", precision_name(precision), "the cut names no module to convert")
-    if info.name == "torch":
+    if info.name == "torch" or module is None:  # (no module: the line above made it torch)
         return torch_runner(fn, device, precision), info
     check_choice("route", route, ROUTES)
     try:
         key = model_key(module, cut_name, tuple(example_input_shape), route, unused)
         compiled, actual = _compile(module, fn, key, tuple(example_input_shape), info.precision, route, cache_root or default_root())
-    except Exception as e:
+    except Exception as e:  # any conversion failure: unsupported op, tracing error, ...
         reason = f"OpenVINO could not convert the model ({conversion_failure(e)}); torch runs it"
         log.warning(reason)
         return torch_runner(fn, device, precision), EngineInfo("torch", precision_name(precision), reason)
@@ -310,6 +310,8 @@ def convert(module: nn.Module, fn: Callable, input_shape: tuple[int, ...], route
             if route == "direct":
                 return ov.convert_model(wrapped, example_input=example, input=[ov.PartialShape([-1, *input_shape])])
             program = torch.onnx.export(wrapped, (example,), dynamo=True, verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
+            if program is None:  # only the legacy exporter (dynamo=False) returns None
+                raise RuntimeError("torch.onnx.export returned no ONNX program")
             return ov.Core().read_model(program.model_proto.SerializeToString(), b"")
     finally:
         module.train(was_training)

@@ -130,4 +130,4 @@ def ranking_markdown(r: Ranking) -> list[str]:
     """The backbone section of report.md."""
     lines = ["## Backbones", "", f"**{r.reason}**", "", "| " + " | ".join(RANK_COLUMNS) + " |", "|" + "---|" * len(RANK_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in ranking_rows(r)]
-    return lines + ["", agreement_sentence(r), "", method_note(r), ""]
+    return [*lines, "", agreement_sentence(r), "", method_note(r), ""]

@@ -57,6 +57,13 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closing = False
 
+    @property
+    def _event(self) -> asyncio.Event:
+        """The wake-up event, made by `start` on the server's event loop."""
+        if self._wakeup is None:
+            raise RuntimeError("Batcher.start() must run first, on the server's event loop.")
+        return self._wakeup
+
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="transferkit-batcher")
@@ -90,7 +97,7 @@ class Batcher:
         job = _Job(items, loop.create_future(), loop.time())
         self._pending.append(job)
         self.queued += len(items)
-        self._wakeup.set()
+        self._event.set()
         try:  # on timeout or a dropped client, wait_for cancels the future and the job is skipped
             return await asyncio.wait_for(job.future, timeout)
         except asyncio.TimeoutError as e:
@@ -108,8 +115,8 @@ class Batcher:
     async def _run(self) -> None:
         while not (self._closing and not self._pending):
             if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                self._event.clear()
+                await self._event.wait()
                 continue
             try:
                 batch = await self._collect()
@@ -136,9 +143,9 @@ class Batcher:
             remaining = batch[0].arrived + self.wait_s - loop.time()
             if remaining <= 0:
                 break
-            self._wakeup.clear()
+            self._event.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+                await asyncio.wait_for(self._event.wait(), remaining)
             except asyncio.TimeoutError:
                 break
             size = self._take(batch, size)

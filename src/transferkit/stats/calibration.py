@@ -76,7 +76,7 @@ def expected_calibration_error(probabilities: ArrayLike, y_true: ArrayLike, n_bi
         0.35
     """
     p, y = _check_probabilities(probabilities, y_true, n_bins)
-    _, counts, conf_sum, hits = _bin_statistics(p.max(1), p.argmax(1) == y, n_bins)
+    _, _counts, conf_sum, hits = _bin_statistics(p.max(1), p.argmax(1) == y, n_bins)
     return float(np.abs(hits - conf_sum).sum() / len(y))  # per bin count * |acc - conf| = |hits - sum(conf)|
 
 

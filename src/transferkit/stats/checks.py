@@ -38,9 +38,9 @@ def as_labels(name: str, values: ArrayLike) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise UsageError(f"{name} must be a 1-D array of class indices; got shape {arr.shape}.")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
-            raise UsageError(f"{name} must hold integer class indices; got dtype {arr.dtype}. Pass labels.astype(int).")
+    whole = np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+    if arr.size and not np.issubdtype(arr.dtype, np.integer) and not whole:
+        raise UsageError(f"{name} must hold integer class indices; got dtype {arr.dtype}. Pass labels.astype(int).")
     return arr.astype(np.int64)
 
 
