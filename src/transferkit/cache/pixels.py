@@ -150,15 +150,16 @@ def _why_not(bb: Backbone, examples: Examples, augment: str, cache: FeatureCache
 
 def decode_once(
     bb: Backbone, splits: dict[str, tuple[Examples, str]], cache: FeatureCache, budget: int, *, workers: int | None, progress: bool
-) -> tuple[dict[str, torch.utils.data.Dataset], dict]:
+) -> tuple[dict[str, StoredPixels], dict[str, dict]]:
     """Datasets over stored pixels for the splits (name: (examples, augment)) that allow it, and the note for the run.
 
     Splits missing from the returned datasets decode each epoch; the note says why, per split.
     """
-    note, ready = {}, {}
+    note: dict[str, dict] = {}
+    ready: dict[str, ImageSet] = {}
     for name, (examples, augment) in splits.items():
         why = _why_not(bb, examples, augment, cache)
-        if why is None:
+        if why is None and isinstance(examples, ImageSet):  # _why_not refuses any other kind
             ready[name] = examples
         else:
             note[name] = {"used": False, "reason": why}
@@ -176,8 +177,10 @@ def decode_once(
         return {}, {**note, **{name: {"used": False, "reason": reason, "bytes": size} for name in ready}}
     datasets = {}
     for name, examples in ready.items():
-        transform = bb.dataset(examples, "none").transform
-        pixel_steps, tensor_steps = split_transform(transform)
+        dataset = bb.dataset(examples, "none")
+        steps = split_transform(dataset.transform) if isinstance(dataset, TransformedImages) else None
+        assert steps is not None, "_why_not accepts only transforms that split at ToTensor"
+        pixel_steps, tensor_steps = steps
         pixels, hit = decoded_pixels(
             examples,
             bb.data_config,

@@ -171,6 +171,8 @@ def run_splits(meta: RunMeta):
     recorded = meta.metrics.get("split_sizes")
     fix = "Run the export where the run's data is, at the same path and with the same files"
     try:
+        if not isinstance(source, str):
+            raise TypeError(f"the run records no data source ({source!r})")
         splits = load_image_data(source, seed=int(meta.training.get("seed") or 0))
     except (TransferkitError, TypeError) as e:
         raise ExportError(

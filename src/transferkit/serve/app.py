@@ -14,6 +14,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -178,7 +179,7 @@ def request_body(reader) -> dict:
     return {"requestBody": {"required": True, "content": {reader.content_type: {"schema": schema}}}}
 
 
-PREDICT_RESPONSES = {
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "One entry per input, in order",
         "content": {

@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -191,4 +192,20 @@ class TextRequests:
         return ["warm-up"]
 
 
-READERS = {"image": ImageRequests(), "text": TextRequests()}
+class RequestReader(Protocol):
+    """How a request becomes model inputs for one modality: what to send, how it is read, decoded and named."""
+
+    modality: str
+    content_type: str
+    field: str
+    key: str
+    example: str
+
+    async def read(self, request: Request, body: bytes, config: ServeConfig) -> Any: ...
+
+    def decode(self, raw: Any, config: ServeConfig) -> tuple[list[str], list]: ...
+
+    def sample(self) -> list: ...
+
+
+READERS: dict[str, RequestReader] = {"image": ImageRequests(), "text": TextRequests()}
