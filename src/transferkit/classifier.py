@@ -44,6 +44,8 @@ FITTED = (
     "metrics_",
     "data_summary_",
     "feature_cache_",
+    "backbone_choice_",
+    "report_extras_",
 )
 
 
@@ -209,6 +211,7 @@ class Classifier(BaseEstimator):
         run = load_run(path, expect=cls.modality)
         clf = cls(**{**(run.meta.settings or {}), "model": run.meta.backbone.get("name"), **settings})
         clf._set_fitted(Fitted.from_meta(run.backbone, run.meta))
+        clf.backbone_choice_, clf.report_extras_ = run.meta.backbone_choice, None  # a saved run's report is on disk
         clf.meta_ = run.meta
         return clf
 
