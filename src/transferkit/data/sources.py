@@ -18,7 +18,7 @@ from typing import TypeVar
 import numpy as np
 
 from transferkit.data.examples import DEFAULT_SPLIT, SPLIT_FOLDERS, SPLIT_NAMES, DataSplits, DataSummary, Examples
-from transferkit.data.images import IMAGE_EXTENSIONS, ImageSet, read_csv, read_image_folder
+from transferkit.data.images import IMAGE_EXTENSIONS, ImageSet, image_path_column, read_csv, read_image_folder
 from transferkit.data.named import BUILTIN_DATASETS, TORCHVISION_DATASETS, cache_dir, load_digits_images, load_torchvision
 from transferkit.data.splits import (
     drop_conflicting_labels,
@@ -55,7 +55,7 @@ def detect_modality(source: str | Path, *, text_column: str | None = None, label
     if kind is None or not path.is_file():
         return "image", f"{path} is not a .csv/.tsv/.jsonl file"
     if kind == "csv":
-        column = "path" if "path" in _csv_header(path) else _image_path_column(path)
+        column = "path" if "path" in _csv_header(path) else image_path_column(path, SNIFF_ROWS)
         if column is not None:
             return "image", f"column '{column}' of {path.name} names image files"
     if text_column is not None or label_column is not None:
@@ -69,24 +69,6 @@ def _csv_header(path: Path) -> list[str]:
             return [c.strip().lower() for c in next(csv.reader(fh), [])]
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
-
-
-def _image_path_column(path: Path) -> str | None:
-    """The first column of a CSV whose sampled values are mostly existing image files, or None."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            rows = [r for _, r in zip(range(SNIFF_ROWS), reader)]
-            columns = [c for c in reader.fieldnames or [] if c is not None]
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-    for column in columns:
-        values = [(r.get(column) or "").strip() for r in rows]
-        values = [v for v in values if v]
-        images = [v for v in values if Path(v).suffix.lower() in IMAGE_EXTENSIONS and (path.parent / v).is_file()]
-        if values and len(images) * 2 > len(values):
-            return column.strip()
-    return None
 
 
 def load_data(
