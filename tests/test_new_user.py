@@ -32,3 +32,22 @@ def test_item4_a_spreadsheet_csv_with_a_file_column_trains_with_stripped_labels(
         clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=32, progress=False).fit(path)
     assert list(clf.classes_) == ["blue", "green", "red"]
     assert "stripped" in caplog.text
+
+
+def test_item12_cli_predict_takes_a_folder_as_python_predict_does(colours_run):
+    import json
+
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    run, images = colours_run
+    result = CliRunner().invoke(app, ["predict", str(run), str(images), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    expected = sorted(str(p) for p in images.rglob("*.*"))
+    assert [r["file"] for r in rows] == expected  # recursively, sorted
+    empty = images.parent / "empty"
+    empty.mkdir()
+    refused = CliRunner().invoke(app, ["predict", str(run), str(empty)])
+    assert refused.exit_code != 0 and "holds no image files" in refused.output and "Traceback" not in refused.output

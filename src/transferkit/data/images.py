@@ -303,6 +303,11 @@ def _list_images(folder: Path, summary: DataSummary) -> list[Path]:
     return sorted(found)
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively and sorted, as `predict` reads a folder (hidden entries ignored)."""
+    return _list_images(folder, DataSummary(str(folder)))
+
+
 def read_image_folder(root: Path, classes: list[str] | None, summary: DataSummary, strict: bool) -> FileImages:
     """Read one folder of class subfolders; `classes` fixes the label order when given."""
     found = _folder_classes(root, summary)
@@ -506,7 +511,7 @@ def _image_items(inputs) -> list:
     if isinstance(inputs, str | Path):
         path = Path(inputs).expanduser()
         if path.is_dir():
-            return [p for p in _list_images(path, DataSummary(str(path)))]
+            return list(image_files(path))
         return [path]
     if isinstance(inputs, Image.Image):
         return [inputs]
