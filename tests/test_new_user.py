@@ -51,3 +51,28 @@ def test_item12_cli_predict_takes_a_folder_as_python_predict_does(colours_run):
     empty.mkdir()
     refused = CliRunner().invoke(app, ["predict", str(run), str(empty)])
     assert refused.exit_code != 0 and "holds no image files" in refused.output and "Traceback" not in refused.output
+
+
+def test_item14_top5_is_shown_only_with_more_than_five_classes(colours_run):
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+    from transferkit.runs.card import model_card
+    from transferkit.stats.metrics import metrics, top_k_clause
+
+    run, images = colours_run
+    result = CliRunner().invoke(app, ["evaluate", str(run), str(images)])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "top-5" not in result.output  # 3 classes: every class is in the top 5
+    assert "top-5" not in (run / "report.html").read_text()  # the fit's report, written when the run was saved
+    rng = np.random.default_rng(0)
+    three, six = (metrics(rng.normal(size=(30, k)), rng.integers(0, k, 30), list("abcdef"[:k])) for k in (3, 6))
+    assert three["top5_accuracy"] is None and top_k_clause(three, 3) == ""
+    assert top_k_clause(six, 6) == f"; top-5 {six['top5_accuracy']:.4f}"
+    # An older run stored 1.0 for a 3-class top-5: its card leaves it out.
+    import json
+
+    meta = json.loads((run / "transferkit.json").read_text())
+    meta["metrics"]["test"]["top5_accuracy"] = 1.0
+    assert "Top-5" not in model_card(meta, "colours") and "top_5" not in model_card(meta, "colours")

@@ -151,10 +151,10 @@ def evaluate(
     precision: Precision = None,
     engine: Engine = None,
 ) -> None:
-    """Measure a trained run on labelled data: accuracy, top-5, macro-F1, per-class scores."""
+    """Measure a trained run on labelled data: accuracy, macro-F1, top-5 (with more than 5 classes), per-class scores."""
     from transferkit.classifier import load_classifier
     from transferkit.data.sources import load_eval
-    from transferkit.stats.metrics import metrics
+    from transferkit.stats.metrics import metrics, top_k_clause
 
     clf = load_classifier(
         run, progress=False, **given(device=device, precision=precision, engine=engine, text_column=text_column, label_column=label_column)
@@ -168,7 +168,8 @@ def evaluate(
         return
     from transferkit.report.comparison import scores_sentence
 
-    out.print(f"{summary.source}: {scores_sentence(result, clf.modality + 's')}; top-5 {result['top5_accuracy']:.4f}", highlight=False)
+    top_k = top_k_clause(result, len(clf.classes_))
+    out.print(f"{summary.source}: {scores_sentence(result, clf.modality + 's')}{top_k}", highlight=False)
     table = Table("class", "precision", "recall", "f1", "support")
     for name, m in result["per_class"].items():
         table.add_row(name, *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("precision", "recall", "f1")), str(m["support"]))
