@@ -76,3 +76,17 @@ def test_item14_top5_is_shown_only_with_more_than_five_classes(colours_run):
     meta = json.loads((run / "transferkit.json").read_text())
     meta["metrics"]["test"]["top5_accuracy"] = 1.0
     assert "Top-5" not in model_card(meta, "colours") and "top_5" not in model_card(meta, "colours")
+
+
+def test_item15_transformers_progress_bars_stay_quiet_and_their_switch_is_restored(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from transferkit.backbones.text import TextBackbone, load_text_backbone
+
+    assert hf_logging.is_progress_bar_enabled()
+    bb = load_text_backbone("minilm", 3)
+    bb.write_trained(tmp_path)
+    TextBackbone.read_trained(tmp_path, spec=bb.spec.to_dict(), n_classes=3, data_config=bb.data_config)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert hf_logging.is_progress_bar_enabled()  # transformers' own switch, as the library found it
