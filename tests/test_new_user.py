@@ -90,3 +90,29 @@ def test_item15_transformers_progress_bars_stay_quiet_and_their_switch_is_restor
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "Writing model shards" not in err, err
     assert hf_logging.is_progress_bar_enabled()  # transformers' own switch, as the library found it
+
+
+def test_item17_a_wrong_path_is_an_error_without_a_detection_line_before_it(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("fit", str(tmp_path / "x" / "icon"), "--out", str(tmp_path / "run"), check=False)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+    assert "so images" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_item17_a_jsonl_file_missing_a_key_gets_jsonl_advice(tmp_path):
+    import json
+
+    import pytest
+
+    from transferkit.data import load_data
+    from transferkit.errors import DataError
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": f"sentence {i}", "category": "ab"[i % 2]}) + "\n" for i in range(10)))
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    message = str(info.value)
+    assert "no key 'label'" in message and "--label-column KEY" in message and "category" in message
+    assert "path,label" not in message and "CSV" not in message

@@ -43,6 +43,9 @@ def detect_modality(source: str | Path, *, text_column: str | None = None, label
     A folder or a dataset name holds images; a .tsv/.jsonl holds texts; a .csv
     holds images when one of its columns names existing image files (relative
     to the CSV), else texts. Naming a text or label column means texts.
+
+    Raises:
+        DataError: `source` is neither an existing file or folder nor a dataset name.
     """
     text, path = str(source), Path(source).expanduser()
     if text in BUILTIN_DATASETS or (text.lower() in TORCHVISION_DATASETS and not path.exists()):
@@ -51,7 +54,7 @@ def detect_modality(source: str | Path, *, text_column: str | None = None, label
         return "image", f"{path} is a folder (image folders hold one subfolder per class)"
     kind = TEXT_FORMATS.get(path.suffix.lower())
     if not path.exists():
-        return "image", f"{path} does not exist"
+        raise missing_source_error(text, path)
     if kind is None or not path.is_file():
         return "image", f"{path} is not a .csv/.tsv/.jsonl file"
     if kind == "csv":
@@ -122,13 +125,18 @@ def load_image_data(
         return splits
     if path.is_dir():
         return _load_folder(path, split, seed, strict)
+    raise missing_source_error(text, path)
+
+
+def missing_source_error(text: str, path: Path) -> DataError:
+    """The error for a data source that is neither an existing file or folder nor a dataset name."""
     if not path.exists() and (path.suffix or "/" in text or "\\" in text):
-        raise DataError(
+        return DataError(
             f"{path} does not exist. Give an image folder, a CSV of path,label rows, a CSV/TSV/JSONL of "
             "labelled texts, 'digits' or a torchvision dataset name."
         )
     choices = list(BUILTIN_DATASETS) + sorted(TORCHVISION_DATASETS)
-    raise DataError(
+    return DataError(
         f"Data source '{text}' is neither a folder, a .csv file nor a dataset name."
         f"{did_you_mean(text.lower(), choices)} Built-in and torchvision names: {', '.join(choices)}."
     )
