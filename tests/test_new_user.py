@@ -116,3 +116,19 @@ def test_item17_a_jsonl_file_missing_a_key_gets_jsonl_advice(tmp_path):
     message = str(info.value)
     assert "no key 'label'" in message and "--label-column KEY" in message and "category" in message
     assert "path,label" not in message and "CSV" not in message
+
+
+def test_item18_models_prints_only_sections_with_matches_and_did_you_mean_when_none():
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    some = CliRunner().invoke(app, ["models", "resnet1"])
+    assert some.exit_code == 0, some.output
+    assert "Built-in" not in some.output and "timm architectures" in some.output and "resnet18" in some.output
+    none = CliRunner().invoke(app, ["models", "resnt50"])
+    assert none.exit_code == 0, none.output
+    assert "Built-in" not in none.output and "timm architectures" not in none.output
+    assert "No backbone matches 'resnt50'. Did you mean: resnet50" in none.output
+    lite = CliRunner().invoke(app, ["models", "lite0"])
+    assert "Built-in image backbones" in lite.output and "Built-in text" not in lite.output
