@@ -132,3 +132,23 @@ def test_item18_models_prints_only_sections_with_matches_and_did_you_mean_when_n
     assert "No backbone matches 'resnt50'. Did you mean: resnet50" in none.output
     lite = CliRunner().invoke(app, ["models", "lite0"])
     assert "Built-in image backbones" in lite.output and "Built-in text" not in lite.output
+
+
+def test_item19_help_at_80_columns_reads_as_usual_and_cuts_nothing():
+    import pytest
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    pages = {}
+    for command in ("fit", "compare", "predict", "evaluate", "doctor", "models", "inspect", "export", "push", "serve", None):
+        args = [command, "--help"] if command else ["--help"]
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        pages[command] = " ".join(result.output.replace("│", " ").split())  # the help texts, unwrapped
+        for bad in ("…", "<bool>", "{"):
+            if bad in result.output:
+                pytest.fail(f"transferkit {command} --help shows {bad!r}:\n{result.output}")
+    assert "fit [OPTIONS] DATA" in pages["fit"] and "predict [OPTIONS] RUN [INPUTS]..." in pages["predict"]
+    assert "--label-smoothing <float range> Label smoothing of the" in pages["fit"]
+    assert "resnet18,convnext_tiny" in pages["compare"] and "feature-extraction,lp-ft" in pages["compare"]
