@@ -152,3 +152,39 @@ def test_item19_help_at_80_columns_reads_as_usual_and_cuts_nothing():
     assert "fit [OPTIONS] DATA" in pages["fit"] and "predict [OPTIONS] RUN [INPUTS]..." in pages["predict"]
     assert "--label-smoothing <float range> Label smoothing of the" in pages["fit"]
     assert "resnet18,convnext_tiny" in pages["compare"] and "feature-extraction,lp-ft" in pages["compare"]
+
+
+def _transparent_icon(path: Path) -> Path:
+    """An RGBA PNG whose transparent half stores black: composited onto white it is half white, converted to RGB
+    (PIL's convert drops alpha) half black."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.zeros((40, 40, 4), np.uint8)
+    arr[:, :20] = (200, 40, 40, 255)  # opaque red
+    Image.fromarray(arr, "RGBA").save(path)
+    return path
+
+
+def test_item21_an_rgba_array_is_composited_onto_white_as_its_file_is(colours_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from transferkit import load_classifier
+    from transferkit.export.onnx import OnnxClassifier, export_run
+
+    run, _ = colours_run
+    icon = _transparent_icon(tmp_path / "icon.png")
+    rgba = np.asarray(Image.open(icon))
+    dropped = np.asarray(Image.open(icon).convert("RGB"))
+    assert rgba.shape == (40, 40, 4)
+    clf = load_classifier(run, progress=False)
+    from_file = clf.predict_proba([icon])
+    np.testing.assert_allclose(clf.predict_proba(rgba), from_file, atol=1e-6)
+    np.testing.assert_allclose(clf.predict_proba(Image.open(icon)), from_file, atol=1e-6)
+    assert np.abs(clf.predict_proba(dropped) - from_file).max() > 1e-3  # alpha dropped: another image
+    # The ONNX export's classifier takes the same inputs and composites the same way.
+    onnx = OnnxClassifier.load(export_run(run, "onnx", tmp_path / "model.onnx").path)
+    expected = onnx.predict_proba([icon])
+    np.testing.assert_allclose(onnx.predict_proba(rgba), expected, atol=1e-5)
+    np.testing.assert_allclose(onnx.predict_proba([Image.open(icon)]), expected, atol=1e-5)

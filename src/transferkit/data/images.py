@@ -487,6 +487,10 @@ def as_image_set(inputs, classes: list[str], labels: Sequence[str] | None = None
     """What `predict` and `score` take, as an ImageSet: a path, a folder (every image in it), a list of paths,
     PIL images or HWC uint8 arrays (an N x H x W x C array is N images).
 
+    Each is decoded as a file is: an RGBA image or array (H, W, 4) is composited onto white. (PIL's
+    ``Image.open(p).convert("RGB")`` drops the alpha instead, showing the colour under transparent pixels, often
+    black: another image than the file's.)
+
     Raises:
         UsageError: an input of another kind, or labels that are not the model's classes.
     """
