@@ -188,3 +188,28 @@ def test_item21_an_rgba_array_is_composited_onto_white_as_its_file_is(colours_ru
     expected = onnx.predict_proba([icon])
     np.testing.assert_allclose(onnx.predict_proba(rgba), expected, atol=1e-5)
     np.testing.assert_allclose(onnx.predict_proba([Image.open(icon)]), expected, atol=1e-5)
+
+
+def test_item23_the_converted_model_is_keyed_without_the_head_so_class_counts_share_one_conversion():
+    import pytest
+
+    pytest.importorskip("openvino")
+    import torch
+
+    from transferkit.backbones import load_backbone
+    from transferkit.inference.extraction import input_shape, pooled_cut
+    from transferkit.inference.runners import model_key
+
+    def key(bb) -> str:
+        cut = pooled_cut(bb)
+        return model_key(cut.module, cut.name, input_shape(bb), "direct", cut.unused)
+
+    three, seven = load_backbone("builtin:efficientnet_lite0", 3), load_backbone("builtin:efficientnet_lite0", 7)
+    assert "out_features=3" in repr(three.model) and "out_features=7" in repr(seven.model)
+    assert key(three) == key(seven)  # the head is not in the converted graph
+    assert key(three) != key(load_backbone("builtin:efficientnet_lite1", 3))  # another backbone
+    assert key(three) != key(load_backbone("builtin:efficientnet_lite0", 3, weights="none"))  # other weights
+    with torch.no_grad():
+        next(p for n, p in three.model.named_parameters() if n not in three.head_param_names).add_(1.0)
+    assert key(three) != key(seven)  # a changed backbone weight
+    assert model_key(seven.model, "module", input_shape(seven), "direct") != key(seven)  # the whole model is another cut
