@@ -6,7 +6,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytest
+
 from conftest import write_folder
+
+
+@pytest.fixture
+def transferkit_logs(caplog, monkeypatch):
+    """caplog at INFO for transferkit's loggers (an in-process CLI test stops them propagating to caplog's root)."""
+    monkeypatch.setattr(logging.getLogger("transferkit"), "propagate", True)
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        yield caplog
 
 
 def _spreadsheet_csv(tmp_path: Path) -> Path:
@@ -18,7 +28,7 @@ def _spreadsheet_csv(tmp_path: Path) -> Path:
     return path
 
 
-def test_item4_a_spreadsheet_csv_with_a_file_column_trains_with_stripped_labels(tmp_path, caplog):
+def test_item4_a_spreadsheet_csv_with_a_file_column_trains_with_stripped_labels(tmp_path, transferkit_logs):
     from transferkit import ImageClassifier
     from transferkit.data import detect_modality, load_data
 
@@ -28,10 +38,9 @@ def test_item4_a_spreadsheet_csv_with_a_file_column_trains_with_stripped_labels(
     assert splits.classes == ["blue", "green", "red"]
     assert len(splits.summary.warnings["labels_stripped"]) == 18
     assert "label(s) with surrounding spaces, stripped" in splits.summary.line()
-    with caplog.at_level(logging.WARNING, logger="transferkit"):
-        clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=32, progress=False).fit(path)
+    clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=32, progress=False).fit(path)
     assert list(clf.classes_) == ["blue", "green", "red"]
-    assert "stripped" in caplog.text
+    assert "stripped" in transferkit_logs.text
 
 
 def test_item12_cli_predict_takes_a_folder_as_python_predict_does(colours_run):
@@ -104,8 +113,6 @@ def test_item17_a_wrong_path_is_an_error_without_a_detection_line_before_it(tmp_
 def test_item17_a_jsonl_file_missing_a_key_gets_jsonl_advice(tmp_path):
     import json
 
-    import pytest
-
     from transferkit.data import load_data
     from transferkit.errors import DataError
 
@@ -135,7 +142,6 @@ def test_item18_models_prints_only_sections_with_matches_and_did_you_mean_when_n
 
 
 def test_item19_help_at_80_columns_reads_as_usual_and_cuts_nothing():
-    import pytest
     from typer.testing import CliRunner
 
     from transferkit.cli import app
@@ -191,8 +197,6 @@ def test_item21_an_rgba_array_is_composited_onto_white_as_its_file_is(colours_ru
 
 
 def test_item23_the_converted_model_is_keyed_without_the_head_so_class_counts_share_one_conversion():
-    import pytest
-
     pytest.importorskip("openvino")
     import torch
 
@@ -213,3 +217,24 @@ def test_item23_the_converted_model_is_keyed_without_the_head_so_class_counts_sh
         next(p for n, p in three.model.named_parameters() if n not in three.head_param_names).add_(1.0)
     assert key(three) != key(seven)  # a changed backbone weight
     assert model_key(seven.model, "module", input_shape(seven), "direct") != key(seven)  # the whole model is another cut
+
+
+def test_item22_auto_says_the_probe_accuracy_and_why_a_trial_starts_when_they_happen(tmp_path, transferkit_logs):
+    import numpy as np
+    from PIL import Image
+
+    from transferkit import ImageClassifier
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):  # noise with arbitrary labels: the probe stays far below the ceiling
+        (tmp_path / "noise" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "noise" / c / f"{i}.png")
+    clf = ImageClassifier("builtin:efficientnet_lite0", strategy="auto", image_size=32, epochs=1, progress=False)
+    clf.fit(tmp_path / "noise")
+    messages = [r.getMessage() for r in transferkit_logs.records]
+    probe = next(i for i, m in enumerate(messages) if m.startswith("auto: the frozen-feature probe reaches"))
+    trial = next(i for i, m in enumerate(messages) if m.startswith("auto: ") and "so it tries lp-ft" in m)
+    chose = next(i for i, m in enumerate(messages) if m.startswith("auto chose"))
+    assert probe < trial < chose  # said when they happen, before the trial trains
+    assert f"{clf.decision_.measurements['probe_val_acc']:.1%} validation accuracy" in messages[probe]
