@@ -87,7 +87,7 @@ def test_small_example_by_hand():
     assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}  # never predicted
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
     assert m["absent_classes"] == []
-    assert m["top5_accuracy"] == 1.0  # K = 3 <= 5: the true class is always among the top 3
+    assert m["top5_accuracy"] is None  # K = 3 <= 5: the true class is always among the top 5, which says nothing
 
 
 def test_docstring_example_holds():
@@ -101,7 +101,7 @@ def test_top_k_with_few_classes_is_all_classes(k):
     rng = np.random.default_rng(k)
     y = rng.integers(0, k, 20)
     m = metrics(rng.normal(size=(20, k)), y, [str(i) for i in range(k)])
-    assert m["top5_accuracy"] == 1.0 and m["n"] == 20
+    assert m["top5_accuracy"] is None and m["n"] == 20
     assert len(m["confusion"]) == k
 
 
@@ -122,7 +122,7 @@ def test_top_k_with_six_classes_is_top_five():
 
 def test_empty_input_gives_zeros_and_nones():
     m = metrics(np.zeros((0, 3)), np.zeros(0, dtype=int), ["a", "b", "c"])
-    assert (m["n"], m["accuracy"], m["top5_accuracy"], m["macro_f1"]) == (0, 0.0, 0.0, 0.0)
+    assert (m["n"], m["accuracy"], m["top5_accuracy"], m["macro_f1"]) == (0, 0.0, None, 0.0)
     assert m["per_class"]["a"] == {"precision": None, "recall": None, "f1": None, "support": 0}
     assert m["absent_classes"] == ["a", "b", "c"]
     assert m["confusion"] == [[0] * 3] * 3

@@ -374,13 +374,14 @@ class FitLog:
 def fit_results(metrics: dict) -> dict[str, float]:
     """The numbers a fit ends with, under the names both backends log them as."""
     test = metrics["test"]
-    return {
+    results = {
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
-        "test_top5_accuracy": test["top5_accuracy"],
+        "test_top5_accuracy": test.get("top5_accuracy"),  # None with 5 classes or fewer: not logged
         "val_accuracy": metrics["val_accuracy"],
         "train_seconds": metrics["train_seconds"],
     }
+    return {k: v for k, v in results.items() if v is not None}
 
 
 def fit_summary(meta: RunMeta) -> str:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,8 +221,9 @@ class TextBackbone(Backbone):
         if lora.is_adapted(model):
             lora.save_adapters(model, out / lora.ADAPTER_DIR)
             model = lora.merged_copy(model)
-        model.encoder.save_pretrained(str(out / ENCODER_DIR))
-        self.tokenizer.save_pretrained(str(out / ENCODER_DIR))
+        with quiet_transformers():
+            model.encoder.save_pretrained(str(out / ENCODER_DIR))
+            self.tokenizer.save_pretrained(str(out / ENCODER_DIR))
         head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         write_atomic(out / HEAD_FILE, save(head, metadata={"format": "pt", "pooling": model.pooling}))
 
@@ -232,7 +234,8 @@ class TextBackbone(Backbone):
         from transformers import AutoModel, AutoTokenizer
 
         try:
-            encoder = AutoModel.from_pretrained(str(run_dir / ENCODER_DIR))
+            with quiet_transformers():
+                encoder = AutoModel.from_pretrained(str(run_dir / ENCODER_DIR))
             tokenizer = AutoTokenizer.from_pretrained(str(run_dir / ENCODER_DIR))
             model = TextModel(encoder.float(), n_classes, data_config["pooling"])
             model.head.load_state_dict(load_file(str(run_dir / HEAD_FILE)), strict=True)
@@ -241,6 +244,32 @@ class TextBackbone(Backbone):
         return cls(
             model.eval(), tokenizer, BackboneSpec.from_dict(spec), data_config["max_length"], f"trained run {run_dir}", new_head=False
         )
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off for the call, restored after.
+
+    A library must not change global state it does not own, so the switch is scoped: transformers >= 5 takes a tqdm
+    hook (the hub's download bars stay on); older versions have only the global switch, put back as it was.
+    """
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    if set_hook is not None:
+        previous = set_hook(lambda factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))
+        try:
+            yield
+        finally:
+            set_hook(previous)
+        return
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
@@ -357,8 +386,10 @@ def load_text_backbone(
     source, where = _source(name)
     with hub_or_cache(name) if where == "hub" else contextlib.nullcontext(HubReach(False, None)) as reach:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            encoder = AutoModel.from_config(AutoConfig.from_pretrained(source)) if weights == "none" else AutoModel.from_pretrained(source)
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                random = weights == "none"
+                encoder = AutoModel.from_config(AutoConfig.from_pretrained(source)) if random else AutoModel.from_pretrained(source)
         except Exception as e:  # OSError, ValueError, requests/hub errors: all mean "cannot get this model here"
             raise ModelError(
                 f"Could not load text model '{name}' with transformers ({reach.why(e)}). Give a hub name (needs "

@@ -16,6 +16,8 @@ from transferkit.cli.common import (
 )
 from transferkit.cli.render import (
     out,
+    render_models,
+    render_no_models,
     render_recommended,
 )
 
@@ -40,15 +42,9 @@ def models(
 
         return render_recommended(recommended_table())
     found = list_models(filter)
-    out.print("[bold]Built-in image backbones (offline weights):[/]")
-    for name in found["builtin"]:
-        out.print(f"  {name}  {BUILTIN_BACKBONES[name].description}")
-    out.print("[bold]Built-in text backbones (offline weights; any transformers encoder on the hub works too):[/]")
-    for name in found["builtin_text"]:
-        out.print(f"  {name}  {BUILTIN_TEXT_BACKBONES[name].description}")
-    names = found["timm"]
-    out.print(f"[bold]timm architectures ({len(names)}; weights download from the hub):[/]")
-    out.print("  " + "  ".join(names[:200]) + (" ..." if len(names) > 200 else ""), soft_wrap=False)
+    if not any(found.values()):
+        return render_no_models(filter, [n for names in list_models().values() for n in names])
+    render_models(found, BUILTIN_BACKBONES, BUILTIN_TEXT_BACKBONES)
 
 
 @app.command()

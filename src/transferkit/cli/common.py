@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Annotated
+import re
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from transferkit import __version__
 from transferkit.cli.render import err, out
@@ -18,7 +21,44 @@ from transferkit.errors import NameDeprecationWarning, TransferkitError
 from transferkit.training.config import DEFAULT_CACHE_BUDGET_GB, DEFAULT_ENGINE, TrainConfig
 
 DEFAULTS = TrainConfig(engine=DEFAULT_ENGINE)  # for help texts; a bad $TRANSFERKIT_ENGINE is refused by the command
-app = typer.Typer(
+
+
+def _untyped_flags(params: list[Any]) -> list[Any]:
+    """Flags (-h/--help, --recommended, ...) take no value: no type after them in the help (typer shows <bool>)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """A typer command whose help reads as usual: DATA and [INPUTS]... in the usage (typer writes {data}), flags
+    without a type."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:  # typer's vendored click.Context
+        pieces = [re.sub(r"\{([a-z_]+)\}", lambda m: m[1].upper(), p) for p in super().collect_usage_pieces(ctx)]
+        return [re.sub(r"\[([a-z_]+)\]", lambda m: f"[{m[1].upper()}]", p) for p in pieces]
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    """The `transferkit` group, its flags untyped like its commands'."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
+class App(typer.Typer):
+    """typer's app whose commands are :class:`Command` unless a command names another class."""
+
+    def command(self, name: str | None = None, *, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Callable:
+        return super().command(name, cls=cls or Command, **kwargs)
+
+
+app = App(
+    cls=Group,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -111,9 +151,9 @@ Models = Annotated[
     str | None,
     typer.Option(
         rich_help_panel=MODEL,
-        help="Several backbones, comma-separated (e.g. "
-        "builtin:efficientnet_lite0,builtin:efficientnet_lite1): each is measured on "
-        "your data and ranked by the cross-validated probe, with its costs.",
+        help="Several backbones, comma-separated without spaces (e.g. resnet18,convnext_tiny; the built-ins are "
+        "builtin:efficientnet_lite0, _lite1 and _lite2): each is measured on your data and ranked by the "
+        "cross-validated probe, with its costs.",
     ),
 ]
 TextColumn = Annotated[str | None, typer.Option(rich_help_panel=DATA, help="Text data: the column holding the text (default 'text').")]

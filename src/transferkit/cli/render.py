@@ -145,6 +145,30 @@ def render_int8(r) -> None:
     out.print(f"Wrote {r.path} (fp32: {r.fp32_path}). Predict with: transferkit predict {r.path} IMAGE...")
 
 
+def render_models(found: dict[str, list[str]], builtin: dict, builtin_text: dict) -> None:
+    """`transferkit models`: each non-empty section (built-in image, built-in text, timm) with its names."""
+    if found["builtin"]:
+        out.print("[bold]Built-in image backbones (offline weights):[/]")
+        for name in found["builtin"]:
+            out.print(f"  {name}  {builtin[name].description}")
+    if found["builtin_text"]:
+        out.print("[bold]Built-in text backbones (offline weights; any transformers encoder on the hub works too):[/]")
+        for name in found["builtin_text"]:
+            out.print(f"  {name}  {builtin_text[name].description}")
+    names = found["timm"]
+    if names:
+        out.print(f"[bold]timm architectures ({len(names)}; weights download from the hub):[/]")
+        out.print("  " + "  ".join(names[:200]) + (" ..." if len(names) > 200 else ""), soft_wrap=False)
+
+
+def render_no_models(filter: str, every_name: list[str]) -> None:
+    """The line for a filter that matches no backbone, with the closest names."""
+    from transferkit.errors import did_you_mean
+
+    near = did_you_mean(filter.strip("*?[]").lower(), every_name)
+    out.print(f"No backbone matches '{filter}'.{near} List them all with: transferkit models", highlight=False)
+
+
 def render_recommended(rows: list[dict]) -> None:
     """The curated hub backbones (transferkit.backbones.recommended): numbers, then where each comes from."""
     from transferkit.backbones.recommended import LICENCE_SOURCE, PARAMS_SOURCE

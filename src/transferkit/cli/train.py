@@ -93,7 +93,15 @@ def fit(
     ] = None,
     augment: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="Image augmentation: none (default), light or strong.")] = None,
     optimizer: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help="adamw (default) or sgd.")] = None,
-    label_smoothing: Annotated[float | None, typer.Option(min=0.0, max=0.5, rich_help_panel=TRAIN)] = None,
+    label_smoothing: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.5,
+            rich_help_panel=TRAIN,
+            help="Label smoothing of the loss: the share of each target spread over all classes (default 0).",
+        ),
+    ] = None,
     accumulate: Annotated[int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Gradient accumulation steps.")] = None,
     patience: Annotated[
         int | None, typer.Option(min=1, rich_help_panel=TRAIN, help="Stop a phase after N epochs without a better validation accuracy.")
@@ -223,9 +231,9 @@ def compare(
         str | None,
         typer.Option(
             rich_help_panel=TRAIN,
-            help="Comma-separated strategies to run on the "
-            "same split (default feature-extraction,finetune:last=2,finetune:all,lp-ft; with several "
-            "--models, feature-extraction only).",
+            help="Strategies to run on the same split, comma-separated without spaces (e.g. "
+            "feature-extraction,lp-ft; default: feature-extraction, finetune:last=2, finetune:all and lp-ft; with "
+            "several --models, feature-extraction only).",
         ),
     ] = None,
     fractions: Annotated[

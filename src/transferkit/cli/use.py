@@ -56,6 +56,7 @@ def predict(
     engine: Engine = None,
 ) -> None:
     """Classify image files, or texts with a text run; prints labels and probabilities."""
+    from transferkit.data.images import check_image
     from transferkit.errors import DataError
     from transferkit.stats.metrics import top_predictions
 
@@ -65,9 +66,7 @@ def predict(
     clf = load_model(run, device, precision, engine)
     key = "text" if getattr(clf, "modality", "image") == "text" else "file"
     if key == "file":
-        from transferkit.data.images import check_image
-
-        files = [Path(f) for f in items]
+        files = expand_folders(items)
         bad = [(f, why) for f in files if (why := check_image(f))]
         if bad and all(why == "missing" for _, why in bad) and len(bad) == len(files):
             raise UsageError(
@@ -86,6 +85,24 @@ def predict(
         extra = [", ".join(f"{p['label']} {p['probability']:.3f}" for p in rest)] if top_k > 1 else []
         table.add_row(shown_path(r[key]) if key == "file" else r[key], first["label"], f"{first['probability']:.3f}", *extra)
     out.print(table)
+
+
+def expand_folders(items: list[str]) -> list[Path]:
+    """Paths with each folder replaced by its image files (recursively, sorted), as Python's predict reads a folder."""
+    from transferkit.data.images import IMAGE_EXTENSIONS, image_files
+    from transferkit.errors import DataError
+
+    files: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = image_files(path)
+        if not found:
+            raise DataError(f"Folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}). Give a folder of images or image files.")
+        files.extend(found)
+    return files
 
 
 def load_model(run: Path, device: str | None, precision: str | None = None, engine: str | None = None):
@@ -134,10 +151,10 @@ def evaluate(
     precision: Precision = None,
     engine: Engine = None,
 ) -> None:
-    """Measure a trained run on labelled data: accuracy, top-5, macro-F1, per-class scores."""
+    """Measure a trained run on labelled data: accuracy, macro-F1, top-5 (with more than 5 classes), per-class scores."""
     from transferkit.classifier import load_classifier
     from transferkit.data.sources import load_eval
-    from transferkit.stats.metrics import metrics
+    from transferkit.stats.metrics import metrics, top_k_clause
 
     clf = load_classifier(
         run, progress=False, **given(device=device, precision=precision, engine=engine, text_column=text_column, label_column=label_column)
@@ -151,7 +168,8 @@ def evaluate(
         return
     from transferkit.report.comparison import scores_sentence
 
-    out.print(f"{summary.source}: {scores_sentence(result, clf.modality + 's')}; top-5 {result['top5_accuracy']:.4f}", highlight=False)
+    top_k = top_k_clause(result, len(clf.classes_))
+    out.print(f"{summary.source}: {scores_sentence(result, clf.modality + 's')}{top_k}", highlight=False)
     table = Table("class", "precision", "recall", "f1", "support")
     for name, m in result["per_class"].items():
         table.add_row(name, *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("precision", "recall", "f1")), str(m["support"]))

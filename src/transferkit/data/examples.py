@@ -83,6 +83,7 @@ WARNING_TEXT = {
     "duplicates_across_splits": "val/test file(s) identical to a file in an earlier split (kept; their score "
     "measures memory, not generalisation)",
     "empty_classes": "class folder(s) without usable images, left out",
+    "labels_stripped": "label(s) with surrounding spaces, stripped",
 }
 
 

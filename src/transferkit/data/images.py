@@ -303,6 +303,11 @@ def _list_images(folder: Path, summary: DataSummary) -> list[Path]:
     return sorted(found)
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively and sorted, as `predict` reads a folder (hidden entries ignored)."""
+    return _list_images(folder, DataSummary(str(folder)))
+
+
 def read_image_folder(root: Path, classes: list[str] | None, summary: DataSummary, strict: bool) -> FileImages:
     """Read one folder of class subfolders; `classes` fixes the label order when given."""
     found = _folder_classes(root, summary)
@@ -327,10 +332,10 @@ def read_image_folder(root: Path, classes: list[str] | None, summary: DataSummar
 def read_csv(path: Path, summary: DataSummary, strict: bool, classes: list[str] | None = None) -> FileImages:
     """Read `path,label` rows; paths are relative to the CSV's folder.
 
-    The header is matched without regard to case or surrounding spaces; blank
-    lines are ignored; a row without a path or a label is skipped as an
-    incomplete row, and with `classes` given, a row with another label as an
-    unknown class.
+    The header is matched without regard to case or surrounding spaces; without a ``path`` column, the column whose
+    values name existing image files (:func:`image_path_column`, e.g. ``file``) holds the paths. Blank lines are
+    ignored; labels are stripped of surrounding spaces (counted as a warning in `summary`); a row without a path or
+    a label is skipped as an incomplete row, and with `classes` given, a row with another label as an unknown class.
     """
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -338,21 +343,26 @@ def read_csv(path: Path, summary: DataSummary, strict: bool, classes: list[str] 
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"Cannot read CSV {path}: {e}. Save it as UTF-8 text whose first line is: path,label") from e
     header = [c.strip().lower() for c in rows[0]] if rows else []
-    if "path" not in header or "label" not in header:
+    column = "path" if "path" in header else (image_path_column(path) or "").lower()
+    if column not in header or "label" not in header:
         raise DataError(
-            f"CSV {path} needs a header with columns 'path' and 'label'; found {header[:10]}. Write the first line as: path,label"
+            f"CSV {path} needs a header with columns 'path' (or any column naming image files) and 'label'; "
+            f"found {header[:10]}. Write the first line as: path,label"
         )
-    col_path, col_label = header.index("path"), header.index("label")
+    col_path, col_label = header.index(column), header.index("label")
     paths, names = [], []
     for n, row in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in row):
             continue
         rel = row[col_path].strip() if col_path < len(row) else ""
-        name = row[col_label].strip() if col_label < len(row) else ""
+        raw = row[col_label] if col_label < len(row) else ""
+        name = raw.strip()
         if not rel or not name:
             summary.found += 1
             summary.skip("incomplete row", f"{path} row {n}")
             continue
+        if name != raw:
+            summary.warn("labels_stripped", f"{path.name} row {n} ({raw!r})")
         paths.append(path.parent / rel)
         names.append(name)
     classes = classes or sorted(set(names))
@@ -366,6 +376,25 @@ def read_csv(path: Path, summary: DataSummary, strict: bool, classes: list[str] 
             keep.append(i)
     summary.raise_if_strict(strict)
     return FileImages([paths[i] for i in keep], [index[names[i]] for i in keep], classes, name=str(path), digests=_digests(checks, keep))
+
+
+def image_path_column(path: Path, sniff_rows: int = 20) -> str | None:
+    """The first column of a CSV whose first `sniff_rows` values are mostly existing image files (relative to the
+    CSV's folder), stripped of surrounding spaces; None when no column is, or the file cannot be read."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = [r for _, r in zip(range(sniff_rows), reader)]
+            columns = [c for c in reader.fieldnames or [] if c is not None]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    for column in columns:
+        values = [(r.get(column) or "").strip() for r in rows]
+        values = [v for v in values if v]
+        images = [v for v in values if Path(v).suffix.lower() in IMAGE_EXTENSIONS and (path.parent / v).is_file()]
+        if values and len(images) * 2 > len(values):
+            return column.strip()
+    return None
 
 
 def read_paths(paths: Sequence[str | Path], labels: Sequence, summary: DataSummary, strict: bool) -> FileImages:
@@ -458,6 +487,10 @@ def as_image_set(inputs, classes: list[str], labels: Sequence[str] | None = None
     """What `predict` and `score` take, as an ImageSet: a path, a folder (every image in it), a list of paths,
     PIL images or HWC uint8 arrays (an N x H x W x C array is N images).
 
+    Each is decoded as a file is: an RGBA image or array (H, W, 4) is composited onto white. (PIL's
+    ``Image.open(p).convert("RGB")`` drops the alpha instead, showing the colour under transparent pixels, often
+    black: another image than the file's.)
+
     Raises:
         UsageError: an input of another kind, or labels that are not the model's classes.
     """
@@ -482,7 +515,7 @@ def _image_items(inputs) -> list:
     if isinstance(inputs, str | Path):
         path = Path(inputs).expanduser()
         if path.is_dir():
-            return [p for p in _list_images(path, DataSummary(str(path)))]
+            return list(image_files(path))
         return [path]
     if isinstance(inputs, Image.Image):
         return [inputs]

@@ -18,7 +18,7 @@ from typing import TypeVar
 import numpy as np
 
 from transferkit.data.examples import DEFAULT_SPLIT, SPLIT_FOLDERS, SPLIT_NAMES, DataSplits, DataSummary, Examples
-from transferkit.data.images import IMAGE_EXTENSIONS, ImageSet, read_csv, read_image_folder
+from transferkit.data.images import IMAGE_EXTENSIONS, ImageSet, image_path_column, read_csv, read_image_folder
 from transferkit.data.named import BUILTIN_DATASETS, TORCHVISION_DATASETS, cache_dir, load_digits_images, load_torchvision
 from transferkit.data.splits import (
     drop_conflicting_labels,
@@ -43,6 +43,9 @@ def detect_modality(source: str | Path, *, text_column: str | None = None, label
     A folder or a dataset name holds images; a .tsv/.jsonl holds texts; a .csv
     holds images when one of its columns names existing image files (relative
     to the CSV), else texts. Naming a text or label column means texts.
+
+    Raises:
+        DataError: `source` is neither an existing file or folder nor a dataset name.
     """
     text, path = str(source), Path(source).expanduser()
     if text in BUILTIN_DATASETS or (text.lower() in TORCHVISION_DATASETS and not path.exists()):
@@ -51,11 +54,11 @@ def detect_modality(source: str | Path, *, text_column: str | None = None, label
         return "image", f"{path} is a folder (image folders hold one subfolder per class)"
     kind = TEXT_FORMATS.get(path.suffix.lower())
     if not path.exists():
-        return "image", f"{path} does not exist"
+        raise missing_source_error(text, path)
     if kind is None or not path.is_file():
         return "image", f"{path} is not a .csv/.tsv/.jsonl file"
     if kind == "csv":
-        column = "path" if "path" in _csv_header(path) else _image_path_column(path)
+        column = "path" if "path" in _csv_header(path) else image_path_column(path, SNIFF_ROWS)
         if column is not None:
             return "image", f"column '{column}' of {path.name} names image files"
     if text_column is not None or label_column is not None:
@@ -69,24 +72,6 @@ def _csv_header(path: Path) -> list[str]:
             return [c.strip().lower() for c in next(csv.reader(fh), [])]
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
-
-
-def _image_path_column(path: Path) -> str | None:
-    """The first column of a CSV whose sampled values are mostly existing image files, or None."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            rows = [r for _, r in zip(range(SNIFF_ROWS), reader)]
-            columns = [c for c in reader.fieldnames or [] if c is not None]
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-    for column in columns:
-        values = [(r.get(column) or "").strip() for r in rows]
-        values = [v for v in values if v]
-        images = [v for v in values if Path(v).suffix.lower() in IMAGE_EXTENSIONS and (path.parent / v).is_file()]
-        if values and len(images) * 2 > len(values):
-            return column.strip()
-    return None
 
 
 def load_data(
@@ -140,13 +125,18 @@ def load_image_data(
         return splits
     if path.is_dir():
         return _load_folder(path, split, seed, strict)
+    raise missing_source_error(text, path)
+
+
+def missing_source_error(text: str, path: Path) -> DataError:
+    """The error for a data source that is neither an existing file or folder nor a dataset name."""
     if not path.exists() and (path.suffix or "/" in text or "\\" in text):
-        raise DataError(
+        return DataError(
             f"{path} does not exist. Give an image folder, a CSV of path,label rows, a CSV/TSV/JSONL of "
             "labelled texts, 'digits' or a torchvision dataset name."
         )
     choices = list(BUILTIN_DATASETS) + sorted(TORCHVISION_DATASETS)
-    raise DataError(
+    return DataError(
         f"Data source '{text}' is neither a folder, a .csv file nor a dataset name."
         f"{did_you_mean(text.lower(), choices)} Built-in and torchvision names: {', '.join(choices)}."
     )

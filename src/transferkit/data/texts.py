@@ -105,14 +105,22 @@ def read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
 
 
 def _column(columns: list[str], wanted: str, option: str, path: Path) -> str:
-    """The column named `wanted`, matched without regard to case; else a DataError listing the columns."""
+    """The column (a JSON Lines file's key) named `wanted`, matched without regard to case; else a DataError listing
+    the columns and the fix for this kind of file."""
     by_lower = {c.lower(): c for c in columns}
     if wanted.lower() in by_lower:
         return by_lower[wanted.lower()]
+    kind = TEXT_FORMATS.get(path.suffix.lower())
+    if kind == "jsonl":
+        raise DataError(
+            f"{path} has no key '{wanted}' in its JSON objects. Their keys: {', '.join(columns) or '(none)'}."
+            f"{did_you_mean(wanted, columns)} Name the right one with {option} KEY, or write each line as "
+            '{"text": "...", "label": "..."}.'
+        )
+    images = " For images, the first line must be path,label (paths relative to the CSV)." if kind == "csv" else ""
     raise DataError(
         f"{path} has no column '{wanted}'. Its columns: {', '.join(columns) or '(none)'}."
-        f"{did_you_mean(wanted, columns)} For texts, name the right one with {option} COLUMN; for images, "
-        "the first line must be path,label (paths relative to the CSV)."
+        f"{did_you_mean(wanted, columns)} For texts, name the right one with {option} COLUMN.{images}"
     )
 
 

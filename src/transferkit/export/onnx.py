@@ -282,7 +282,8 @@ def _quiet_jit_deprecation():
 
 
 class OnnxClassifier:
-    """Classify image files with an exported ONNX model, preprocessed exactly as transferkit does.
+    """Classify images with an exported ONNX model, preprocessed exactly as transferkit does (the inputs of
+    :meth:`transferkit.ImageClassifier.predict`).
 
     Args:
         path: a ``.onnx`` file written by :func:`export_run` (``transferkit export``).
@@ -325,28 +326,29 @@ class OnnxClassifier:
         clf.transform_ = make_transform(clf.data_config_)  # a decoded RGB image -> the model's input tensor
         return clf
 
-    def decision_function(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
-        """Raw logits, one row per image (files, or RGB PIL images already decoded by `open_image`)."""
-        from transferkit.data.images import open_image
+    def decision_function(self, images, batch_size: int = 64) -> np.ndarray:
+        """Raw logits, one row per image: what :meth:`transferkit.ImageClassifier.predict` takes (paths, a folder,
+        PIL images, HWC uint8 arrays), decoded the same way (transparency composited onto white)."""
+        from transferkit.data.images import as_image_set
 
+        examples = as_image_set(images, self.classes_)
         logits = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            x = torch.stack([self.transform_(p if isinstance(p, Image.Image) else open_image(p)) for p in chunk])
-            logits.append(self.logits(x))
+        for start in range(0, len(examples), batch_size):
+            chunk = range(start, min(start + batch_size, len(examples)))
+            logits.append(self.logits(torch.stack([self.transform_(examples.load(i)) for i in chunk])))
         return np.concatenate(logits) if logits else np.zeros((0, len(self.classes_)), np.float32)
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
         """The model's logits for a batch of preprocessed inputs (N, C, H, W)."""
         return self.session_.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
 
-    def predict_proba(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, images, batch_size: int = 64) -> np.ndarray:
         """Class probabilities, one row per image (columns follow `classes_`)."""
         from scipy.special import softmax
 
         return softmax(self.decision_function(images, batch_size), axis=1)
 
-    def predict(self, images: Sequence) -> list[str]:
+    def predict(self, images) -> list[str]:
         """Predicted class names."""
         return [self.classes_[i] for i in self.decision_function(images).argmax(1)]
 

@@ -235,10 +235,13 @@ def default_root() -> Path:
 
 
 def model_key(module: nn.Module, cut_name: str, input_shape: tuple[int, ...], route: str, unused: Sequence[str] = ()) -> str:
-    """A hex key that changes with the OpenVINO version, the route, the module's structure and weights, cut and input.
+    """A hex key that changes with what the converted graph depends on: the OpenVINO version, the route, the cut, the
+    input shape, and the module's structure and weights.
 
-    Parameters in `unused` (those the cut never reads, such as the head under pooled features) are left out,
-    so a trained or recalibrated head does not cost a new conversion of the same backbone.
+    Parameters in `unused` (those the cut never reads, such as the head under pooled features) are left out, and so
+    are the submodules that hold only those (the head's class count): a trained or recalibrated head, or a dataset
+    with another number of classes, does not cost a new conversion of the same backbone. (The precision is not in the
+    key: it is chosen when the cached model is compiled.)
     """
     import openvino
 
@@ -249,7 +252,7 @@ def model_key(module: nn.Module, cut_name: str, input_shape: tuple[int, ...], ro
         "route": route,
         "cut": cut_name,
         "input": list(input_shape),
-        "structure": hashlib.sha256(repr(module).encode()).hexdigest(),
+        "structure": structure_digest(module, unused),
     }
     h.update(json.dumps(header, sort_keys=True).encode())
     skip = set(unused)
@@ -260,6 +263,22 @@ def model_key(module: nn.Module, cut_name: str, input_shape: tuple[int, ...], ro
         h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def structure_digest(module: nn.Module, unused: Sequence[str] = ()) -> str:
+    """A digest of the module tree (each submodule's name, type and settings, as `repr` shows them), leaving out the
+    submodules whose parameters are all in `unused`."""
+    skip = set(unused)
+    owners = {name.rpartition(".")[0] for name in skip}
+    left_out = [
+        name for name, sub in module.named_modules() if name in owners and all(f"{name}.{p}" in skip for p, _ in sub.named_parameters())
+    ]
+    lines = [
+        f"{name}:{type(sub).__qualname__}({sub.extra_repr()})"
+        for name, sub in module.named_modules()
+        if not any(name == o or name.startswith(o + ".") for o in left_out)
+    ]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _compile(module: nn.Module, fn: Callable, key: str, input_shape: tuple[int, ...], precision: str, route: str, root: Path):

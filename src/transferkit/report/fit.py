@@ -13,6 +13,7 @@ from transferkit.report.doctor import report_section, write_extras
 from transferkit.report.environment import render
 from transferkit.report.plots import plot_confusion, plot_history
 from transferkit.runs.meta import RunMeta
+from transferkit.stats.metrics import top_k_clause
 
 
 def write_fit_report(out: Path, meta: RunMeta, extras: dict | None = None) -> Path:
@@ -29,7 +30,7 @@ def write_fit_report(out: Path, meta: RunMeta, extras: dict | None = None) -> Pa
         spec=meta.strategy.spec,
         backbone=meta.backbone_name,
         test=test,
-        scores=scores_sentence(test, "texts" if meta.modality == "text" else "images"),
+        scores=scores_sentence(test, "texts" if meta.modality == "text" else "images") + top_k_clause(test, len(meta.classes)),
         calibration=meta.calibration,
         curves_png=curves_png,
         confusion_png=confusion_png,

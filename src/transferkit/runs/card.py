@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 
 from transferkit.stats.intervals import score_with_intervals, wilson_interval
+from transferkit.stats.metrics import shown_test_metrics
 
 from transferkit.stats.wording import format_interval
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def model_card(meta: dict, name: str) -> str:
     """README.md text for a run named `name` (its folder name) with transferkit.json content `meta`."""
-    test = meta.get("metrics", {}).get("test", {})
+    test = shown_test_metrics(meta.get("metrics", {}).get("test", {}), len(meta["classes"]))
     intervals = metric_intervals(test, len(meta["classes"]))
     sections = [_summary(meta, name, intervals), _data_section(meta), _training_section(meta),
                 _results_section(meta, intervals), _comparison_section(meta), _usage_section(meta, name),
@@ -54,7 +55,7 @@ def card_metadata(meta: dict, name: str):
 
     image = meta.get("modality", "image") == "image"
     task = "image-classification" if image else "text-classification"
-    test = meta.get("metrics", {}).get("test", {})
+    test = shown_test_metrics(meta.get("metrics", {}).get("test", {}), len(meta.get("classes", [])))
     dataset = _dataset_name(meta)
     results = [EvalResult(task_type=task, dataset_type=_dataset_type(meta), dataset_name=dataset, dataset_split="test",
                           metric_type=kind, metric_name=f"Test {shown[0].lower()}{shown[1:]}", metric_value=round(value, 4),
@@ -215,7 +216,7 @@ def _number(value) -> str:
 
 def _results_section(meta: dict, intervals: dict) -> str:
     metrics = meta.get("metrics", {})
-    test = metrics.get("test", {})
+    test = shown_test_metrics(metrics.get("test", {}), len(meta.get("classes", [])))
     if not test:
         return ""
     rows = ["| metric (test split) | value | 95% interval | method |", "|---|---|---|---|"]

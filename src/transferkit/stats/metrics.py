@@ -28,7 +28,7 @@ def metrics(logits: np.ndarray, y_true: np.ndarray, classes: list[str], ids: lis
         seed: seed of the bootstrap intervals.
 
     Returns:
-        ``n``, ``accuracy``, ``top5_accuracy`` (top-min(5, K): 1.0 by definition when K <= 5),
+        ``n``, ``accuracy``, ``top5_accuracy`` (None when K <= 5: every class is then in the top 5),
         ``macro_f1``, ``balanced_accuracy``, ``per_class`` ({name: {precision, recall, f1, support}}),
         ``absent_classes``, ``confusion`` (true classes as rows, predicted as columns, K x K),
         ``intervals`` (accuracy: Wilson 95%; balanced accuracy and macro-F1: seeded bootstrap over
@@ -99,11 +99,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return scipy_softmax(np.asarray(logits, dtype=np.float64), axis=1)
 
 
-def _top_k_accuracy(logits: np.ndarray, y_true: np.ndarray, labels: np.ndarray) -> float:
-    """Share of examples whose true class is among the min(TOP_K, K) highest scores."""
-    if len(labels) <= TOP_K:  # every class is in the top K: scikit-learn would warn that the score is meaningless
-        return 1.0
+def _top_k_accuracy(logits: np.ndarray, y_true: np.ndarray, labels: np.ndarray) -> float | None:
+    """Share of examples whose true class is among the TOP_K highest scores; None with K <= TOP_K classes."""
+    if len(labels) <= TOP_K:  # every class is in the top K: 1.0 by definition, which says nothing
+        return None
     return float(top_k_accuracy_score(y_true, logits, k=TOP_K, labels=labels))
+
+
+def shown_test_metrics(test: dict, n_classes: int) -> dict:
+    """`test` without top-5 accuracy when there are no more than TOP_K classes (older runs stored 1.0 for it)."""
+    return test if n_classes > TOP_K else {k: v for k, v in test.items() if k != "top5_accuracy"}
+
+
+def top_k_clause(test: dict, n_classes: int) -> str:
+    """'; top-5 0.9812' to follow the scores sentence, or '' when top-5 says nothing (K <= TOP_K) or is missing."""
+    value = shown_test_metrics(test, n_classes).get("top5_accuracy")
+    return f"; top-{TOP_K} {value:.4f}" if isinstance(value, int | float) else ""
 
 
 def _class_scores(precision: float, recall: float, f1: float, support: int) -> dict:
@@ -117,7 +128,7 @@ def _empty(classes: list[str]) -> dict:
     return {
         "n": 0,
         "accuracy": 0.0,
-        "top5_accuracy": 0.0,
+        "top5_accuracy": 0.0 if k > TOP_K else None,
         "macro_f1": 0.0,
         "balanced_accuracy": 0.0,
         "per_class": {c: _class_scores(0.0, 0.0, 0.0, 0) for c in classes},

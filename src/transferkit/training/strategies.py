@@ -208,6 +208,22 @@ def decide_before_trial(per_class: int, probe_val: float) -> AutoDecision | None
 AUTO_CANDIDATE = Strategy("lp-ft")  # the most robust fine-tune across data sizes measured (Kumar et al. 2022)
 
 
+def probe_line(per_class: int, probe_val: float) -> str:
+    """What auto measured first, in words: the frozen-feature probe's validation accuracy."""
+    return (
+        f"auto: the frozen-feature probe reaches {probe_val:.1%} validation accuracy ({per_class} training examples in the smallest class)"
+    )
+
+
+def trial_reason(per_class: int, probe_val: float) -> str:
+    """Why auto starts a fine-tuning trial (when :func:`decide_before_trial` returns None), in words."""
+    return (
+        f"auto: {per_class} examples per class (>= {AUTO_MIN_PER_CLASS}) and a probe below {AUTO_PROBE_CEILING:.1%} "
+        f"leave room to gain, so it tries {AUTO_CANDIDATE.spec} and keeps it only if its validation gain over the "
+        "probe is more than noise"
+    )
+
+
 def decide_after_trial(per_class: int, probe_correct, tuned_correct, probe_seconds: float, tuned_seconds: float) -> AutoDecision:
     """Keep the fine-tuned model only when its validation gain over the probe is more than noise, else the probe.
 

@@ -475,11 +475,16 @@ def run_strategy(
 
     `fresh_backbone` gives the pretrained backbone again when auto keeps the probe after a trial.
     """
+    from transferkit.training.strategies import probe_line, trial_reason
+
     decision, trial = None, False
     if strategy.kind == "auto":
         probe = trainer.run_head_on_features(Phase("head", 0, 1, on_features=True, solver="lbfgs"))
+        log.info("%s", probe_line(trainer.min_per_class(), probe.best_val_acc))
         decision = decide_before_trial(trainer.min_per_class(), probe.best_val_acc)
         trial = decision is None
+        if trial:
+            log.info("%s", trial_reason(trainer.min_per_class(), probe.best_val_acc))
         strategy = AUTO_CANDIDATE if decision is None else decision.strategy
     phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(trainer.bb.blocks))
     results = trainer.run_all(phases, resume=resume)
@@ -493,6 +498,7 @@ def run_strategy(
             sum(r.seconds for r in results),
         )
         if decision.strategy != strategy:  # keep the probe: back to pretrained weights, refit the head
+            log.info("auto: %s gains no more than noise over the probe; refitting the head on the pretrained backbone", strategy.spec)
             strategy = decision.strategy
             trainer.bb = fresh_backbone()
             phases = plan_phases(strategy, cfg.epochs, cfg.head_epochs, len(trainer.bb.blocks))
