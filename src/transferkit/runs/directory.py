@@ -38,6 +38,7 @@ from transferkit.errors import RunError
 from transferkit.report.fit import write_fit_report
 from transferkit.runs.hubfiles import write_hub_files
 from transferkit.runs.meta import FORMAT_VERSION, RunMeta
+
 REQUIRED_FIELDS = {"format_version": int, "backbone": dict, "classes": list, "data_config": dict, "strategy": dict}
 META_FILE = "transferkit.json"
 # Written into a run directory during the fit, not by the save: kept when the saved run replaces the folder.
@@ -158,8 +159,10 @@ def check_out_dir(path: Path, *, resume: bool = False, overwrite: bool = True) -
     checkpoint = path / "checkpoints" / "last.json"
     others = [p for p in path.iterdir() if not p.name.startswith(".") and p.name not in CARRIED]
     if others and not (path / META_FILE).is_file():
-        raise RunError(f"{path} is a folder with other files in it ({others[0].name}, ...), not a transferkit run; writing "
-                       "a run there would mix its files with yours. Choose a new or empty folder with --out.")
+        raise RunError(
+            f"{path} is a folder with other files in it ({others[0].name}, ...), not a transferkit run; writing "
+            "a run there would mix its files with yours. Choose a new or empty folder with --out."
+        )
     if overwrite or resume or not checkpoint.is_file():
         return
     try:
@@ -169,8 +172,10 @@ def check_out_dir(path: Path, *, resume: bool = False, overwrite: bool = True) -
     if state.get("phase") != "done":
         from transferkit.errors import UsageError
 
-        raise UsageError(f"{path} holds an unfinished fit (checkpoint at phase {state.get('phase', '?')}, epoch "
-                         f"{state.get('epoch', '?')}). Continue it with --resume, or start over with --overwrite.")
+        raise UsageError(
+            f"{path} holds an unfinished fit (checkpoint at phase {state.get('phase', '?')}, epoch "
+            f"{state.get('epoch', '?')}). Continue it with --resume, or start over with --overwrite."
+        )
 
 
 def check_writable_dir(path: Path) -> None:
@@ -189,14 +194,15 @@ def check_writable_dir(path: Path) -> None:
     while not existing.exists():  # also False below a file (ENOTDIR)
         existing = existing.parent
     if not existing.is_dir():
-        raise RunError(f"Cannot create run directory {path}: {existing} is a file, not a folder. "
-                       "Choose another folder with --out.")
+        raise RunError(f"Cannot create run directory {path}: {existing} is a file, not a folder. Choose another folder with --out.")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise RunError(f"Cannot write run directory {path}: {existing} does not accept new files ({e.strerror}). "
-                       "Choose a folder you can write to with --out.") from e
+        raise RunError(
+            f"Cannot write run directory {path}: {existing} does not accept new files ({e.strerror}). "
+            "Choose a folder you can write to with --out."
+        ) from e
 
 
 def validate_meta(meta: object, where: Path) -> dict:
@@ -214,20 +220,23 @@ def validate_meta(meta: object, where: Path) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise RunError(f"{where} has no integer format_version >= 1 (got {version!r}); it was not written by transferkit.")
     if version > FORMAT_VERSION:
-        raise RunError(f"{where} has format version {version}; this transferkit reads up to {FORMAT_VERSION}. "
-                       "Upgrade transferkit: pip install -U transferkit")
+        raise RunError(
+            f"{where} has format version {version}; this transferkit reads up to {FORMAT_VERSION}. "
+            "Upgrade transferkit: pip install -U transferkit"
+        )
     for name, typ in REQUIRED_FIELDS.items():
         if not isinstance(meta.get(name), typ):
-            raise RunError(f"{where} lacks field '{name}' of type {typ.__name__} (got {type(meta.get(name)).__name__}). "
-                           "The run did not finish or the file was edited; fit again.")
+            raise RunError(
+                f"{where} lacks field '{name}' of type {typ.__name__} (got {type(meta.get(name)).__name__}). "
+                "The run did not finish or the file was edited; fit again."
+            )
     backbone, classes = meta["backbone"], meta["classes"]
     if not isinstance(backbone.get("arch"), str) or not isinstance(backbone.get("name", ""), str):
         raise RunError(f"{where}: backbone.arch (and backbone.name, if given) must be strings; got {backbone!r:.200}.")
     if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
         raise RunError(f"{where}: classes must be a non-empty list of strings, none repeated; got {classes!r:.200}.")
     size = meta["data_config"].get("input_size", [3, 1, 1])
-    if not (isinstance(size, list) and len(size) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
         raise RunError(f"{where}: data_config.input_size must be three positive integers; got {size!r:.200}.")
     spec = meta["strategy"].get("spec", "feature-extraction")
     try:
@@ -296,6 +305,5 @@ def load_run(run_dir: str | Path, expect: str | None = None) -> LoadedRun:
     if expect is not None and modality != expect:
         cls = "TextClassifier" if modality == "text" else "ImageClassifier"
         raise RunError(f"{run_dir} holds a {modality} model; load it with {cls}.load (or transferkit.load_classifier).")
-    backbone = read_trained(run_dir, modality=modality, spec=meta.backbone, n_classes=len(meta.classes),
-                            data_config=meta.data_config)
+    backbone = read_trained(run_dir, modality=modality, spec=meta.backbone, n_classes=len(meta.classes), data_config=meta.data_config)
     return LoadedRun(backbone, meta)
