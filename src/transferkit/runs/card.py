@@ -25,14 +25,19 @@ from __future__ import annotations
 import logging
 
 from transferkit.stats.intervals import score_with_intervals, wilson_interval
-
 from transferkit.stats.wording import format_interval
 
 CONFIDENCE = 0.95
-METRICS = (("accuracy", "Accuracy", "accuracy"), ("top5_accuracy", "Top-5 accuracy", "top_5_accuracy"),
-           ("macro_f1", "Macro-F1", "f1"))  # (metrics.json key, shown name, Hub metric type)
-WEIGHTS = {"builtin": "the built-in weights of `{name}` (shipped in a pip package, offline; see `transferkit models`)",
-           "hub": "the Hugging Face Hub", "none": "nowhere: random initialisation"}
+METRICS = (
+    ("accuracy", "Accuracy", "accuracy"),
+    ("top5_accuracy", "Top-5 accuracy", "top_5_accuracy"),
+    ("macro_f1", "Macro-F1", "f1"),
+)  # (metrics.json key, shown name, Hub metric type)
+WEIGHTS = {
+    "builtin": "the built-in weights of `{name}` (shipped in a pip package, offline; see `transferkit models`)",
+    "hub": "the Hugging Face Hub",
+    "none": "nowhere: random initialisation",
+}
 MAX_CLASSES_SHOWN = 50
 log = logging.getLogger(__name__)
 
@@ -41,9 +46,15 @@ def model_card(meta: dict, name: str) -> str:
     """README.md text for a run named `name` (its folder name) with transferkit.json content `meta`."""
     test = meta.get("metrics", {}).get("test", {})
     intervals = metric_intervals(test, len(meta["classes"]))
-    sections = [_summary(meta, name, intervals), _data_section(meta), _training_section(meta),
-                _results_section(meta, intervals), _comparison_section(meta), _usage_section(meta, name),
-                _provenance_section(meta)]
+    sections = [
+        _summary(meta, name, intervals),
+        _data_section(meta),
+        _training_section(meta),
+        _results_section(meta, intervals),
+        _comparison_section(meta),
+        _usage_section(meta, name),
+        _provenance_section(meta),
+    ]
     body = "\n\n".join(s for s in sections if s)
     return f"---\n{card_metadata(meta, name).to_yaml()}\n---\n\n{body}\n"
 
@@ -56,15 +67,31 @@ def card_metadata(meta: dict, name: str):
     task = "image-classification" if image else "text-classification"
     test = meta.get("metrics", {}).get("test", {})
     dataset = _dataset_name(meta)
-    results = [EvalResult(task_type=task, dataset_type=_dataset_type(meta), dataset_name=dataset, dataset_split="test",
-                          metric_type=kind, metric_name=f"Test {shown[0].lower()}{shown[1:]}", metric_value=round(value, 4),
-                          metric_args={"average": "macro"} if key == "macro_f1" else None)
-               for key, shown, kind in METRICS if (value := metric_value(test, key)) is not None]
+    results = [
+        EvalResult(
+            task_type=task,
+            dataset_type=_dataset_type(meta),
+            dataset_name=dataset,
+            dataset_split="test",
+            metric_type=kind,
+            metric_name=f"Test {shown[0].lower()}{shown[1:]}",
+            metric_value=round(value, 4),
+            metric_args={"average": "macro"} if key == "macro_f1" else None,
+        )
+        for key, shown, kind in METRICS
+        if (value := metric_value(test, key)) is not None
+    ]
     spec = meta.get("strategy", {}).get("spec", "")
     tags = ["transferkit", "transfer-learning" if spec == "feature-extraction" else "fine-tuning", task]
     tags += ["timm"] if image else ["transformers"]
-    return ModelCardData(library_name="timm" if image else None, pipeline_tag=task, tags=tags,
-                         base_model=base_model(meta), model_name=name, eval_results=results or None)
+    return ModelCardData(
+        library_name="timm" if image else None,
+        pipeline_tag=task,
+        tags=tags,
+        base_model=base_model(meta),
+        model_name=name,
+        eval_results=results or None,
+    )
 
 
 def base_model(meta: dict) -> str | None:
@@ -129,8 +156,12 @@ def given_interval(test: dict, key: str) -> dict | None:
             return {"value": metric_value(test, key), "low": float(c[0]), "high": float(c[1]), "method": "as recorded"}
         if isinstance(c, dict) and isinstance(c.get("low"), int | float) and isinstance(c.get("high"), int | float):
             value = c.get("value", metric_value(test, key))
-            return {"value": value if isinstance(value, int | float) else None, "low": float(c["low"]),
-                    "high": float(c["high"]), "method": str(c.get("method", "as recorded"))}
+            return {
+                "value": value if isinstance(value, int | float) else None,
+                "low": float(c["low"]),
+                "high": float(c["high"]),
+                "method": str(c.get("method", "as recorded")),
+            }
     return None
 
 
@@ -159,8 +190,10 @@ def _cell(value) -> str:
 def _summary(meta: dict, name: str, intervals: dict) -> str:
     backbone, spec = meta["backbone"], meta["strategy"].get("spec", "?")
     what = "images" if meta.get("modality", "image") == "image" else "texts"
-    line = (f"A {len(meta['classes'])}-class classifier of {what}, adapted from `{backbone.get('name') or backbone['arch']}` "
-            f"by **{spec}** with transferkit on `{_cell(_dataset_name(meta))}`.")
+    line = (
+        f"A {len(meta['classes'])}-class classifier of {what}, adapted from `{backbone.get('name') or backbone['arch']}` "
+        f"by **{spec}** with transferkit on `{_cell(_dataset_name(meta))}`."
+    )
     acc = intervals.get("accuracy")
     if acc and acc.get("value") is not None:
         n = meta.get("metrics", {}).get("test", {}).get("n")
@@ -196,13 +229,17 @@ def _training_section(meta: dict) -> str:
     settings = ", ".join(f"{k} {training[k]}" for k in keys if training.get(k) is not None)
     if settings:
         lines.append(f"- Settings: {settings}")
-    table = ["| phase | on cached features | epochs | best epoch | best val acc | trainable blocks | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    table = [
+        "| phase | on cached features | epochs | best epoch | best val acc | trainable blocks | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in strategy.get("phases", []):
         blocks = ", ".join(p.get("trainable_blocks") or []) or "head only"
-        table.append(f"| {_cell(p.get('name'))} | {'yes' if p.get('on_features') else 'no'} | {p.get('epochs_run', '')} | "
-                     f"{p.get('best_epoch', '')} | {_number(p.get('best_val_acc'))} | {_cell(blocks)} | "
-                     f"{_number(p.get('seconds'))} |")
+        table.append(
+            f"| {_cell(p.get('name'))} | {'yes' if p.get('on_features') else 'no'} | {p.get('epochs_run', '')} | "
+            f"{p.get('best_epoch', '')} | {_number(p.get('best_val_acc'))} | {_cell(blocks)} | "
+            f"{_number(p.get('seconds'))} |"
+        )
     phases = "\n\n" + "\n".join(table) if len(table) > 2 else ""
     return "## Training\n\n" + "\n".join(lines) + phases
 
@@ -239,9 +276,11 @@ def _comparison_section(meta: dict) -> str:
     table = ["| strategy | trainable params | epochs | train time (s) | val acc | test acc |", "|---|---|---|---|---|---|"]
     for r in rows:
         if isinstance(r, dict):
-            table.append(f"| {_cell(r.get('label') or r.get('strategy'))} | {r.get('trainable_params', '')} | "
-                         f"{r.get('epochs', '')} | {_number(r.get('seconds'))} | {_number(r.get('val_accuracy'))} | "
-                         f"{_number(r.get('test_accuracy'))} |")
+            table.append(
+                f"| {_cell(r.get('label') or r.get('strategy'))} | {r.get('trainable_params', '')} | "
+                f"{r.get('epochs', '')} | {_number(r.get('seconds'))} | {_number(r.get('val_accuracy'))} | "
+                f"{_number(r.get('test_accuracy'))} |"
+            )
     return "## Comparison (same split and seed)\n\n" + "\n".join(table)
 
 
@@ -290,9 +329,10 @@ POOLED
 logits = pooled @ head["weight"].T + head["bias"]
 ```"""
 
-POOLING = {"mean": "mask = batch[\"attention_mask\"].unsqueeze(-1).float()\n"
-                   "pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)",
-           "cls": "pooled = hidden[:, 0]"}
+POOLING = {
+    "mean": 'mask = batch["attention_mask"].unsqueeze(-1).float()\npooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)',
+    "cls": "pooled = hidden[:, 0]",
+}
 
 TRANSFERKIT_USAGE = """transferkit (a run folder; from the Hub: `hf download REPO_ID --local-dir NAME`):
 
@@ -313,20 +353,23 @@ def _usage_section(meta: dict, name: str) -> str:
         parts = [TIMM_USAGE, ONNX_USAGE, TRANSFERKIT_USAGE.replace("INPUT", "photo.jpg", 1).replace("INPUT", '"photo.jpg"')]
     else:
         config = meta.get("data_config", {})
-        parts = [TEXT_USAGE.replace("POOLED", POOLING.get(config.get("pooling"), POOLING["cls"]))
-                 .replace("MAX_LENGTH", str(config.get("max_length", 128))),
-                 TRANSFERKIT_USAGE.replace("INPUT", '"some text"')]
+        parts = [
+            TEXT_USAGE.replace("POOLED", POOLING.get(config.get("pooling"), POOLING["cls"])).replace(
+                "MAX_LENGTH", str(config.get("max_length", 128))
+            ),
+            TRANSFERKIT_USAGE.replace("INPUT", '"some text"'),
+        ]
     usage = "\n\n".join(parts).replace("NAME", name)
     return "## Usage\n\n" + usage + "\n\n`REPO_ID` is the repository `transferkit push " + name + " REPO_ID` uploaded to."
 
 
 def _provenance_section(meta: dict) -> str:
     backbone = meta["backbone"]
-    weights = WEIGHTS.get(backbone.get("weights"), "`{source}`").format(name=backbone.get("name"),
-                                                                        source=backbone.get("weights"))
+    weights = WEIGHTS.get(backbone.get("weights"), "`{source}`").format(name=backbone.get("name"), source=backbone.get("weights"))
     versions = ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())
-    lines = [f"- Architecture: `{backbone['arch']}`; pretrained weights from {weights} "
-             f"(digest `{_cell(backbone.get('weights_digest', ''))}`)"]
+    lines = [
+        f"- Architecture: `{backbone['arch']}`; pretrained weights from {weights} (digest `{_cell(backbone.get('weights_digest', ''))}`)"
+    ]
     if versions:
         lines.append(f"- Versions: {versions}")
     lines.append("- Everything above comes from `transferkit.json` in this repository.")

@@ -24,14 +24,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transferkit.errors import RunError, UsageError
-from transferkit.runs.hubfiles import CARD_FILE, CONFIG_FILE
 from transferkit.runs.directory import META_FILE, read_meta
+from transferkit.runs.hubfiles import CARD_FILE, CONFIG_FILE
 from transferkit.runs.meta import RunMeta
 
 # What a repository of a run holds (fnmatch patterns on paths inside the run; '*' crosses folders).
-UPLOADED = (META_FILE, CONFIG_FILE, CARD_FILE, "model.safetensors", "metrics.json", "history.csv", "report.html",
-            "*.png", "adapter/*", "encoder/*", "head.safetensors", "*.onnx", "*.onnx.json", "*.torchscript.pt",
-            "*.torchscript.pt.json")
+UPLOADED = (
+    META_FILE,
+    CONFIG_FILE,
+    CARD_FILE,
+    "model.safetensors",
+    "metrics.json",
+    "history.csv",
+    "report.html",
+    "*.png",
+    "adapter/*",
+    "encoder/*",
+    "head.safetensors",
+    "*.onnx",
+    "*.onnx.json",
+    "*.torchscript.pt",
+    "*.torchscript.pt.json",
+)
 log = logging.getLogger(__name__)
 
 
@@ -57,8 +71,9 @@ def files_to_upload(run_dir: Path) -> list[str]:
     return found
 
 
-def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-             token: str | None = None) -> PushResult:
+def push_run(
+    run_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None, token: str | None = None
+) -> PushResult:
     """Upload a run directory to the Hub repository `repo_id` (created if missing) in one commit.
 
     Args:
@@ -80,16 +95,23 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revisi
 
     token = token or get_token()
     if not token:
-        raise UsageError("push needs a Hugging Face token with write access: run `hf auth login`, or set HF_TOKEN "
-                         "(create one at https://huggingface.co/settings/tokens).")
+        raise UsageError(
+            "push needs a Hugging Face token with write access: run `hf auth login`, or set HF_TOKEN "
+            "(create one at https://huggingface.co/settings/tokens)."
+        )
     files = files_to_upload(run_dir)
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != constants.DEFAULT_REVISION:
             api.create_branch(url.repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(repo_id=url.repo_id, folder_path=run_dir, allow_patterns=list(UPLOADED), revision=revision,
-                                   commit_message=f"transferkit run {run_dir.name} ({meta.strategy.spec})")
+        commit = api.upload_folder(
+            repo_id=url.repo_id,
+            folder_path=run_dir,
+            allow_patterns=list(UPLOADED),
+            revision=revision,
+            commit_message=f"transferkit run {run_dir.name} ({meta.strategy.spec})",
+        )
     except Exception as e:  # huggingface_hub's HTTP errors, httpx's connection errors, ValueError for bad metadata
         raise _push_failure(repo_id, constants.ENDPOINT, e) from e
     size = sum((run_dir / f).stat().st_size for f in files)
@@ -101,8 +123,11 @@ def _check_hub_layout(run_dir: Path, meta: RunMeta) -> None:
     needed = [CARD_FILE] + ([CONFIG_FILE] if meta.modality == "image" else [])
     missing = [f for f in needed if not (run_dir / f).is_file()]
     if missing:
-        raise RunError(f"{run_dir} has no {' or '.join(missing)}: it was written by a transferkit without the Hub "
-                       "layout. Fit it again (transferkit fit ... --out " f"{run_dir}) to push it.")
+        raise RunError(
+            f"{run_dir} has no {' or '.join(missing)}: it was written by a transferkit without the Hub "
+            "layout. Fit it again (transferkit fit ... --out "
+            f"{run_dir}) to push it."
+        )
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -111,8 +136,9 @@ def _check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise UsageError(f"REPO_ID '{repo_id}' is not a Hub repository id ({str(e).splitlines()[0][:200]}). "
-                         "Give owner/name, e.g. your-name/plants.") from e
+        raise UsageError(
+            f"REPO_ID '{repo_id}' is not a Hub repository id ({str(e).splitlines()[0][:200]}). Give owner/name, e.g. your-name/plants."
+        ) from e
     if "/" not in repo_id:
         raise UsageError(f"REPO_ID '{repo_id}' has no owner. Give owner/name, e.g. your-name/{repo_id}.")
 
@@ -120,9 +146,10 @@ def _check_repo_id(repo_id: str) -> None:
 def _push_failure(repo_id: str, endpoint: str, error: Exception) -> RunError:
     status = getattr(getattr(error, "response", None), "status_code", None)
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    fixes = {401: "The token was refused: log in again with `hf auth login` or set a valid HF_TOKEN.",
-             403: f"The token may not write to {repo_id}: use a token with write access to its owner."}
+    fixes = {
+        401: "The token was refused: log in again with `hf auth login` or set a valid HF_TOKEN.",
+        403: f"The token may not write to {repo_id}: use a token with write access to its owner.",
+    }
     fix = fixes.get(status) if isinstance(status, int) else None
     fix = fix or f"Check the connection to {endpoint} (HF_ENDPOINT) and try again."
-    return RunError(f"Pushing to {repo_id} at {endpoint} failed ({type(error).__name__}"
-                    f"{f' {status}' if status else ''}: {reason}). {fix}")
+    return RunError(f"Pushing to {repo_id} at {endpoint} failed ({type(error).__name__}{f' {status}' if status else ''}: {reason}). {fix}")

@@ -69,15 +69,23 @@ class StrategyRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "requested": self.requested, "phases": [p.to_dict() for p in self.phases],
-                "auto": self.auto} | self.extra
+        return {
+            "spec": self.spec,
+            "requested": self.requested,
+            "phases": [p.to_dict() for p in self.phases],
+            "auto": self.auto,
+        } | self.extra
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StrategyRecord:
         known = {"spec", "requested", "phases", "auto"}
-        return cls(spec=d.get("spec", "feature-extraction"), requested=d.get("requested"),
-                   phases=[PhaseRecord.from_dict(p) for p in d.get("phases") or []], auto=d.get("auto"),
-                   extra={k: v for k, v in d.items() if k not in known})
+        return cls(
+            spec=d.get("spec", "feature-extraction"),
+            requested=d.get("requested"),
+            phases=[PhaseRecord.from_dict(p) for p in d.get("phases") or []],
+            auto=d.get("auto"),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,8 +109,22 @@ class RunMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
     # the order transferkit.json has always had
-    _ORDER = ("format_version", "modality", "backbone", "classes", "data_config", "strategy", "training",
-              "feature_cache", "data", "metrics", "history", "settings", "backbone_choice", "versions")
+    _ORDER = (
+        "format_version",
+        "modality",
+        "backbone",
+        "classes",
+        "data_config",
+        "strategy",
+        "training",
+        "feature_cache",
+        "data",
+        "metrics",
+        "history",
+        "settings",
+        "backbone_choice",
+        "versions",
+    )
 
     @property
     def test_metrics(self) -> dict[str, Any]:
