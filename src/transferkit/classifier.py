@@ -192,14 +192,24 @@ class Classifier(BaseEstimator):
         choice = getattr(self, "backbone_choice_", None) or None
         return self._fitted.to_meta(self.strategy).with_(settings=self._run_settings(), backbone_choice=choice)
 
-    def save(self, path: str | Path) -> Path:
-        """Write a run directory (model, transferkit.json, metrics, history, report); under torchrun rank 0 only."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write a run directory (model, transferkit.json, metrics, history, report); under torchrun rank 0 only.
+
+        Args:
+            overwrite: replace a finished run already in `path`. False (the default, as ``transferkit fit`` without
+                ``--overwrite``) refuses with a UsageError and leaves it untouched. Either way, files in `path` that
+                transferkit did not write (notes, photos, exports) are kept.
+
+        Example:
+            >>> clf.save("runs/plants", overwrite=True)  # doctest: +SKIP
+        """
         from transferkit import distributed
         from transferkit.runs.directory import save_run
 
         self._check_fitted()
         if distributed.is_main():
-            save_run(Path(path), self.backbone_, self.run_meta(), report_extras=getattr(self, "report_extras_", None))
+            extras = getattr(self, "report_extras_", None)
+            save_run(Path(path), self.backbone_, self.run_meta(), report_extras=extras, overwrite=overwrite)
         return Path(path)
 
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -56,7 +58,15 @@ def fit(
             "(cifar10), or labelled texts: a CSV/TSV/JSONL with text and label columns."
         ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Run directory to write.")] = Path("runs/latest"),
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            rich_help_panel=OUTPUT,
+            help="Run directory to write; one holding a finished run is replaced only with --overwrite.",
+        ),
+    ] = Path("runs/latest"),
     model: Model = None,
     models: Models = None,
     strategy: Annotated[
@@ -116,7 +126,8 @@ def fit(
             "--overwrite",
             metavar="",
             rich_help_panel=OUTPUT,
-            help="Start over although OUT holds an unfinished fit's checkpoint (a finished run in OUT is always replaced whole).",
+            help="Replace the finished run in OUT, or start over although OUT holds an unfinished fit's checkpoint; "
+            "without it both are refused. Files in OUT that transferkit did not write are kept.",
         ),
     ] = False,
     strict: Annotated[
@@ -137,13 +148,11 @@ def fit(
     Several GPUs or CPU processes (PyTorch DDP; only rank 0 writes OUT): torchrun --nproc_per_node 4 -m transferkit fit DATA
     """
     from transferkit import distributed
-    from transferkit.runs.directory import check_out_dir
-    from transferkit.tracking import log_fit_report, open_run
+    from transferkit.runs.directory import check_writable_dir
 
     show_library_messages(quiet or not distributed.is_main())
     if resume and overwrite:
         raise UsageError("--resume continues the fit in OUT and --overwrite starts it over: give one of them.")
-    check_out_dir(out_dir, resume=resume, overwrite=overwrite)  # before training, not after it
     options = dict(
         strategy=strategy,
         weights=weights,
@@ -173,22 +182,58 @@ def fit(
         pooling=pooling,
         engine=engine,
     )
+    columns = given(text_column=text_column, label_column=label_column)
+    check_writable_dir(out_dir)
+    with writing(out_dir, "fit"):  # one fit at a time into OUT, from before the data is read to the end of the save
+        fit_into(out_dir, data, options, model=model, models=models, columns=columns, overwrite=overwrite, log=log, log_to=log_to)
+
+
+def fit_into(
+    out_dir: Path,
+    data: str,
+    options: dict,
+    *,
+    model: str | None,
+    models: str | None,
+    columns: dict,
+    overwrite: bool,
+    log: str | None,
+    log_to: str | None,
+) -> None:
+    """fit's work, with OUT held: check OUT, choose the backbone (--models), train, save, render."""
+    from transferkit import distributed
+    from transferkit.runs.directory import check_out_dir, recover_interrupted_save
+    from transferkit.tracking import log_fit_report, open_run
+
+    resume = options["resume"]
+    recover_interrupted_save(out_dir)  # a save killed between its renames left the run (and its checkpoints) beside OUT
+    check_out_dir(out_dir, resume=resume, overwrite=overwrite)  # before training, not after it
     choice = None
     if models:
-        choice = choose_for_fit(data, models, model, resume, options, given(text_column=text_column, label_column=label_column))
+        choice = choose_for_fit(data, models, model, resume, options, columns)
         model = choice.chosen
-    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-{strategy or 'auto'}", to=log_to) as tracker:
-        clf = classifier_for(data, model, text_column, label_column, options | {"tracker": tracker})
+    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-{options['strategy'] or 'auto'}", to=log_to) as tracker:
+        clf = classifier_for(data, model, columns.get("text_column"), columns.get("label_column"), options | {"tracker": tracker})
         try:
             clf.fit(data, backbone_choice=choice.to_dict() if choice else None)
         except KeyboardInterrupt:
             say_how_to_continue(out_dir, resume)
             raise typer.Exit(130) from None
-        clf.save(out_dir)
+        clf.save(out_dir, overwrite=overwrite or resume)
         if tracker is not None:
             log_fit_report(tracker, clf.run_meta(), out_dir)
     if distributed.is_main():
         render_fit(clf, out_dir)
+
+
+@contextlib.contextmanager
+def writing(out_dir: Path, what: str) -> Iterator[None]:
+    """OUT held by this process (under torchrun, by rank 0, the one that writes it) while a command writes it."""
+    from transferkit import distributed
+    from transferkit.runs.lock import run_folder_lock
+
+    with run_folder_lock(out_dir, what) if distributed.is_main() else contextlib.nullcontext():
+        yield
 
 
 def choose_for_fit(data: str, models: str, model: str | None, resume: bool, options: dict, columns: dict):

@@ -38,10 +38,32 @@ from transferkit.errors import RunError
 from transferkit.report.fit import write_fit_report
 from transferkit.runs.hubfiles import write_hub_files
 from transferkit.runs.meta import FORMAT_VERSION, RunMeta
+
 REQUIRED_FIELDS = {"format_version": int, "backbone": dict, "classes": list, "data_config": dict, "strategy": dict}
 META_FILE = "transferkit.json"
 # Written into a run directory during the fit, not by the save: kept when the saved run replaces the folder.
 CARRIED = ("checkpoints", "tensorboard", "mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm", "mlartifacts")
+# What a save writes (any modality, any version): the files a later save replaces. Everything else in a run
+# folder (the user's notes, photos, a git repository, exports) is the user's and is never deleted.
+RUN_FILES = (
+    META_FILE,
+    "model.safetensors",
+    "config.json",
+    "README.md",
+    "metrics.json",
+    "history.csv",
+    "report.html",
+    "confusion.png",
+    "curves.png",
+    "doctor.html",
+    "issues.csv",
+    "doctor.json",
+    "encoder",
+    "head.safetensors",
+    "adapter",
+)
+# What `transferkit export` writes into a run: kept too (the user asked for it), with a warning that it holds the old model.
+EXPORTS = ("model.onnx", "model.onnx.json", "model.int8.onnx", "model.int8.onnx.json", "model.torchscript.pt", "model.torchscript.pt.json")
 log = logging.getLogger(__name__)
 
 
@@ -56,30 +78,44 @@ def library_versions() -> dict[str, str]:
     return out | {"python": platform.python_version()}
 
 
-def save_run(out: Path, backbone: Backbone, meta: RunMeta, report_extras: dict | None = None) -> None:
-    """Write a run directory as a unit: built beside `out`, then swapped in; a previous run is replaced whole.
+def save_run(out: Path, backbone: Backbone, meta: RunMeta, report_extras: dict | None = None, *, overwrite: bool = True) -> None:
+    """Write a run directory as a unit: built beside `out`, then swapped in; the user's files in `out` are kept.
 
     Everything (model through the backbone contract, metadata, metrics, history, report; the manifest last)
     is written into a staging folder next to `out`, the fit's checkpoints and experiment logs are hard-linked into it
-    (`CARRIED`), and only
-    then does it replace `out` by two renames. A save cut short (kill -9) leaves `out` as it was (an
-    earlier run, or the checkpoints that `--resume` finishes from) and a staging folder that the next
-    save removes; a reader never sees a new model beside an old manifest or files of two runs mixed.
+    (`CARRIED`), and only then does it replace `out` by two renames, after which every file of the old folder that
+    a save did not write (not in `RUN_FILES` or `CARRIED`: the user's notes, photos, exports) is moved back in. A
+    save cut short (kill -9) leaves `out` as it was (an earlier run, or the checkpoints that `--resume` finishes
+    from) and a staging folder that the next save removes (putting back any user file the cut left there); a
+    reader never sees a new model beside an old manifest or files of two runs mixed. The run folder's lock
+    (:mod:`transferkit.runs.lock`) is held throughout.
+
+    Args:
+        overwrite: replace a finished run in `out`; False refuses (UsageError) and leaves it as it is. The estimator's
+            `save` and the CLI pass False unless asked (``--overwrite``); True here, as a library primitive.
     """
+    from transferkit.runs.lock import run_folder_lock
+
     out = Path(out)
-    check_out_dir(out)
-    _remove_stale_staging(out)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.saving-"))
-    try:
-        _write_run_files(stage, backbone, meta, out.name, report_extras)
-        _link_carried(out, stage)
-        replaced = read_meta_or_none(out)
-        _swap_in(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    with run_folder_lock(out, "save"):
+        check_out_dir(out, overwrite=overwrite)
+        recover_interrupted_save(out)
+        stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.saving-"))
+        try:
+            _write_run_files(stage, backbone, meta, out.name, report_extras)
+            _link_carried(out, stage)
+            replaced = read_meta_or_none(out)
+            _swap_in(stage, out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
     if replaced is not None:
-        log.info("Replaced the previous run in %s (%s, %s).", out, replaced.strategy.spec, replaced.backbone_name)
+        log.info(
+            "Replaced the previous run in %s (%s, %s); files it did not write were kept.",
+            out,
+            replaced.strategy.spec,
+            replaced.backbone_name,
+        )
 
 
 def _write_run_files(stage: Path, backbone: Backbone, meta: RunMeta, name: str, report_extras: dict | None = None) -> None:
@@ -124,17 +160,47 @@ def _swap_in(stage: Path, out: Path) -> None:
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, old / out.name)
         os.replace(stage, out)
+        _keep_users_files(old / out.name, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(stage, out)
 
 
-def _remove_stale_staging(out: Path) -> None:
-    """Staging and replaced folders left beside `out` by a save that was killed."""
-    if out.parent.is_dir():
-        for p in out.parent.glob(f".{out.name}.*-*"):
-            if p.is_dir() and (p.name.startswith(f".{out.name}.saving-") or p.name.startswith(f".{out.name}.old-")):
-                shutil.rmtree(p, ignore_errors=True)
+def _keep_users_files(previous: Path, out: Path) -> None:
+    """Move back into `out` what the replaced folder held that no save wrote (renames: instant, same file system)."""
+    for entry in sorted(previous.iterdir()):
+        if entry.name in RUN_FILES or entry.name in CARRIED or (out / entry.name).exists():
+            continue
+        os.replace(entry, out / entry.name)
+        if entry.name in EXPORTS and not entry.name.endswith(".json"):
+            log.warning(
+                "Kept %s: it was exported from the replaced run, so it holds the old model. Export again "
+                "(transferkit export %s) to match the new one.",
+                out / entry.name,
+                out,
+            )
+
+
+def recover_interrupted_save(out: Path) -> None:
+    """Staging and replaced folders left beside `out` by a save that was killed; what they hold of the user's goes
+    back into `out` (a save killed between its two renames leaves the whole previous folder there: it is put back).
+
+    Call it holding the folder's lock (:func:`transferkit.runs.lock.run_folder_lock`): a save in progress has
+    such folders too."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        if not p.is_dir():
+            continue
+        if p.name.startswith(f".{out.name}.old-"):
+            previous = p / out.name
+            if previous.is_dir() and not out.exists():
+                os.replace(previous, out)
+            elif previous.is_dir():
+                _keep_users_files(previous, out)
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{out.name}.saving-"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_meta_or_none(run_dir: Path) -> RunMeta | None:
@@ -150,27 +216,42 @@ def check_out_dir(path: Path, *, resume: bool = False, overwrite: bool = True) -
 
     Raises:
         RunError: `path` is a file or unwritable, or a non-empty folder that is not a transferkit run.
-        UsageError: (with overwrite=False) it holds an unfinished fit's checkpoint and `resume` was not asked for.
+        UsageError: (with overwrite=False) it holds a finished run, or an unfinished fit's checkpoint, and neither
+            `resume` nor `overwrite` was asked for.
     """
+    from transferkit.errors import UsageError
+    from transferkit.training.checkpoints import checkpoint_position
+
     check_writable_dir(path)
     if not path.is_dir():
         return
     checkpoint = path / "checkpoints" / "last.json"
     others = [p for p in path.iterdir() if not p.name.startswith(".") and p.name not in CARRIED]
     if others and not (path / META_FILE).is_file():
-        raise RunError(f"{path} is a folder with other files in it ({others[0].name}, ...), not a transferkit run; writing "
-                       "a run there would mix its files with yours. Choose a new or empty folder with --out.")
-    if overwrite or resume or not checkpoint.is_file():
+        raise RunError(
+            f"{path} is a folder with other files in it ({others[0].name}, ...), not a transferkit run; writing "
+            "a run there would mix its files with yours. Choose a new or empty folder with --out."
+        )
+    if overwrite or resume:
+        return
+    if (path / META_FILE).is_file():
+        old = read_meta_or_none(path)
+        what = f" ({old.strategy.spec}, {old.backbone_name})" if old is not None else ""
+        raise UsageError(
+            f"{path} holds a finished run{what}. Replace it with --overwrite (in Python: save(path, "
+            "overwrite=True); files transferkit did not write stay), or choose another folder with --out."
+        )
+    if not checkpoint.is_file():
         return
     try:
         state = json.loads(checkpoint.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         state = {}
     if state.get("phase") != "done":
-        from transferkit.errors import UsageError
-
-        raise UsageError(f"{path} holds an unfinished fit (checkpoint at phase {state.get('phase', '?')}, epoch "
-                         f"{state.get('epoch', '?')}). Continue it with --resume, or start over with --overwrite.")
+        raise UsageError(
+            f"{path} holds an unfinished fit (checkpoint {checkpoint_position(state)}). Continue it with "
+            "--resume, or start over with --overwrite."
+        )
 
 
 def check_writable_dir(path: Path) -> None:
@@ -189,14 +270,15 @@ def check_writable_dir(path: Path) -> None:
     while not existing.exists():  # also False below a file (ENOTDIR)
         existing = existing.parent
     if not existing.is_dir():
-        raise RunError(f"Cannot create run directory {path}: {existing} is a file, not a folder. "
-                       "Choose another folder with --out.")
+        raise RunError(f"Cannot create run directory {path}: {existing} is a file, not a folder. Choose another folder with --out.")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise RunError(f"Cannot write run directory {path}: {existing} does not accept new files ({e.strerror}). "
-                       "Choose a folder you can write to with --out.") from e
+        raise RunError(
+            f"Cannot write run directory {path}: {existing} does not accept new files ({e.strerror}). "
+            "Choose a folder you can write to with --out."
+        ) from e
 
 
 def validate_meta(meta: object, where: Path) -> dict:
@@ -214,20 +296,23 @@ def validate_meta(meta: object, where: Path) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise RunError(f"{where} has no integer format_version >= 1 (got {version!r}); it was not written by transferkit.")
     if version > FORMAT_VERSION:
-        raise RunError(f"{where} has format version {version}; this transferkit reads up to {FORMAT_VERSION}. "
-                       "Upgrade transferkit: pip install -U transferkit")
+        raise RunError(
+            f"{where} has format version {version}; this transferkit reads up to {FORMAT_VERSION}. "
+            "Upgrade transferkit: pip install -U transferkit"
+        )
     for name, typ in REQUIRED_FIELDS.items():
         if not isinstance(meta.get(name), typ):
-            raise RunError(f"{where} lacks field '{name}' of type {typ.__name__} (got {type(meta.get(name)).__name__}). "
-                           "The run did not finish or the file was edited; fit again.")
+            raise RunError(
+                f"{where} lacks field '{name}' of type {typ.__name__} (got {type(meta.get(name)).__name__}). "
+                "The run did not finish or the file was edited; fit again."
+            )
     backbone, classes = meta["backbone"], meta["classes"]
     if not isinstance(backbone.get("arch"), str) or not isinstance(backbone.get("name", ""), str):
         raise RunError(f"{where}: backbone.arch (and backbone.name, if given) must be strings; got {backbone!r:.200}.")
     if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
         raise RunError(f"{where}: classes must be a non-empty list of strings, none repeated; got {classes!r:.200}.")
     size = meta["data_config"].get("input_size", [3, 1, 1])
-    if not (isinstance(size, list) and len(size) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
         raise RunError(f"{where}: data_config.input_size must be three positive integers; got {size!r:.200}.")
     spec = meta["strategy"].get("spec", "feature-extraction")
     try:
@@ -296,6 +381,5 @@ def load_run(run_dir: str | Path, expect: str | None = None) -> LoadedRun:
     if expect is not None and modality != expect:
         cls = "TextClassifier" if modality == "text" else "ImageClassifier"
         raise RunError(f"{run_dir} holds a {modality} model; load it with {cls}.load (or transferkit.load_classifier).")
-    backbone = read_trained(run_dir, modality=modality, spec=meta.backbone, n_classes=len(meta.classes),
-                            data_config=meta.data_config)
+    backbone = read_trained(run_dir, modality=modality, spec=meta.backbone, n_classes=len(meta.classes), data_config=meta.data_config)
     return LoadedRun(backbone, meta)
