@@ -119,6 +119,7 @@ class Classifier(BaseEstimator):
             raise UsageError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoints).")
         validate_split(self.split)
         self._validate_modality_settings()
+        self._check_backbone(strategy)
         return cfg, strategy
 
     def _tracked(self) -> dict:
@@ -225,7 +226,7 @@ class Classifier(BaseEstimator):
         clf.meta_ = run.meta
         return clf
 
-    # Each estimator names its modality and supplies: _validate_modality_settings(), _cache_budget(),
+    # Each estimator names its modality and supplies: _validate_modality_settings(), _check_backbone(strategy), _cache_budget(),
     # _splits(X, y, seed) -> DataSplits, new_backbone(splits) -> Backbone, _as_examples(X, labels) -> Examples.
 
     def _cache_budget(self) -> float:
@@ -315,6 +316,15 @@ class ImageClassifier(Classifier):
             raise UsageError(f"image_size must be an integer of at least 16 pixels; got {self.image_size!r}.")
         if self.cache_budget_gb is not None and not self.cache_budget_gb >= 0:
             raise UsageError(f"cache_budget_gb must be >= 0 (0 turns frozen-prefix caching off); got {self.cache_budget_gb!r}.")
+
+    def _check_backbone(self, strategy) -> None:
+        """The model name, --weights file and lora's applicability, known without reading data or weights."""
+        from transferkit.backbones import refuse_other_modality
+        from transferkit.backbones.vision import check_image_backbone
+
+        if self.model is not None:
+            refuse_other_modality(self.model, "image")
+        check_image_backbone(self.model, weights=self.weights, lora=strategy.kind == "lora")
 
     def _cache_budget(self) -> float:
         from transferkit.training.config import DEFAULT_CACHE_BUDGET_GB
@@ -414,6 +424,13 @@ class TextClassifier(Classifier):
         check_choice("pooling", self.pooling, POOLINGS)
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise UsageError(f"max_length must be an integer of at least 2 tokens; got {self.max_length!r}.")
+
+    def _check_backbone(self, strategy) -> None:
+        """An image backbone's name is refused now; a text model's name is checked as it loads (a hub name needs the hub)."""
+        from transferkit.backbones import refuse_other_modality
+
+        if self.model is not None:
+            refuse_other_modality(self.model, "text")
 
     def _columns(self) -> dict:
         return {k: v for k, v in (("text_column", self.text_column), ("label_column", self.label_column)) if v}

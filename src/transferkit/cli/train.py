@@ -322,9 +322,9 @@ def compare(
 
     The verdict names a winner only when the paired test says the difference is more than noise.
     """
-    from transferkit.compare.run import check_models, check_repeats
+    from transferkit.compare.run import check_models, check_repeats, check_runs, strategies_for
     from transferkit.compare.run import compare as run_compare
-    from transferkit.data.sources import load_data
+    from transferkit.data.sources import detect_modality, load_data
     from transferkit.distributed import refuse_torchrun
     from transferkit.report.comparison import write_comparison
     from transferkit.runs.directory import check_writable_dir
@@ -335,9 +335,8 @@ def compare(
     check_writable_dir(out_dir)  # before any work: a bad --out must not cost the whole comparison
     check_repeats(seeds, cv)
     fracs = [float(f) for f in fractions.split(",")] if fractions else []
-    check_models(model, models.split(",") if models else None, fracs, baseline, cv)
+    names = check_models(model, models.split(",") if models else None, fracs, baseline, cv)
     columns = given(text_column=text_column, label_column=label_column)
-    splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)
     settings = (
         given(
             epochs=epochs,
@@ -353,6 +352,9 @@ def compare(
         | columns
         | {"progress": not quiet}
     )
+    specs = strategies_for(names, strategies.split(",") if strategies else None, baseline)
+    check_runs(detect_modality(data, **columns)[0], names, specs, settings)  # before the data is read
+    splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)
     sizes = " / ".join(f"{n:,} {k}" for k, n in splits.sizes().items())
     out.print(
         f"Comparing on {data}: {sizes} {splits.train.noun}s, {len(splits.classes)} classes; "

@@ -347,6 +347,20 @@ def check_strategies(strategies: Sequence[str], baseline: str | None) -> list[st
     return specs
 
 
+def strategies_for(names: Sequence[str | None], strategies: Sequence[str] | None, baseline: str | None) -> list[str]:
+    """The canonical specs compare runs: those given, else DEFAULT_STRATEGIES with one backbone and
+    feature-extraction alone (the cheap ranking) with several."""
+    return check_strategies(strategies or (("feature-extraction",) if len(names) > 1 else DEFAULT_STRATEGIES), baseline)
+
+
+def check_runs(modality: str, names: Sequence[str | None], specs: Sequence[str], settings: dict) -> None:
+    """Each backbone x strategy checked as its fit checks it (names, settings, lora's applicability), before any data
+    is read: a bad --model must not cost a data scan and a feature extraction first."""
+    for name in names:
+        for spec in specs:
+            CLASSIFIERS[modality](name, strategy=spec, **settings).check_settings()
+
+
 def compare(
     splits: DataSplits,
     *,
@@ -382,7 +396,8 @@ def compare(
     check_repeats(seeds, cv)
     names = check_models(model, models, fractions, baseline, cv)
     settings = dict(settings or {})
-    specs = check_strategies(strategies or (("feature-extraction",) if len(names) > 1 else DEFAULT_STRATEGIES), baseline)
+    specs = strategies_for(names, strategies, baseline)
+    check_runs(splits.train.modality, names, specs, settings)
     notify = on_result or (lambda r: None)
     results, probes, shown, fitted = [], {}, {}, {}
     for name in names:
