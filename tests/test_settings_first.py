@@ -4,9 +4,9 @@ in fit and in compare (issue 28: 13)."""
 from __future__ import annotations
 
 import pytest
-from conftest import write_folder
 from typer.testing import CliRunner
 
+from conftest import write_folder
 from transferkit import ImageClassifier, UsageError
 from transferkit.cli.app import app
 
