@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 # Settings only one modality has: given to the other classifier they are refused with the reason.
 IMAGE_ONLY = ("image_size", "bn", "augment", "cache_budget_gb")
 TEXT_ONLY = ("max_length", "pooling", "text_column", "label_column")
+# Settings of where a fit runs, not of what it trains (a checkpoint's fingerprint leaves device and workers out too):
+# not recorded in a run, so a loaded estimator takes this machine's defaults for them.
+NOT_RECORDED = ("tracker", "checkpoint_dir", "resume", "progress", "device", "workers")
 FITTED = (
     "backbone_",
     "model_",
@@ -182,8 +185,22 @@ class Classifier(BaseEstimator):
         return {}
 
     def _run_settings(self) -> dict:
-        """Settings a loaded run needs again (a text run's columns, to score files); the rest is in the model."""
-        return self._eval_columns()
+        """The estimator's settings as given, as JSON values: transferkit.json's `settings`, from which a loaded
+        estimator gets the parameters it was trained with (`get_params`, `sklearn.base.clone`)."""
+        return {k: _jsonable(getattr(self, k)) for k in self._get_param_names() if k not in NOT_RECORDED}
+
+    @classmethod
+    def _recorded_settings(cls, meta: RunMeta) -> dict:
+        """The parameters a run was trained with; a run saved before they were recorded gets its requested strategy
+        and its training config (the TrainConfig fields, defaults resolved) instead."""
+        names = set(cls._get_param_names()) - set(NOT_RECORDED)
+        settings = dict(meta.settings or {})
+        if "strategy" not in settings:  # saved before transferkit 0.x recorded every setting: what it did record
+            settings |= {k: v for k, v in meta.training.items() if k in names}
+            settings["strategy"] = meta.strategy.requested or meta.strategy.spec
+        if isinstance(settings.get("split"), list):
+            settings["split"] = tuple(settings["split"])
+        return {k: v for k, v in settings.items() if k in names}
 
     # ------------------------------------------------------------------ persistence
 
@@ -215,12 +232,22 @@ class Classifier(BaseEstimator):
 
     @classmethod
     def load(cls, path: str | Path, **settings):
-        """A fitted classifier from a run directory written by `save` (or `transferkit fit`)."""
+        """A fitted classifier from a run directory written by `save` (or `transferkit fit`).
+
+        Its parameters are those it was trained with (strategy as requested, image size, epochs, learning rate, ...;
+        `model` the backbone's name), so ``sklearn.base.clone(loaded).fit(X)`` trains the same configuration; the
+        settings of where it runs (`device`, `workers`, `progress`, `checkpoint_dir`, `resume`, `tracker`) take this
+        machine's defaults. `settings` overrides any of them.
+
+        Example:
+            >>> loaded = load_classifier("runs/plants")  # doctest: +SKIP
+            >>> sklearn.base.clone(loaded).fit("data/plants-2025")  # doctest: +SKIP
+        """
         from transferkit.runs.directory import load_run
         from transferkit.training.fit import Fitted
 
         run = load_run(path, expect=cls.modality)
-        clf = cls(**{**(run.meta.settings or {}), "model": run.meta.backbone.get("name"), **settings})
+        clf = cls(**{**cls._recorded_settings(run.meta), "model": run.meta.backbone.get("name"), **settings})
         clf._set_fitted(Fitted.from_meta(run.backbone, run.meta))
         clf.backbone_choice_, clf.report_extras_ = run.meta.backbone_choice, None  # a saved run's report is on disk
         clf.meta_ = run.meta
@@ -231,6 +258,13 @@ class Classifier(BaseEstimator):
 
     def _cache_budget(self) -> float:
         return 0.0
+
+
+def _jsonable(value):
+    """A setting as transferkit.json holds it: a path as text, a tuple as a list."""
+    if isinstance(value, Path):
+        return str(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def load_classifier(run: str | Path, **settings) -> Classifier:
