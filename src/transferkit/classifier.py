@@ -23,6 +23,7 @@ from sklearn.base import BaseEstimator
 
 from transferkit.data.examples import DEFAULT_SPLIT
 from transferkit.errors import NotFittedError, UsageError, check_choice, did_you_mean
+from transferkit.runs.meta import jsonable_setting
 from transferkit.training.strategies import BN_POLICIES, parse_strategy
 
 if TYPE_CHECKING:
@@ -31,8 +32,7 @@ if TYPE_CHECKING:
 # Settings only one modality has: given to the other classifier they are refused with the reason.
 IMAGE_ONLY = ("image_size", "bn", "augment", "cache_budget_gb")
 TEXT_ONLY = ("max_length", "pooling", "text_column", "label_column")
-# Settings of where a fit runs, not of what it trains (a checkpoint's fingerprint leaves device and workers out too):
-# not recorded in a run, so a loaded estimator takes this machine's defaults for them.
+# Where a fit runs, not what it trains (as a checkpoint's fingerprint): not recorded, so a loaded estimator takes defaults.
 NOT_RECORDED = ("tracker", "checkpoint_dir", "resume", "progress", "device", "workers")
 FITTED = (
     "backbone_",
@@ -113,6 +113,7 @@ class Classifier(BaseEstimator):
 
     def check_settings(self):
         """Every setting checked before any data is read (a UsageError names the bad one); -> (TrainConfig, Strategy)."""
+        from transferkit.backbones import check_backbone
         from transferkit.data.splits import validate_split
         from transferkit.training.config import TrainConfig
 
@@ -122,7 +123,7 @@ class Classifier(BaseEstimator):
             raise UsageError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoints).")
         validate_split(self.split)
         self._validate_modality_settings()
-        self._check_backbone(strategy)
+        check_backbone(self.model, self.modality, weights=self.weights, lora=strategy.kind == "lora")
         return cfg, strategy
 
     def _tracked(self) -> dict:
@@ -185,22 +186,8 @@ class Classifier(BaseEstimator):
         return {}
 
     def _run_settings(self) -> dict:
-        """The estimator's settings as given, as JSON values: transferkit.json's `settings`, from which a loaded
-        estimator gets the parameters it was trained with (`get_params`, `sklearn.base.clone`)."""
-        return {k: _jsonable(getattr(self, k)) for k in self._get_param_names() if k not in NOT_RECORDED}
-
-    @classmethod
-    def _recorded_settings(cls, meta: RunMeta) -> dict:
-        """The parameters a run was trained with; a run saved before they were recorded gets its requested strategy
-        and its training config (the TrainConfig fields, defaults resolved) instead."""
-        names = set(cls._get_param_names()) - set(NOT_RECORDED)
-        settings = dict(meta.settings or {})
-        if "strategy" not in settings:  # saved before transferkit 0.x recorded every setting: what it did record
-            settings |= {k: v for k, v in meta.training.items() if k in names}
-            settings["strategy"] = meta.strategy.requested or meta.strategy.spec
-        if isinstance(settings.get("split"), list):
-            settings["split"] = tuple(settings["split"])
-        return {k: v for k, v in settings.items() if k in names}
+        """transferkit.json's `settings`: this estimator's as given, so a loaded one has the parameters it was trained with."""
+        return {k: jsonable_setting(getattr(self, k)) for k in self._get_param_names() if k not in NOT_RECORDED}
 
     # ------------------------------------------------------------------ persistence
 
@@ -211,16 +198,8 @@ class Classifier(BaseEstimator):
         return self._fitted.to_meta(self.strategy).with_(settings=self._run_settings(), backbone_choice=choice)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write a run directory (model, transferkit.json, metrics, history, report); under torchrun rank 0 only.
-
-        Args:
-            overwrite: replace a finished run already in `path`. False (the default, as ``transferkit fit`` without
-                ``--overwrite``) refuses with a UsageError and leaves it untouched. Either way, files in `path` that
-                transferkit did not write (notes, photos, exports) are kept.
-
-        Example:
-            >>> clf.save("runs/plants", overwrite=True)  # doctest: +SKIP
-        """
+        """Write a run directory (model, transferkit.json, metrics, history, report); under torchrun rank 0 only. A finished
+        run in `path` is replaced only with `overwrite=True` (fit's --overwrite; else a UsageError); other files stay."""
         from transferkit import distributed
         from transferkit.runs.directory import save_run
 
@@ -232,39 +211,24 @@ class Classifier(BaseEstimator):
 
     @classmethod
     def load(cls, path: str | Path, **settings):
-        """A fitted classifier from a run directory written by `save` (or `transferkit fit`).
-
-        Its parameters are those it was trained with (strategy as requested, image size, epochs, learning rate, ...;
-        `model` the backbone's name), so ``sklearn.base.clone(loaded).fit(X)`` trains the same configuration; the
-        settings of where it runs (`device`, `workers`, `progress`, `checkpoint_dir`, `resume`, `tracker`) take this
-        machine's defaults. `settings` overrides any of them.
-
-        Example:
-            >>> loaded = load_classifier("runs/plants")  # doctest: +SKIP
-            >>> sklearn.base.clone(loaded).fit("data/plants-2025")  # doctest: +SKIP
-        """
+        """A fitted classifier from a run directory written by `save` (or `transferkit fit`), with the parameters it was
+        trained with (not where it ran: NOT_RECORDED): ``sklearn.base.clone(loaded).fit(X)`` trains the same again."""
         from transferkit.runs.directory import load_run
         from transferkit.training.fit import Fitted
 
         run = load_run(path, expect=cls.modality)
-        clf = cls(**{**cls._recorded_settings(run.meta), "model": run.meta.backbone.get("name"), **settings})
+        recorded = run.meta.recorded_settings(set(cls._get_param_names()) - set(NOT_RECORDED))
+        clf = cls(**{**recorded, "model": run.meta.backbone.get("name"), **settings})
         clf._set_fitted(Fitted.from_meta(run.backbone, run.meta))
         clf.backbone_choice_, clf.report_extras_ = run.meta.backbone_choice, None  # a saved run's report is on disk
         clf.meta_ = run.meta
         return clf
 
-    # Each estimator names its modality and supplies: _validate_modality_settings(), _check_backbone(strategy), _cache_budget(),
+    # Each estimator names its modality and supplies: _validate_modality_settings(), _cache_budget(),
     # _splits(X, y, seed) -> DataSplits, new_backbone(splits) -> Backbone, _as_examples(X, labels) -> Examples.
 
     def _cache_budget(self) -> float:
         return 0.0
-
-
-def _jsonable(value):
-    """A setting as transferkit.json holds it: a path as text, a tuple as a list."""
-    if isinstance(value, Path):
-        return str(value)
-    return list(value) if isinstance(value, tuple) else value
 
 
 def load_classifier(run: str | Path, **settings) -> Classifier:
@@ -350,15 +314,6 @@ class ImageClassifier(Classifier):
             raise UsageError(f"image_size must be an integer of at least 16 pixels; got {self.image_size!r}.")
         if self.cache_budget_gb is not None and not self.cache_budget_gb >= 0:
             raise UsageError(f"cache_budget_gb must be >= 0 (0 turns frozen-prefix caching off); got {self.cache_budget_gb!r}.")
-
-    def _check_backbone(self, strategy) -> None:
-        """The model name, --weights file and lora's applicability, known without reading data or weights."""
-        from transferkit.backbones import refuse_other_modality
-        from transferkit.backbones.vision import check_image_backbone
-
-        if self.model is not None:
-            refuse_other_modality(self.model, "image")
-        check_image_backbone(self.model, weights=self.weights, lora=strategy.kind == "lora")
 
     def _cache_budget(self) -> float:
         from transferkit.training.config import DEFAULT_CACHE_BUDGET_GB
@@ -458,13 +413,6 @@ class TextClassifier(Classifier):
         check_choice("pooling", self.pooling, POOLINGS)
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise UsageError(f"max_length must be an integer of at least 2 tokens; got {self.max_length!r}.")
-
-    def _check_backbone(self, strategy) -> None:
-        """An image backbone's name is refused now; a text model's name is checked as it loads (a hub name needs the hub)."""
-        from transferkit.backbones import refuse_other_modality
-
-        if self.model is not None:
-            refuse_other_modality(self.model, "text")
 
     def _columns(self) -> dict:
         return {k: v for k, v in (("text_column", self.text_column), ("label_column", self.label_column)) if v}

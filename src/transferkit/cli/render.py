@@ -43,6 +43,23 @@ def say_how_to_continue(out_dir: Path, resume: bool) -> None:
         )
 
 
+def say_what_compare_kept(out_dir: Path) -> None:
+    """After Ctrl-C in compare: what finished and was written, and the command that continues."""
+    saved = _read_json(out_dir / "compare.json")
+    results = saved.get("results") or []
+    if not results:
+        err.print("[yellow]Interrupted[/] before the first strategy finished: nothing was kept.", highlight=False)
+        return
+    done = ", ".join(f"{r['label']} ({len(r.get('runs') or [])} seed(s))" for r in results)
+    err.print(
+        f"[yellow]Interrupted.[/] Kept what finished: {done}, in {out_dir / 'compare.json'} and {out_dir / 'report.html'}. "
+        f"Still to run: {', '.join(saved.get('pending') or []) or 'the ranking and reports'}. Continue with:",
+        highlight=False,
+    )
+    again = shlex.join(["transferkit", *sys.argv[1:], *([] if "--resume" in sys.argv else ["--resume"])])
+    err.print(again, markup=False, highlight=False, soft_wrap=True, overflow="ignore", crop=False)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

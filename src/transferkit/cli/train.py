@@ -43,6 +43,7 @@ from transferkit.cli.render import (
     render_comparison,
     render_fit,
     say_how_to_continue,
+    say_what_compare_kept,
 )
 from transferkit.errors import UsageError
 
@@ -314,21 +315,30 @@ def compare(
             help="Folds of the cross-validated probe on train+val (0: off; default 5 when train+val x feature size <= 4M values).",
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            metavar="",
+            rich_help_panel=OUTPUT,
+            help="Continue an interrupted comparison in OUT: what finished (OUT/compare.json) is kept, the rest runs; "
+            "the data and options must be the same.",
+        ),
+    ] = False,
     quiet: Quiet = False,
     log: Log = None,
     log_to: LogTo = None,
 ) -> None:
     """Run strategies side by side on one split: accuracy with intervals, time, parameters, memory; a paired test.
 
-    The verdict names a winner only when the paired test says the difference is more than noise.
+    The verdict names a winner only when the paired test says the difference is more than noise. Each backbone x
+    strategy x seed is written to OUT as it finishes: after Ctrl-C (or a crash), compare --resume continues.
     """
+    from transferkit.compare.options import unfinished_comparison
     from transferkit.compare.run import check_models, check_repeats, check_runs, strategies_for
-    from transferkit.compare.run import compare as run_compare
     from transferkit.data.sources import detect_modality, load_data
     from transferkit.distributed import refuse_torchrun
-    from transferkit.report.comparison import write_comparison
     from transferkit.runs.directory import check_writable_dir
-    from transferkit.tracking import log_comparison, open_run
 
     refuse_torchrun("compare")
     show_library_messages(quiet)
@@ -354,29 +364,51 @@ def compare(
     )
     specs = strategies_for(names, strategies.split(",") if strategies else None, baseline)
     check_runs(detect_modality(data, **columns)[0], names, specs, settings)  # before the data is read
-    splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)
-    sizes = " / ".join(f"{n:,} {k}" for k, n in splits.sizes().items())
-    out.print(
-        f"Comparing on {data}: {sizes} {splits.train.noun}s, {len(splits.classes)} classes; "
-        f"{'backbones ' + models if models else 'backbone ' + (model or 'the default')}"
+    run_args = dict(
+        model=model,
+        strategies=strategies.split(",") if strategies else None,
+        fractions=fracs,
+        baseline=baseline,
+        settings=settings,
+        seeds=seeds,
+        cv=cv,
+        models=models.split(",") if models else None,
     )
-    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-compare", to=log_to) as tracker:
-        result = run_compare(
-            splits,
-            data_name=data,
-            model=model,
-            strategies=strategies.split(",") if strategies else None,
-            fractions=fracs,
-            baseline=baseline,
-            settings=settings,
-            on_result=_say_result,
-            tracker=tracker,
-            seeds=seeds,
-            cv=cv,
-            models=models.split(",") if models else None,
+    with writing(out_dir, "compare"):  # one comparison at a time into OUT
+        previous = unfinished_comparison(out_dir, resume)
+        splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)
+        sizes = " / ".join(f"{n:,} {k}" for k, n in splits.sizes().items())
+        out.print(
+            f"Comparing on {data}: {sizes} {splits.train.noun}s, {len(splits.classes)} classes; "
+            f"{'backbones ' + models if models else 'backbone ' + (model or 'the default')}"
         )
+        result, paths = compare_into(out_dir, data, splits, previous, run_args, log=log, log_to=log_to)
+    render_comparison(result)
+    out.print(f"Reports: {paths['html']}, {paths['markdown']}, {paths['json']}")
+
+
+def compare_into(out_dir: Path, data: str, splits, previous: dict | None, run_args: dict, *, log: str | None, log_to: str | None):
+    """compare's work, with OUT held: every finished backbone x strategy x seed written as it finishes (so Ctrl-C keeps
+    it, and says so), then the whole comparison; -> (Comparison, the report paths)."""
+    from transferkit.compare.run import compare as run_compare
+    from transferkit.report.comparison import write_comparison
+    from transferkit.tracking import log_comparison, open_run
+
+    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-compare", to=log_to) as tracker:
+        try:
+            result = run_compare(
+                splits,
+                data_name=data,
+                on_result=_say_result,
+                tracker=tracker,
+                resume_from=previous,
+                on_partial=lambda partial: write_comparison(partial, out_dir),
+                **run_args,
+            )
+        except KeyboardInterrupt:
+            say_what_compare_kept(out_dir)
+            raise typer.Exit(130) from None
         paths = write_comparison(result, out_dir)
         if tracker is not None:
             log_comparison(tracker, result.to_dict(), paths)
-    render_comparison(result)
-    out.print(f"Reports: {paths['html']}, {paths['markdown']}, {paths['json']}")
+    return result, paths

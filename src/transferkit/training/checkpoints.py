@@ -130,14 +130,14 @@ def _more_epochs(saved: dict, now: dict) -> tuple[int, int] | None:
     return (old, new) if new > old else None
 
 
-def fingerprint_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
+def fingerprint_diff(saved: dict, now: dict, prefix: str = "", *, saved_in: str = "the checkpoint") -> list[str]:
     """Each setting that differs, with both values: "epochs: 3 in the checkpoint, 5 now"."""
     out = []
     for key in dict.fromkeys([*saved, *now]):
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += fingerprint_diff(a, b, f"{prefix}{key}.")
+            out += fingerprint_diff(a, b, f"{prefix}{key}.", saved_in=saved_in)
         elif a != b:
             name = "the data (its files or their contents)" if key == "data" else f"{prefix}{key}"
-            out.append(f"{name}: {a!r} in the checkpoint, {b!r} now" if key != "data" else f"{name} changed")
+            out.append(f"{name}: {a!r} in {saved_in}, {b!r} now" if key != "data" else f"{name} changed")
     return out

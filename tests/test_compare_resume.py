@@ -1,0 +1,58 @@
+"""An interrupted compare keeps what finished and continues with --resume (issue 28: 7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_cli, write_folder
+
+TIMEOUT = 300
+
+
+def test_ctrl_c_keeps_each_finished_strategy_and_resume_runs_the_rest(tmp_path):
+    data = write_folder(tmp_path / "colours", per_class=6)
+    out = tmp_path / "cmp"
+    options = ["--image-size", "32", "--precision", "fp32", "--cv", "0", "--batch-size", "8", "-q", "--out", str(out)]
+    args = ["compare", str(data), "--strategies", "feature-extraction,finetune:last=1", *options]
+    argv = [sys.executable, "-m", "transferkit", *args, "--epochs", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "report.html").is_file():  # written after compare.json, once the first strategy finished
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no partial report before the comparison ended: {proc.communicate()}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGSTOP)  # hold it mid-comparison, then Ctrl-C: deterministic however fast it runs
+    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGCONT)
+    for _ in range(5):  # Python drops a KeyboardInterrupt that lands in a weakref callback ("Exception ignored"): again
+        try:
+            proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130, err
+    assert "Kept what finished: feature-extraction (1 seed(s))" in err and "--resume" in err
+    kept = json.loads((out / "compare.json").read_text())
+    assert kept["complete"] is False and kept["pending"] == ["finetune:last=1"]
+    assert [r["label"] for r in kept["results"]] == ["feature-extraction"]
+    assert "Unfinished" in (out / "report.md").read_text()
+
+    refused = run_cli(*args, "--epochs", "2", check=False)  # without --resume, the unfinished comparison is not overwritten
+    assert refused.returncode == 2 and "holds an unfinished comparison" in refused.stderr and "--resume" in refused.stderr
+    other = run_cli(*args, "--epochs", "3", "--resume", check=False)
+    assert other.returncode == 2 and "settings.epochs: 2 in compare.json, 3 now" in other.stderr, other.stderr
+
+    run_cli(*args, "--epochs", "2", "--resume")
+    done = json.loads((out / "compare.json").read_text())
+    assert done["complete"] is True and [r["label"] for r in done["results"]] == ["feature-extraction", "finetune:last=1"]
+    assert done["results"][0]["runs"] == kept["results"][0]["runs"]  # kept, not trained again
+    assert done["results"][0]["seconds"] == kept["results"][0]["seconds"]
