@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import run_cli, write_folder
+from transferkit.errors import UsageError
 
 TIMEOUT = 300
 
@@ -56,3 +57,26 @@ def test_ctrl_c_keeps_each_finished_strategy_and_resume_runs_the_rest(tmp_path):
     assert done["complete"] is True and [r["label"] for r in done["results"]] == ["feature-extraction", "finetune:last=1"]
     assert done["results"][0]["runs"] == kept["results"][0]["runs"]  # kept, not trained again
     assert done["results"][0]["seconds"] == kept["results"][0]["seconds"]
+
+
+def test_each_finished_seed_is_kept_and_resume_trains_only_the_others(tmp_path):
+    from transferkit.compare.run import compare
+    from transferkit.data import load_image_data
+
+    splits = load_image_data(write_folder(tmp_path / "colours", per_class=6), split=(0.5, 0.25, 0.25), seed=0)
+    options = dict(data_name="colours", strategies=["feature-extraction"], seeds=2, cv=0, settings={"image_size": 32, "precision": "fp32"})
+    written = []
+
+    def ctrl_c_after_the_first_seed(partial):
+        written.append(json.loads(json.dumps(partial.to_dict(), default=str)))
+        raise KeyboardInterrupt  # as Ctrl-C right after the first seed was written
+
+    with pytest.raises(KeyboardInterrupt):
+        compare(splits, on_partial=ctrl_c_after_the_first_seed, **options)
+    kept = written[-1]
+    assert kept["complete"] is False and kept["pending"] == ["feature-extraction"] and len(kept["results"][0]["runs"]) == 1
+    done = compare(splits, resume_from=kept, **options)
+    assert [run["seed"] for run in done.results[0].runs] == [0, 1]
+    assert done.results[0].runs[0] == kept["results"][0]["runs"][0]  # the first seed kept, not trained again
+    with pytest.raises(UsageError, match=r"seeds: 2 in compare\.json, 3 now"):
+        compare(splits, resume_from=kept, **{**options, "seeds": 3})

@@ -370,7 +370,7 @@ def compare(
     cv: int | None = None,
     models: Sequence[str] | None = None,
     resume_from: dict | None = None,
-    on_partial: Callable[[Comparison], None] | None = None,
+    on_partial: Callable[[Comparison], object] | None = None,
 ) -> Comparison:
     """Run every strategy on the same split and seed; optionally a learning curve and a scratch baseline.
 
@@ -467,7 +467,7 @@ class Partial:
     seeds: int
     settings: dict
     options: dict
-    on_partial: Callable[[Comparison], None] | None
+    on_partial: Callable[[Comparison], object] | None
     shown: dict = field(default_factory=dict)  # backbone as given -> the name it goes by
 
     def comparison(self, results: list[StrategyResult], pending: list[str], **more) -> Comparison:
