@@ -403,7 +403,7 @@ def compare(
     )
     finished = finished_results(resume_from, options) if resume_from is not None else []
     notify = on_result or (lambda r: None)
-    partial = Partial(splits, data_name, names, seeds, settings, options, on_partial)
+    partial = Partial(splits, data_name, names, seeds, settings, options, on_partial, after=_steps_after(names, fractions, baseline, cv))
     results, probes, fitted = _run_grid(splits, names, specs, seeds, settings, tracker, notify, finished, partial)
     for name in names:
         if name not in probes and (cv != 0 or len(names) > 1):  # the probe's features come from the cache
@@ -468,6 +468,7 @@ class Partial:
     settings: dict
     options: dict
     on_partial: Callable[[Comparison], object] | None
+    after: list[str] = field(default_factory=list)  # what runs after the strategies (pending until the end)
     shown: dict = field(default_factory=dict)  # backbone as given -> the name it goes by
 
     def comparison(self, results: list[StrategyResult], pending: list[str], **more) -> Comparison:
@@ -491,7 +492,18 @@ class Partial:
     def save(self, results: list[StrategyResult], labels: list[str]) -> None:
         if self.on_partial is not None:
             complete = {r.label for r in results if len(r.runs) >= self.seeds}
-            self.on_partial(self.comparison(results, [label for label in labels if label not in complete]))
+            self.on_partial(self.comparison(results, [label for label in labels if label not in complete] + self.after))
+
+
+def _steps_after(names: list[str | None], fractions: Sequence[float], baseline: str | None, cv: int | None) -> list[str]:
+    """What compare runs after the strategies, as an unfinished comparison lists it among what is still to run."""
+    steps = {
+        "learning curve": any(f < 1 for f in fractions),
+        "scratch baseline": baseline == "scratch",
+        "backbone ranking": len(names) > 1,
+        "cross-validated probe": cv != 0 and len(names) == 1,
+    }
+    return [step for step, runs in steps.items() if runs]
 
 
 def _run_grid(
