@@ -57,6 +57,7 @@ def run_folder_lock(out: Path, what: str = "fit") -> Iterator[None]:
         finally:
             _release_count(path)
         return
+    created = _missing_folders(path.parent)
     fd = _acquire(path, Path(out), what)
     _HELD[path] = 1
     try:
@@ -66,6 +67,20 @@ def run_folder_lock(out: Path, what: str = "fit") -> Iterator[None]:
         with contextlib.suppress(OSError):
             path.unlink()  # before the unlock: a process that opened this file meanwhile sees it gone and retries
         os.close(fd)
+        for folder in created:  # a fit that failed leaves no empty runs/ behind; rmdir refuses a folder with a run in it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders the lock file's creation makes, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _release_count(path: Path) -> None:
