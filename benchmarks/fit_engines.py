@@ -59,6 +59,7 @@ def fit_once(data: Path, out: Path, engine: str | None) -> tuple[float, float, s
             "feature-extraction",
             "--out",
             str(out),
+            "--overwrite",  # each pair replaces the run of the one before
             "-q",
             *(["--engine", engine] if engine else []),
         ]

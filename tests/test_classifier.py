@@ -115,9 +115,10 @@ def test_predict_takes_a_path_a_folder_pil_images_and_arrays(tmp_path):
 
 
 def without_volatile(meta: dict) -> dict:
-    """transferkit.json without what differs between two identical runs: times, versions, cache state."""
+    """transferkit.json without what differs between two identical runs: times, versions, cache state, and the
+    settings as given (None where omitted: what a loaded estimator's get_params returns)."""
     meta = json.loads(json.dumps(meta))
-    for key in ("versions", "feature_cache", "history"):
+    for key in ("versions", "feature_cache", "history", "settings"):
         meta.pop(key)
     meta["metrics"].pop("train_seconds")
     meta["metrics"].pop("feature_seconds")

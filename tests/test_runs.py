@@ -83,7 +83,7 @@ def test_a_run_of_the_other_modality_replaces_the_previous_run_whole(tmp_path):
     ImageClassifier(strategy="feature-extraction", image_size=32).fit(write_folder(tmp_path / "c", per_class=6)).save(out)
     assert (out / "model.safetensors").is_file()
     data = write_text_csv(tmp_path / "t.csv", topic_sentences(per_class=6))
-    TextClassifier(strategy="feature-extraction", max_length=16).fit(data).save(out)
+    TextClassifier(strategy="feature-extraction", max_length=16).fit(data).save(out, overwrite=True)
     assert not (out / "model.safetensors").exists() and (out / "encoder").is_dir()
     assert type(load_classifier(out)) is TextClassifier
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder left

@@ -23,6 +23,7 @@ from sklearn.base import BaseEstimator
 
 from transferkit.data.examples import DEFAULT_SPLIT
 from transferkit.errors import NotFittedError, UsageError, check_choice, did_you_mean
+from transferkit.runs.meta import jsonable_setting
 from transferkit.training.strategies import BN_POLICIES, parse_strategy
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 # Settings only one modality has: given to the other classifier they are refused with the reason.
 IMAGE_ONLY = ("image_size", "bn", "augment", "cache_budget_gb")
 TEXT_ONLY = ("max_length", "pooling", "text_column", "label_column")
+# Where a fit runs, not what it trains (as a checkpoint's fingerprint): not recorded, so a loaded estimator takes defaults.
+NOT_RECORDED = ("tracker", "checkpoint_dir", "resume", "progress", "device", "workers")
 FITTED = (
     "backbone_",
     "model_",
@@ -110,6 +113,7 @@ class Classifier(BaseEstimator):
 
     def check_settings(self):
         """Every setting checked before any data is read (a UsageError names the bad one); -> (TrainConfig, Strategy)."""
+        from transferkit.backbones import check_backbone
         from transferkit.data.splits import validate_split
         from transferkit.training.config import TrainConfig
 
@@ -119,6 +123,7 @@ class Classifier(BaseEstimator):
             raise UsageError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoints).")
         validate_split(self.split)
         self._validate_modality_settings()
+        check_backbone(self.model, self.modality, weights=self.weights, lora=strategy.kind == "lora")
         return cfg, strategy
 
     def _tracked(self) -> dict:
@@ -181,8 +186,8 @@ class Classifier(BaseEstimator):
         return {}
 
     def _run_settings(self) -> dict:
-        """Settings a loaded run needs again (a text run's columns, to score files); the rest is in the model."""
-        return self._eval_columns()
+        """transferkit.json's `settings`: this estimator's as given, so a loaded one has the parameters it was trained with."""
+        return {k: jsonable_setting(getattr(self, k)) for k in self._get_param_names() if k not in NOT_RECORDED}
 
     # ------------------------------------------------------------------ persistence
 
@@ -192,24 +197,28 @@ class Classifier(BaseEstimator):
         choice = getattr(self, "backbone_choice_", None) or None
         return self._fitted.to_meta(self.strategy).with_(settings=self._run_settings(), backbone_choice=choice)
 
-    def save(self, path: str | Path) -> Path:
-        """Write a run directory (model, transferkit.json, metrics, history, report); under torchrun rank 0 only."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write a run directory (model, transferkit.json, metrics, history, report); under torchrun rank 0 only. A finished
+        run in `path` is replaced only with `overwrite=True` (fit's --overwrite; else a UsageError); other files stay."""
         from transferkit import distributed
         from transferkit.runs.directory import save_run
 
         self._check_fitted()
         if distributed.is_main():
-            save_run(Path(path), self.backbone_, self.run_meta(), report_extras=getattr(self, "report_extras_", None))
+            extras = getattr(self, "report_extras_", None)
+            save_run(Path(path), self.backbone_, self.run_meta(), report_extras=extras, overwrite=overwrite)
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, **settings):
-        """A fitted classifier from a run directory written by `save` (or `transferkit fit`)."""
+        """A fitted classifier from a run directory written by `save` (or `transferkit fit`), with the parameters it was
+        trained with (not where it ran: NOT_RECORDED): ``sklearn.base.clone(loaded).fit(X)`` trains the same again."""
         from transferkit.runs.directory import load_run
         from transferkit.training.fit import Fitted
 
         run = load_run(path, expect=cls.modality)
-        clf = cls(**{**(run.meta.settings or {}), "model": run.meta.backbone.get("name"), **settings})
+        recorded = run.meta.recorded_settings(set(cls._get_param_names()) - set(NOT_RECORDED))
+        clf = cls(**{**recorded, "model": run.meta.backbone.get("name"), **settings})
         clf._set_fitted(Fitted.from_meta(run.backbone, run.meta))
         clf.backbone_choice_, clf.report_extras_ = run.meta.backbone_choice, None  # a saved run's report is on disk
         clf.meta_ = run.meta

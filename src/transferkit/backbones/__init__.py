@@ -31,7 +31,7 @@ from transferkit.backbones.text import (
     is_text_model,
     load_text_backbone,
 )
-from transferkit.backbones.vision import ImageBackbone, list_image_models, load_image_backbone, resolve_arch
+from transferkit.backbones.vision import ImageBackbone, check_image_backbone, list_image_models, load_image_backbone, resolve_arch
 from transferkit.errors import UsageError
 
 BACKBONE_TYPES: dict[str, type[Backbone]] = {"image": ImageBackbone, "text": TextBackbone}
@@ -80,6 +80,15 @@ def refuse_other_modality(name: str, modality: str) -> None:
             f"--model {name} is a {other} model, and this data is {modality}s. Use a {modality} backbone "
             f"(the built-in {default}, or see: transferkit models), or give {other} data."
         )
+
+
+def check_backbone(name: str | None, modality: str, *, weights=None, lora: bool = False) -> None:
+    """Before any data is read: a backbone of the other modality is refused, and an image backbone checked as far as
+    its name tells (vision.check_image_backbone); a text model's hub name is checked as it loads."""
+    if name is not None:
+        refuse_other_modality(name, modality)
+    if modality == "image":
+        check_image_backbone(name, weights=weights, lora=lora)
 
 
 def read_trained(run_dir: Path, *, modality: str, spec: dict, n_classes: int, data_config: dict) -> Backbone:

@@ -326,6 +326,41 @@ def load_image_backbone(
     )
 
 
+def check_image_backbone(name: str | None, *, weights: str | Path | None = None, lora: bool = False) -> None:
+    """Before any data is read: the backbone `name` can be loaded, as far as can be known without its weights.
+
+    The name resolves to a timm architecture (or a built-in), timm has pretrained weights of that name (a lookup
+    in timm's registry, no download), a `weights` file exists, and for `lora` the architecture has Linear
+    layers in its blocks to adapt: the model is built on PyTorch's meta device (shapes only, no memory, no
+    weights) and its blocks read as a fit reads them. A hub or folder source (``hf-hub:``, ``local-dir:``) is
+    checked when it loads.
+
+    Raises:
+        UsageError: an unknown name (with "did you mean"), a tag timm has no weights for, or lora on a network
+            without Linear layers in its blocks (a CNN).
+        ModelError: a missing weights file, or an architecture timm registers without weights.
+    """
+    import timm
+
+    from transferkit.backbones import lora as lora_module
+
+    name = canonical_name(name or DEFAULT_BACKBONE)
+    arch = resolve_arch(name)
+    if arch.startswith(TIMM_SOURCES):
+        return
+    if weights is not None and str(weights) != "none" and not Path(weights).expanduser().is_file():
+        raise ModelError(
+            f"--weights {weights}: the file does not exist. Give a .safetensors or .pth file, 'none' for "
+            "random initialisation, or leave --weights out for the model's own pretrained weights."
+        )
+    if weights is None and builtin_for(name) is None:
+        check_has_weights(name, arch)
+    if lora:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, num_classes=2)
+        lora_module.lora_targets(ImageBackbone(model, BackboneSpec(name, arch, "none", "")))
+
+
 def check_has_weights(name: str, arch: str) -> None:
     """Before any download: timm has pretrained weights of this name (some architectures are registered untrained).
 

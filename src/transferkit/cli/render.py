@@ -5,6 +5,7 @@ Kept apart from :mod:`transferkit.cli.app` (options and commands) so each stays 
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -27,9 +28,12 @@ def wrapping_table(*columns: str, title: str | None = None) -> Table:
 
 def say_how_to_continue(out_dir: Path, resume: bool) -> None:
     """After Ctrl-C: the command that continues (one shell-quoted line) when a checkpoint exists, else what rerunning does."""
+    from transferkit.training.checkpoints import checkpoint_position
+
     if (out_dir / "checkpoints" / "last.pt").is_file():
         again = shlex.join(["transferkit", *sys.argv[1:], *([] if resume else ["--resume"])])
-        err.print(f"[yellow]Interrupted.[/] Finished epochs are saved in {out_dir / 'checkpoints'}. Continue with:", highlight=False)
+        where = checkpoint_position(_read_json(out_dir / "checkpoints" / "last.json"))
+        err.print(f"[yellow]Interrupted.[/] The fit is saved in {out_dir / 'checkpoints'} ({where}). Continue with:", highlight=False)
         err.print(again, markup=False, highlight=False, soft_wrap=True, overflow="ignore", crop=False)
     else:
         err.print(
@@ -37,6 +41,30 @@ def say_how_to_continue(out_dir: Path, resume: bool) -> None:
             "same command again: features already computed are kept in the feature cache.",
             highlight=False,
         )
+
+
+def say_what_compare_kept(out_dir: Path) -> None:
+    """After Ctrl-C in compare: what finished and was written, and the command that continues."""
+    saved = _read_json(out_dir / "compare.json")
+    results = saved.get("results") or []
+    if not results:
+        err.print("[yellow]Interrupted[/] before the first strategy finished: nothing was kept.", highlight=False)
+        return
+    done = ", ".join(f"{r['label']} ({len(r.get('runs') or [])} seed(s))" for r in results)
+    err.print(
+        f"[yellow]Interrupted.[/] Kept what finished: {done}, in {out_dir / 'compare.json'} and {out_dir / 'report.html'}. "
+        f"Still to run: {', '.join(saved.get('pending') or []) or 'the ranking and reports'}. Continue with:",
+        highlight=False,
+    )
+    again = shlex.join(["transferkit", *sys.argv[1:], *([] if "--resume" in sys.argv else ["--resume"])])
+    err.print(again, markup=False, highlight=False, soft_wrap=True, overflow="ignore", crop=False)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def render_fit(clf, out_dir: Path) -> None:

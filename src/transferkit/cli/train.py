@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +43,7 @@ from transferkit.cli.render import (
     render_comparison,
     render_fit,
     say_how_to_continue,
+    say_what_compare_kept,
 )
 from transferkit.errors import UsageError
 
@@ -56,7 +59,15 @@ def fit(
             "(cifar10), or labelled texts: a CSV/TSV/JSONL with text and label columns."
         ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", rich_help_panel=OUTPUT, help="Run directory to write.")] = Path("runs/latest"),
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            rich_help_panel=OUTPUT,
+            help="Run directory to write; one holding a finished run is replaced only with --overwrite.",
+        ),
+    ] = Path("runs/latest"),
     model: Model = None,
     models: Models = None,
     strategy: Annotated[
@@ -124,7 +135,8 @@ def fit(
             "--overwrite",
             metavar="",
             rich_help_panel=OUTPUT,
-            help="Start over although OUT holds an unfinished fit's checkpoint (a finished run in OUT is always replaced whole).",
+            help="Replace the finished run in OUT, or start over although OUT holds an unfinished fit's checkpoint; "
+            "without it both are refused. Files in OUT that transferkit did not write are kept.",
         ),
     ] = False,
     strict: Annotated[
@@ -145,13 +157,11 @@ def fit(
     Several GPUs or CPU processes (PyTorch DDP; only rank 0 writes OUT): torchrun --nproc_per_node 4 -m transferkit fit DATA
     """
     from transferkit import distributed
-    from transferkit.runs.directory import check_out_dir
-    from transferkit.tracking import log_fit_report, open_run
+    from transferkit.runs.directory import check_writable_dir
 
     show_library_messages(quiet or not distributed.is_main())
     if resume and overwrite:
         raise UsageError("--resume continues the fit in OUT and --overwrite starts it over: give one of them.")
-    check_out_dir(out_dir, resume=resume, overwrite=overwrite)  # before training, not after it
     options = dict(
         strategy=strategy,
         weights=weights,
@@ -181,22 +191,58 @@ def fit(
         pooling=pooling,
         engine=engine,
     )
+    columns = given(text_column=text_column, label_column=label_column)
+    check_writable_dir(out_dir)
+    with writing(out_dir, "fit"):  # one fit at a time into OUT, from before the data is read to the end of the save
+        fit_into(out_dir, data, options, model=model, models=models, columns=columns, overwrite=overwrite, log=log, log_to=log_to)
+
+
+def fit_into(
+    out_dir: Path,
+    data: str,
+    options: dict,
+    *,
+    model: str | None,
+    models: str | None,
+    columns: dict,
+    overwrite: bool,
+    log: str | None,
+    log_to: str | None,
+) -> None:
+    """fit's work, with OUT held: check OUT, choose the backbone (--models), train, save, render."""
+    from transferkit import distributed
+    from transferkit.runs.directory import check_out_dir, recover_interrupted_save
+    from transferkit.tracking import log_fit_report, open_run
+
+    resume = options["resume"]
+    recover_interrupted_save(out_dir)  # a save killed between its renames left the run (and its checkpoints) beside OUT
+    check_out_dir(out_dir, resume=resume, overwrite=overwrite)  # before training, not after it
     choice = None
     if models:
-        choice = choose_for_fit(data, models, model, resume, options, given(text_column=text_column, label_column=label_column))
+        choice = choose_for_fit(data, models, model, resume, options, columns)
         model = choice.chosen
-    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-{strategy or 'auto'}", to=log_to) as tracker:
-        clf = classifier_for(data, model, text_column, label_column, options | {"tracker": tracker})
+    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-{options['strategy'] or 'auto'}", to=log_to) as tracker:
+        clf = classifier_for(data, model, columns.get("text_column"), columns.get("label_column"), options | {"tracker": tracker})
         try:
             clf.fit(data, backbone_choice=choice.to_dict() if choice else None)
         except KeyboardInterrupt:
             say_how_to_continue(out_dir, resume)
             raise typer.Exit(130) from None
-        clf.save(out_dir)
+        clf.save(out_dir, overwrite=overwrite or resume)
         if tracker is not None:
             log_fit_report(tracker, clf.run_meta(), out_dir)
     if distributed.is_main():
         render_fit(clf, out_dir)
+
+
+@contextlib.contextmanager
+def writing(out_dir: Path, what: str) -> Iterator[None]:
+    """OUT held by this process (under torchrun, by rank 0, the one that writes it) while a command writes it."""
+    from transferkit import distributed
+    from transferkit.runs.lock import run_folder_lock
+
+    with run_folder_lock(out_dir, what) if distributed.is_main() else contextlib.nullcontext():
+        yield
 
 
 def choose_for_fit(data: str, models: str, model: str | None, resume: bool, options: dict, columns: dict):
@@ -277,30 +323,38 @@ def compare(
             help="Folds of the cross-validated probe on train+val (0: off; default 5 when train+val x feature size <= 4M values).",
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            metavar="",
+            rich_help_panel=OUTPUT,
+            help="Continue an interrupted comparison in OUT: what finished (OUT/compare.json) is kept, the rest runs; "
+            "the data and options must be the same.",
+        ),
+    ] = False,
     quiet: Quiet = False,
     log: Log = None,
     log_to: LogTo = None,
 ) -> None:
     """Run strategies side by side on one split: accuracy with intervals, time, parameters, memory; a paired test.
 
-    The verdict names a winner only when the paired test says the difference is more than noise.
+    The verdict names a winner only when the paired test says the difference is more than noise. Each backbone x
+    strategy x seed is written to OUT as it finishes: after Ctrl-C (or a crash), compare --resume continues.
     """
-    from transferkit.compare.run import check_models, check_repeats
-    from transferkit.compare.run import compare as run_compare
-    from transferkit.data.sources import load_data
+    from transferkit.compare.options import unfinished_comparison
+    from transferkit.compare.run import check_models, check_repeats, check_runs, strategies_for
+    from transferkit.data.sources import detect_modality, load_data
     from transferkit.distributed import refuse_torchrun
-    from transferkit.report.comparison import write_comparison
     from transferkit.runs.directory import check_writable_dir
-    from transferkit.tracking import log_comparison, open_run
 
     refuse_torchrun("compare")
     show_library_messages(quiet)
     check_writable_dir(out_dir)  # before any work: a bad --out must not cost the whole comparison
     check_repeats(seeds, cv)
     fracs = [float(f) for f in fractions.split(",")] if fractions else []
-    check_models(model, models.split(",") if models else None, fracs, baseline, cv)
+    names = check_models(model, models.split(",") if models else None, fracs, baseline, cv)
     columns = given(text_column=text_column, label_column=label_column)
-    splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)
     settings = (
         given(
             epochs=epochs,
@@ -316,28 +370,53 @@ def compare(
         | columns
         | {"progress": not quiet}
     )
-    sizes = " / ".join(f"{n:,} {k}" for k, n in splits.sizes().items())
-    out.print(
-        f"Comparing on {data}: {sizes} {splits.train.noun}s, {len(splits.classes)} classes; "
-        f"{'backbones ' + models if models else 'backbone ' + (model or 'the default')}"
+    specs = strategies_for(names, strategies.split(",") if strategies else None, baseline)
+    check_runs(detect_modality(data, **columns)[0], names, specs, settings)  # before the data is read
+    run_args = dict(
+        model=model,
+        strategies=strategies.split(",") if strategies else None,
+        fractions=fracs,
+        baseline=baseline,
+        settings=settings,
+        seeds=seeds,
+        cv=cv,
+        models=models.split(",") if models else None,
     )
-    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-compare", to=log_to) as tracker:
-        result = run_compare(
-            splits,
-            data_name=data,
-            model=model,
-            strategies=strategies.split(",") if strategies else None,
-            fractions=fracs,
-            baseline=baseline,
-            settings=settings,
-            on_result=_say_result,
-            tracker=tracker,
-            seeds=seeds,
-            cv=cv,
-            models=models.split(",") if models else None,
+    with writing(out_dir, "compare"):  # one comparison at a time into OUT
+        previous = unfinished_comparison(out_dir, resume)
+        splits = load_data(data, **given(split=parse_split(split), seed=seed), **columns)
+        sizes = " / ".join(f"{n:,} {k}" for k, n in splits.sizes().items())
+        out.print(
+            f"Comparing on {data}: {sizes} {splits.train.noun}s, {len(splits.classes)} classes; "
+            f"{'backbones ' + models if models else 'backbone ' + (model or 'the default')}"
         )
+        result, paths = compare_into(out_dir, data, splits, previous, run_args, log=log, log_to=log_to)
+    render_comparison(result)
+    out.print(f"Reports: {paths['html']}, {paths['markdown']}, {paths['json']}")
+
+
+def compare_into(out_dir: Path, data: str, splits, previous: dict | None, run_args: dict, *, log: str | None, log_to: str | None):
+    """compare's work, with OUT held: every finished backbone x strategy x seed written as it finishes (so Ctrl-C keeps
+    it, and says so), then the whole comparison; -> (Comparison, the report paths)."""
+    from transferkit.compare.run import compare as run_compare
+    from transferkit.report.comparison import write_comparison
+    from transferkit.tracking import log_comparison, open_run
+
+    with open_run(log, out=out_dir, run_name=f"{out_dir.name}-compare", to=log_to) as tracker:
+        try:
+            result = run_compare(
+                splits,
+                data_name=data,
+                on_result=_say_result,
+                tracker=tracker,
+                resume_from=previous,
+                on_partial=lambda partial: write_comparison(partial, out_dir),
+                **run_args,
+            )
+        except KeyboardInterrupt:
+            say_what_compare_kept(out_dir)
+            raise typer.Exit(130) from None
         paths = write_comparison(result, out_dir)
         if tracker is not None:
             log_comparison(tracker, result.to_dict(), paths)
-    render_comparison(result)
-    out.print(f"Reports: {paths['html']}, {paths['markdown']}, {paths['json']}")
+    return result, paths

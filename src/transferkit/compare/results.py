@@ -38,6 +38,31 @@ class StrategyResult:
     wall_seconds: float = 0.0  # the whole fit: backbone loading, features (computed or read from the cache), test pass
     runs: list = field(repr=False, default_factory=list)  # one dict per training seed (scores, per-example predictions)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> StrategyResult:
+        """A row of compare.json back as a result (`Comparison.to_dict()`'s "results"), to resume a comparison."""
+        names = (
+            "strategy",
+            "label",
+            "trainable_params",
+            "total_params",
+            "epochs",
+            "seconds",
+            "peak_memory_mib",
+            "val_accuracy",
+            "test_accuracy",
+            "macro_f1",
+            "train_per_class",
+            "wall_seconds",
+        )
+        return cls(
+            **{k: d[k] for k in names if k in d},
+            metrics=d.get("metrics") or {},
+            phases=[PhaseRecord.from_dict(p) for p in d.get("phases") or []],
+            history=d.get("history") or [],
+            runs=d.get("runs") or [],
+        )
+
     @property
     def trainable_share(self) -> float:
         return self.trainable_params / self.total_params
@@ -109,13 +134,21 @@ class Comparison:
     train_class_counts: list = field(default_factory=list)
     ranking: Ranking | None = None  # several backbones (compare --models): ranked with their costs
     extras: dict | None = field(default=None, repr=False)  # mistakes gallery and data doctor (report.doctor.fit_extras)
+    pending: list[str] = field(default_factory=list)  # labels not finished yet: an unfinished comparison, written as it runs
+    options: dict | None = None  # what `compare --resume` must match (compare.run.comparison_options)
 
     def winner(self) -> StrategyResult:
         return verdicts.best_of(self.results)
 
     def verdict(self) -> str:
         """The winner only when the paired test says so; else no measurable difference and the cheapest within noise."""
-        return verdicts.verdict(self.results, self._pairs, self.seeds)
+        said = verdicts.verdict(self.results, self._pairs, self.seeds)
+        if not self.pending:
+            return said
+        return (
+            f"Unfinished: {len(self.pending)} still to run ({', '.join(self.pending)}); continue with compare --resume. "
+            f"Of what finished: {said}"
+        )
 
     def paired(self) -> list[dict]:
         return verdicts.paired_rows(self.results, self._pairs)
@@ -153,6 +186,7 @@ class Comparison:
                     "phases": [p.to_dict() for p in r.phases],
                     "metrics": _without_predictions(r.metrics),
                     "runs": r.runs or [{"seed": self.seed, "predictions": r.metrics.get("predictions")}],
+                    "history": r.history,
                 }
                 for r in self.results
             ],
@@ -167,6 +201,9 @@ class Comparison:
             "configs": self.configs,
             "machine": self.machine,
             "backbone_ranking": self.ranking.to_dict() if self.ranking else None,
+            "complete": not self.pending,
+            "pending": self.pending,
+            "options": self.options,
         }
 
 

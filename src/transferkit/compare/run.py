@@ -11,20 +11,24 @@ extraction?) and a from-scratch baseline (what is pretraining worth here?).
 from __future__ import annotations
 
 import gc
+import hashlib
+import itertools
+import json
 import logging
 import os
 import platform
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import psutil
 import torch
 
 from transferkit.classifier import CLASSIFIERS, Classifier
+from transferkit.compare.options import check_models, check_repeats, check_several_models
 from transferkit.compare.ranking import Ranking
 from transferkit.compare.results import Comparison, StrategyResult
 from transferkit.data.examples import DataSplits
@@ -167,27 +171,37 @@ def run_seeds(
     settings: dict,
     tracker: Tracker | None = None,
     label: str | None = None,
-) -> tuple[StrategyResult, Classifier]:
+    started: StrategyResult | None = None,
+    on_seed: Callable[[StrategyResult], None] | None = None,
+) -> tuple[StrategyResult, Classifier | None]:
     """One strategy trained with `seeds` training seeds on the same split: scores are means, runs keeps each seed.
 
     The split stays the one given; only the training seed (initialisation of the head, batch order,
     augmentation) changes: seed, seed + 1, ... Cached features are reused, so extra seeds cost the training.
-    `label` names the result (default: the spec).
+    `label` names the result (default: the spec). `started`: the seeds an interrupted comparison finished (from
+    compare.json), not trained again; `on_seed` is called with the result so far after each seed. The classifier
+    returned is the last seed trained (None when every seed was in `started`).
     """
     base, label = settings.get("seed") or 0, label or spec
-    first, clf = run_strategy(
-        splits, spec, model=model, settings=settings, tracker=tracker, label=label if seeds == 1 else f"{label} seed {base}"
-    )
-    first.label = label
-    for i in range(1, seeds):
-        more, _ = run_strategy(
-            splits, spec, model=model, settings={**settings, "seed": base + i}, tracker=tracker, label=f"{label} seed {base + i}"
-        )
-        first.runs += more.runs
-        first.peak_memory_mib = max(first.peak_memory_mib, more.peak_memory_mib)
-    for key in ("val_accuracy", "test_accuracy", "macro_f1", "seconds", "wall_seconds"):
-        setattr(first, key, sum(run[key] for run in first.runs) / len(first.runs))
-    return first, clf
+    result, clf = started, None
+    done = {run["seed"] for run in started.runs} if started else set()
+    for seed in (base + i for i in range(seeds)):
+        if seed in done:
+            continue
+        name = label if seeds == 1 else f"{label} seed {seed}"
+        more, clf = run_strategy(splits, spec, model=model, settings={**settings, "seed": seed}, tracker=tracker, label=name)
+        if result is None:
+            result = more
+            result.label = label
+        else:
+            result.runs += more.runs
+            result.peak_memory_mib = max(result.peak_memory_mib, more.peak_memory_mib)
+        for key in ("val_accuracy", "test_accuracy", "macro_f1", "seconds", "wall_seconds"):
+            setattr(result, key, sum(run[key] for run in result.runs) / len(result.runs))
+        if on_seed is not None:
+            on_seed(result)
+    assert result is not None, "seeds >= 1"
+    return result, clf
 
 
 def train_val_features(clf, splits: DataSplits) -> tuple[np.ndarray, np.ndarray]:
@@ -298,43 +312,6 @@ def trainable_params(clf) -> int:
     return counts["head"] + sum(counts[b] for b in blocks)
 
 
-def check_repeats(seeds: int, cv: int | None) -> None:
-    """Refuse a bad seed count or fold count before any work."""
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        raise UsageError(f"--seeds (seeds) must be a whole number of at least 1; got {seeds!r}.")
-    if cv is not None and (not isinstance(cv, int) or isinstance(cv, bool) or cv == 1 or cv < 0):
-        raise UsageError(f"--cv (cv) must be 0 (off) or at least 2 folds; got {cv!r}.")
-
-
-def check_models(
-    model: str | None, models: Sequence[str] | None, fractions: Sequence[float], baseline: str | None, cv: int | None
-) -> list[str | None]:
-    """The backbones to compare ([model] without --models); contradictory options refused before any work."""
-    if not models:
-        return [model]
-    if model is not None:
-        names = ",".join(m.strip() for m in models)
-        raise UsageError(f"Give --model (one backbone) or --models (several), not both; got --model {model} and --models {names}.")
-    return list(check_several_models(models, fractions, baseline, cv))
-
-
-def check_several_models(models: Sequence[str], fractions: Sequence[float], baseline: str | None, cv: int | None) -> list[str]:
-    """The backbones of --models, stripped; repeats, blanks and options that need one backbone refused."""
-    names = [m.strip() for m in models]
-    if any(not m for m in names) or len(set(names)) != len(names):
-        raise UsageError(f"--models needs distinct, comma-separated backbone names; got '{','.join(names)}'.")
-    if len(names) > 1 and (fractions or baseline):
-        raise UsageError(
-            "--fractions and --baseline run on one backbone; with --models, rank the backbones first, "
-            "then run them with --model on the one chosen."
-        )
-    if len(names) > 1 and cv == 0:
-        raise UsageError(
-            "--cv 0 turns off the cross-validated probe, which is what ranks several --models; leave --cv out (5 folds) or give at least 2."
-        )
-    return names
-
-
 def check_strategies(strategies: Sequence[str], baseline: str | None) -> list[str]:
     """The canonical specs of the strategies to compare; 'auto', a repeat or an unknown baseline is refused."""
     specs = [parse_strategy(s).spec for s in strategies]
@@ -345,6 +322,37 @@ def check_strategies(strategies: Sequence[str], baseline: str | None) -> list[st
     if baseline not in (None, "scratch"):
         raise UsageError(f"--baseline must be 'scratch'; got '{baseline}'.")
     return specs
+
+
+def strategies_for(names: Sequence[str | None], strategies: Sequence[str] | None, baseline: str | None) -> list[str]:
+    """The canonical specs compare runs: those given, else DEFAULT_STRATEGIES with one backbone and
+    feature-extraction alone (the cheap ranking) with several."""
+    return check_strategies(strategies or (("feature-extraction",) if len(names) > 1 else DEFAULT_STRATEGIES), baseline)
+
+
+def check_runs(modality: str, names: Sequence[str | None], specs: Sequence[str], settings: dict) -> None:
+    """Each backbone x strategy checked as its fit checks it (names, settings, lora's applicability), before any data
+    is read: a bad --model must not cost a data scan and a feature extraction first."""
+    for name in names:
+        for spec in specs:
+            CLASSIFIERS[modality](name, strategy=spec, **settings).check_settings()
+
+
+def comparison_options(splits: DataSplits, data_name: str, names: Sequence[str | None], specs: Sequence[str], **more) -> dict:
+    """What a comparison is of, kept in compare.json: ``compare --resume`` continues only one with the same data (its
+    files and their split), backbones, strategies, seeds and settings (`more`)."""
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    ids = (f"{n}:{i}" for n, part in parts.items() for i in part.identities())
+    digest = hashlib.sha256("\n".join(ids).encode())
+    settings = {k: v for k, v in (more.pop("settings", None) or {}).items() if k != "progress"}
+    return {
+        "source": data_name,
+        "data": digest.hexdigest()[:16],
+        "models": list(names),
+        "strategies": list(specs),
+        **more,
+        "settings": settings,
+    }
 
 
 def compare(
@@ -361,6 +369,8 @@ def compare(
     seeds: int = 1,
     cv: int | None = None,
     models: Sequence[str] | None = None,
+    resume_from: dict | None = None,
+    on_partial: Callable[[Comparison], object] | None = None,
 ) -> Comparison:
     """Run every strategy on the same split and seed; optionally a learning curve and a scratch baseline.
 
@@ -378,25 +388,27 @@ def compare(
         cv: folds of the cross-validated probe on train + val; None for the default rule (`cv_probe`), 0 for none.
         models: several backbones: every backbone x strategy on the split, and the backbones ranked
             (`Comparison.ranking`: cross-validated probe, LogME, costs, the fastest within noise of the best).
+        resume_from: the compare.json of an interrupted comparison (its content): with the same options (else a
+            UsageError naming each difference), the backbone x strategy x seeds it finished are not trained again.
+        on_partial: called with the unfinished Comparison after every backbone x strategy x seed that finishes
+            (the CLI writes it, so an interruption keeps what finished).
     """
     check_repeats(seeds, cv)
     names = check_models(model, models, fractions, baseline, cv)
     settings = dict(settings or {})
-    specs = check_strategies(strategies or (("feature-extraction",) if len(names) > 1 else DEFAULT_STRATEGIES), baseline)
+    specs = strategies_for(names, strategies, baseline)
+    check_runs(splits.train.modality, names, specs, settings)
+    options = comparison_options(
+        splits, data_name, names, specs, seeds=seeds, cv=cv, fractions=list(fractions), baseline=baseline, settings=settings
+    )
+    finished = finished_results(resume_from, options) if resume_from is not None else []
     notify = on_result or (lambda r: None)
-    results, probes, shown, fitted = [], {}, {}, {}
+    partial = Partial(splits, data_name, names, seeds, settings, options, on_partial, after=_steps_after(names, fractions, baseline, cv))
+    results, probes, fitted = _run_grid(splits, names, specs, seeds, settings, tracker, notify, finished, partial)
     for name in names:
-        for spec in specs:
-            label = f"{name} / {spec}" if len(names) > 1 else spec
-            result, clf = run_seeds(splits, spec, seeds, model=name, settings=settings, tracker=tracker, label=label)
-            shown[name] = clf.backbone_.spec.name  # the name it goes by, not the spelling given
-            if spec == "feature-extraction":
-                probes[name] = (result, clf)
-            results.append(result)
-            fitted[label] = clf
-            notify(result)
         if name not in probes and (cv != 0 or len(names) > 1):  # the probe's features come from the cache
             probes[name] = run_strategy(splits, "feature-extraction", model=name, settings=settings)
+            partial.shown.setdefault(name, probes[name][1].backbone_.spec.name)
     seed = settings.get("seed") or 0
     several = {n: probe for n, probe in probes.items() if n is not None}  # all of them when len(names) > 1: --models names each
     ranking = rank_backbones(several, splits, cv, seed) if len(names) > 1 else None
@@ -416,25 +428,123 @@ def compare(
             tracker=tracker,
         )
         notify(base)
-    c = Comparison(
-        data=data_name,
-        model=",".join(shown.get(n, n or "default") for n in names),
-        seed=seed,
-        results=results,
-        curve=curve,
-        baseline=base,
-        configs={r.label: [p.to_dict() for p in r.phases] for r in results},
-        machine=machine_info(),
-        split_sizes=splits.sizes(),
-        versions=library_versions(),
-        seeds=seeds,
-        cv=cv_result,
-        noun=f"{splits.train.noun}s",
-        train_class_counts=list(splits.train.class_counts().values()),
-        ranking=ranking,
-    )
+    c = partial.comparison(results, [], curve=curve, baseline=base, cv=cv_result, ranking=ranking)
     c.extras = report_extras(fitted, c.winner().label, data_name)
     return c
+
+
+def finished_results(saved: dict, options: dict) -> list[StrategyResult]:
+    """The results an interrupted comparison wrote (compare.json's content), checked to be of the same options.
+
+    Raises:
+        UsageError: it was written for other data or options (each difference named with both values), or by a
+            transferkit that did not record its options.
+    """
+    from transferkit.training.checkpoints import fingerprint_diff
+
+    before, now = saved.get("options"), json.loads(json.dumps(options))  # as JSON holds them: tuples are lists
+    if not isinstance(before, dict):
+        raise UsageError(
+            "compare.json does not record its options (written by an older transferkit), so it cannot be "
+            "continued; compare again without --resume."
+        )
+    if before != now:
+        diff = "; ".join(fingerprint_diff(before, now, saved_in="compare.json"))
+        raise UsageError(
+            f"compare.json was written for a different comparison ({diff}). Resume with the same data and "
+            "options, or compare into another --out without --resume."
+        )
+    return [StrategyResult.from_dict(r) for r in saved.get("results") or []]
+
+
+@dataclass
+class Partial:
+    """What a comparison's record needs besides its results; `save` hands the unfinished one to `on_partial`."""
+
+    splits: DataSplits
+    data_name: str
+    names: list[str | None]
+    seeds: int
+    settings: dict
+    options: dict
+    on_partial: Callable[[Comparison], object] | None
+    after: list[str] = field(default_factory=list)  # what runs after the strategies (pending until the end)
+    shown: dict = field(default_factory=dict)  # backbone as given -> the name it goes by
+
+    def comparison(self, results: list[StrategyResult], pending: list[str], **more) -> Comparison:
+        return Comparison(
+            data=self.data_name,
+            model=",".join(self.shown.get(n, n or "default") for n in self.names),
+            seed=self.settings.get("seed") or 0,
+            results=results,
+            configs={r.label: [p.to_dict() for p in r.phases] for r in results},
+            machine=machine_info(),
+            split_sizes=self.splits.sizes(),
+            versions=library_versions(),
+            seeds=self.seeds,
+            noun=f"{self.splits.train.noun}s",
+            train_class_counts=list(self.splits.train.class_counts().values()),
+            pending=pending,
+            options=self.options,
+            **more,
+        )
+
+    def save(self, results: list[StrategyResult], labels: list[str]) -> None:
+        if self.on_partial is not None:
+            complete = {r.label for r in results if len(r.runs) >= self.seeds}
+            self.on_partial(self.comparison(results, [label for label in labels if label not in complete] + self.after))
+
+
+def _steps_after(names: list[str | None], fractions: Sequence[float], baseline: str | None, cv: int | None) -> list[str]:
+    """What compare runs after the strategies, as an unfinished comparison lists it among what is still to run."""
+    steps = {
+        "learning curve": any(f < 1 for f in fractions),
+        "scratch baseline": baseline == "scratch",
+        "backbone ranking": len(names) > 1,
+        "cross-validated probe": cv != 0 and len(names) == 1,
+    }
+    return [step for step, runs in steps.items() if runs]
+
+
+def _run_grid(
+    splits: DataSplits,
+    names: list[str | None],
+    specs: list[str],
+    seeds: int,
+    settings: dict,
+    tracker: Tracker | None,
+    notify,
+    finished: Sequence[StrategyResult],
+    partial: Partial,
+) -> tuple[list[StrategyResult], dict, dict]:
+    """Every backbone x strategy x seed in order, each handed to `partial` as it finishes; seeds in `finished` kept.
+
+    Returns the results, the feature-extraction fits by backbone (the probes) and the classifiers by label."""
+    previous = {r.label: r for r in finished}
+    labels = [f"{name} / {spec}" if len(names) > 1 else spec for name in names for spec in specs]
+    results: list[StrategyResult] = []
+    probes: dict = {}
+    fitted: dict = {}
+    for (name, spec), label in zip(itertools.product(names, specs), labels):
+        result, clf = run_seeds(
+            splits,
+            spec,
+            seeds,
+            model=name,
+            settings=settings,
+            tracker=tracker,
+            label=label,
+            started=previous.get(label),
+            on_seed=lambda r: partial.save([*results, r], labels),
+        )
+        results.append(result)
+        if clf is not None:
+            partial.shown[name] = clf.backbone_.spec.name  # the name it goes by, not the spelling given
+            fitted[label] = clf
+            if spec == "feature-extraction":
+                probes[name] = (result, clf)
+        notify(result)
+    return results, probes, fitted
 
 
 def _learning_curve(
@@ -454,7 +564,7 @@ def _learning_curve(
 def report_extras(fitted: dict, best: str, data_name: str) -> dict | None:
     """The report's mistakes gallery (of the best strategy's first seed) and data doctor (from whichever fit cached
     the features of every split; no extra work), as each fit computed them."""
-    extras = getattr(fitted[best], "report_extras_", None)
+    extras = getattr(fitted.get(best), "report_extras_", None)  # none for a result kept from an interrupted run
     if not extras:
         return None
     doctor = next(

@@ -43,6 +43,27 @@ REQUIRED_FIELDS = {"format_version": int, "backbone": dict, "classes": list, "da
 META_FILE = "transferkit.json"
 # Written into a run directory during the fit, not by the save: kept when the saved run replaces the folder.
 CARRIED = ("checkpoints", "tensorboard", "mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm", "mlartifacts")
+# What a save writes (any modality, any version): the files a later save replaces. Everything else in a run
+# folder (the user's notes, photos, a git repository, exports) is the user's and is never deleted.
+RUN_FILES = (
+    META_FILE,
+    "model.safetensors",
+    "config.json",
+    "README.md",
+    "metrics.json",
+    "history.csv",
+    "report.html",
+    "confusion.png",
+    "curves.png",
+    "doctor.html",
+    "issues.csv",
+    "doctor.json",
+    "encoder",
+    "head.safetensors",
+    "adapter",
+)
+# What `transferkit export` writes into a run: kept too (the user asked for it), with a warning that it holds the old model.
+EXPORTS = ("model.onnx", "model.onnx.json", "model.int8.onnx", "model.int8.onnx.json", "model.torchscript.pt", "model.torchscript.pt.json")
 log = logging.getLogger(__name__)
 
 
@@ -57,30 +78,44 @@ def library_versions() -> dict[str, str]:
     return out | {"python": platform.python_version()}
 
 
-def save_run(out: Path, backbone: Backbone, meta: RunMeta, report_extras: dict | None = None) -> None:
-    """Write a run directory as a unit: built beside `out`, then swapped in; a previous run is replaced whole.
+def save_run(out: Path, backbone: Backbone, meta: RunMeta, report_extras: dict | None = None, *, overwrite: bool = True) -> None:
+    """Write a run directory as a unit: built beside `out`, then swapped in; the user's files in `out` are kept.
 
     Everything (model through the backbone contract, metadata, metrics, history, report; the manifest last)
     is written into a staging folder next to `out`, the fit's checkpoints and experiment logs are hard-linked into it
-    (`CARRIED`), and only
-    then does it replace `out` by two renames. A save cut short (kill -9) leaves `out` as it was (an
-    earlier run, or the checkpoints that `--resume` finishes from) and a staging folder that the next
-    save removes; a reader never sees a new model beside an old manifest or files of two runs mixed.
+    (`CARRIED`), and only then does it replace `out` by two renames, after which every file of the old folder that
+    a save did not write (not in `RUN_FILES` or `CARRIED`: the user's notes, photos, exports) is moved back in. A
+    save cut short (kill -9) leaves `out` as it was (an earlier run, or the checkpoints that `--resume` finishes
+    from) and a staging folder that the next save removes (putting back any user file the cut left there); a
+    reader never sees a new model beside an old manifest or files of two runs mixed. The run folder's lock
+    (:mod:`transferkit.runs.lock`) is held throughout.
+
+    Args:
+        overwrite: replace a finished run in `out`; False refuses (UsageError) and leaves it as it is. The estimator's
+            `save` and the CLI pass False unless asked (``--overwrite``); True here, as a library primitive.
     """
+    from transferkit.runs.lock import run_folder_lock
+
     out = Path(out)
-    check_out_dir(out)
-    _remove_stale_staging(out)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.saving-"))
-    try:
-        _write_run_files(stage, backbone, meta, out.name, report_extras)
-        _link_carried(out, stage)
-        replaced = read_meta_or_none(out)
-        _swap_in(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    with run_folder_lock(out, "save"):
+        check_out_dir(out, overwrite=overwrite)
+        recover_interrupted_save(out)
+        stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.saving-"))
+        try:
+            _write_run_files(stage, backbone, meta, out.name, report_extras)
+            _link_carried(out, stage)
+            replaced = read_meta_or_none(out)
+            _swap_in(stage, out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
     if replaced is not None:
-        log.info("Replaced the previous run in %s (%s, %s).", out, replaced.strategy.spec, replaced.backbone_name)
+        log.info(
+            "Replaced the previous run in %s (%s, %s); files it did not write were kept.",
+            out,
+            replaced.strategy.spec,
+            replaced.backbone_name,
+        )
 
 
 def _write_run_files(stage: Path, backbone: Backbone, meta: RunMeta, name: str, report_extras: dict | None = None) -> None:
@@ -125,17 +160,47 @@ def _swap_in(stage: Path, out: Path) -> None:
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, old / out.name)
         os.replace(stage, out)
+        _keep_users_files(old / out.name, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(stage, out)
 
 
-def _remove_stale_staging(out: Path) -> None:
-    """Staging and replaced folders left beside `out` by a save that was killed."""
-    if out.parent.is_dir():
-        for p in out.parent.glob(f".{out.name}.*-*"):
-            if p.is_dir() and (p.name.startswith(f".{out.name}.saving-") or p.name.startswith(f".{out.name}.old-")):
-                shutil.rmtree(p, ignore_errors=True)
+def _keep_users_files(previous: Path, out: Path) -> None:
+    """Move back into `out` what the replaced folder held that no save wrote (renames: instant, same file system)."""
+    for entry in sorted(previous.iterdir()):
+        if entry.name in RUN_FILES or entry.name in CARRIED or (out / entry.name).exists():
+            continue
+        os.replace(entry, out / entry.name)
+        if entry.name in EXPORTS and not entry.name.endswith(".json"):
+            log.warning(
+                "Kept %s: it was exported from the replaced run, so it holds the old model. Export again "
+                "(transferkit export %s) to match the new one.",
+                out / entry.name,
+                out,
+            )
+
+
+def recover_interrupted_save(out: Path) -> None:
+    """Staging and replaced folders left beside `out` by a save that was killed; what they hold of the user's goes
+    back into `out` (a save killed between its two renames leaves the whole previous folder there: it is put back).
+
+    Call it holding the folder's lock (:func:`transferkit.runs.lock.run_folder_lock`): a save in progress has
+    such folders too."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        if not p.is_dir():
+            continue
+        if p.name.startswith(f".{out.name}.old-"):
+            previous = p / out.name
+            if previous.is_dir() and not out.exists():
+                os.replace(previous, out)
+            elif previous.is_dir():
+                _keep_users_files(previous, out)
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{out.name}.saving-"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_meta_or_none(run_dir: Path) -> RunMeta | None:
@@ -151,8 +216,12 @@ def check_out_dir(path: Path, *, resume: bool = False, overwrite: bool = True) -
 
     Raises:
         RunError: `path` is a file or unwritable, or a non-empty folder that is not a transferkit run.
-        UsageError: (with overwrite=False) it holds an unfinished fit's checkpoint and `resume` was not asked for.
+        UsageError: (with overwrite=False) it holds a finished run, or an unfinished fit's checkpoint, and neither
+            `resume` nor `overwrite` was asked for.
     """
+    from transferkit.errors import UsageError
+    from transferkit.training.checkpoints import checkpoint_position
+
     check_writable_dir(path)
     if not path.is_dir():
         return
@@ -163,18 +232,25 @@ def check_out_dir(path: Path, *, resume: bool = False, overwrite: bool = True) -
             f"{path} is a folder with other files in it ({others[0].name}, ...), not a transferkit run; writing "
             "a run there would mix its files with yours. Choose a new or empty folder with --out."
         )
-    if overwrite or resume or not checkpoint.is_file():
+    if overwrite or resume:
+        return
+    if (path / META_FILE).is_file():
+        old = read_meta_or_none(path)
+        what = f" ({old.strategy.spec}, {old.backbone_name})" if old is not None else ""
+        raise UsageError(
+            f"{path} holds a finished run{what}. Replace it with --overwrite (in Python: save(path, "
+            "overwrite=True); files transferkit did not write stay), or choose another folder with --out."
+        )
+    if not checkpoint.is_file():
         return
     try:
         state = json.loads(checkpoint.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         state = {}
     if state.get("phase") != "done":
-        from transferkit.errors import UsageError
-
         raise UsageError(
-            f"{path} holds an unfinished fit (checkpoint at phase {state.get('phase', '?')}, epoch "
-            f"{state.get('epoch', '?')}). Continue it with --resume, or start over with --overwrite."
+            f"{path} holds an unfinished fit (checkpoint {checkpoint_position(state)}). Continue it with "
+            "--resume, or start over with --overwrite."
         )
 
 

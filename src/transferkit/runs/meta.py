@@ -16,6 +16,7 @@ these records and every layer above reads them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from pathlib import PurePath
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -102,7 +103,7 @@ class RunMeta:
     data: dict[str, Any] = field(default_factory=dict)  # the data summary: source, skipped files, class counts
     metrics: dict[str, Any] = field(default_factory=dict)  # test metrics with intervals, val accuracy, calibration
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
-    settings: dict[str, Any] | None = None  # the estimator's settings a loaded run needs again
+    settings: dict[str, Any] | None = None  # the estimator's settings as given (NOT_RECORDED left out): its parameters on load
     backbone_choice: dict[str, Any] | None = None  # how fit --models chose the backbone
     format_version: int = FORMAT_VERSION
     versions: dict[str, str] | None = None  # the libraries that wrote it (set when saved)
@@ -139,6 +140,17 @@ class RunMeta:
     def calibration(self) -> dict[str, Any] | None:
         return self.metrics.get("calibration")
 
+    def recorded_settings(self, names: set[str]) -> dict[str, Any]:
+        """The estimator parameters among `names` that the run was trained with (`settings`, as given); a run saved
+        before they were recorded gets its requested strategy and its training config (defaults resolved)."""
+        settings = dict(self.settings or {})
+        if "strategy" not in settings:  # an older run recorded only a text run's columns
+            settings |= {k: v for k, v in self.training.items() if k in names}
+            settings["strategy"] = self.strategy.requested or self.strategy.spec
+        if isinstance(settings.get("split"), list):
+            settings["split"] = tuple(settings["split"])  # JSON has no tuples
+        return {k: v for k, v in settings.items() if k in names}
+
     def with_(self, **changes: Any) -> RunMeta:
         """A copy with some fields replaced."""
         return replace(self, **changes)
@@ -160,6 +172,13 @@ class RunMeta:
         values = {k: v for k, v in d.items() if k in known}
         values["strategy"] = StrategyRecord.from_dict(d.get("strategy") or {})
         return cls(**values, extra={k: v for k, v in d.items() if k not in known})
+
+
+def jsonable_setting(value: Any) -> Any:
+    """An estimator setting as `settings` holds it: a path as text, a tuple as a list."""
+    if isinstance(value, PurePath):
+        return str(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _without_none(record: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class ResumeState:
     results: list[dict[str, Any]]  # the finished phases' PhaseResult fields
     notes: dict[str, dict[str, Any]]  # each phase's notes (the PhaseRecord fields beyond its result)
     extend: tuple[int, int] | None = None  # (epochs before, epochs now): resumed with a larger --epochs; never saved
+    phase_epochs: int | None = None  # epochs the running phase is planned for (None in checkpoints written before it)
 
     def to_dict(self) -> dict[str, Any]:
         """What torch.save writes (plain values and tensors, so weights_only=True loads it); not copied."""
@@ -73,7 +74,13 @@ class Checkpoints:
         buf = io.BytesIO()
         torch.save({"fingerprint": self.fingerprint, **state.to_dict()}, buf)
         write_atomic(self.path, buf.getvalue())
-        where = {"phase_index": state.phase_index, "phase": state.phase, "epoch": state.epoch, "trainable_blocks": state.trainable_blocks}
+        where = {
+            "phase_index": state.phase_index,
+            "phase": state.phase,
+            "epoch": state.epoch,
+            "phase_epochs": state.phase_epochs,
+            "trainable_blocks": state.trainable_blocks,
+        }
         write_json(self.folder / "last.json", where)
 
     def read(self) -> ResumeState:
@@ -100,6 +107,17 @@ class Checkpoints:
         return self.path.is_file()
 
 
+def checkpoint_position(state: dict[str, Any]) -> str:
+    """Where a checkpoint stands, in words (`state`: last.json's content, or a ResumeState's fields):
+    "phase finetune, epoch 2 of 5", "before the first epoch of finetune", "after the last phase"."""
+    phase, epoch, of = state.get("phase", "?"), state.get("epoch"), state.get("phase_epochs")
+    if phase == "done":
+        return "after the last phase"
+    if epoch == 0:
+        return f"before the first epoch of {phase}"
+    return f"phase {phase}, epoch {epoch if epoch is not None else '?'}" + (f" of {of}" if of else "")
+
+
 def _more_epochs(saved: dict, now: dict) -> tuple[int, int] | None:
     """(epochs before, epochs now) when the only difference is a larger fine-tuning epoch count, else None.
 
@@ -112,14 +130,14 @@ def _more_epochs(saved: dict, now: dict) -> tuple[int, int] | None:
     return (old, new) if new > old else None
 
 
-def fingerprint_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
+def fingerprint_diff(saved: dict, now: dict, prefix: str = "", *, saved_in: str = "the checkpoint") -> list[str]:
     """Each setting that differs, with both values: "epochs: 3 in the checkpoint, 5 now"."""
     out = []
     for key in dict.fromkeys([*saved, *now]):
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += fingerprint_diff(a, b, f"{prefix}{key}.")
+            out += fingerprint_diff(a, b, f"{prefix}{key}.", saved_in=saved_in)
         elif a != b:
             name = "the data (its files or their contents)" if key == "data" else f"{prefix}{key}"
-            out.append(f"{name}: {a!r} in the checkpoint, {b!r} now" if key != "data" else f"{name} changed")
+            out.append(f"{name}: {a!r} in {saved_in}, {b!r} now" if key != "data" else f"{name} changed")
     return out

@@ -27,7 +27,7 @@ from transferkit.cache.pixels import decode_once
 from transferkit.data.examples import DataSplits
 from transferkit.errors import RunError, UsageError
 from transferkit.inference.extraction import Cut, predict_logits, prefix_cut
-from transferkit.training.checkpoints import Checkpoints, ResumeState
+from transferkit.training.checkpoints import Checkpoints, ResumeState, checkpoint_position
 from transferkit.training.config import FINETUNE_LR, HEAD_LR, TrainConfig
 from transferkit.training.loop import Hooks, PhaseResult, PhaseSpec, run_phase
 from transferkit.training.probe import fit_linear_probe
@@ -174,6 +174,8 @@ class Trainer:
         state = self.checkpoints.read() if resume and self.checkpoints else None
         if state is not None and state.extend is not None:
             state = self._reopen_last_phase(state, phases)
+        if state is not None and self.checkpoints is not None:
+            log.info("Resuming from checkpoint %s: %s.", self.checkpoints.path, _resume_position(state, phases))
         results: list[PhaseResult] = []
         for i, phase in enumerate(phases):
             if state is not None and i < state.phase_index:
@@ -194,6 +196,7 @@ class Trainer:
                 results,
                 None,
                 final_loop=self._last_loop if i + 1 == len(phases) else None,
+                phase_epochs=None if i + 1 == len(phases) else phases[i + 1].epochs,
             )
         if state is not None:  # every phase had finished before the interruption
             self._restore_model(state.model)
@@ -244,7 +247,13 @@ class Trainer:
         self.bb.model.load_state_dict(state)
 
     def _checkpoint(
-        self, phase_index: int, phase_name: str, results: list[PhaseResult], loop: dict | None, final_loop: dict | None = None
+        self,
+        phase_index: int,
+        phase_name: str,
+        results: list[PhaseResult],
+        loop: dict | None,
+        final_loop: dict | None = None,
+        phase_epochs: int | None = None,
     ) -> None:
         """`final_loop`: the last phase's last epoch, kept in the finished checkpoint so `--epochs` can extend it."""
         if self.checkpoints is None:
@@ -259,6 +268,7 @@ class Trainer:
                 loop=loop,
                 model=self.bb.model.state_dict() if loop is None else None,
                 final_loop=final_loop,
+                phase_epochs=phase_epochs,
                 results=[vars(r) for r in results],
                 notes=self.phase_notes,
             )
@@ -336,7 +346,7 @@ class Trainer:
 
         def epoch_end(loop: dict) -> None:
             self._last_loop = loop
-            self._checkpoint(index, phase.name, done, loop)
+            self._checkpoint(index, phase.name, done, loop, phase_epochs=phase.epochs)
             self.on_epochs(loop["history"])
 
         hooks = Hooks(
@@ -428,6 +438,15 @@ class Trainer:
                 return head(torch.from_numpy(self.features(split))).numpy()
         logits, _ = predict_logits(self.bb.model, self.example_loader(split, False), self.device, self.dtype, engine=self.cfg.engine)
         return distributed.gather_rows(logits)  # each process predicted its shard
+
+
+def _resume_position(state: ResumeState, phases: list[Phase]) -> str:
+    """Where a resumed fit continues: "phase finetune, epoch 2 of 5", "before the first epoch of finetune", ..."""
+    running = phases[state.phase_index] if state.phase_index < len(phases) else None
+    epoch = (state.loop or {}).get("epoch", state.epoch) if state.loop is not None else 0
+    return checkpoint_position(
+        {"phase": running.name if running else "done", "epoch": epoch, "phase_epochs": running.epochs if running else None}
+    )
 
 
 def _gb(n_bytes: int) -> str:
