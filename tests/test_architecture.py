@@ -48,10 +48,10 @@ def test_the_imports_form_a_dag():
         state[node] = 1
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep) :] + [dep] if dep in path else [node, dep]
+                cycle = [*path[path.index(dep) :], dep] if dep in path else [node, dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
-                visit(dep, path + [dep])
+                visit(dep, [*path, dep])
         state[node] = 2
 
     for name in graph:
@@ -144,6 +144,7 @@ def test_modules_and_functions_stay_small():
     assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
 
 
+@pytest.mark.subprocess
 def test_import_transferkit_loads_no_torch_and_names_load_lazily():
     code = (
         "import sys, transferkit\nassert 'torch' not in sys.modules, 'import transferkit loaded torch'\n"
