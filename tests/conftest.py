@@ -1,11 +1,19 @@
-"""Shared fixtures: an isolated cache, generated image folders, a CLI runner."""
+"""Shared fixtures: an isolated cache, generated image folders, the CLI in-process and in a subprocess, and the
+session's shared runs (a digits probe, a tiny fine-tune with its checkpoint, the colours run), fitted once each.
+
+A test that only reads a shared run uses it as it is; a test that changes one works on a copy (`copy_run`).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import traceback
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,21 +61,6 @@ def write_folder(root: Path, per_class: int = 12, seed: int = 0) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def colours_run(tmp_path_factory) -> tuple[Path, Path]:
-    """A real feature-extraction run of the built-in backbone on the generated colours (64 px): (run dir, image folder).
-
-    Shared by the modules that read a run; a test that writes into a run works on a copy (or, as the export tests do,
-    only adds export files beside the model).
-    """
-    from transferkit import ImageClassifier
-
-    root = tmp_path_factory.mktemp("colours-run")
-    images = write_folder(root / "colours")
-    clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=64, progress=False).fit(images)
-    return clf.save(root / "run"), images
-
-
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_folder(tmp_path / "colours")
@@ -88,6 +81,111 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict |
     return proc
 
 
+def invoke_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a `transferkit` command in this process with typer's CliRunner, as `run_cli` runs it in a subprocess.
+
+    The same parsing, error rendering (`handles_errors`) and exit status as the console script, without paying a new
+    interpreter's torch and timm import. It answers as `run_cli` does (returncode, stdout, stderr); an exception that
+    escaped the command's own error handling is appended to stderr as the traceback the console script would print,
+    so `"Traceback" not in proc.stderr` means the same in both. `env` is set only while the command runs; a variable
+    a library reads once at import (HF_HUB_OFFLINE, HF_ENDPOINT) needs `run_cli`.
+    """
+    from typer.testing import CliRunner
+
+    from transferkit.cli.app import app
+
+    # What a command changes for its process (the log handler, warning filters, variables it sets by default, the
+    # working directory) is put back, so a session fixture that calls the CLI leaves the tests after it as they were.
+    logger = logging.getLogger("transferkit")
+    saved_logger, saved_env, here = (logger.handlers[:], logger.level, logger.propagate), dict(os.environ), Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        with warnings.catch_warnings():
+            result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200", **(env or {})})
+    finally:
+        os.chdir(here)
+        logger.handlers[:], logger.level, logger.propagate = saved_logger
+        os.environ.clear()
+        os.environ.update(saved_env)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    proc = subprocess.CompletedProcess(["transferkit", *args], result.exit_code, result.stdout, stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"transferkit {' '.join(args)} exited {proc.returncode} (in-process)\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """A copy of a shared run for a test that writes into it (resumes, extends, exports), so the session's stays as fitted."""
+    return Path(shutil.copytree(run, to))
+
+
+# --------------------------------------------------------------------------- the session's shared runs
+
+
+@pytest.fixture(scope="session")
+def colours_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A real feature-extraction run of the built-in backbone on the generated colours (64 px): (run dir, image folder).
+
+    Shared by the modules that read a run; a test that writes into a run works on a copy (or, as the export tests do,
+    only adds export files beside the model).
+    """
+    from transferkit import ImageClassifier
+
+    root = tmp_path_factory.mktemp("colours-run")
+    images = write_folder(root / "colours")
+    clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=64, progress=False).fit(images)
+    return clf.save(root / "run"), images
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """A run the CLI fitted: its folder, the command's arguments (without --out) and answer, and the feature cache it filled."""
+
+    out: Path
+    args: tuple[str, ...]
+    proc: subprocess.CompletedProcess
+    cache: Path
+    data: Path | None = None
+
+
+# The digits demo's probe at its own small size (64 px; at 32 px the probe falls below 90%), in fp32 on every CPU.
+DIGITS_PROBE = ("digits", "--strategy", "feature-extraction", "--precision", "fp32", "-q")
+
+
+@pytest.fixture(scope="session")
+def digits_probe_run(tmp_path_factory) -> CliRun:
+    """`transferkit fit digits` as a feature-extraction probe (64 px, fp32), in-process, with a feature cache of its own.
+
+    Its own cache makes its extraction a certain miss whichever test ran first; a test that must hit it sets
+    TRANSFERKIT_CACHE to `cache`.
+    """
+    root = tmp_path_factory.mktemp("digits-probe")
+    args = ("fit", *DIGITS_PROBE)
+    proc = invoke_cli(*args, "--out", str(root / "run"), env={"TRANSFERKIT_CACHE": str(root / "cache")})
+    return CliRun(root / "run", args, proc, root / "cache")
+
+
+# A fine-tune of the top block for 3 epochs on 48 generated images at 32 px: a checkpoint in seconds.
+FINETUNE = ("--strategy", "finetune:last=1", "--epochs", "3", "--image-size", "32", "--precision", "fp32", "--batch-size", "8", "-q")
+
+
+@pytest.fixture(scope="session")
+def finetune_run(tmp_path_factory) -> CliRun:
+    """`transferkit fit COLOURS --strategy finetune:last=1 --epochs 3` in-process: a finished run with its checkpoint.
+
+    What an interrupted fit of the same data and options must equal once resumed; resume and extension tests work on
+    a copy of it (`copy_run`). `args` without `--out`, `data` the image folder (16 per class).
+    """
+    root = tmp_path_factory.mktemp("finetune-run")
+    data = write_folder(root / "colours", per_class=16)
+    args = ("fit", str(data), *FINETUNE)
+    proc = invoke_cli(*args, "--out", str(root / "run"))
+    return CliRun(root / "run", args, proc, Path(os.environ["TRANSFERKIT_CACHE"]), data)
+
+
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu")  # Debian's chromium as root in a container
 
 
@@ -103,8 +201,6 @@ def chromium_path() -> str:
 @pytest.fixture(autouse=True)
 def library_logging():
     """An in-process CLI call attaches its handler to the 'transferkit' logger; each test starts from the default."""
-    import logging
-
     logger = logging.getLogger("transferkit")
     saved = logger.handlers[:], logger.level, logger.propagate
     yield

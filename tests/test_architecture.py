@@ -144,6 +144,7 @@ def test_modules_and_functions_stay_small():
     assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
 
 
+@pytest.mark.subprocess
 def test_import_transferkit_loads_no_torch_and_names_load_lazily():
     code = (
         "import sys, transferkit\nassert 'torch' not in sys.modules, 'import transferkit loaded torch'\n"

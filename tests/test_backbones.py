@@ -72,7 +72,7 @@ def test_blocks_follow_timm_group_matcher_for_other_families(arch):
 
 
 def test_unknown_model_suggests_close_names():
-    with pytest.raises(UsageError, match="Did you mean.*resnet50"):
+    with pytest.raises(UsageError, match=r"Did you mean.*resnet50"):
         load_backbone("resnet5O")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_folder
+from conftest import invoke_cli, run_cli, write_folder
 from text_fixtures import topic_sentences, write_text_csv
 
 
@@ -54,11 +54,11 @@ CORPUS = [  # (arguments with {p} for the protected folder, words the message mu
 ]
 
 
-@pytest.mark.parametrize("args,words", CORPUS, ids=[" ".join(a).replace("{p}/", "") for a, _ in CORPUS])
+@pytest.mark.parametrize(("args", "words"), CORPUS, ids=[" ".join(a).replace("{p}/", "") for a, _ in CORPUS])
 def test_bad_commands_fail_clearly_and_touch_nothing(protected, tmp_path, args, words):
     before = snapshot(protected)
     quiet = ["-q"] if args[0] in ("fit", "compare") else []
-    proc = run_cli(*[a.format(p=protected) for a in args], *quiet, cwd=tmp_path, check=False)
+    proc = invoke_cli(*[a.format(p=protected) for a in args], *quiet, cwd=tmp_path, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode in (1, 2), output
     assert "Traceback" not in output
@@ -76,8 +76,9 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # nothing listens there once the socket closes
 
 
+@pytest.mark.subprocess  # huggingface_hub reads HF_HUB_OFFLINE and HF_ENDPOINT once, when imported
 @pytest.mark.parametrize("how", ["unreachable", "HF_HUB_OFFLINE"])
-@pytest.mark.parametrize("model,data", [("resnet18", "images"), ("bert-base-uncased", "texts.csv")])
+@pytest.mark.parametrize(("model", "data"), [("resnet18", "images"), ("bert-base-uncased", "texts.csv")])
 def test_a_hub_model_without_network_fails_at_once_and_says_what_to_do(protected, tmp_path, how, model, data):
     """No hub, no cached copy: one clear line naming the cause and the offline choices, without the retries.
 

@@ -45,6 +45,7 @@ def compute_together(root: str, out: str, barrier) -> None:
     Path(out).with_suffix(".json").write_text(json.dumps({"hit": hit}))
 
 
+@pytest.mark.subprocess
 def test_two_processes_computing_the_same_features_share_one_entry(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)

@@ -15,12 +15,10 @@ from transferkit.stats.metrics import softmax
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cal") / "run"
-    splits = load_data("digits", seed=0)
-    clf = ImageClassifier(strategy="feature-extraction", image_size=32, precision="fp32").fit(splits)
-    clf.save(out)
-    return clf, splits, out
+def fitted(digits_probe_run):
+    """The session's digits probe, loaded as predict loads it (fp32), and the splits it was fitted on."""
+    out = digits_probe_run.out
+    return ImageClassifier.load(out, precision="fp32"), load_data("digits", seed=0), out
 
 
 def test_the_temperature_is_fitted_on_validation_and_folded_into_the_head(fitted):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from conftest import run_cli, write_folder
+from conftest import invoke_cli, write_folder
 from transferkit import ImageClassifier, TextClassifier, UsageError, load_classifier
 from transferkit.classifier import FITTED
 
@@ -45,7 +45,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(features, "extract_features", refuse)
 
 
-@pytest.mark.parametrize("cls,name,value,words", BAD_SETTINGS, ids=[f"{c.__name__}-{n}={v}" for c, n, v, _ in BAD_SETTINGS])
+@pytest.mark.parametrize(("cls", "name", "value", "words"), BAD_SETTINGS, ids=[f"{c.__name__}-{n}={v}" for c, n, v, _ in BAD_SETTINGS])
 def test_every_bad_setting_is_refused_before_any_work(no_work, cls, name, value, words):
     with pytest.raises(UsageError) as info:
         cls(**{name: value}).fit("digits" if cls is ImageClassifier else "texts.csv")
@@ -54,7 +54,7 @@ def test_every_bad_setting_is_refused_before_any_work(no_work, cls, name, value,
 
 
 @pytest.mark.parametrize(
-    "cls,name,value,words",
+    ("cls", "name", "value", "words"),
     [
         (ImageClassifier, "epoch", 3, ["unknown setting 'epoch'", "Did you mean: epochs"]),
         (TextClassifier, "image_size", 64, ["image_size only applies to images"]),
@@ -130,8 +130,8 @@ def without_volatile(meta: dict) -> dict:
 def test_an_option_given_with_its_default_value_behaves_like_an_omitted_one(tmp_path):
     root = write_folder(tmp_path / "c", per_class=6)
     base = ["fit", str(root), "--strategy", "feature-extraction", "--image-size", "32", "-q", "--no-cache"]
-    run_cli(*base, "--out", str(tmp_path / "omitted"))
-    run_cli(
+    invoke_cli(*base, "--out", str(tmp_path / "omitted"))
+    invoke_cli(
         *base,
         "--out",
         str(tmp_path / "explicit"),
@@ -163,9 +163,9 @@ def test_an_option_given_with_its_default_value_behaves_like_an_omitted_one(tmp_
 
 
 def test_inspect_and_models_cover_text_backbones():
-    info = json.loads(run_cli("inspect", "minilm", "--json").stdout)
+    info = json.loads(invoke_cli("inspect", "minilm", "--json").stdout)
     assert info["modality"] == "text" and info["feature_dim"] == 384 and len(info["blocks"]) == 7
-    listing = run_cli("models", "mini").stdout
+    listing = invoke_cli("models", "mini").stdout
     assert "minilm" in listing and "Built-in text backbones" in listing
 
 

@@ -1,4 +1,5 @@
-"""End-to-end through the real `transferkit` command in a subprocess."""
+"""End to end through the `transferkit` command: in-process with typer's CliRunner (the same parsing, messages and exit
+status), and the console script itself in a subprocess where only a new process shows the behaviour."""
 
 import json
 
@@ -9,16 +10,16 @@ import torch
 from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 from transferkit import ImageClassifier
 from transferkit.data import load_data
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "d"
-    first = run_cli("fit", "digits", "--strategy", "feature-extraction", "--out", str(out), "-q")
-    return out, first
+@pytest.fixture
+def digits_run(digits_probe_run, monkeypatch):
+    """The session's digits probe (64 px, fp32), with its feature cache as this test's."""
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(digits_probe_run.cache))
+    return digits_probe_run.out, digits_probe_run.proc
 
 
 def sklearn_reference(run_dir) -> float:
@@ -36,7 +37,7 @@ def sklearn_reference(run_dir) -> float:
     bb.configure_input(None, splits.train.preprocess_hint)
     assert bb.data_config == clf.data_config_
     trainer = Trainer(
-        bb, splits, TrainConfig(), device=device, precision=Precision(resolve_precision("auto", device), None), cache=FeatureCache.default()
+        bb, splits, TrainConfig(), device=device, precision=Precision(resolve_precision("fp32", device), None), cache=FeatureCache.default()
     )
     f = {s: trainer.features(s) for s in ("train", "val", "test")}
     assert set(trainer.cache_hits.values()) == {"hit"}  # the reference reads the very same cached features
@@ -47,6 +48,7 @@ def sklearn_reference(run_dir) -> float:
     return best.score(f["test"], splits.test.labels)
 
 
+@pytest.mark.slow  # the reference: 13 scikit-learn fits on 1,280 features
 def test_fit_digits_feature_extraction_matches_sklearn_probe(digits_run):
     out, proc = digits_run
     meta = json.loads((out / "transferkit.json").read_text())
@@ -63,9 +65,9 @@ def test_fit_digits_feature_extraction_matches_sklearn_probe(digits_run):
         assert (out / name).is_file()
 
 
-def test_second_fit_reuses_the_feature_cache(digits_run, tmp_path):
+def test_second_fit_reuses_the_feature_cache(digits_run, digits_probe_run, tmp_path):
     out, _ = digits_run
-    again = run_cli("fit", "digits", "--strategy", "feature-extraction", "--out", str(tmp_path / "d2"), "-q")
+    again = invoke_cli(*digits_probe_run.args, "--out", str(tmp_path / "d2"))
     meta = json.loads((tmp_path / "d2" / "transferkit.json").read_text())
     assert {k: v for k, v in meta["feature_cache"].items() if k != "engine"} == {"train": "hit", "val": "hit", "test": "hit"}
     assert meta["feature_cache"]["engine"].startswith("torch ")  # the default engine, with its precision
@@ -90,43 +92,42 @@ def test_run_directory_loads_in_plain_timm_with_same_logits(digits_run):
     np.testing.assert_allclose(ours, plain, atol=1e-4, rtol=1e-4)
 
 
-def test_predict_and_evaluate_on_generated_folder(image_folder, tmp_path):
-    out = tmp_path / "run"
-    run_cli("fit", str(image_folder), "--out", str(out), "--image-size", "64", "-q")
+def test_predict_and_evaluate_on_generated_folder(colours_run):
+    out, image_folder = colours_run
     files = sorted(str(p) for p in (image_folder / "red").iterdir())[:3]
-    table = run_cli("predict", str(out), *files)
+    table = invoke_cli("predict", str(out), *files)
     assert "red" in table.stdout and "probability" in table.stdout
-    proc = run_cli("predict", str(out), *files, "--json", "--top-k", "2")
+    proc = invoke_cli("predict", str(out), *files, "--json", "--top-k", "2")
     rows = json.loads(proc.stdout)
     assert [r["file"] for r in rows] == files
     assert all(len(r["predictions"]) == 2 for r in rows)
     assert sum(r["predictions"][0]["label"] == "red" for r in rows) >= 2
     assert all(0 <= p["probability"] <= 1 for r in rows for p in r["predictions"])
-    result = json.loads(run_cli("evaluate", str(out), str(image_folder), "--json").stdout)
+    result = json.loads(invoke_cli("evaluate", str(out), str(image_folder), "--json").stdout)
     assert result["n"] == 36 and result["accuracy"] > 0.8
 
 
 def test_usage_errors_exit_2_and_name_the_fix(tmp_path):
-    proc = run_cli("fit", "digits", "--strategy", "finetune:lst=2", "--out", str(tmp_path / "x"), check=False)
+    proc = invoke_cli("fit", "digits", "--strategy", "finetune:lst=2", "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and "finetune:last=N" in proc.stderr
-    proc = run_cli("fit", "digits", "--model", "resnet5O", "--out", str(tmp_path / "x"), check=False)
+    proc = invoke_cli("fit", "digits", "--model", "resnet5O", "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and "Did you mean" in proc.stderr
-    proc = run_cli("fit", "no/such/folder", "--out", str(tmp_path / "x"), check=False)
+    proc = invoke_cli("fit", "no/such/folder", "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 1 and "no/such/folder does not exist" in proc.stderr
-    proc = run_cli("predict", str(tmp_path / "nothing"), "a.png", check=False)
+    proc = invoke_cli("predict", str(tmp_path / "nothing"), "a.png", check=False)
     assert proc.returncode == 1 and "not a finished transferkit run" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_help_and_inspect():
-    assert "feature-extraction" in run_cli("fit", "--help").stdout
-    info = json.loads(run_cli("inspect", "builtin:efficientnet_lite0", "--json").stdout)
+    assert "feature-extraction" in invoke_cli("fit", "--help").stdout
+    info = json.loads(invoke_cli("inspect", "builtin:efficientnet_lite0", "--json").stdout)
     assert info["feature_dim"] == 1280 and len(info["blocks"]) == 8
-    assert "builtin:efficientnet_lite0" in run_cli("models", "lite0").stdout
+    assert "builtin:efficientnet_lite0" in invoke_cli("models", "lite0").stdout
 
 
 def test_models_lists_the_three_builtins_and_a_recommended_table_with_sources():
-    listed = run_cli("models", "efficientnet_lite*").stdout
+    listed = invoke_cli("models", "efficientnet_lite*").stdout
     builtins = listed.split("Built-in text")[0]
     assert [n for n in ("builtin:efficientnet_lite0", "builtin:efficientnet_lite1", "builtin:efficientnet_lite2") if n in builtins] == [
         "builtin:efficientnet_lite0",
@@ -134,7 +135,7 @@ def test_models_lists_the_three_builtins_and_a_recommended_table_with_sources():
         "builtin:efficientnet_lite2",
     ]
     assert "240 px" in builtins and "260 px" in builtins
-    proc = run_cli("models", "--recommended", env={"HF_HUB_OFFLINE": "1"})  # offline: it downloads nothing
+    proc = invoke_cli("models", "--recommended", env={"HF_HUB_OFFLINE": "1"})  # offline: it downloads nothing
     text = proc.stdout
     from transferkit.backbones.recommended import RECOMMENDED
 
@@ -144,7 +145,9 @@ def test_models_lists_the_three_builtins_and_a_recommended_table_with_sources():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_legacy_model_name_is_said_once_in_the_cli():
+    """A new process (the console script itself): the legacy name is said once per process."""
     proc = run_cli("inspect", "efficientnet_lite0", "--json")
     assert json.loads(proc.stdout)["name"] == "builtin:efficientnet_lite0"
     assert proc.stderr.count("now names the built-in for compatibility") == 1, proc.stderr

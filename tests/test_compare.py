@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CHROMIUM_FLAGS, chromium_path, run_cli, write_folder
+from conftest import CHROMIUM_FLAGS, chromium_path, invoke_cli, write_folder
 from transferkit import ImageClassifier
 from transferkit.compare.run import compare
 from transferkit.data import DataSplits, load_data, subsample_per_class
@@ -19,7 +19,7 @@ from transferkit.training.strategies import AUTO_CANDIDATE, Strategy, decide_aft
 def tiny_compare(tmp_path_factory):
     root = tmp_path_factory.mktemp("cmp")
     data = write_folder(root / "colours", per_class=10)
-    proc = run_cli(
+    proc = invoke_cli(
         "compare",
         str(data),
         "--strategies",
@@ -68,6 +68,7 @@ def test_report_html_is_self_contained(tiny_compare):
     assert page.count("data:image/png;base64,") >= 3  # accuracy-vs-time + one confusion matrix per strategy
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium(tiny_compare, tmp_path):
     out, _ = tiny_compare
     browser = chromium_path()
@@ -87,7 +88,7 @@ def test_report_renders_in_headless_chromium(tiny_compare, tmp_path):
 
 
 def test_fit_writes_its_own_report(image_folder, tmp_path):
-    run_cli("fit", str(image_folder), "--strategy", "feature-extraction", "--image-size", "32", "--out", str(tmp_path / "r"), "-q")
+    invoke_cli("fit", str(image_folder), "--strategy", "feature-extraction", "--image-size", "32", "--out", str(tmp_path / "r"), "-q")
     for name in ("report.html", "confusion.png", "curves.png"):
         assert (tmp_path / "r" / name).stat().st_size > 1000
     assert Image.open(tmp_path / "r" / "confusion.png").size[0] > 100
@@ -128,6 +129,7 @@ def _within(auto: ImageClassifier, results) -> tuple[float, float]:
     return auto.metrics_["test"]["accuracy"], best
 
 
+@pytest.mark.slow
 def test_fine_tuning_beats_feature_extraction_on_digits_and_auto_matches_the_best(digits, tmp_path):
     c = compare(
         digits,
@@ -159,6 +161,7 @@ def test_fine_tuning_beats_feature_extraction_on_digits_and_auto_matches_the_bes
     assert meta["strategy"]["auto"]["measurements"]["probe_val_acc"] > 0.9
 
 
+@pytest.mark.slow
 def test_small_data_fine_tuning_does_not_collapse_and_auto_matches_the_best(digits):
     small = DataSplits(subsample_per_class(digits.train, 10, 0), digits.val, digits.test, digits.summary)
     assert len(small.train) == 100

@@ -4,7 +4,9 @@ Each kill test runs the real CLI in a subprocess (its own session, so the whole
 process group, DataLoader workers included, dies as in a power cut) and checks
 what is left on disk: no half-written cache entry is ever used, a run directory
 never holds a half-written model or manifest, and finishing (a re-run or
-``--resume``) gives exactly the metrics of a run that was never interrupted.
+``--resume``, in a new process after a kill during training, in-process after
+the others) gives exactly the metrics of the session's run that was never
+interrupted (conftest's `finetune_run`).
 Polling waits for files, never for a guessed time, so slow machines only make
 the tests slower.
 """
@@ -24,13 +26,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_folder
+from conftest import FINETUNE, invoke_cli, write_folder
 from transferkit import ImageClassifier
 from transferkit.cache.features import FeatureCache
 from transferkit.data import load_data
 
 TIMEOUT = 300  # seconds for any one wait; generous for 2 shared CPU cores
-FIT = ["--epochs", "3", "--image-size", "32", "--precision", "fp32", "--batch-size", "8", "-q"]
+FIT = list(FINETUNE[2:])  # the options of the session's fine-tune run after its --strategy: 3 epochs at 32 px, fp32
 
 # Runs the CLI with os.replace pausing before it renames a file called argv[1] into place:
 # the temporary file is complete (written and fsynced), the final name not yet there.
@@ -56,8 +58,9 @@ def env(cache: Path | None = None) -> dict:
     return {**os.environ, "COLUMNS": "200", **({"TRANSFERKIT_CACHE": str(cache)} if cache else {})}
 
 
-def cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, env=env(cache), timeout=600)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The console script in a new process: a resume after a kill, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, env=env(), timeout=600)
 
 
 def start(argv: list[str], cache: Path | None = None) -> subprocess.Popen:
@@ -96,22 +99,24 @@ def assert_no_half_written_run(run: Path) -> None:
         json.loads((run / "transferkit.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def colours(tmp_path_factory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("crash") / "colours", per_class=16)
+@pytest.fixture
+def colours(finetune_run) -> Path:
+    """The session's fine-tune data: 16 generated images per class."""
+    return finetune_run.data
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(colours, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("full") / "run"
-    proc = cli("fit", str(colours), "--strategy", "finetune:last=1", "--out", str(out), *FIT)
-    assert proc.returncode == 0, proc.stderr
-    return out
+@pytest.fixture
+def uninterrupted(finetune_run) -> Path:
+    """The session's run of `fit COLOURS --strategy finetune:last=1` with these options (FIT), never interrupted."""
+    assert list(finetune_run.args[2:]) == ["--strategy", "finetune:last=1", *FIT]
+    return finetune_run.out
 
 
 # ---------------------------------------------------------------- feature extraction
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_kill_during_feature_extraction_leaves_no_usable_half_entry(tmp_path):
     data = write_folder(tmp_path / "many", per_class=120)  # 252 train images: extraction takes seconds
     cache = tmp_path / "cache"
@@ -131,11 +136,11 @@ def test_kill_during_feature_extraction_leaves_no_usable_half_entry(tmp_path):
         half.rename(features / key)
     assert FeatureCache(features).load(key) is None and not (features / key).exists()
 
-    again = cli(*args, "--out", str(tmp_path / "again"), cache=cache)
+    again = invoke_cli(*args, "--out", str(tmp_path / "again"), env={"TRANSFERKIT_CACHE": str(cache)}, check=False)
     assert again.returncode == 0, again.stderr
     assert "train miss" in again.stdout
     assert not list(features.glob(".tmp-*")), "the dead process's temporary folders are cleaned up"
-    clean = cli(*args, "--out", str(tmp_path / "clean"), cache=tmp_path / "fresh-cache")
+    clean = invoke_cli(*args, "--out", str(tmp_path / "clean"), env={"TRANSFERKIT_CACHE": str(tmp_path / "fresh-cache")}, check=False)
     assert clean.returncode == 0, clean.stderr
     assert result(tmp_path / "again") == result(tmp_path / "clean")
     assert not (tmp_path / "cut" / "transferkit.json").exists()
@@ -144,6 +149,8 @@ def test_kill_during_feature_extraction_leaves_no_usable_half_entry(tmp_path):
 # ---------------------------------------------------------------- training
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_kill_during_training_then_resume_equals_an_uninterrupted_run(colours, uninterrupted, tmp_path):
     out = tmp_path / "cut"
     argv = [sys.executable, "-m", "transferkit", "fit", str(colours), "--strategy", "finetune:last=1", "--out", str(out), *FIT]
@@ -170,6 +177,8 @@ def test_kill_during_training_then_resume_equals_an_uninterrupted_run(colours, u
 # ---------------------------------------------------------------- final save
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["model.safetensors", "transferkit.json"])
 def test_kill_during_final_save_then_resume_only_saves(colours, uninterrupted, tmp_path, target):
     out, marker = tmp_path / "cut", tmp_path / "paused"
@@ -185,20 +194,20 @@ def test_kill_during_final_save_then_resume_only_saves(colours, uninterrupted, t
     done = json.loads((out / "checkpoints" / "last.json").read_text())
     assert done["phase"] == "done"  # all phases finished: only evaluation and the save remain
 
-    predict = cli("predict", str(out), str(next(colours.glob("red/*"))))
+    predict = invoke_cli("predict", str(out), str(next(colours.glob("red/*"))), check=False)
     assert predict.returncode == 1
     assert "not a finished transferkit run" in predict.stderr and "--resume" in predict.stderr
 
     checkpoint = out / "checkpoints" / "last.pt"
     written = checkpoint.stat().st_mtime_ns
-    resumed = cli(*args, "--resume")
+    resumed = invoke_cli(*args, "--resume", check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.stat().st_mtime_ns == written  # nothing trained again
     (metrics, history), (expected, expected_history) = result(out), result(uninterrupted)
     assert metrics == expected, {k: (metrics.get(k), expected.get(k)) for k in expected if metrics.get(k) != expected[k]}
     assert history == expected_history
     assert not list(out.glob(".*.tmp")) and not list(out.parent.glob(f".{out.name}.*"))  # the staging folder is gone
-    assert cli("predict", str(out), str(next(colours.glob("red/*")))).returncode == 0
+    assert invoke_cli("predict", str(out), str(next(colours.glob("red/*"))), check=False).returncode == 0
 
 
 # ---------------------------------------------------------------- determinism
@@ -215,7 +224,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
         ]
 
     assert comparable(a) == comparable(b)
-    wa, wb, wc = (clf.model_.state_dict() for clf in (a, b, c))
+    wa, wb = (clf.model_.state_dict() for clf in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # Another seed trains differently (its epochs' losses); on this easy fixture the probe's weights may still win
     # on validation and be kept (a phase never ends worse than the one before), so the final weights can agree.
@@ -226,6 +235,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
 # ---------------------------------------------------------------- leftovers
 
 
+@pytest.mark.subprocess  # a child process that has exited: a dead writer's pid
 def test_temporary_folders_of_dead_or_old_writers_are_removed(tmp_path):
     from transferkit.cache.features import STALE_TMP_SECONDS, remove_abandoned_tmp_
 
@@ -281,6 +291,8 @@ def interrupt_when(proc: subprocess.Popen, ready, what: str) -> str:
     return err
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ctrl_c_after_an_epoch_prints_one_pasteable_resume_command(colours, tmp_path):
     import shlex
 
@@ -295,6 +307,8 @@ def test_ctrl_c_after_an_epoch_prints_one_pasteable_resume_command(colours, tmp_
     assert "Traceback" not in err
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ctrl_c_before_any_checkpoint_does_not_promise_one(tmp_path):
     data = write_folder(tmp_path / "many", per_class=120)
     cache = tmp_path / "cache"

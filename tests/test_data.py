@@ -49,7 +49,7 @@ def test_image_folder_decodes_messy_files_and_reports_corrupt(tmp_path):
         for i in range(len(images)):
             img = images.load(i)
             assert img.mode == "RGB"
-    with pytest.raises(DataError, match="broken.jpg.*--strict"):
+    with pytest.raises(DataError, match=r"broken\.jpg.*--strict"):
         load_data(root, strict=True)
 
 
@@ -106,7 +106,7 @@ def test_class_too_small_to_split(tmp_path):
     root = write_folder(tmp_path / "d", per_class=5)
     for f in sorted((root / "red").iterdir())[1:]:
         f.unlink()
-    with pytest.raises(DataError, match="Class 'red'.*1 image"):
+    with pytest.raises(DataError, match=r"Class 'red'.*1 image"):
         load_data(root)
 
 
@@ -144,14 +144,14 @@ def test_fit_on_paths_and_labels_scans_and_skips_unreadable_files(tmp_path):
     labels = [p.parent.name for p in paths]
     (root / "red" / "bad.jpg").write_bytes(b"junk")
     clf = ImageClassifier(strategy="feature-extraction", image_size=32, progress=False)
-    clf.fit(paths + [root / "red" / "bad.jpg"], labels + ["red"])
+    clf.fit([*paths, root / "red" / "bad.jpg"], [*labels, "red"])
     assert sum(clf.data_summary_["skipped"].values()) == 1 and sum(clf.metrics_["split_sizes"].values()) == 18
     assert clf.classes_ == ["blue", "green", "red"]
     with pytest.raises(UsageError, match="pair up"):
         ImageClassifier(progress=False).fit(paths, labels[:-1])
 
 
-@pytest.mark.parametrize("val_name,test_name", [("valid", "test"), ("validation", "testing"), ("dev", "test"), ("VAL", "Test")])
+@pytest.mark.parametrize(("val_name", "test_name"), [("valid", "test"), ("validation", "testing"), ("dev", "test"), ("VAL", "Test")])
 def test_common_split_folder_names_are_used_as_given(tmp_path, val_name, test_name):
     for split, n in (("train", 6), (val_name, 3), (test_name, 3)):
         write_folder(tmp_path / "d" / split, per_class=n, seed=len(split))

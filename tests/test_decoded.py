@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, run_cli, write_folder
+from conftest import TINY, invoke_cli, write_folder
 from transferkit import ImageClassifier
 from transferkit.backbones import load_backbone
 from transferkit.cache.features import FeatureCache
@@ -46,7 +46,7 @@ def test_pixels_are_reused_and_rebuilt_when_the_entry_is_damaged(colours, lite0,
     cache = FeatureCache(tmp_path / "cache")
     splits = {"val": (colours.val, "none")}
     decode_once(lite0, splits, cache, 10**9, workers=0, progress=False)
-    again, note = decode_once(lite0, splits, cache, 10**9, workers=0, progress=False)
+    _again, note = decode_once(lite0, splits, cache, 10**9, workers=0, progress=False)
     assert note["val"]["cache"] == "hit"
     entry = cache.path(pixels_key(lite0.data_config, colours.val.identities()))
     with open(entry / "features.npy", "r+b") as f:  # flip bytes in the pixel data: the sha256 no longer matches
@@ -86,6 +86,7 @@ def test_split_transform_takes_the_tensor_steps_off_the_end(lite0):
     assert split_transform(lambda img: img) is None
 
 
+@pytest.mark.slow
 def test_finetune_on_stored_pixels_trains_exactly_as_decoding_each_epoch(colours):
     settings = dict(TINY, strategy="finetune:all", seed=3)
     once = ImageClassifier(**settings).fit(colours)
@@ -103,7 +104,7 @@ def test_finetune_on_stored_pixels_trains_exactly_as_decoding_each_epoch(colours
 def test_cli_records_the_decoded_cache_and_says_when_it_is_refused(tmp_path):
     data = write_folder(tmp_path / "colours", per_class=6)
     out = tmp_path / "run"
-    proc = run_cli(
+    proc = invoke_cli(
         "fit",
         str(data),
         "--strategy",
@@ -118,7 +119,7 @@ def test_cli_records_the_decoded_cache_and_says_when_it_is_refused(tmp_path):
         str(out),
     )
     assert "Decoded-image cache refused" in proc.stderr and "--cache-budget" in proc.stderr
-    ok = run_cli("fit", str(data), "--strategy", "finetune:all", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "run2"))
+    ok = invoke_cli("fit", str(data), "--strategy", "finetune:all", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "run2"))
     assert "Decoded-image cache: train miss, val miss" in ok.stderr and "instead of decoding" in ok.stderr
     note = json.loads((tmp_path / "run2" / "transferkit.json").read_text())["strategy"]["phases"][-1]["decoded_cache"]
     assert note["train"]["used"] and note["val"]["cache"] == "miss"

@@ -122,6 +122,9 @@ def one_process(colours, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_two_processes_fine_tune_like_one_and_only_rank_0_writes(colours, one_process, tmp_path):
     out = tmp_path / "run"
     proc = run(
@@ -142,6 +145,9 @@ def test_two_processes_fine_tune_like_one_and_only_rank_0_writes(colours, one_pr
     assert "Feature cache: train miss, val miss" in proc.stdout  # extracted by both processes into one cache
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_probe_with_two_processes_extracts_the_same_features_into_one_cache(colours, tmp_path):
     args = ["fit", str(colours), "--strategy", "feature-extraction", *FIT]
     two = run([*torchrun(2), *args, "--out", str(tmp_path / "two")], tmp_path / "cache2")
@@ -159,6 +165,9 @@ def test_probe_with_two_processes_extracts_the_same_features_into_one_cache(colo
     assert "Feature cache: train hit, val hit, test hit" in again.stdout  # one process's entries serve two
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process(colours, one_process, tmp_path):
     out, script = tmp_path / "run", tmp_path / "crash_after_epoch_1.py"
     script.write_text(CRASH_AFTER_EPOCH_1)
@@ -181,7 +190,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(colours, one_process, t
 
 def test_the_global_batch_must_split_evenly_over_the_processes():
     assert distributed.local_batch(32, world=4) == 8
-    with pytest.raises(UsageError, match="--batch-size 30 .* 4 processes; use 28 or 32"):
+    with pytest.raises(UsageError, match=r"--batch-size 30 .* 4 processes; use 28 or 32"):
         distributed.local_batch(30, world=4)
 
 
@@ -224,6 +233,8 @@ def test_fit_help_says_how_to_launch_with_torchrun():
     assert "torchrun --nproc_per_node" in result.output and "global batch" in result.output
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_single_process_commands_refuse_torchrun_instead_of_writing_twice(colours, tmp_path):
     out = tmp_path / "cmp"
     proc = subprocess.run(
@@ -238,6 +249,9 @@ def test_single_process_commands_refuse_torchrun_instead_of_writing_twice(colour
     assert not out.exists()
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_text_trains_under_torchrun_like_images(tmp_path):
     """Texts go through the same sharded sampler and extraction: the probe matches one process exactly.
 

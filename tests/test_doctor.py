@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import CHROMIUM_FLAGS, chromium_path, run_cli
+from conftest import CHROMIUM_FLAGS, chromium_path, invoke_cli
 from text_fixtures import topic_sentences, write_text_csv
 from transferkit.data import DataSplits, load_data
 from transferkit.doctor.diagnose import diagnose, split_features
@@ -27,7 +27,7 @@ def with_flips(splits: DataSplits, rate: float, seed: int) -> tuple[DataSplits, 
     """round(rate * n_train) training labels moved to another class (seeded); as benchmarks/doctor_label_flips.py."""
     rng = np.random.default_rng(seed)
     train = splits.train.subset(range(len(splits.train)))
-    flipped = rng.choice(len(train), int(round(rate * len(train))), replace=False)
+    flipped = rng.choice(len(train), round(rate * len(train)), replace=False)
     k = len(splits.classes)
     train.labels = train.labels.copy()
     train.labels[flipped] = (train.labels[flipped] + rng.integers(1, k, len(flipped))) % k
@@ -40,6 +40,7 @@ def flipped_digits():
     return noisy, flipped, diagnose(noisy)
 
 
+@pytest.mark.slow
 def test_five_percent_flips_are_found_with_the_stated_floor(flipped_digits):
     noisy, flipped, d = flipped_digits
     flagged = [(f.split, f.index) for f in d.of_kind("label")]
@@ -54,6 +55,7 @@ def test_five_percent_flips_are_found_with_the_stated_floor(flipped_digits):
     assert scores == sorted(scores, reverse=True)  # the surest first
 
 
+@pytest.mark.slow
 def test_confident_learning_flags_what_cleanlab_flags_on_the_digits_probabilities(flipped_digits):
     cleanlab_filter = pytest.importorskip("cleanlab.filter")  # AGPL-3.0: a test-only reference
     noisy, _, d = flipped_digits
@@ -161,9 +163,10 @@ def test_digits_look_alikes_are_not_reported_as_leakage_only_near_identical_arra
         assert f.score >= d.threshold == 0.98 and f.cosine is not None
 
 
+@pytest.mark.browser
 def test_doctor_cli_writes_the_page_and_the_csv_and_the_page_renders(leaky_folder, tmp_path):
     root, copies = leaky_folder
-    proc = run_cli("doctor", str(root), "--folds", "3", "--precision", "fp32", "--out", str(tmp_path / "doc"), "-q")
+    proc = invoke_cli("doctor", str(root), "--folds", "3", "--precision", "fp32", "--out", str(tmp_path / "doc"), "-q")
     assert "leakage" in proc.stdout and "doctor.html" in proc.stdout
     rows = list(csv.DictReader((tmp_path / "doc" / "issues.csv").open()))
     assert tuple(rows[0]) == CSV_COLUMNS
@@ -240,7 +243,7 @@ def test_bad_settings_are_refused_before_any_data_is_read(kwargs, message):
 
 
 def test_cli_bad_threshold_is_a_clear_usage_error(tmp_path):
-    proc = run_cli("doctor", "digits", "--threshold", "2", "--out", str(tmp_path / "d"), check=False)
+    proc = invoke_cli("doctor", "digits", "--threshold", "2", "--out", str(tmp_path / "d"), check=False)
     assert proc.returncode == 2 and "--threshold" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -273,7 +276,7 @@ def test_mistakes_are_grouped_by_the_most_confused_pairs_and_sorted_by_loss():
 def test_fit_report_holds_the_gallery_and_the_doctor_summary_with_its_link(leaky_folder, tmp_path):
     from transferkit import ImageClassifier
 
-    root, copies = leaky_folder
+    root, _copies = leaky_folder
     clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=32, precision="fp32", progress=False).fit(
         root
     )

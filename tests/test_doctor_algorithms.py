@@ -32,7 +32,7 @@ def noisy_blobs(seed: int, classes: int, n: int, std: float = 2.0, flip: float =
     """Gaussian blobs with `flip` of the labels moved to another class; out-of-sample probabilities from 5-fold CV."""
     features, truth = make_blobs(n_samples=n, centers=classes, n_features=5, cluster_std=std, random_state=seed)
     rng = np.random.default_rng(seed)
-    flipped = rng.choice(n, int(round(flip * n)), replace=False)
+    flipped = rng.choice(n, round(flip * n), replace=False)
     labels = truth.copy()
     labels[flipped] = (truth[flipped] + rng.integers(1, classes, len(flipped))) % classes
     probs = cross_val_predict(LogisticRegression(max_iter=1000), features, labels, cv=5, method="predict_proba")

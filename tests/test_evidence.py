@@ -68,7 +68,7 @@ def nll(logits: np.ndarray, y: np.ndarray) -> float:
 # --------------------------------------------------------------------------- Wilson
 
 
-@pytest.mark.parametrize("successes,n", [(0, 10), (10, 10), (3, 17), (45, 50), (1, 1), (0, 1), (250, 1000)])
+@pytest.mark.parametrize(("successes", "n"), [(0, 10), (10, 10), (3, 17), (45, 50), (1, 1), (0, 1), (250, 1000)])
 @pytest.mark.parametrize("confidence", [0.95, 0.9])
 def test_wilson_matches_statsmodels(successes, n, confidence):
     expected = proportion_confint(successes, n, alpha=1 - confidence, method="wilson")
@@ -292,7 +292,7 @@ def test_fold_temperature_reproduces_scaled_logits():
         assert torch.equal(after.argmax(1), before.argmax(1))
     with pytest.raises(UsageError, match="temperature must be a finite number above 0"):
         fold_temperature_(head, 0.0)
-    with pytest.raises(UsageError, match="linear_head must be a torch.nn.Linear; got Conv2d"):
+    with pytest.raises(UsageError, match=r"linear_head must be a torch\.nn\.Linear; got Conv2d"):
         fold_temperature_(torch.nn.Conv2d(1, 1, 1), 2.0)
 
 
@@ -369,7 +369,7 @@ def test_default_cv_folds_rule():
 
 
 @pytest.mark.parametrize(
-    "a,b,expected",
+    ("a", "b", "expected"),
     [
         (10.0, 95.0, "9.5x faster"),
         (95.0, 10.0, "9.5x slower"),

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import invoke_cli
 from transferkit import ImageClassifier
 from transferkit.errors import ExportError, RunError, UsageError
 from transferkit.export import onnx as ex
@@ -27,7 +27,7 @@ def run(colours_run):
 @pytest.fixture(scope="module")
 def onnx_export(run):
     """`transferkit export RUN` (ONNX by default), through the real command: (model path, stdout)."""
-    proc = run_cli("export", str(run[0]))
+    proc = invoke_cli("export", str(run[0]))
     return run[0] / "model.onnx", proc.stdout
 
 
@@ -158,11 +158,11 @@ def test_export_arguments_are_checked(run, tmp_path):
 def test_predict_on_the_onnx_file_agrees_with_the_run(run, onnx_export):
     run_dir, images = run
     files = [str(p) for c in ("red", "green", "blue") for p in sorted((images / c).iterdir())[:2]]
-    from_run = json.loads(run_cli("predict", str(run_dir), *files, "--json").stdout)
-    from_onnx = json.loads(run_cli("predict", str(onnx_export[0]), *files, "--json").stdout)
+    from_run = json.loads(invoke_cli("predict", str(run_dir), *files, "--json").stdout)
+    from_onnx = json.loads(invoke_cli("predict", str(onnx_export[0]), *files, "--json").stdout)
     assert [r["file"] for r in from_onnx] == files
     assert [r["predictions"][0]["label"] for r in from_onnx] == [r["predictions"][0]["label"] for r in from_run]
-    bad = run_cli("export", str(run_dir), "--format", "tflite", check=False)
+    bad = invoke_cli("export", str(run_dir), "--format", "tflite", check=False)
     assert bad.returncode == 2 and "onnx, torchscript" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -185,7 +185,7 @@ def test_predict_on_a_run_and_on_its_export_agree(run, onnx_export, tmp_path):
     default = ImageClassifier.load(run_dir).predict_proba(files)
     np.testing.assert_allclose(fp32, exported, atol=1e-4)
     np.testing.assert_allclose(default, exported, atol=0.02)
-    cli = json.loads(run_cli("predict", str(run_dir), *map(str, files), "--precision", "fp32", "--json").stdout)
+    cli = json.loads(invoke_cli("predict", str(run_dir), *map(str, files), "--precision", "fp32", "--json").stdout)
     np.testing.assert_allclose([r["predictions"][0]["probability"] for r in cli], fp32.max(1), atol=1e-6)
 
 

@@ -18,7 +18,7 @@ def setup():
 
 
 def test_cache_miss_then_hit_gives_identical_features(setup, tmp_path):
-    bb, images, cfg = setup
+    bb, images, _cfg = setup
     cache = FeatureCache(tmp_path)
     kw = dict(cache=cache, device=torch.device("cpu"), dtype=None, progress=False)
     first, hit1 = cached_features(bb, images, **kw)
@@ -30,7 +30,7 @@ def test_cache_miss_then_hit_gives_identical_features(setup, tmp_path):
 
 
 def test_corrupt_cache_entry_is_detected_and_rebuilt(setup, tmp_path):
-    bb, images, cfg = setup
+    bb, images, _cfg = setup
     cache = FeatureCache(tmp_path)
     kw = dict(cache=cache, device=torch.device("cpu"), dtype=None, progress=False)
     good, _ = cached_features(bb, images, **kw)
@@ -63,7 +63,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_features(setup, caplo
 
     # The CLI, run in-process by other tests, stops transferkit's logger propagating; caplog listens at the root.
     monkeypatch.setattr(logging.getLogger("transferkit"), "propagate", True)
-    bb, images, cfg = setup
+    bb, images, _cfg = setup
     kw = dict(device=torch.device("cpu"), dtype=None, progress=False, batch_size=32, engine="torch")  # CUDA's engine
     expected = extract_features(bb, images, **kw)
     real = bb.features

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.subprocess
 def test_gpu_check_without_cuda_says_so_and_exits_0():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no device visible, on any machine: the CPU-side guard runs
     done = subprocess.run([sys.executable, "gpu_check.py"], cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=120)

@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import invoke_cli
 from hub_server import LoopbackHub
 from transferkit import ImageClassifier
 from transferkit.cli.app import app
@@ -112,7 +113,7 @@ def test_a_run_is_a_backbone_for_the_next_fit(run):
     assert not bb.model.get_classifier().weight.any()  # a new, zeroed head
     with pytest.raises(UsageError, match=f"--model local-dir:{run_dir}"):
         load_backbone(str(run_dir), 3)
-    with pytest.raises(UsageError, match="holds no config.json"):
+    with pytest.raises(UsageError, match=r"holds no config\.json"):
         load_backbone(f"local-dir:{run_dir / 'missing'}", 3)
 
 
@@ -228,6 +229,7 @@ def lite0_repo_files(tmp_path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (tmp_path / "published").iterdir()}
 
 
+@pytest.mark.subprocess
 def test_fit_downloads_from_the_hub_caches_and_works_offline(run, tmp_path):
     run_dir, images = run
     hub = LoopbackHub().start()
@@ -264,6 +266,7 @@ def test_fit_downloads_from_the_hub_caches_and_works_offline(run, tmp_path):
 # --------------------------------------------------------------------------- push
 
 
+@pytest.mark.subprocess
 def test_push_uploads_the_run_and_timm_loads_it_back(run, tmp_path):
     run_dir = shutil.copytree(run[0], tmp_path / "colours")
     for local in ("checkpoints/last.pt", "tensorboard/events.out", "mlflow.db"):  # what a fit leaves that stays local
@@ -321,6 +324,7 @@ def load_back(env: dict, tmp_path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_push_without_a_token_or_with_a_bad_repo_id_says_what_to_do(run, tmp_path):
     proc = cli("push", str(run[0]), "me/colours", env_extra={"HF_HOME": str(tmp_path / "no-login")}, drop=("HF_TOKEN",), check=False)
     assert proc.returncode == 2 and "hf auth login" in proc.stderr and "HF_TOKEN" in proc.stderr
@@ -366,7 +370,7 @@ def test_int8_refuses_a_model_that_loses_accuracy_unless_forced(int8_run, tmp_pa
         for i in range(2):
             Image.new("RGB", (40, 40), (120 + 4 * k + i,) * 3).save(tmp_path / "grey" / name / f"{i}.png")
     target = tmp_path / "grey.onnx"
-    proc = cli("export", str(run_dir), "--int8", "--calibration", str(tmp_path / "grey"), "--out", str(target), check=False)
+    proc = invoke_cli("export", str(run_dir), "--int8", "--calibration", str(tmp_path / "grey"), "--out", str(target), check=False)
     message = proc.stderr.strip()
     print(message)
     assert proc.returncode == 1 and message.count("\n") == 0 and "Traceback" not in message
@@ -376,9 +380,9 @@ def test_int8_refuses_a_model_that_loses_accuracy_unless_forced(int8_run, tmp_pa
     assert forced.drop_points > 1 and forced.forced and target.is_file()
     refused = CliRunner().invoke(app, ["export", str(run_dir), "--int8", "--format", "torchscript"])
     assert refused.exit_code == 2
+    broken = shutil.copytree(run_dir, tmp_path / "moved")
+    meta = json.loads((broken / "transferkit.json").read_text())
+    meta["data"]["source"] = str(tmp_path / "gone")
+    (broken / "transferkit.json").write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="cannot be read again"):
-        broken = shutil.copytree(run_dir, tmp_path / "moved")
-        meta = json.loads((broken / "transferkit.json").read_text())
-        meta["data"]["source"] = str(tmp_path / "gone")
-        (broken / "transferkit.json").write_text(json.dumps(meta))
         quantize_run(broken)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, make_image, run_cli, write_folder
+from conftest import COLOURS, invoke_cli, make_image, write_folder
 from transferkit.data import inspect_image, load_data
 from transferkit.errors import DataError
 
@@ -219,6 +219,6 @@ def test_cli_reports_a_dataset_problem_without_traceback(tmp_path):
     root = write_folder(tmp_path / "d", per_class=4)
     shutil.rmtree(root / "green")
     shutil.rmtree(root / "blue")
-    proc = run_cli("fit", str(root), "--out", str(tmp_path / "run"), "-q", check=False)
+    proc = invoke_cli("fit", str(root), "--out", str(tmp_path / "run"), "-q", check=False)
     assert proc.returncode == 1
     assert "at least two" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout

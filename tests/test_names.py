@@ -72,9 +72,9 @@ def test_timm_efficientnet_lite0_goes_to_the_hub_not_the_builtin(offline_hub, fr
 
 
 def test_a_timm_architecture_without_weights_fails_before_any_download(offline_hub):
-    with pytest.raises(ModelError, match="timm has no pretrained weights for 'efficientnet_lite1'.*'builtin:efficientnet_lite1'"):
+    with pytest.raises(ModelError, match=r"timm has no pretrained weights for 'efficientnet_lite1'.*'builtin:efficientnet_lite1'"):
         load_backbone("efficientnet_lite1", 3)
-    with pytest.raises(UsageError, match="no weights of that tag.*resnet50.a1_in1k"):
+    with pytest.raises(UsageError, match=r"no weights of that tag.*resnet50\.a1_in1k"):
         load_backbone("resnet50.nosuch", 3)
 
 

@@ -121,7 +121,7 @@ def test_converted_model_is_cached_verified_and_rebuilt_when_corrupt(tmp_path, c
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
     x = torch.randn(6, 3, 16, 16)
     with caplog.at_level(logging.INFO, "transferkit.inference.runners"):
-        run, info = frozen_runner(model, (3, 16, 16), device=CPU, precision=None, cache_root=tmp_path)
+        _run, info = frozen_runner(model, (3, 16, 16), device=CPU, precision=None, cache_root=tmp_path)
         (entry,) = [p for p in tmp_path.iterdir()]  # one entry, no temporary folder left
         assert info.name == "openvino" and info.precision == "fp32" and not entry.name.startswith(".tmp")
         caplog.clear()
@@ -180,10 +180,11 @@ def test_the_default_engine_is_auto_unless_the_variable_names_another(monkeypatc
     monkeypatch.setenv("TRANSFERKIT_ENGINE", "torch")
     assert TrainConfig().engine == "torch" and TrainConfig(engine="openvino").engine == "openvino"
     monkeypatch.setenv("TRANSFERKIT_ENGINE", "openvno")
-    with pytest.raises(UsageError, match="TRANSFERKIT_ENGINE='openvno' is not an engine.*openvino"):
+    with pytest.raises(UsageError, match=r"TRANSFERKIT_ENGINE='openvno' is not an engine.*openvino"):
         TrainConfig()
 
 
+@pytest.mark.subprocess  # the engine variable is read when the CLI is imported
 def test_cli_fit_runs_openvino_by_default_and_refuses_a_bad_variable(tmp_path):
     from conftest import run_cli, write_folder
 

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY, finetune_phase_alone, run_cli, write_folder
+from conftest import TINY, finetune_phase_alone, invoke_cli, write_folder
 from transferkit import ImageClassifier
 from transferkit.backbones import Backbone, BackboneSpec, ImageBackbone, load_backbone
 from transferkit.backbones.base import NoPrefix
@@ -80,7 +80,7 @@ def test_cached_prefix_outputs_give_the_uncached_logits_within_bf16_tolerance(li
     cut = prefix_cut(split, cfg["input_size"])
     for dtype, tolerance in ((None, 1e-3 * uncached.abs().max()), (torch.bfloat16, 1.5 * bf16_error)):
         kw = dict(cache=FeatureCache(tmp_path), device=torch.device("cpu"), dtype=dtype, progress=False, cut=cut)
-        cached, hit = cached_features(lite0, images, **kw)
+        _cached, hit = cached_features(lite0, images, **kw)
         again, hit2 = cached_features(lite0, images, **kw)
         assert (hit, hit2) == (False, True) and again.dtype == np.float16 and again.shape == (len(images), cut.size)
         with torch.no_grad():
@@ -155,7 +155,7 @@ def test_prefix_cache_is_skipped_with_the_reason_recorded(colours, settings, rea
 def test_cli_refuses_a_prefix_cache_over_the_budget_and_trains_on_images(tmp_path):
     data = write_folder(tmp_path / "colours", per_class=8)
     out = tmp_path / "run"
-    proc = run_cli(
+    proc = invoke_cli(
         "fit",
         str(data),
         "--strategy",
@@ -174,5 +174,7 @@ def test_cli_refuses_a_prefix_cache_over_the_budget_and_trains_on_images(tmp_pat
     note = json.loads((out / "transferkit.json").read_text())["strategy"]["phases"][-1]["prefix_cache"]
     assert not note["used"] and note["bytes"] > 1000
     # -q keeps warnings only; the cache's use is an info message
-    ok = run_cli("fit", str(data), "--strategy", "finetune:last=1", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "run2"))
+    ok = invoke_cli(
+        "fit", str(data), "--strategy", "finetune:last=1", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "run2")
+    )
     assert "Frozen-prefix cache: blocks up to" in ok.stderr

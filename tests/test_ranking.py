@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import CHROMIUM_FLAGS, chromium_path, run_cli
+from conftest import CHROMIUM_FLAGS, chromium_path, invoke_cli
 from transferkit.compare.ranking import BackboneScore, Costs, pareto_front, rank, time_backbones
 from transferkit.report.ranking import ranking_rows
 from transferkit.stats.crossval import cross_validated_probe
@@ -71,7 +71,7 @@ def ranked_twice(tmp_path_factory):
     root = tmp_path_factory.mktemp("rank")
     env = {"TRANSFERKIT_CACHE": str(root / "cache")}
     models = "builtin:efficientnet_lite0,builtin:efficientnet_lite1"
-    runs = [run_cli("compare", "--models", models, "--out", str(root / f"out{i}"), "-q", env=env) for i in (1, 2)]
+    runs = [invoke_cli("compare", "--models", models, "--out", str(root / f"out{i}"), "-q", env=env) for i in (1, 2)]
     return root, runs, [json.loads((root / f"out{i}" / "compare.json").read_text()) for i in (1, 2)]
 
 
@@ -121,6 +121,7 @@ def test_a_second_compare_models_run_reads_every_backbone_from_the_cache(ranked_
     ]
 
 
+@pytest.mark.browser
 def test_the_pareto_chart_renders_in_headless_chromium(ranked_twice, tmp_path):
     root, _, _ = ranked_twice
     html = root / "out1" / "report.html"
@@ -133,7 +134,7 @@ def test_the_pareto_chart_renders_in_headless_chromium(ranked_twice, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    ("args", "message"),
     [
         (["--model", "builtin:efficientnet_lite0", "--models", "builtin:efficientnet_lite1"], "not both"),
         (["--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite0"], "distinct"),
@@ -142,7 +143,7 @@ def test_the_pareto_chart_renders_in_headless_chromium(ranked_twice, tmp_path):
     ],
 )
 def test_contradictory_model_options_are_refused_before_any_work(args, message, tmp_path):
-    proc = run_cli("compare", *args, "--out", str(tmp_path / "o"), check=False)
+    proc = invoke_cli("compare", *args, "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "compare.json").exists()
 
@@ -152,7 +153,7 @@ def test_fit_with_models_picks_the_backbone_by_the_probe_then_auto_decides_and_t
 
     data = write_folder(tmp_path / "colours", per_class=10)
     out = tmp_path / "run"
-    proc = run_cli(
+    proc = invoke_cli(
         "fit", str(data), "--models", "builtin:efficientnet_lite0,builtin:efficientnet_lite1", "--image-size", "32", "--out", str(out), "-q"
     )
     meta = json.loads((out / "transferkit.json").read_text())
@@ -163,7 +164,7 @@ def test_fit_with_models_picks_the_backbone_by_the_probe_then_auto_decides_and_t
     assert choice["reason"].startswith(f"{choice['chosen']} ranks first of 2 backbones by the")
     assert "oof_correct" not in scores[0] and meta["strategy"]["requested"] == "auto" and meta["strategy"]["auto"]
     assert f"Backbone {choice['chosen']}" in proc.stdout and "auto chose" in proc.stdout
-    refused = run_cli(
+    refused = invoke_cli(
         "fit",
         str(data),
         "--models",

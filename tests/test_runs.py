@@ -38,7 +38,7 @@ def test_incomplete_run_directory(tmp_path):
     with pytest.raises(RunError, match="--resume"):
         load_run(tmp_path)
     write_atomic(tmp_path / "transferkit.json", json.dumps(good_meta()))
-    with pytest.raises(RunError, match="model.safetensors"):
+    with pytest.raises(RunError, match=r"model\.safetensors"):
         load_run(tmp_path)
 
 
@@ -90,14 +90,14 @@ def test_a_run_of_the_other_modality_replaces_the_previous_run_whole(tmp_path):
 
 
 def test_an_unfinished_fit_is_not_started_over_without_resume_or_overwrite(tmp_path):
-    from conftest import run_cli, write_folder
+    from conftest import invoke_cli, write_folder
 
     root = write_folder(tmp_path / "c", per_class=6)
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "last.json").write_text('{"phase": "finetune", "epoch": 7}')
     args = ["fit", str(root), "--strategy", "feature-extraction", "--image-size", "32", "-q", "--out", str(out)]
-    refused = run_cli(*args, check=False)
+    refused = invoke_cli(*args, check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr and "--overwrite" in refused.stderr
     assert "epoch 7" in refused.stderr
-    assert run_cli(*args, "--overwrite").returncode == 0 and (out / "transferkit.json").is_file()
+    assert invoke_cli(*args, "--overwrite").returncode == 0 and (out / "transferkit.json").is_file()

@@ -29,9 +29,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import CHROMIUM_FLAGS, COLOURS, chromium_path, make_image, run_cli, write_folder
+from conftest import CHROMIUM_FLAGS, COLOURS, chromium_path, copy_run, invoke_cli, make_image
 from text_fixtures import topic_sentences, write_text_csv
-from transferkit import ImageClassifier, TextClassifier
+from transferkit import TextClassifier
 from transferkit.cli.app import app
 
 START_TIMEOUT = 120  # seconds for a server to load its model and answer /healthz (a busy 2-core machine)
@@ -175,12 +175,9 @@ def png_declaring(width: int, height: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A real feature-extraction run on generated colour images (the built-in backbone at 64 px, an AdamW head)."""
-    root = tmp_path_factory.mktemp("serve")
-    data = write_folder(root / "colours", per_class=8)
-    clf = ImageClassifier("builtin:efficientnet_lite0", strategy="feature-extraction", image_size=64, head_epochs=5).fit(data)
-    return clf.save(root / "run")
+def trained(colours_run) -> Path:
+    """The session's feature-extraction run on generated colour images (the built-in backbone at 64 px)."""
+    return colours_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -226,10 +223,11 @@ def uploads(paths: list[Path]) -> list[tuple[str, bytes]]:
 # --------------------------------------------------------------------------- answers
 
 
+@pytest.mark.subprocess
 def test_answers_equal_the_predict_command_on_the_same_files(server, trained, images):
     status, answer = server.post_files(uploads(images), top_k=3)
     assert status == 200, answer
-    cli = json.loads(run_cli("predict", str(trained), *map(str, images), "--json", "--top-k", "3").stdout)
+    cli = json.loads(invoke_cli("predict", str(trained), *map(str, images), "--json", "--top-k", "3").stdout)
     assert [r["file"] for r in answer["predictions"]] == [p.name for p in images]
     assert [r["predictions"] for r in answer["predictions"]] == [r["predictions"] for r in cli]  # exactly
     # One file per request: batches of another size; equal here, and within float noise anywhere.
@@ -240,6 +238,7 @@ def test_answers_equal_the_predict_command_on_the_same_files(server, trained, im
         assert np.allclose([p["probability"] for p in got], [p["probability"] for p in expected["predictions"]], atol=1e-6)
 
 
+@pytest.mark.subprocess
 def test_info_health_and_docs(server, trained):
     status, info = server.get("/info")
     meta = json.loads((trained / "transferkit.json").read_text())
@@ -255,6 +254,7 @@ def test_info_health_and_docs(server, trained):
     assert status == 200 and "swagger" in docs.lower()
 
 
+@pytest.mark.subprocess
 def test_a_large_request_leaves_the_server_responsive(server):
     """While 8 images of 9 megapixels decode and compute, /healthz still answers."""
     y, x = np.mgrid[0:3000, 0:3000]
@@ -317,6 +317,7 @@ def bad_requests(server, images) -> dict[str, tuple]:
     return cases
 
 
+@pytest.mark.subprocess
 def test_every_bad_request_is_a_4xx_json_error_and_the_server_lives_on(server, images):
     for name, (status, word, (method, path, body, headers)) in bad_requests(server, images).items():
         got, answer = server.request(method, path, body, headers)
@@ -327,6 +328,7 @@ def test_every_bad_request_is_a_4xx_json_error_and_the_server_lives_on(server, i
     assert server.post_files(uploads(images[:1]))[0] == 200
 
 
+@pytest.mark.subprocess
 def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     """A declared Content-Length over --max-upload-mb (32 MB) is answered 413 after a few bytes of it."""
     conn = server.start_post("/predict", "multipart/form-data; boundary=b", 40_000_000, b"--b\r\n")
@@ -335,6 +337,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     assert server.get("/healthz")[0] == 200
 
 
+@pytest.mark.subprocess
 def test_a_body_that_arrives_too_slowly_is_answered_408(server):
     """--read-timeout 1: a client that stops sending half way gets 408, and the server goes on."""
     conn = server.start_post("/predict", "multipart/form-data; boundary=b", 1000, b"--b\r\n")
@@ -359,6 +362,8 @@ def test_cli_refusals_are_one_line_messages(trained):
 # --------------------------------------------------------------------------- the page in a real browser
 
 
+@pytest.mark.subprocess
+@pytest.mark.browser
 def test_the_page_classifies_an_image_in_headless_chromium(server, images, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -391,6 +396,7 @@ def test_the_page_classifies_an_image_in_headless_chromium(server, images, tmp_p
 # --------------------------------------------------------------------------- load
 
 
+@pytest.mark.subprocess
 def test_bounded_load_zero_errors_and_batched(server, images):
     """400 requests of one image each from 8 concurrent clients on loopback: every answer right, none lost."""
     requests, concurrency = 400, 8
@@ -438,10 +444,12 @@ def test_bounded_load_zero_errors_and_batched(server, images):
 # --------------------------------------------------------------------------- ONNX, workers, text, graceful stop
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow  # an ONNX export and two worker processes
 def test_onnx_export_served_by_two_workers_as_predict_runs_it(trained, images, tmp_path):
     from transferkit.export.onnx import OnnxClassifier, export_run
 
-    path = export_run(trained, "onnx").path
+    path = export_run(copy_run(trained, tmp_path / "run"), "onnx").path  # a copy: the session's run stays as fitted
     srv = Server([str(path), "--workers", "2", "-q"], tmp_path)
     try:
         status, answer = srv.post_files(uploads(images), top_k=3)
@@ -466,6 +474,7 @@ def text_run(tmp_path_factory) -> Path:
     return clf.save(root / "run")
 
 
+@pytest.mark.subprocess
 def test_text_run_served_and_a_request_in_flight_survives_sigterm(text_run, tmp_path):
     texts = ["The striker scored twice in the final.", "Rain and wind all weekend.", "The app crashed again."]
     srv = Server([str(text_run), "-q"], tmp_path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, finetune_phase_alone, write_folder
+from conftest import TINY, copy_run, finetune_phase_alone, invoke_cli, write_folder
 from transferkit import ImageClassifier
 from transferkit.backbones import load_backbone
 from transferkit.backbones.freeze import param_groups, set_bn_modes_, set_trainable_
@@ -145,88 +145,64 @@ def test_bn_modes_match_requires_grad():
     assert n > 0 and training and all(m.weight.requires_grad for m in training)
 
 
-def _fit_args(out):
-    return [
-        sys.executable,
-        "-m",
-        "transferkit",
-        "fit",
-        "digits",
-        "--strategy",
-        "finetune:last=1",
-        "--epochs",
-        "3",
-        "--image-size",
-        "32",
-        "--out",
-        str(out),
-        "-q",
-        "--precision",
-        "fp32",
-    ]
-
-
-def test_sigint_saves_and_resume_equals_an_uninterrupted_run(tmp_path):
-    env = {**os.environ, "COLUMNS": "200"}
-    full = subprocess.run(_fit_args(tmp_path / "full"), capture_output=True, text=True, env=env, timeout=600)
-    assert full.returncode == 0, full.stderr
-    proc = subprocess.Popen(_fit_args(tmp_path / "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    progress = tmp_path / "cut" / "checkpoints" / "last.json"
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_sigint_saves_and_resume_equals_an_uninterrupted_run(finetune_run, tmp_path):
+    """Ctrl-C (SIGINT) in the real console script after a fine-tuning epoch, then --resume: the session's run exactly."""
+    cut = tmp_path / "cut"
+    argv = [sys.executable, "-m", "transferkit", *finetune_run.args, "--out", str(cut)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    progress = cut / "checkpoints" / "last.json"
     deadline = time.time() + 300
     while time.time() < deadline:
         if progress.exists() and json.loads(progress.read_text()).get("epoch", 0) >= 1:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "--resume" in err and not (tmp_path / "cut" / "transferkit.json").exists()
+    assert "--resume" in err and not (cut / "transferkit.json").exists()
     state = json.loads(progress.read_text())
     assert state["phase"] == "finetune"
-    assert state["trainable_blocks"] == [load_backbone("builtin:efficientnet_lite0", 10).blocks[-1].name]
-    resumed = subprocess.run(_fit_args(tmp_path / "cut") + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "full" / "transferkit.json").read_text())
-    b = json.loads((tmp_path / "cut" / "transferkit.json").read_text())
+    assert state["trainable_blocks"] == [load_backbone("builtin:efficientnet_lite0", 3).blocks[-1].name]
+    invoke_cli(*finetune_run.args, "--out", str(cut), "--resume")
+    a = json.loads((finetune_run.out / "transferkit.json").read_text())
+    b = json.loads((cut / "transferkit.json").read_text())
     assert a["metrics"]["test"]["accuracy"] == b["metrics"]["test"]["accuracy"]
     assert a["metrics"]["test"]["confusion"] == b["metrics"]["test"]["confusion"]
     # Same per-epoch losses and accuracies (columns phase .. val_acc; wall time differs).
-    hist_a = (tmp_path / "full" / "history.csv").read_text().splitlines()
-    hist_b = (tmp_path / "cut" / "history.csv").read_text().splitlines()
+    hist_a = (finetune_run.out / "history.csv").read_text().splitlines()
+    hist_b = (cut / "history.csv").read_text().splitlines()
     assert [line.split(",")[:5] for line in hist_a] == [line.split(",")[:5] for line in hist_b]
     assert len(hist_a) == 1 + 13 + 3  # header, 13 probe C values, 3 fine-tuning epochs
 
 
-def test_resume_with_other_options_is_refused(tmp_path):
-    out = tmp_path / "r"
-    args = _fit_args(out)
-    args[args.index("3")] = "1"
-    assert subprocess.run(args, capture_output=True, text=True, timeout=600).returncode == 0
-    other = [a if a != "finetune:last=1" else "finetune:last=2" for a in args] + ["--resume"]
-    proc = subprocess.run(other, capture_output=True, text=True, timeout=600)
+def test_resume_with_other_options_is_refused(finetune_run, tmp_path):
+    """The CLI's refusal, on a copy of the session's finished run; the message itself is tested in test_checkpoints."""
+    out = copy_run(finetune_run.out, tmp_path / "r")
+    other = [a if a != "finetune:last=1" else "finetune:last=2" for a in finetune_run.args]
+    proc = invoke_cli(*other, "--out", str(out), "--resume", check=False)
     assert proc.returncode == 2 and "different run" in proc.stderr and "strategy" in proc.stderr
     assert "'finetune:last=1' in the checkpoint, 'finetune:last=2' now" in " ".join(proc.stderr.split())
 
 
-def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
-    """`--resume --epochs 2` on a finished 1-epoch fit trains one more epoch from where it stopped; fewer is refused."""
-    out = tmp_path / "r"
-    args = _fit_args(out)
-    args[args.index("3")] = "1"
-    assert subprocess.run(args, capture_output=True, text=True, timeout=600).returncode == 0
+def test_resume_with_more_epochs_extends_a_finished_run(finetune_run, tmp_path):
+    """`--resume --epochs 4` on a finished 3-epoch fit trains one more epoch from where it stopped; fewer is refused."""
+    out = copy_run(finetune_run.out, tmp_path / "r")
+    args = [*finetune_run.args, "--out", str(out)]
     before = (out / "history.csv").read_text().splitlines()
     longer = [*args, "--resume"]
-    longer[longer.index("1")] = "2"
-    proc = subprocess.run(longer, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    longer[longer.index("--epochs") + 1] = "4"
+    proc = invoke_cli(*longer)
     assert proc.returncode == 0, proc.stderr
-    assert "Extending the fit from 1 to 2 epochs" in " ".join(proc.stderr.split())
+    assert "Extending the fit from 3 to 4 epochs" in " ".join(proc.stderr.split())
     after = (out / "history.csv").read_text().splitlines()
     assert [line.split(",")[:5] for line in after[:-1]] == [line.split(",")[:5] for line in before]
-    assert len(after) == len(before) + 1 and after[-1].startswith("finetune,2,")
+    assert len(after) == len(before) + 1 and after[-1].startswith("finetune,4,")
     meta = json.loads((out / "transferkit.json").read_text())
-    assert meta["strategy"]["phases"][-1]["epochs_run"] == 2
-    shorter = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
-    assert shorter.returncode == 2 and "epochs: 2 in the checkpoint, 1 now" in " ".join(shorter.stderr.split())
+    assert meta["strategy"]["phases"][-1]["epochs_run"] == 4
+    shorter = invoke_cli(*args, "--resume", check=False)
+    assert shorter.returncode == 2 and "epochs: 4 in the checkpoint, 3 now" in " ".join(shorter.stderr.split())
 
 
 def test_augmentation_levels_and_a_fit_with_light_augmentation(tiny_splits):

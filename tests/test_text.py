@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_folder
+from conftest import invoke_cli, write_folder
 from text_fixtures import topic_sentences, write_text_csv
 from transferkit import ImageClassifier, TextClassifier
 from transferkit.backbones import load_backbone, load_text_backbone
@@ -30,7 +30,7 @@ def topics(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finetuned_run(topics, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "t"
-    proc = run_cli(
+    proc = invoke_cli(
         "fit",
         str(topics),
         "--text-column",
@@ -88,12 +88,13 @@ def test_cli_predict_strings_and_a_file_of_lines(finetuned_run, tmp_path):
     out, _ = finetuned_run
     lines = tmp_path / "lines.txt"
     lines.write_text("The baker whisked eggs for a cake.\n\nThe laptop crashed after the update.\n")
-    proc = run_cli("predict", str(out), "The striker scored in the final.", "--file", str(lines), "--json")
+    proc = invoke_cli("predict", str(out), "The striker scored in the final.", "--file", str(lines), "--json")
     rows = json.loads(proc.stdout)
-    assert [r["text"] for r in rows][0] == "The striker scored in the final." and len(rows) == 3
+    assert next(r["text"] for r in rows) == "The striker scored in the final." and len(rows) == 3
     assert [r["predictions"][0]["label"] for r in rows] == ["sports", "cooking", "technology"]
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_head_and_round_trips(topics, tmp_path):
     clf = TextClassifier("minilm", strategy="lora", **FAST).fit(topics)
     trainable = [n for n, p in clf.model_.named_parameters() if p.requires_grad]
@@ -148,7 +149,7 @@ def test_blocks_are_embeddings_then_the_transformer_layers():
 
 def test_cli_compare_on_text(tmp_path):
     data = write_text_csv(tmp_path / "small.tsv", topic_sentences(15, seed=1), delimiter="\t")
-    proc = run_cli(
+    proc = invoke_cli(
         "compare",
         str(data),
         "--strategies",
@@ -176,12 +177,12 @@ def test_missing_column_lists_the_columns(tmp_path):
     data = write_text_csv(tmp_path / "d.csv", [("a b", "x")] * 3, header=("sentence", "label"))
     with pytest.raises(DataError, match=r"no column 'text'. Its columns: sentence, label.*--text-column"):
         load_text_data(data)
-    proc = run_cli("fit", str(data), "--text-column", "body", check=False)
+    proc = invoke_cli("fit", str(data), "--text-column", "body", check=False)
     assert proc.returncode == 1 and "no column 'body'" in proc.stderr and "sentence, label" in proc.stderr
 
 
 def test_empty_texts_are_skipped_and_counted(tmp_path):
-    rows = topic_sentences(6) + [("   ", "sports"), ("", "weather"), ("No label here", "")]
+    rows = [*topic_sentences(6), ("   ", "sports"), ("", "weather"), ("No label here", "")]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
     splits = load_text_data(data)
@@ -192,13 +193,14 @@ def test_empty_texts_are_skipped_and_counted(tmp_path):
 
 def test_too_few_examples_and_conflicting_labels(tmp_path):
     rows = [(f"sentence {i}", "a") for i in range(5)] + [("lonely", "b"), ("twice", "b")]
-    with pytest.raises(DataError, match="Class 'b' .* has 2 text"):
+    with pytest.raises(DataError, match=r"Class 'b' .* has 2 text"):
         load_text_data(write_text_csv(tmp_path / "few.csv", rows))
     rows = [(f"sentence {i}", "a") for i in range(5)] + [(f"other {i}", "b") for i in range(5)] + [("sentence 0", "b")]
     splits = load_text_data(write_text_csv(tmp_path / "conflict.csv", rows))
     assert splits.summary.to_dict()["skipped"] == {"conflicting labels": 2}
 
 
+@pytest.mark.subprocess
 def test_predict_rejects_a_bare_string_and_help_does_not_import_transformers():
     with pytest.raises(UsageError, match="list of texts"):
         TextClassifier()._splits("just one string", ["a"], 0)

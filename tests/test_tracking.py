@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from typer.testing import CliRunner
 
-from conftest import run_cli, write_folder
+from conftest import invoke_cli, write_folder
 from transferkit import ImageClassifier, UsageError
 from transferkit.cli.app import app
 from transferkit.errors import TrackingError
@@ -38,7 +38,7 @@ def mlflow_runs(uri: str) -> tuple[MlflowClient, list]:
 
 def test_fit_logs_to_tensorboard_live_per_epoch(image_folder, tmp_path):
     out = tmp_path / "plants"
-    run_cli("fit", str(image_folder), "--strategy", "finetune:last=1", "--epochs", "2", "--out", str(out), *TINY, "--log", "tensorboard")
+    invoke_cli("fit", str(image_folder), "--strategy", "finetune:last=1", "--epochs", "2", "--out", str(out), *TINY, "--log", "tensorboard")
     meta = json.loads((out / "transferkit.json").read_text())
     runs = list((out / "tensorboard").iterdir())
     assert [r.name for r in runs] == ["plants-finetune_last=1"]
@@ -70,7 +70,7 @@ def test_fit_logs_to_tensorboard_live_per_epoch(image_folder, tmp_path):
 def test_compare_logs_one_mlflow_run_per_strategy_under_a_parent(tmp_path):
     data = write_folder(tmp_path / "colours", per_class=10)
     out = tmp_path / "cmp"
-    run_cli(
+    invoke_cli(
         "compare",
         str(data),
         "--strategies",
@@ -130,6 +130,7 @@ def test_python_api_logs_to_mlflow_tracking_uri_and_marks_failures(image_folder,
     assert (tmp_path / "shared" / "mlartifacts").is_dir()
 
 
+@pytest.mark.subprocess
 def test_without_log_nothing_is_written_and_no_tracking_library_is_imported(image_folder, tmp_path):
     out = tmp_path / "run"
     code = (

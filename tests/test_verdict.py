@@ -90,7 +90,7 @@ def test_the_same_strategy_with_two_seeds_is_noise_and_the_table_shows_the_sprea
 
 
 @pytest.mark.parametrize(
-    "seconds,phrase",
+    ("seconds", "phrase"),
     [
         ((1.0, 40.0), "1/40 of the training time of b"),
         ((19.0, 2.0), "9.5x slower to train than b"),
