@@ -17,6 +17,8 @@ from transferkit.errors import UsageError
 TIMEOUT = 300
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ctrl_c_keeps_each_finished_strategy_and_resume_runs_the_rest(tmp_path):
     data = write_folder(tmp_path / "colours", per_class=6)
     out = tmp_path / "cmp"
@@ -59,6 +61,7 @@ def test_ctrl_c_keeps_each_finished_strategy_and_resume_runs_the_rest(tmp_path):
     assert done["results"][0]["seconds"] == kept["results"][0]["seconds"]
 
 
+@pytest.mark.slow
 def test_each_finished_seed_is_kept_and_resume_trains_only_the_others(tmp_path):
     from transferkit.compare.run import compare
     from transferkit.data import load_image_data

@@ -95,6 +95,7 @@ def test_check_out_dir_says_where_an_unfinished_fit_stands_never_epoch_0(tmp_pat
         check_out_dir(tmp_path, overwrite=False)
 
 
+@pytest.mark.slow
 def test_a_resumed_fit_says_from_which_phase_and_epoch(tmp_path, caplog):
     images = write_folder(tmp_path / "colours", per_class=6)
     settings = dict(strategy="finetune:last=1", image_size=32, batch_size=8, precision="fp32", checkpoint_dir=tmp_path / "ck")
@@ -105,6 +106,8 @@ def test_a_resumed_fit_says_from_which_phase_and_epoch(tmp_path, caplog):
     assert str(tmp_path / "ck" / "last.pt") in line and "phase finetune, epoch 1 of 2" in line
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_a_second_fit_into_the_same_folder_is_refused_while_the_first_runs(tiny_fitted, tmp_path):
     _, images = tiny_fitted
     out = tmp_path / "run"
