@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transferkit.errors import RunError, UsageError
-from transferkit.training.checkpoints import Checkpoints, fingerprint_diff
+from transferkit.training.checkpoints import Checkpoints, ResumeState, fingerprint_diff
 from transferkit.training.strategies import DEFAULT_FINETUNE_EPOCHS
 
 
@@ -28,7 +28,17 @@ def fingerprint(**changes) -> dict:
     }
 
 
-STATE = {"phase_index": 1, "phase": "finetune", "epoch": 1, "trainable_blocks": ["blocks.6"], "model": {"w": torch.ones(2)}}
+STATE = ResumeState(
+    phase_index=1,
+    phase="finetune",
+    epoch=1,
+    trainable_blocks=["blocks.6"],
+    bn="frozen-blocks",
+    loop=None,
+    model={"w": torch.ones(2)},
+    results=[],
+    notes={},
+)
 
 
 @pytest.fixture
@@ -41,9 +51,14 @@ def written(tmp_path) -> Checkpoints:
 
 def test_a_checkpoint_reads_back_what_was_written_and_says_where_it_stands(written):
     state = written.read()
-    assert torch.equal(state["model"]["w"], STATE["model"]["w"]) and state["epoch"] == 1 and "extend" not in state
+    assert torch.equal(state.model["w"], STATE.model["w"]) and state.epoch == 1 and state.extend is None
+    assert state.with_(model=None) == STATE.with_(model=None)  # every field read back as written
     assert json.loads((written.folder / "last.json").read_text()) == {
-        k: STATE[k] for k in ("phase_index", "phase", "epoch", "trainable_blocks")
+        "phase_index": 1,
+        "phase": "finetune",
+        "epoch": 1,
+        "trainable_blocks": ["blocks.6"],
+        "phase_epochs": None,
     }
     assert written.exists() and [p.name for p in written.folder.iterdir() if p.name.startswith(".")] == []  # written atomically
 
@@ -59,7 +74,7 @@ def test_resume_with_another_strategy_is_refused_naming_both_values(written):
 
 def test_resume_with_fewer_epochs_is_refused_and_changed_data_is_named_without_its_hash(written):
     extended = Checkpoints(written.folder, fingerprint(epochs=2))
-    extended.write({**STATE, "epoch": 2})  # extended to 2 epochs; asking for 1 again is fewer
+    extended.write(STATE.with_(epoch=2))  # extended to 2 epochs; asking for 1 again is fewer
     with pytest.raises(UsageError, match="different run") as refused:
         Checkpoints(written.folder, fingerprint(epochs=1)).read()
     assert "epochs: 2 in the checkpoint, 1 now" in " ".join(str(refused.value).split())
@@ -69,7 +84,7 @@ def test_resume_with_fewer_epochs_is_refused_and_changed_data_is_named_without_i
 
 
 def test_a_larger_epoch_count_extends_and_nothing_else_may_change_with_it(written):
-    assert Checkpoints(written.folder, fingerprint(epochs=2)).read()["extend"] == (1, 2)
+    assert Checkpoints(written.folder, fingerprint(epochs=2)).read().extend == (1, 2)
     with pytest.raises(UsageError, match="batch_size: 8 in the checkpoint, 16 now"):
         Checkpoints(written.folder, fingerprint(epochs=2, batch_size=16)).read()
 
@@ -78,7 +93,7 @@ def test_epochs_left_out_is_the_strategy_default(tmp_path):
     default = Checkpoints(tmp_path, fingerprint(epochs=None))
     default.write(STATE)
     more = DEFAULT_FINETUNE_EPOCHS + 3
-    assert Checkpoints(tmp_path, fingerprint(epochs=more)).read()["extend"] == (DEFAULT_FINETUNE_EPOCHS, more)
+    assert Checkpoints(tmp_path, fingerprint(epochs=more)).read().extend == (DEFAULT_FINETUNE_EPOCHS, more)
     with pytest.raises(UsageError, match="different run"):
         Checkpoints(tmp_path, fingerprint(epochs=DEFAULT_FINETUNE_EPOCHS - 1)).read()
 
