@@ -15,6 +15,7 @@ import numpy as np
 
 from transferkit.data.examples import SPLIT_NAMES, DataSplits
 from transferkit.doctor.findings import DEFAULT_FOLDS, Diagnosis, check_settings, diagnose_features
+from transferkit.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +58,21 @@ def diagnose(
         >>> d.counts()["label"], d.to_rows()[0]["kind"]  # doctest: +SKIP
         (9, 'leakage')
     """
-    from transferkit.classifier import CLASSIFIERS
+    from transferkit.classifier import CLASSIFIERS, TEXT_ONLY
     from transferkit.data.sources import detect_modality, load_data
 
     started = time.perf_counter()
     check_settings(threshold=threshold, folds=folds, seed=seed)
     columns = {k: data_options[k] for k in ("text_column", "label_column") if data_options.get(k) is not None}
     given = isinstance(data, DataSplits)
-    modality = data.train.modality if given else detect_modality(data, **columns)[0]
-    clf = CLASSIFIERS[modality](
-        model,
-        device=device,
-        precision=precision,
-        seed=seed,
-        **({"split": split} if split is not None else {}),
-        **{k: v for k, v in data_options.items() if v is not None},
-    )
+    settings = {"device": device, "precision": precision, "seed": seed, **({"split": split} if split is not None else {})}
+    settings |= {k: v for k, v in data_options.items() if v is not None}
+    try:
+        modality = data.train.modality if given else detect_modality(data, **columns)[0]
+    except DataError:  # a bad setting is named before a missing or unreadable DATA, as fit names it
+        CLASSIFIERS["text" if set(settings) & set(TEXT_ONLY) else "image"](model, **settings).check_settings()
+        raise
+    clf = CLASSIFIERS[modality](model, **settings)
     clf.check_settings()  # every setting (the split's fractions too) checked before the data is read
     if given:
         splits, name = data, data.summary.source
