@@ -41,7 +41,7 @@ from transferkit.training import checkpoints
 write = checkpoints.Checkpoints.write
 def write_then_crash(self, state):
     write(self, state)
-    if state["phase"] == "finetune" and state["epoch"] == 1 and os.environ["RANK"] == "0":
+    if state.phase == "finetune" and state.epoch == 1 and os.environ["RANK"] == "0":
         os.kill(os.getpid(), signal.SIGKILL)
 checkpoints.Checkpoints.write = write_then_crash
 sys.argv = ["transferkit", *sys.argv[1:]]
