@@ -21,7 +21,8 @@ TIMEOUT = 300
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
-    reason="CPython can drop a SIGINT raised inside a weakref callback ('Exception ignored in WeakKeyDictionary'); seen once in CI under load. Open in issue 28 item 7: make the interrupt handling robust.",
+    reason="CPython can drop a SIGINT raised inside a weakref callback ('Exception ignored in WeakKeyDictionary'); "
+    "seen once in CI under load. Open in issue 28 item 7: make the interrupt handling robust.",
 )
 def test_ctrl_c_keeps_each_finished_strategy_and_resume_runs_the_rest(tmp_path):
     data = write_folder(tmp_path / "colours", per_class=6)
